@@ -1,0 +1,323 @@
+"""Async repository: the only code that reads or writes lifecycle rows.
+
+`commit` writes a transition atomically: the position row (guarded by its journal sequence number,
+so a stale writer fails instead of overwriting), the journal row, the trailing state, and for a
+terminal transition the closure row, in one database transaction.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from db.engine import create_engine, migrate
+from db.tables import ClosureRow, JournalRow, OrderRow, PositionRow, TrailingStateRow
+from lifecycle.actions import ClosureRecord, EmitClosure
+from lifecycle.domain import (
+    CloseCause,
+    CloseReason,
+    OrderPurpose,
+    OrderRef,
+    OrderStatus,
+    Position,
+    Side,
+    TrailingState,
+)
+from lifecycle.errors import ConcurrentModification, DuplicateLivePosition
+from lifecycle.machines.position import JournalEntry, Outcome
+from lifecycle.machines.states import TERMINAL_STATES, PositionState
+
+positions = PositionRow.__table__
+trailing_states = TrailingStateRow.__table__
+orders = OrderRow.__table__
+journal = JournalRow.__table__
+closures = ClosureRow.__table__
+
+_LIVE_STATES = [s.value for s in PositionState if s not in TERMINAL_STATES]
+_FINAL_ORDER_STATUSES = [s.value for s in OrderStatus if s.is_final]
+
+
+class Repository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        # SQLite has one writer; queueing writers here avoids busy-waiting inside the driver.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @classmethod
+    async def open(cls, url: str, *, run_migrations: bool = True, **engine_kwargs: Any) -> Repository:
+        engine = create_engine(url, **engine_kwargs)
+        if run_migrations:
+            await migrate(engine)
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def insert_position(self, position: Position, creation: JournalEntry) -> None:
+        """A new row for a new position (never an upsert over an old one), with journal row 0."""
+        try:
+            async with self._write() as conn:
+                await conn.execute(positions.insert().values(**_position_values(position), id=position.id))
+                if position.trailing is not None:
+                    await conn.execute(trailing_states.insert().values(**_trailing_values(position)))
+                await conn.execute(journal.insert().values(**_journal_values(creation)))
+        except IntegrityError as e:
+            if "uq_positions_live_symbol_side" in str(e.orig) or "positions.account" in str(e.orig):
+                raise DuplicateLivePosition(
+                    f"a live {position.side} position on {position.account}/{position.symbol} already exists"
+                ) from None
+            raise
+
+    async def commit(self, position: Position, outcome: Outcome) -> None:
+        """Persist an accepted transition of `position` (already changed in memory) atomically."""
+        entry = outcome.journal
+        async with self._write() as conn:
+            result = await conn.execute(
+                positions.update()
+                .where(positions.c.id == position.id, positions.c.seq == entry.seq - 1)
+                .values(**_position_values(position))
+            )
+            if result.rowcount != 1:
+                raise ConcurrentModification(
+                    f"position {position.id}: row is not at seq {entry.seq - 1}; refusing to overwrite"
+                )
+            await conn.execute(journal.insert().values(**_journal_values(entry)))
+            if position.trailing is None:
+                await conn.execute(trailing_states.delete().where(trailing_states.c.position_id == position.id))
+            else:
+                await conn.execute(
+                    trailing_states.update()
+                    .where(trailing_states.c.position_id == position.id)
+                    .values(**_trailing_values(position))
+                )
+            for action in outcome.actions:
+                if isinstance(action, EmitClosure):
+                    await conn.execute(closures.insert().values(**_closure_values(action.closure)))
+
+    async def save_order(self, order: OrderRef, now: datetime) -> None:
+        """Insert or update one order of ours."""
+        values = {
+            "position_id": order.position_id,
+            "purpose": order.purpose.value,
+            "side": order.side,
+            "quantity": order.quantity,
+            "status": order.status.value,
+            "trigger_price": order.trigger_price,
+            "exchange_order_id": order.exchange_order_id,
+            "algo_id": order.algo_id,
+            "updated_at": now,
+        }
+        async with self._write() as conn:
+            result = await conn.execute(orders.update().where(orders.c.client_id == order.client_id).values(**values))
+            if result.rowcount == 0:
+                await conn.execute(
+                    orders.insert().values(client_id=order.client_id, created_at=order.created_at, **values)
+                )
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def load_live(self) -> list[Position]:
+        """Every non-terminal position with its trailing state and working orders (start-up only)."""
+        query = (
+            sa.select(positions, trailing_states)
+            .select_from(positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id))
+            .where(positions.c.state.in_(_LIVE_STATES))
+        )
+        order_query = (
+            sa.select(orders)
+            .join(positions, positions.c.id == orders.c.position_id)
+            .where(positions.c.state.in_(_LIVE_STATES), orders.c.status.not_in(_FINAL_ORDER_STATUSES))
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            order_rows = (await conn.execute(order_query)).all()
+        loaded = {row.id: _position_from_row(row) for row in rows}
+        for row in order_rows:
+            order = _order_from_row(row)
+            loaded[order.position_id].orders[order.client_id] = order
+        return list(loaded.values())
+
+    async def get_position(self, position_id: str) -> Position | None:
+        query = (
+            sa.select(positions, trailing_states)
+            .select_from(positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id))
+            .where(positions.c.id == position_id)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            position = _position_from_row(row)
+            for o in (await conn.execute(sa.select(orders).where(orders.c.position_id == position_id))).all():
+                order = _order_from_row(o)
+                if not order.status.is_final:
+                    position.orders[order.client_id] = order
+        return position
+
+    async def journal(self, position_id: str) -> list[JournalEntry]:
+        query = sa.select(journal).where(journal.c.position_id == position_id).order_by(journal.c.seq)
+        async with self.engine.connect() as conn:
+            return [_journal_from_row(r) for r in (await conn.execute(query)).all()]
+
+    async def closure(self, position_id: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(closures).where(closures.c.position_id == position_id))).first()
+        return dict(row._mapping) if row is not None else None
+
+    async def trailing_state_exists(self, position_id: str) -> bool:
+        query = sa.select(sa.func.count()).where(trailing_states.c.position_id == position_id)
+        async with self.engine.connect() as conn:
+            return bool((await conn.execute(query)).scalar_one())
+
+    async def count_positions(self, states: Sequence[PositionState] | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(positions)
+        if states is not None:
+            query = query.where(positions.c.state.in_([s.value for s in states]))
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+
+# --- mapping between domain objects and rows ---------------------------------------------------
+
+
+def _position_values(p: Position) -> dict[str, Any]:
+    return {
+        "account": p.account,
+        "symbol": p.symbol,
+        "side": p.side.value,
+        "state": p.state.value,
+        "requested_quantity": p.requested_quantity,
+        "quantity": p.quantity,
+        "entry_price": p.entry_price,
+        "stop_price": p.stop_price,
+        "exit_price": p.exit_price,
+        "close_cause": p.close_cause.value if p.close_cause else None,
+        "close_reason": p.close_reason.value if p.close_reason else None,
+        "state_before_close": p.state_before_close.value if p.state_before_close else None,
+        "last_activity_at": p.last_activity_at,
+        "created_at": p.created_at,
+        "updated_at": p.updated_at,
+        "closed_at": p.closed_at,
+        "seq": p.seq,
+    }
+
+
+def _trailing_values(p: Position) -> dict[str, Any]:
+    t = p.trailing
+    assert t is not None
+    return {
+        "position_id": p.id,
+        "activation_price": t.activation_price,
+        "callback_rate": t.callback_rate,
+        "active": t.active,
+        "watermark": t.watermark,
+        "last_moved_at": t.last_moved_at,
+    }
+
+
+def _journal_values(e: JournalEntry) -> dict[str, Any]:
+    return {
+        "position_id": e.position_id,
+        "seq": e.seq,
+        "event": e.event,
+        "source": e.source.value if e.source else None,
+        "dest": e.dest.value,
+        "at": e.at,
+        "cause": e.cause,
+        "payload": e.payload,
+    }
+
+
+def _closure_values(c: ClosureRecord) -> dict[str, Any]:
+    return {
+        "position_id": c.position_id,
+        "account": c.account,
+        "symbol": c.symbol,
+        "side": c.side.value,
+        "state": c.state.value,
+        "cause": c.cause.value,
+        "reason": c.reason.value if c.reason else None,
+        "quantity": c.quantity,
+        "entry_price": c.entry_price,
+        "exit_price": c.exit_price,
+        "opened_at": c.opened_at,
+        "closed_at": c.closed_at,
+    }
+
+
+def _position_from_row(r: Any) -> Position:
+    trailing = None
+    if r.activation_price is not None:
+        trailing = TrailingState(
+            activation_price=r.activation_price,
+            callback_rate=r.callback_rate,
+            active=r.active,
+            watermark=r.watermark,
+            last_moved_at=r.last_moved_at,
+        )
+    return Position(
+        id=r.id,
+        account=r.account,
+        symbol=r.symbol,
+        side=Side(r.side),
+        state=PositionState(r.state),
+        requested_quantity=r.requested_quantity,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        quantity=r.quantity,
+        entry_price=r.entry_price,
+        stop_price=r.stop_price,
+        exit_price=r.exit_price,
+        close_cause=CloseCause(r.close_cause) if r.close_cause else None,
+        close_reason=CloseReason(r.close_reason) if r.close_reason else None,
+        state_before_close=PositionState(r.state_before_close) if r.state_before_close else None,
+        last_activity_at=r.last_activity_at,
+        closed_at=r.closed_at,
+        seq=r.seq,
+        trailing=trailing,
+    )
+
+
+def _order_from_row(r: Any) -> OrderRef:
+    return OrderRef(
+        client_id=r.client_id,
+        position_id=r.position_id,
+        purpose=OrderPurpose(r.purpose),
+        side=r.side,
+        quantity=r.quantity,
+        status=OrderStatus(r.status),
+        trigger_price=r.trigger_price,
+        exchange_order_id=r.exchange_order_id,
+        algo_id=r.algo_id,
+        created_at=r.created_at,
+    )
+
+
+def _journal_from_row(r: Any) -> JournalEntry:
+    return JournalEntry(
+        position_id=r.position_id,
+        seq=r.seq,
+        event=r.event,
+        source=PositionState(r.source) if r.source else None,
+        dest=PositionState(r.dest),
+        at=r.at,
+        cause=r.cause,
+        payload=r.payload,
+    )

@@ -1,0 +1,1 @@
+"""The exchange side: the port the engine talks to and its implementations."""

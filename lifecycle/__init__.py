@@ -1,0 +1,1 @@
+"""position-lifecycle: every futures position as an explicit, journaled finite state machine."""

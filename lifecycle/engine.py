@@ -1,0 +1,200 @@
+"""The engine core: live positions in memory, events in order per position, journal before effects.
+
+For every event: the machine decides on a draft copy, the store commits the draft with its journal
+row in one transaction, only then does the draft become the live position and do the actions run
+(cancel leftover orders, release the stop lock, emit the closure record, drop the position).
+A refused event or a failed commit leaves the live position exactly as it was.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from decimal import Decimal
+
+from loguru import logger
+
+from lifecycle.actions import Action, CancelOrder, DropPosition, EmitClosure, ReleaseStopLock
+from lifecycle.domain import OrderRef, OrderStatus, Position, Side, TrailingState, new_position_id, utcnow
+from lifecycle.errors import DuplicateLivePosition, InvalidEvent, TransitionRefused, UndefinedTransition, UnknownPosition
+from lifecycle.events import Event
+from lifecycle.guards.stop_lock import StopLockRegistry
+from lifecycle.machines.position import CREATED, JournalEntry, Outcome, PositionMachine
+from lifecycle.machines.states import PositionState
+from lifecycle.machines.table import INITIAL_STATE
+from lifecycle.metrics import Metrics
+from lifecycle.ports import OrderCanceller, PositionStore, RecordSink
+from lifecycle.replay import creation_payload
+
+
+class Engine:
+    def __init__(
+        self,
+        store: PositionStore,
+        *,
+        canceller: OrderCanceller,
+        records: RecordSink,
+        locks: StopLockRegistry | None = None,
+        machine: PositionMachine | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.canceller = canceller
+        self.records = records
+        self.locks = locks or StopLockRegistry()
+        self.machine = machine or PositionMachine()
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.positions: dict[str, Position] = {}  # live positions only, by id
+        self._live_keys: dict[tuple[str, str, Side], str] = {}  # (account, symbol, side) -> position id
+        self._order: dict[str, asyncio.Lock] = {}  # per-position event ordering, created on demand
+
+    # --- lifecycle entry points ---------------------------------------------------------------
+
+    async def open_position(
+        self,
+        *,
+        account: str,
+        symbol: str,
+        side: Side,
+        quantity: Decimal,
+        trailing: TrailingState | None = None,
+    ) -> Position:
+        """Create a new position in OPENING (a new row, also when the symbol was traded before)."""
+        if not account or not symbol:
+            raise InvalidEvent("account and symbol are required")
+        if not quantity.is_finite() or quantity <= 0:
+            raise InvalidEvent(f"quantity must be > 0, got {quantity}")
+        key = (account, symbol, side)
+        if key in self._live_keys:
+            raise DuplicateLivePosition(f"a live {side} position on {account}/{symbol} already exists: {self._live_keys[key]}")
+        now = self.clock()
+        position = Position(
+            id=new_position_id(),
+            account=account,
+            symbol=symbol,
+            side=side,
+            state=INITIAL_STATE,
+            requested_quantity=quantity,
+            created_at=now,
+            updated_at=now,
+            trailing=trailing,
+        )
+        creation = JournalEntry(position.id, 0, CREATED, None, position.state, now, None, creation_payload(position))
+        await self.store.insert_position(position, creation)
+        self._add_live(position)
+        logger.info("{} {} {} {} created in {}", account, symbol, side, position.id, position.state)
+        return position
+
+    async def fire(self, position_id: str, event: Event) -> Outcome:
+        """Apply one event to one live position; raises TransitionRefused (logged, counted) if refused."""
+        if position_id not in self.positions:
+            raise UnknownPosition(f"no live position {position_id}")
+        lock = self._order.get(position_id)
+        if lock is None:
+            lock = self._order[position_id] = asyncio.Lock()
+        async with lock:
+            live = self.positions.get(position_id)
+            if live is None:  # became terminal while this event waited
+                raise UnknownPosition(f"position {position_id} is no longer live")
+            draft = live.clone()
+            try:
+                outcome = await self.machine.apply(draft, event, self.clock())
+            except TransitionRefused as refusal:
+                why = "undefined" if isinstance(refusal, UndefinedTransition) else "guard"
+                self.metrics.refused[(refusal.state, refusal.event, why)] += 1
+                logger.warning("{} {} {}: {}", live.account, live.symbol, live.id, refusal)
+                raise
+            await self.store.commit(draft, outcome)
+            self.positions[position_id] = draft
+            self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
+            logger.info(
+                "{} {} {} {} --{}--> {}{}",
+                draft.account,
+                draft.symbol,
+                draft.id,
+                outcome.source,
+                outcome.journal.event,
+                outcome.dest,
+                f" (cause {outcome.journal.cause})" if outcome.journal.cause else "",
+            )
+            await self._run(outcome.actions)
+            return outcome
+
+    async def track_order(self, position_id: str, order: OrderRef) -> None:
+        """Remember an order of ours for this position (persisted first, then in memory)."""
+        if order.position_id != position_id:
+            raise InvalidEvent(f"order {order.client_id} belongs to {order.position_id}, not {position_id}")
+        position = self.positions.get(position_id)
+        if position is None:
+            raise UnknownPosition(f"no live position {position_id}")
+        await self.store.save_order(order, self.clock())
+        position.orders[order.client_id] = order
+
+    async def rehydrate(self) -> int:
+        """Load every live position from the store into memory; returns how many.
+
+        Positions are not registered with the `transitions` machine (quadratic `add_model`); a dict
+        and an index by (account, symbol, side) are all the engine keeps, built in linear time.
+        """
+        loaded = await self.store.load_live()
+        for position in loaded:
+            self._add_live(position)
+        logger.info("rehydrated {} live positions", len(loaded))
+        return len(loaded)
+
+    def live_position(self, account: str, symbol: str, side: Side) -> Position | None:
+        position_id = self._live_keys.get((account, symbol, side))
+        return self.positions.get(position_id) if position_id else None
+
+    def count_by_state(self) -> dict[PositionState, int]:
+        counts: dict[PositionState, int] = {}
+        for p in self.positions.values():
+            counts[p.state] = counts.get(p.state, 0) + 1
+        return counts
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _add_live(self, position: Position) -> None:
+        self.positions[position.id] = position
+        self._live_keys[(position.account, position.symbol, position.side)] = position.id
+
+    async def _run(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            try:
+                await self._run_one(action)
+            except Exception as e:  # the transition is committed; an action failure must not undo it
+                self.metrics.action_failures[type(action).__name__] += 1
+                logger.error("action {} failed: {}: {}", type(action).__name__, type(e).__name__, e)
+
+    async def _run_one(self, action: Action) -> None:
+        if isinstance(action, CancelOrder):
+            order = action.order
+            await self.canceller.cancel_order(order)
+            order.status = OrderStatus.CANCELED
+            await self.store.save_order(order, self.clock())
+            logger.info("cancelled leftover {} order {} of {}", order.purpose, order.client_id, order.position_id)
+        elif isinstance(action, ReleaseStopLock):
+            self.locks.release(action.account, action.symbol, action.position_id)
+        elif isinstance(action, EmitClosure):
+            record = action.closure.as_record()
+            self.records.emit(record)
+            logger.info(
+                "{} {} {} closed: {} cause={} reason={}",
+                record["account"],
+                record["symbol"],
+                record["position_id"],
+                record["state"],
+                record["cause"],
+                record["reason"],
+            )
+        elif isinstance(action, DropPosition):
+            position = self.positions.pop(action.position_id, None)
+            self._order.pop(action.position_id, None)
+            if position is not None:
+                key = (position.account, position.symbol, position.side)
+                if self._live_keys.get(key) == position.id:
+                    del self._live_keys[key]
+        else:  # pragma: no cover - the Action union is closed
+            raise TypeError(f"unknown action {action!r}")

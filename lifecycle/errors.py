@@ -1,0 +1,51 @@
+"""Domain errors of the lifecycle engine. None of them carries secrets or exchange payloads."""
+from __future__ import annotations
+
+
+class LifecycleError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidEvent(LifecycleError, ValueError):
+    """An event's data is malformed (negative quantity, missing price): fix the caller."""
+
+
+class TransitionRefused(LifecycleError):
+    """The machine refused an event; the position is unchanged. Logged and counted by the engine."""
+
+    def __init__(self, position_id: str, state: str, event: str, reason: str) -> None:
+        self.position_id = position_id
+        self.state = state
+        self.event = event
+        self.reason = reason
+        super().__init__(f"position {position_id}: event {event!r} refused in state {state}: {reason}")
+
+
+class UndefinedTransition(TransitionRefused):
+    """The (state, event) pair is not in the transition table."""
+
+    def __init__(self, position_id: str, state: str, event: str) -> None:
+        super().__init__(position_id, state, event, "no such transition in the table")
+
+
+class GuardRefused(TransitionRefused):
+    """The pair exists but its guards did not hold for this event's data."""
+
+    def __init__(self, position_id: str, state: str, event: str, failed_guards: list[str]) -> None:
+        self.failed_guards = failed_guards
+        super().__init__(position_id, state, event, "guard failed: " + ", ".join(failed_guards))
+
+
+class UnknownPosition(LifecycleError, KeyError):
+    """No live position has this id (never existed, or already terminal and dropped)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown position"
+
+
+class ConcurrentModification(LifecycleError):
+    """The position's row changed under us (another process or a stale copy); nothing was written."""
+
+
+class DuplicateLivePosition(LifecycleError):
+    """A live position already exists for this account, symbol and side; a new one is not opened."""

@@ -1,0 +1,1 @@
+"""State enum, the transition table as data, and the machine that runs it."""

@@ -1,0 +1,216 @@
+"""The position machine: the table above, run by `transitions`' asyncio machine.
+
+One machine serves every position. Positions are never added to it as models (`add_model` is
+quadratic in the number of models); an event is fired with `machine.events[name].trigger(position)`,
+which needs nothing but the position's `state` attribute. Per-position ordering is the engine's job
+(it never fires two events at one position at once), so the machine runs unqueued.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from transitions.extensions.asyncio import AsyncMachine, AsyncState
+
+from lifecycle.actions import Action
+from lifecycle.domain import CloseCause, Position, require_utc
+from lifecycle.errors import GuardRefused, UndefinedTransition
+from lifecycle.events import (
+    CloseRequested,
+    EntryFailed,
+    EntryFilled,
+    Event,
+    Flat,
+    PositionEvent,
+    Reduced,
+    StopMoved,
+    TsActivated,
+    Vanished,
+    to_payload,
+)
+from lifecycle.guards.cleanup import terminal_cleanup
+from lifecycle.machines.states import PositionState
+from lifecycle.machines.table import INITIAL_STATE, TABLE, Edge, edges_from
+
+
+@dataclass(slots=True)
+class _Context:
+    """Travels with one trigger through guards, effect and hooks."""
+
+    event: Event
+    at: datetime
+    actions: list[Action] = field(default_factory=list)
+
+
+CREATED = "created"  # the journal's row 0: the position as it was opened
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    position_id: str
+    seq: int
+    event: str  # a PositionEvent value, or CREATED for row 0
+    source: PositionState | None  # None for the creation row
+    dest: PositionState
+    at: datetime
+    cause: str | None
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An accepted transition: what it was, its journal row, and the actions it asks for."""
+
+    source: PositionState
+    dest: PositionState
+    event: Event
+    journal: JournalEntry
+    actions: tuple[Action, ...]
+
+
+# --- effects: how each accepted event changes the position's data (not its state) ---------------
+
+
+def _entry_filled(p: Position, e: EntryFilled, at: datetime) -> None:
+    p.quantity = e.quantity
+    p.entry_price = e.price
+
+
+def _entry_failed(p: Position, e: EntryFailed, at: datetime) -> None:
+    p.close_cause = CloseCause.ENTRY_FAILED
+
+
+def _ts_activated(p: Position, e: TsActivated, at: datetime) -> None:
+    assert p.trailing is not None  # the guard checked it
+    p.trailing.active = True
+    p.trailing.watermark = e.mark
+
+
+def _stop_moved(p: Position, e: StopMoved, at: datetime) -> None:
+    p.stop_price = e.stop_price
+    p.last_activity_at = at
+    if p.trailing is not None:
+        p.trailing.last_moved_at = at
+        if e.watermark is not None:
+            p.trailing.watermark = e.watermark
+
+
+def _reduced(p: Position, e: Reduced, at: datetime) -> None:
+    p.quantity = e.remaining
+
+
+def _close_requested(p: Position, e: CloseRequested, at: datetime) -> None:
+    p.state_before_close = p.state
+    p.close_reason = e.reason
+    p.last_activity_at = at
+
+
+def _flat(p: Position, e: Flat, at: datetime) -> None:
+    p.close_cause = e.cause  # None lets the terminal hook apply the state's default
+    p.exit_price = e.exit_price
+
+
+def _close_failed(p: Position, e: Event, at: datetime) -> None:
+    p.state_before_close = None
+    p.close_reason = None
+
+
+def _vanished(p: Position, e: Vanished, at: datetime) -> None:
+    p.close_cause = None  # decided by the destination: NOT_FOUND for a phantom, BOT for our close
+
+
+EFFECTS: dict[PositionEvent, Callable[[Position, Any, datetime], None]] = {
+    PositionEvent.ENTRY_FILLED: _entry_filled,
+    PositionEvent.ENTRY_FAILED: _entry_failed,
+    PositionEvent.TS_ACTIVATED: _ts_activated,
+    PositionEvent.STOP_MOVED: _stop_moved,
+    PositionEvent.REDUCED: _reduced,
+    PositionEvent.CLOSE_REQUESTED: _close_requested,
+    PositionEvent.FLAT: _flat,
+    PositionEvent.CLOSE_FAILED: _close_failed,
+    PositionEvent.VANISHED: _vanished,
+}
+assert set(EFFECTS) == set(PositionEvent)
+
+
+def _ctx(event_data: Any) -> _Context:
+    return event_data.kwargs["ctx"]
+
+
+def _condition(guard: Callable[[Position, Event, datetime], bool]) -> Callable[[Any], bool]:
+    def check(event_data: Any) -> bool:
+        ctx = _ctx(event_data)
+        return guard(event_data.model, ctx.event, ctx.at)
+
+    check.__name__ = guard.__name__
+    return check
+
+
+def _apply_effect(event_data: Any) -> None:
+    ctx = _ctx(event_data)
+    EFFECTS[ctx.event.name](event_data.model, ctx.event, ctx.at)
+
+
+def _on_enter_terminal(event_data: Any) -> None:
+    ctx = _ctx(event_data)
+    ctx.actions.extend(terminal_cleanup(event_data.model, ctx.at))
+
+
+class PositionMachine:
+    """Validates and applies events to positions according to TABLE."""
+
+    def __init__(self, table: tuple[Edge, ...] = TABLE) -> None:
+        states = [
+            # Every terminal state gets the cleanup hook; which states are terminal comes from the enum,
+            # checked against the table at import, so a new terminal state cannot be left without it.
+            AsyncState(s, on_enter=[_on_enter_terminal] if s.is_terminal else None)
+            for s in PositionState
+        ]
+        self._machine = AsyncMachine(
+            model=None,
+            states=states,
+            initial=INITIAL_STATE,
+            send_event=True,
+            auto_transitions=False,
+            queued=False,
+            before_state_change=[_apply_effect],
+        )
+        for edge in table:
+            self._machine.add_transition(
+                trigger=edge.event.value,
+                source=edge.source,
+                dest=None if edge.internal else edge.dest,
+                conditions=[_condition(g) for g in edge.guards],
+            )
+        self._table = table
+
+    async def apply(self, position: Position, event: Event, at: datetime) -> Outcome:
+        """Fire `event` at `position` (a draft: it is changed in place) or raise TransitionRefused.
+
+        On refusal the position is left exactly as it was.
+        """
+        at = require_utc(at, "at")
+        source = position.state
+        candidates = edges_from(source, event.name)
+        if not candidates:
+            raise UndefinedTransition(position.id, source.value, event.name.value)
+        ctx = _Context(event=event, at=at)
+        accepted = await self._machine.events[event.name.value].trigger(position, ctx=ctx)
+        if not accepted:
+            failed = sorted({g.__name__ for e in candidates for g in e.guards if not g(position, event, at)})
+            raise GuardRefused(position.id, source.value, event.name.value, failed)
+        position.seq += 1
+        position.updated_at = at
+        journal = JournalEntry(
+            position_id=position.id,
+            seq=position.seq,
+            event=event.name.value,
+            source=source,
+            dest=position.state,
+            at=at,
+            cause=position.close_cause.value if position.state.is_terminal and position.close_cause else None,
+            payload=to_payload(event),
+        )
+        return Outcome(source, position.state, event, journal, tuple(ctx.actions))

@@ -1,0 +1,29 @@
+"""What the engine needs from the outside world, as protocols (the domain imports no db, no ccxt)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol
+
+from lifecycle.domain import OrderRef, Position
+from lifecycle.machines.position import JournalEntry, Outcome
+
+
+class PositionStore(Protocol):
+    """Durable state: implemented by `db.repository.Repository`."""
+
+    async def insert_position(self, position: Position, creation: JournalEntry) -> None: ...
+    async def commit(self, position: Position, outcome: Outcome) -> None: ...
+    async def save_order(self, order: OrderRef, now: datetime) -> None: ...
+    async def load_live(self) -> list[Position]: ...
+
+
+class OrderCanceller(Protocol):
+    """The one exchange operation terminal cleanup needs; the full exchange port builds on it."""
+
+    async def cancel_order(self, order: OrderRef) -> None: ...
+
+
+class RecordSink(Protocol):
+    """Structured records (closures, ...); one JSON object per record."""
+
+    def emit(self, record: dict[str, Any]) -> None: ...
