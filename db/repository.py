@@ -72,16 +72,27 @@ class Repository:
 
     async def insert_position(self, position: Position, creation: JournalEntry) -> None:
         """A new row for a new position (never an upsert over an old one), with journal row 0."""
+        await self.insert_positions([(position, creation)])
+
+    async def insert_positions(self, items: Sequence[tuple[Position, JournalEntry]]) -> None:
+        """Insert new positions in one transaction (bulk: adoption, imports, benchmarks)."""
+        if not items:
+            return
         try:
             async with self._write() as conn:
-                await conn.execute(positions.insert().values(**_position_values(position), id=position.id))
-                if position.trailing is not None:
-                    await conn.execute(trailing_states.insert().values(**_trailing_values(position)))
-                await conn.execute(journal.insert().values(**_journal_values(creation)))
+                await conn.execute(positions.insert(), [{**_position_values(p), "id": p.id} for p, _ in items])
+                with_trailing = [_trailing_values(p) for p, _ in items if p.trailing is not None]
+                if with_trailing:
+                    await conn.execute(trailing_states.insert(), with_trailing)
+                await conn.execute(journal.insert(), [_journal_values(c) for _, c in items])
         except IntegrityError as e:
             if "uq_positions_live_symbol_side" in str(e.orig) or "positions.account" in str(e.orig):
+                first = items[0][0]
                 raise DuplicateLivePosition(
-                    f"a live {position.side} position on {position.account}/{position.symbol} already exists"
+                    f"a live position already exists for one of these (account, symbol, side), e.g. "
+                    f"{first.account}/{first.symbol}/{first.side}"
+                    if len(items) > 1
+                    else f"a live {first.side} position on {first.account}/{first.symbol} already exists"
                 ) from None
             raise
 

@@ -139,6 +139,10 @@ class Position:
     trailing: TrailingState | None = None
     orders: dict[str, OrderRef] = field(default_factory=dict)  # working orders of ours, by client id
 
+    def __post_init__(self) -> None:
+        if self.last_activity_at is None:
+            self.last_activity_at = self.created_at  # creating a position sends its entry order
+
     def clone(self) -> Position:
         """A copy that can be changed without touching this one (the machine works on drafts)."""
         return replace(

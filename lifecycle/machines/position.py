@@ -76,6 +76,7 @@ class Outcome:
 def _entry_filled(p: Position, e: EntryFilled, at: datetime) -> None:
     p.quantity = e.quantity
     p.entry_price = e.price
+    p.last_activity_at = at
 
 
 def _entry_failed(p: Position, e: EntryFailed, at: datetime) -> None:

@@ -1,0 +1,116 @@
+"""Shared fixtures: real SQLite files, real PostgreSQL databases, the paper exchange, a clock."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from db.engine import create_engine, migrate
+from db.repository import Repository
+from exchange.paper import PaperExchange
+from lifecycle.engine import Engine
+from lifecycle.records import JsonlRecords
+
+PG_ADMIN_URL = os.environ.get("LIFECYCLE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+class FakeClock:
+    """A controllable clock: starts at a fixed UTC instant, moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+
+def _pg_dsn(database: str | None = None) -> str:
+    base = PG_ADMIN_URL.replace("postgresql+asyncpg://", "postgresql://")
+    return base if database is None else base.rsplit("/", 1)[0] + "/" + database
+
+
+async def _pg_admin(*statements: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_dsn(), timeout=3)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that each test clones; skips when the server is absent."""
+    name = f"lc_tmpl_{uuid.uuid4().hex[:10]}"
+    try:
+        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncio.TimeoutError) as e:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({type(e).__name__}: {e}); start it with "
+                    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
+
+    async def migrate_template() -> None:
+        engine = create_engine(_pg_dsn(name))
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(migrate_template())
+    yield name
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    name = f"lc_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    yield _pg_dsn(name)
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'lifecycle.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Run the test once on a SQLite file and once on a PostgreSQL database."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+async def repo(db_url: str) -> AsyncIterator[Repository]:
+    repository = await Repository.open(db_url)
+    yield repository
+    await repository.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def exchange() -> PaperExchange:
+    return PaperExchange()
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> JsonlRecords:
+    return JsonlRecords(tmp_path / "records")
+
+
+@pytest.fixture
+def engine(repo: Repository, exchange: PaperExchange, records: JsonlRecords, clock: FakeClock) -> Engine:
+    return Engine(repo, canceller=exchange, records=records, clock=clock)

@@ -1,0 +1,115 @@
+"""Every terminal state, however reached, runs the one cleanup hook (seed 000)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from decimal import Decimal as D
+
+import pytest
+
+from db.repository import Repository
+from exchange.paper import PaperExchange
+from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side, TrailingState
+from lifecycle.engine import Engine
+from lifecycle.events import PositionEvent
+from lifecycle.guards.stop_lock import MutationStatus
+from lifecycle.machines.states import PositionState
+from lifecycle.machines.table import TABLE
+from lifecycle.records import JsonlRecords
+from tests.conftest import FakeClock
+from tests.scenarios import good_event, path_to
+
+TERMINAL = [s for s in PositionState if s.is_terminal]
+# Every edge into a terminal state, so each path into each terminal state is exercised.
+INTO_TERMINAL = [e for e in TABLE if e.dest.is_terminal]
+
+
+async def _order(engine: Engine, exchange: PaperExchange, pid: str, purpose: OrderPurpose, n: int) -> OrderRef:
+    placed = await exchange.place_order(
+        OrderRef(client_id=f"t{pid}{purpose.value[0]}{n}", position_id=pid, purpose=purpose, side="sell",
+                 quantity=D(1), trigger_price=D(90) + n)
+    )
+    await engine.track_order(pid, placed)
+    return placed
+
+
+@pytest.mark.parametrize("edge", INTO_TERMINAL, ids=lambda e: f"{e.source}-{e.event}-{e.dest}")
+async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
+    edge, engine: Engine, repo: Repository, exchange: PaperExchange, records: JsonlRecords, clock: FakeClock
+) -> None:
+    p = await engine.open_position(account="acct", symbol="BTCUSDT", side=Side.LONG, quantity=D(1),
+                                   trailing=TrailingState(activation_price=D(110), callback_rate=D(1)))
+    ours = [await _order(engine, exchange, p.id, OrderPurpose.ENTRY, 0)]
+    via = {"was_trailing_before_close": PositionState.TS_ACTIVE,
+           "was_opening_before_close": PositionState.OPENING}.get(next(iter(edge.guard_names), ""), PositionState.OPEN)
+    for name in path_to(edge.source, via):
+        clock.advance(seconds=1)
+        await engine.fire(p.id, good_event(name, engine.positions[p.id]))
+        if name is PositionEvent.ENTRY_FILLED:
+            exchange.orders[ours[0].client_id].status = OrderStatus.FILLED
+            await engine.track_order(p.id, replace(ours[0], status=OrderStatus.FILLED))
+            ours = [await _order(engine, exchange, p.id, OrderPurpose.STOP, 1),
+                    await _order(engine, exchange, p.id, OrderPurpose.TAKE_PROFIT, 2)]
+    assert await repo.trailing_state_exists(p.id)
+
+    # A stop mutation in flight and a newer one waiting for the symbol's lock when the end comes.
+    running, proceed = asyncio.Event(), asyncio.Event()
+
+    async def slow_move(target: D) -> D:
+        running.set()
+        await proceed.wait()
+        return target
+
+    async def must_not_run(target: D) -> D:
+        raise AssertionError("a stop mutation ran after its position became terminal")
+
+    in_flight = asyncio.create_task(engine.locks.submit("acct", "BTCUSDT", p.id, D(96), slow_move))
+    await running.wait()
+    waiting = asyncio.create_task(engine.locks.submit("acct", "BTCUSDT", p.id, D(97), must_not_run))
+    await asyncio.sleep(0)
+
+    clock.advance(hours=1)
+    outcome = await engine.fire(p.id, good_event(edge.event, engine.positions[p.id]))
+    assert outcome.dest is edge.dest
+
+    proceed.set()
+    assert (await in_flight).status is MutationStatus.APPLIED
+    assert (await waiting).status is MutationStatus.RELEASED
+    assert not engine.locks.is_held("acct", "BTCUSDT")
+    assert engine.locks.held_keys() == set()
+
+    assert not await repo.trailing_state_exists(p.id)
+    assert sorted(exchange.cancel_calls) == sorted(o.client_id for o in ours)
+    assert exchange.open_orders(p.id) == []
+    stored = await repo.get_position(p.id)
+    assert stored is not None and stored.state is edge.dest and stored.trailing is None
+    assert stored.orders == {}  # every order of ours is final in the database too
+    closure = await repo.closure(p.id)
+    assert closure is not None and closure["state"] == edge.dest.value
+    assert [r["position_id"] for r in records.read("closure")] == [p.id]
+    assert p.id not in engine.positions and engine.live_position("acct", "BTCUSDT", Side.LONG) is None
+
+
+@pytest.mark.parametrize("terminal", TERMINAL, ids=str)
+def test_every_terminal_state_from_the_enum_has_a_path_and_the_hook(terminal: PositionState) -> None:
+    from lifecycle.machines.position import PositionMachine
+
+    machine = PositionMachine()._machine
+    assert [e for e in INTO_TERMINAL if e.dest is terminal], f"no edge leads into {terminal}"
+    on_enter = machine.get_state(terminal).on_enter
+    assert [cb.__name__ for cb in on_enter] == ["_on_enter_terminal"]
+
+
+async def test_a_failed_cancel_does_not_undo_the_close_and_is_counted(
+    engine: Engine, repo: Repository, exchange: PaperExchange, clock: FakeClock
+) -> None:
+    p = await engine.open_position(account="acct", symbol="ETHUSDT", side=Side.LONG, quantity=D(1))
+    await engine.fire(p.id, good_event(PositionEvent.ENTRY_FILLED, p))
+    stop = await _order(engine, exchange, p.id, OrderPurpose.STOP, 1)
+    exchange.down = True
+    await engine.fire(p.id, good_event(PositionEvent.FLAT, engine.positions[p.id]))
+    stored = await repo.get_position(p.id)
+    assert stored is not None and stored.state is PositionState.CLOSED_EXTERNAL
+    assert engine.metrics.action_failures["CancelOrder"] == 1
+    # Still open in the database: the orphan sweep will find it; nothing pretends it was cancelled.
+    assert stop.client_id in stored.orders
