@@ -104,7 +104,7 @@ class Engine:
             except TransitionRefused as refusal:
                 why = "undefined" if isinstance(refusal, UndefinedTransition) else "guard"
                 self.metrics.refused[(refusal.state, refusal.event, why)] += 1
-                logger.warning("{} {} {}: {}", live.account, live.symbol, live.id, refusal)
+                logger.warning("{} {}: {}", live.account, live.symbol, refusal)
                 raise
             await self.store.commit(draft, outcome)
             self.positions[position_id] = draft

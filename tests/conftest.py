@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from db.engine import create_engine, migrate
 from db.repository import Repository
@@ -30,6 +31,17 @@ class FakeClock:
 
     def advance(self, **kwargs: float) -> None:
         self.now += timedelta(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _loguru_to_captured_stderr() -> Iterator[None]:
+    """Send the engine's log lines where pytest captures them (shown only for failing tests)."""
+    import sys
+
+    logger.remove()
+    sink = logger.add(lambda message: sys.stderr.write(message), level="INFO")
+    yield
+    logger.remove(sink)
 
 
 def _pg_dsn(database: str | None = None) -> str:
