@@ -146,37 +146,30 @@ class Repository:
 
     async def load_live(self) -> list[Position]:
         """Every non-terminal position with its trailing state and working orders (start-up only)."""
-        query = (
-            sa.select(positions, trailing_states)
-            .select_from(positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id))
-            .where(positions.c.state.in_(_LIVE_STATES))
-        )
+        query = _POSITION_SELECT.where(positions.c.state.in_(_LIVE_STATES))
         order_query = (
-            sa.select(orders)
+            sa.select(*_ORDER_COLUMNS)
             .join(positions, positions.c.id == orders.c.position_id)
             .where(positions.c.state.in_(_LIVE_STATES), orders.c.status.not_in(_FINAL_ORDER_STATUSES))
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
             order_rows = (await conn.execute(order_query)).all()
-        loaded = {row.id: _position_from_row(row) for row in rows}
+        loaded = {row[0]: _position_from_row(row) for row in rows}
         for row in order_rows:
             order = _order_from_row(row)
             loaded[order.position_id].orders[order.client_id] = order
         return list(loaded.values())
 
     async def get_position(self, position_id: str) -> Position | None:
-        query = (
-            sa.select(positions, trailing_states)
-            .select_from(positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id))
-            .where(positions.c.id == position_id)
-        )
+        query = _POSITION_SELECT.where(positions.c.id == position_id)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
             if row is None:
                 return None
             position = _position_from_row(row)
-            for o in (await conn.execute(sa.select(orders).where(orders.c.position_id == position_id))).all():
+            order_query = sa.select(*_ORDER_COLUMNS).where(orders.c.position_id == position_id)
+            for o in (await conn.execute(order_query)).all():
                 order = _order_from_row(o)
                 if not order.status.is_final:
                     position.orders[order.client_id] = order
@@ -273,52 +266,63 @@ def _closure_values(c: ClosureRecord) -> dict[str, Any]:
     }
 
 
-def _position_from_row(r: Any) -> Position:
-    trailing = None
-    if r.activation_price is not None:
-        trailing = TrailingState(
-            activation_price=r.activation_price,
-            callback_rate=r.callback_rate,
-            active=r.active,
-            watermark=r.watermark,
-            last_moved_at=r.last_moved_at,
-        )
+# Rehydration reads these for every live position: explicit column order, tuple unpacking and
+# dict look-ups for enums keep it linear and cheap (bench/rehydrate.py measures it).
+_POSITION_COLUMNS = (
+    positions.c.id, positions.c.account, positions.c.symbol, positions.c.side, positions.c.state,
+    positions.c.requested_quantity, positions.c.created_at, positions.c.updated_at, positions.c.quantity,
+    positions.c.entry_price, positions.c.stop_price, positions.c.exit_price, positions.c.close_cause,
+    positions.c.close_reason, positions.c.state_before_close, positions.c.last_activity_at, positions.c.closed_at,
+    positions.c.seq, trailing_states.c.activation_price, trailing_states.c.callback_rate, trailing_states.c.active,
+    trailing_states.c.watermark, trailing_states.c.last_moved_at,
+)
+_POSITION_SELECT = sa.select(*_POSITION_COLUMNS).select_from(
+    positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id)
+)
+_ORDER_COLUMNS = (
+    orders.c.client_id, orders.c.position_id, orders.c.purpose, orders.c.side, orders.c.quantity, orders.c.status,
+    orders.c.trigger_price, orders.c.exchange_order_id, orders.c.algo_id, orders.c.created_at,
+)
+_SIDES = {m.value: m for m in Side}
+_STATES = {m.value: m for m in PositionState}
+_CAUSES = {m.value: m for m in CloseCause}
+_REASONS = {m.value: m for m in CloseReason}
+_PURPOSES = {m.value: m for m in OrderPurpose}
+_ORDER_STATUSES = {m.value: m for m in OrderStatus}
+
+
+def _position_from_row(r: Sequence[Any]) -> Position:
+    (pid, account, symbol, side, state, requested, created, updated, qty, entry, stop, exit_, cause, reason,
+     before_close, last_activity, closed, seq, activation, callback, active, watermark, last_moved) = r
     return Position(
-        id=r.id,
-        account=r.account,
-        symbol=r.symbol,
-        side=Side(r.side),
-        state=PositionState(r.state),
-        requested_quantity=r.requested_quantity,
-        created_at=r.created_at,
-        updated_at=r.updated_at,
-        quantity=r.quantity,
-        entry_price=r.entry_price,
-        stop_price=r.stop_price,
-        exit_price=r.exit_price,
-        close_cause=CloseCause(r.close_cause) if r.close_cause else None,
-        close_reason=CloseReason(r.close_reason) if r.close_reason else None,
-        state_before_close=PositionState(r.state_before_close) if r.state_before_close else None,
-        last_activity_at=r.last_activity_at,
-        closed_at=r.closed_at,
-        seq=r.seq,
-        trailing=trailing,
+        id=pid,
+        account=account,
+        symbol=symbol,
+        side=_SIDES[side],
+        state=_STATES[state],
+        requested_quantity=requested,
+        created_at=created,
+        updated_at=updated,
+        quantity=qty,
+        entry_price=entry,
+        stop_price=stop,
+        exit_price=exit_,
+        close_cause=_CAUSES[cause] if cause else None,
+        close_reason=_REASONS[reason] if reason else None,
+        state_before_close=_STATES[before_close] if before_close else None,
+        last_activity_at=last_activity,
+        closed_at=closed,
+        seq=seq,
+        trailing=None
+        if activation is None
+        else TrailingState(activation, callback, bool(active), watermark, last_moved),
     )
 
 
-def _order_from_row(r: Any) -> OrderRef:
-    return OrderRef(
-        client_id=r.client_id,
-        position_id=r.position_id,
-        purpose=OrderPurpose(r.purpose),
-        side=r.side,
-        quantity=r.quantity,
-        status=OrderStatus(r.status),
-        trigger_price=r.trigger_price,
-        exchange_order_id=r.exchange_order_id,
-        algo_id=r.algo_id,
-        created_at=r.created_at,
-    )
+def _order_from_row(r: Sequence[Any]) -> OrderRef:
+    client_id, position_id, purpose, side, qty, status, trigger, exchange_id, algo_id, created = r
+    return OrderRef(client_id, position_id, _PURPOSES[purpose], side, qty, _ORDER_STATUSES[status], trigger,
+                    exchange_id, algo_id, created)
 
 
 def _journal_from_row(r: Any) -> JournalEntry:

@@ -11,24 +11,43 @@ from sqlalchemy.types import TypeDecorator
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC in, timezone-aware UTC out; a naive datetime is refused, never guessed."""
+    """Timezone-aware UTC in, timezone-aware UTC out; a naive datetime is refused, never guessed.
+
+    PostgreSQL: TIMESTAMP WITH TIME ZONE. SQLite has no time type: fixed-width ISO-8601 text with
+    microseconds and "+00:00", which sorts chronologically and parses with C `fromisoformat`
+    (several times faster than SQLAlchemy's generic SQLite DATETIME parsing; rehydration reads many).
+    """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.String(32))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
             return None
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"naive datetime {value.isoformat()} refused: store timezone-aware UTC")
         value = value.astimezone(timezone.utc)
-        # SQLite has no time zone type: store naive UTC, re-attach UTC on the way out.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        if dialect.name == "sqlite":
+            return f"{value:%Y-%m-%d %H:%M:%S.%f}+00:00"
+        return value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        if isinstance(value, str):
+            return datetime.fromisoformat(value)
+        return value.astimezone(timezone.utc)
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        if dialect.name == "sqlite":  # skip the impl's own processing: the text is parsed once, here
+            fromiso = datetime.fromisoformat
+            return lambda value: None if value is None else fromiso(value)
+        return super().result_processor(dialect, coltype)
 
 
 class ExactDecimal(TypeDecorator[Decimal]):
@@ -50,4 +69,9 @@ class ExactDecimal(TypeDecorator[Decimal]):
         return value if dialect.name == "postgresql" else str(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
-        return None if value is None else Decimal(str(value))
+        return None if value is None else Decimal(value) if isinstance(value, str) else Decimal(str(value))
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        if dialect.name == "sqlite":  # text in, Decimal out, nothing in between
+            return lambda value: None if value is None else Decimal(value)
+        return super().result_processor(dialect, coltype)
