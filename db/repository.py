@@ -43,6 +43,21 @@ _LIVE_STATES = [s.value for s in PositionState if s not in TERMINAL_STATES]
 _FINAL_ORDER_STATUSES = [s.value for s in OrderStatus if s.is_final]
 
 
+# Statements of the hot path, built once; per call only parameters change (no per-call compilation).
+_UPDATE_POSITION = (
+    positions.update()
+    .where(positions.c.id == sa.bindparam("_id"), positions.c.seq == sa.bindparam("_prev_seq"))
+    .values({c.name: sa.bindparam(c.name) for c in positions.c if c.name != "id"})
+)
+_INSERT_JOURNAL = journal.insert()
+_UPDATE_TRAILING = (
+    trailing_states.update()
+    .where(trailing_states.c.position_id == sa.bindparam("_id"))
+    .values({c.name: sa.bindparam(c.name) for c in trailing_states.c if c.name != "position_id"})
+)
+_DELETE_TRAILING = trailing_states.delete().where(trailing_states.c.position_id == sa.bindparam("_id"))
+
+
 class Repository:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -100,27 +115,23 @@ class Repository:
         """Persist an accepted transition of `position` (already changed in memory) atomically."""
         entry = outcome.journal
         async with self._write() as conn:
-            result = await conn.execute(
-                positions.update()
-                .where(positions.c.id == position.id, positions.c.seq == entry.seq - 1)
-                .values(**_position_values(position))
-            )
+            values = _position_values(position)
+            values["_id"], values["_prev_seq"] = position.id, entry.seq - 1
+            result = await conn.execute(_UPDATE_POSITION, values)
             if result.rowcount != 1:
                 raise ConcurrentModification(
                     f"position {position.id}: row is not at seq {entry.seq - 1}; refusing to overwrite"
                 )
-            await conn.execute(journal.insert().values(**_journal_values(entry)))
+            await conn.execute(_INSERT_JOURNAL, _journal_values(entry))
             if position.trailing is None:
-                await conn.execute(trailing_states.delete().where(trailing_states.c.position_id == position.id))
+                await conn.execute(_DELETE_TRAILING, {"_id": position.id})
             else:
-                await conn.execute(
-                    trailing_states.update()
-                    .where(trailing_states.c.position_id == position.id)
-                    .values(**_trailing_values(position))
-                )
+                values = _trailing_values(position)
+                values["_id"] = values.pop("position_id")
+                await conn.execute(_UPDATE_TRAILING, values)
             for action in outcome.actions:
                 if isinstance(action, EmitClosure):
-                    await conn.execute(closures.insert().values(**_closure_values(action.closure)))
+                    await conn.execute(closures.insert(), _closure_values(action.closure))
 
     async def save_order(self, order: OrderRef, now: datetime) -> None:
         """Insert or update one order of ours."""
