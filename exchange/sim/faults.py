@@ -1,0 +1,31 @@
+"""Misbehaviour the simulator can be told to show; every switch is off by default."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class Faults:
+    rest_latency_ms: int = 0  # added to every REST answer
+    stale_positions_s: float = 0  # positionRisk keeps answering the snapshot taken when this was set
+    ws_silent: bool = False  # user-data connections stay open, events are swallowed (an expired listen key)
+    duplicate_events: bool = False  # every user-data event is sent twice
+    reorder_events: bool = False  # user-data events are held and sent in pairs, the second first
+    http_5xx: int = 0  # the next N REST calls answer 503 (alternating HTML and JSON -1001 bodies)
+    timeouts: int = 0  # the next N REST calls hang for timeout_s before answering 503
+    timeout_s: float = 15.0
+    rate_limit: int = 0  # the next N REST calls answer 429 -1003
+    ip_ban: int = 0  # the next N REST calls answer 418 -1003
+    reject_stops: int = 0  # the next N algo orders are rejected with -2021 whatever the mark
+
+    def update(self, changes: dict[str, Any]) -> None:
+        known = {f.name: f.type for f in fields(self)}
+        unknown = set(changes) - set(known)
+        if unknown:
+            raise ValueError(f"unknown fault(s): {sorted(unknown)}; known: {sorted(known)}")
+        for name, value in changes.items():
+            setattr(self, name, type(getattr(self, name))(value))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
