@@ -137,6 +137,7 @@ class Repository:
         """Insert or update one order of ours."""
         values = {
             "position_id": order.position_id,
+            "symbol": order.symbol,
             "purpose": order.purpose.value,
             "side": order.side,
             "quantity": order.quantity,
@@ -291,7 +292,7 @@ _POSITION_SELECT = sa.select(*_POSITION_COLUMNS).select_from(
     positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id)
 )
 _ORDER_COLUMNS = (
-    orders.c.client_id, orders.c.position_id, orders.c.purpose, orders.c.side, orders.c.quantity, orders.c.status,
+    orders.c.client_id, orders.c.position_id, orders.c.symbol, orders.c.purpose, orders.c.side, orders.c.quantity, orders.c.status,
     orders.c.trigger_price, orders.c.exchange_order_id, orders.c.algo_id, orders.c.created_at,
 )
 _SIDES = {m.value: m for m in Side}
@@ -331,8 +332,8 @@ def _position_from_row(r: Sequence[Any]) -> Position:
 
 
 def _order_from_row(r: Sequence[Any]) -> OrderRef:
-    client_id, position_id, purpose, side, qty, status, trigger, exchange_id, algo_id, created = r
-    return OrderRef(client_id, position_id, _PURPOSES[purpose], side, qty, _ORDER_STATUSES[status], trigger,
+    client_id, position_id, symbol, purpose, side, qty, status, trigger, exchange_id, algo_id, created = r
+    return OrderRef(client_id, position_id, symbol, _PURPOSES[purpose], side, qty, _ORDER_STATUSES[status], trigger,
                     exchange_id, algo_id, created)
 
 

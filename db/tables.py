@@ -73,6 +73,7 @@ class OrderRow(SQLModel, table=True):
 
     client_id: str = Field(primary_key=True, max_length=36)
     position_id: str = Field(foreign_key="positions.id", max_length=32)
+    symbol: str = Field(max_length=64)
     purpose: str = Field(max_length=16)
     side: str = Field(max_length=8)
     quantity: Decimal = Field(sa_type=ExactDecimal)

@@ -45,6 +45,7 @@ async def _protect(engine: Engine, exchange: PaperExchange, position_id: str, st
         OrderRef(
             client_id=f"lc{position_id}s{len(position.orders)}",
             position_id=position_id,
+            symbol=position.symbol,
             purpose=OrderPurpose.STOP,
             side="sell" if position.side is Side.LONG else "buy",
             quantity=position.quantity,

@@ -104,6 +104,7 @@ class OrderRef:
 
     client_id: str
     position_id: str
+    symbol: str
     purpose: OrderPurpose
     side: str  # "buy" / "sell"
     quantity: Decimal

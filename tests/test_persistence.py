@@ -134,7 +134,8 @@ async def test_rehydration_loads_live_positions_with_trailing_state_and_working_
 ) -> None:
     first = Engine(repo, canceller=exchange, records=records, clock=clock)
     live = await _filled(first, "BTCUSDT")
-    stop = await exchange.place_order(OrderRef(client_id="s1", position_id=live, purpose=OrderPurpose.STOP,
+    stop = await exchange.place_order(OrderRef(client_id="s1", position_id=live, symbol="BTCUSDT",
+                                               purpose=OrderPurpose.STOP,
                                                side="sell", quantity=D("0.5"), trigger_price=D(95)))
     await first.track_order(live, stop)
     await first.fire(live, StopMoved(stop_price=D(95), mark=D(100)))

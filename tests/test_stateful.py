@@ -115,7 +115,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(data=st.data(), purpose=st.sampled_from([OrderPurpose.STOP, OrderPurpose.TAKE_PROFIT]))
     def place_order(self, data: st.DataObject, purpose: OrderPurpose) -> None:
         pid = data.draw(st.sampled_from(sorted(self.engine.positions)))
-        order = OrderRef(client_id=f"o{pid}{len(self.exchange.orders)}", position_id=pid, purpose=purpose,
+        order = OrderRef(client_id=f"o{pid}{len(self.exchange.orders)}", position_id=pid,
+                         symbol=self.engine.positions[pid].symbol, purpose=purpose,
                          side="sell", quantity=D(1), trigger_price=D(95))
         self.run(self.engine.track_order(pid, self.run(self.exchange.place_order(order))))
 

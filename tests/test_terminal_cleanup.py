@@ -26,7 +26,7 @@ INTO_TERMINAL = [e for e in TABLE if e.dest.is_terminal]
 
 async def _order(engine: Engine, exchange: PaperExchange, pid: str, purpose: OrderPurpose, n: int) -> OrderRef:
     placed = await exchange.place_order(
-        OrderRef(client_id=f"t{pid}{purpose.value[0]}{n}", position_id=pid, purpose=purpose, side="sell",
+        OrderRef(client_id=f"t{pid}{purpose.value[0]}{n}", position_id=pid, symbol="BTCUSDT", purpose=purpose, side="sell",
                  quantity=D(1), trigger_price=D(90) + n)
     )
     await engine.track_order(pid, placed)

@@ -223,15 +223,13 @@ class SimServer:
                 "onboardDate": 1569398400000, "status": "TRADING", "maintMarginPercent": "2.5000",
                 "requiredMarginPercent": "5.0000", "baseAsset": s.base, "quoteAsset": "USDT", "marginAsset": "USDT",
                 "pricePrecision": _places(s.tick), "quantityPrecision": _places(s.step), "baseAssetPrecision": 8,
-                "quotePrecision": 8, "underlyingType": "COIN", "underlyingSubType": [], "settlePlan": 0,
+                "quotePrecision": 8, "underlyingType": "COIN", "underlyingSubType": ["Layer-1"], "settlePlan": 0,
                 "triggerProtect": "0.0500", "liquidationFee": "0.012500", "marketTakeBound": "0.05",
-                "maxMoveOrderLimit": 10000,
                 "filters": [
                     {"filterType": "PRICE_FILTER", "minPrice": fmt(s.tick), "maxPrice": "10000000", "tickSize": fmt(s.tick)},
                     {"filterType": "LOT_SIZE", "stepSize": fmt(s.step), "maxQty": "1000000", "minQty": fmt(s.min_qty)},
                     {"filterType": "MARKET_LOT_SIZE", "stepSize": fmt(s.step), "maxQty": "1000000", "minQty": fmt(s.min_qty)},
                     {"filterType": "MAX_NUM_ORDERS", "limit": 200},
-                    {"filterType": "MAX_NUM_ALGO_ORDERS", "limit": 10},
                     {"filterType": "MIN_NOTIONAL", "notional": "5"},
                     {"filterType": "PERCENT_PRICE", "multiplierUp": "1.0500", "multiplierDown": "0.9500",
                      "multiplierDecimal": "4"},
@@ -240,7 +238,7 @@ class SimServer:
                                "TRAILING_STOP_MARKET"],
                 "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
             })
-        return {"timezone": "UTC", "serverTime": now_ms(), "futuresType": "U_MARGINED",
+        return {"timezone": "UTC", "serverTime": now_ms(),
                 "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 2400}],
                 "exchangeFilters": [], "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
                 "symbols": symbols}
@@ -332,11 +330,11 @@ class SimServer:
         order = self.venue._find_order(account, p.get("symbol", ""), order_id, p.get("origClientOrderId"))
         if order is None:
             raise SimError(-2013, "Order does not exist.")
-        return _order_json(order)
+        return _order_json(order, listing=True)
 
     async def _open_orders(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
-        return [_order_json(o) for o in self.venue.open_orders(account, p.get("symbol"))]
+        return [_order_json(o, listing=True) for o in self.venue.open_orders(account, p.get("symbol"))]
 
     async def _new_algo(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
@@ -361,7 +359,7 @@ class SimServer:
 
     async def _open_algos(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
-        return [_algo_json(a) for a in self.venue.open_algos(account, p.get("symbol"))]
+        return [_algo_json(a, listing=True) for a in self.venue.open_algos(account, p.get("symbol"))]
 
     async def _user_trades(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
@@ -384,7 +382,8 @@ class SimServer:
         assert account is not None
         key = next((k for k in self.listen_keys.values() if k.account == account.api_key and not k.expired), None)
         if key is None:
-            raise SimError(-1125, "This listenKey does not exist.")
+            raise SimError(-1125, "This listenKey does not exist. Please use POST /fapi/v1/listenKey to recreate "
+                                  "listenKey")
         return {"listenKey": key.key}
 
     async def _listen_key_delete(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
@@ -529,20 +528,28 @@ def _mark_event(symbol: str, price: Decimal) -> dict[str, Any]:
             "i": fmt(price), "r": "0.00010000", "T": now_ms() + 3600_000}
 
 
-def _order_json(o: SimOrder) -> dict[str, Any]:
-    return {
+def _order_json(o: SimOrder, *, listing: bool = False) -> dict[str, Any]:
+    """An order as Binance answers it: listings (openOrders, GET order) carry `time` and no `cumQty`;
+    new and cancel answers the other way round."""
+    body: dict[str, Any] = {
         "orderId": o.order_id, "symbol": o.symbol, "status": o.status, "clientOrderId": o.client_id,
         "price": fmt(o.price), "avgPrice": fmt(o.avg), "origQty": fmt(o.qty), "executedQty": fmt(o.filled),
-        "cumQty": fmt(o.filled), "cumQuote": fmt(o.filled * o.avg), "timeInForce": "GTC", "type": o.type,
+        "cumQuote": fmt(o.filled * o.avg), "timeInForce": "GTC", "type": o.type,
         "reduceOnly": o.reduce_only, "closePosition": False, "side": o.side, "positionSide": "BOTH",
         "stopPrice": fmt(o.stop_price), "workingType": "CONTRACT_PRICE", "priceProtect": False,
         "origType": o.orig_type or o.type, "priceMatch": "NONE", "selfTradePreventionMode": "EXPIRE_TAKER",
-        "goodTillDate": 0, "time": o.time, "updateTime": o.update,
+        "goodTillDate": 0, "updateTime": o.update,
     }
+    if listing:
+        body["time"] = o.time
+    else:
+        body["cumQty"] = fmt(o.filled)
+    return body
 
 
-def _algo_json(a: SimAlgo) -> dict[str, Any]:
-    return {
+def _algo_json(a: SimAlgo, *, listing: bool = False) -> dict[str, Any]:
+    """An algo order as Binance answers it: the create answer and listings differ in a few fields."""
+    body: dict[str, Any] = {
         "algoId": a.algo_id, "clientAlgoId": a.client_id, "algoType": "CONDITIONAL", "orderType": a.order_type,
         "symbol": a.symbol, "side": a.side, "positionSide": "BOTH", "timeInForce": "GTC", "quantity": fmt(a.qty),
         "algoStatus": a.status, "triggerPrice": fmt(a.trigger), "price": "0", "icebergQuantity": None,
@@ -550,6 +557,12 @@ def _algo_json(a: SimAlgo) -> dict[str, Any]:
         "closePosition": a.close_position, "priceProtect": False, "reduceOnly": a.reduce_only,
         "createTime": a.created, "updateTime": a.updated, "triggerTime": a.triggered, "goodTillDate": 0,
     }
+    if listing:
+        body.update({"actualOrderId": str(a.actual_order_id or ""), "actualPrice": fmt(a.avg_price),
+                     "tpTriggerPrice": "0", "tpPrice": "0", "slTriggerPrice": "0", "slPrice": "0", "tpOrderType": ""})
+    else:
+        body.update({"activatePrice": "", "callbackRate": ""})
+    return body
 
 
 def _error(status: int, code: int, msg: str) -> web.Response:

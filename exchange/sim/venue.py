@@ -107,6 +107,9 @@ class SimAlgo:
     updated: int = 0
     triggered: int = 0
     actual_order_id: int | None = None
+    avg_price: D = ZERO  # of the order it triggered
+    filled: D = ZERO
+    reject_reason: str = ""
     account: str = ""
 
 
@@ -283,7 +286,7 @@ class Venue:
         if (algo.reduce_only or algo.close_position) and (
             pos.amount == 0 or (pos.amount > 0) == (algo.side == "BUY")
         ):
-            algo.status = "EXPIRED"
+            algo.status, algo.reject_reason = "EXPIRED", "Reduce Only reject"
             self._emit_algo(account, algo)
             return
         order = SimOrder(next(self._ids), algo.client_id, algo.symbol, algo.side, "MARKET", qty,
@@ -296,6 +299,7 @@ class Venue:
         self._emit_algo(account, algo)
         self._emit_order(account, order, "NEW", ZERO, ZERO)
         self._fill(account, order, self.marks[algo.symbol])
+        algo.avg_price, algo.filled = order.avg, order.filled
         algo.status, algo.updated = "FINISHED", now_ms()
         self._emit_algo(account, algo)
 
@@ -391,7 +395,7 @@ class Venue:
                 "L": fmt(last_price), "N": "USDT", "n": fmt(fee), "T": ts, "t": next(self._trade_ids) if last_qty else 0,
                 "b": "0", "a": "0", "m": False, "R": order.reduce_only, "wt": "CONTRACT_PRICE",
                 "ot": order.orig_type or order.type, "ps": "BOTH", "cp": False, "rp": fmt(order.realized),
-                "pP": False, "si": 0, "ss": 0, "V": "EXPIRE_TAKER", "pm": "NONE", "gtd": 0,
+                "pP": False, "si": 0, "ss": 0, "V": "EXPIRE_TAKER", "pm": "NONE", "gtd": 0, "er": "0",
             },
         })
 
@@ -404,11 +408,11 @@ class Venue:
         body: dict[str, Any] = {
             "caid": algo.client_id, "aid": algo.algo_id, "at": "CONDITIONAL", "o": algo.order_type,
             "s": algo.symbol, "S": algo.side, "ps": "BOTH", "f": "GTC", "q": fmt(algo.qty), "X": algo.status,
-            "tp": fmt(algo.trigger), "p": "0", "wt": algo.working_type, "pm": "NONE", "cp": algo.close_position,
-            "pP": False, "R": algo.reduce_only, "tt": algo.triggered, "gtd": 0,
+            "ai": str(algo.actual_order_id) if algo.actual_order_id is not None else "",
+            "ap": fmt(algo.avg_price), "aq": fmt(algo.filled), "act": "0", "tp": fmt(algo.trigger), "p": "0",
+            "V": "EXPIRE_MAKER", "wt": algo.working_type, "pm": "NONE", "cp": algo.close_position,
+            "pP": False, "R": algo.reduce_only, "tt": algo.triggered, "gtd": 0, "rm": algo.reject_reason,
         }
-        if algo.actual_order_id is not None:
-            body["ai"] = str(algo.actual_order_id)
         return body
 
     # --- read models for REST --------------------------------------------------------------------

@@ -76,6 +76,7 @@ def upgrade() -> None:
     op.create_table('orders',
     sa.Column('client_id', sa.String(length=36), nullable=False),
     sa.Column('position_id', sa.String(length=32), nullable=False),
+    sa.Column('symbol', sa.String(length=64), nullable=False),
     sa.Column('purpose', sa.String(length=16), nullable=False),
     sa.Column('side', sa.String(length=8), nullable=False),
     sa.Column('quantity', ExactDecimal(), nullable=False),

@@ -1,0 +1,416 @@
+"""The exchange port implemented with ccxt (async REST + ccxt.pro WebSocket), for any ccxt exchange id.
+
+Binance USDⓈ-M (`binanceusdm`) is the one tested end to end, against the venue simulator. Errors are
+translated here into `exchange.errors`; nothing of ccxt crosses the port.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import ccxt
+import ccxt.pro as ccxtpro
+from loguru import logger
+
+from exchange import errors
+from exchange.port import Fill, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A credential that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    exchange_id: str = "binanceusdm"
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    secret: Secret = field(default_factory=lambda: Secret(""))
+    sandbox: bool = False  # the exchange's testnet, through ccxt's set_sandbox_mode
+    urls: Mapping[str, str] = field(default_factory=dict)  # urls['api'] overrides; "ws.linear" for nested keys
+    options: Mapping[str, Any] = field(default_factory=dict)
+    user_probe_after_s: float = 30.0  # no user-data event this long: check the listen key is alive
+    market_silent_after_s: float = 10.0  # no mark price this long (they tick every second): silent
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+# --- error translation ----------------------------------------------------------------------------
+
+_CODE = re.compile(r'"code"\s*:\s*"?(-?\d+)')
+
+
+def translate(e: Exception, *, hide: tuple[str, ...] = ()) -> errors.ExchangeError:
+    """Map a ccxt exception to our hierarchy; `hide` lists strings (credentials) to redact."""
+    message = _redact(f"{type(e).__name__}: {e}", hide)
+    match = _CODE.search(str(e))
+    code = int(match.group(1)) if match else None
+    kind: type[errors.ExchangeError]
+    if code == -2021 or isinstance(e, ccxt.OrderImmediatelyFillable):
+        kind = errors.StopWouldTrigger
+    elif code == -2022:
+        kind = errors.ReduceOnlyRejected
+    elif code in (-2011, -2013) or isinstance(e, ccxt.OrderNotFound):
+        kind = errors.OrderNotFound
+    elif code == -2019 or isinstance(e, ccxt.InsufficientFunds):
+        kind = errors.InsufficientMargin
+    elif code in (-1022, -2014, -2015) or isinstance(
+        e, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended, ccxt.BadSymbol, ccxt.NotSupported)
+    ):
+        kind = errors.Fatal
+    elif code == -1003 or isinstance(e, (ccxt.DDoSProtection, ccxt.RateLimitExceeded)):
+        kind = errors.RateLimited
+    elif code in (-1001, -1021) or isinstance(e, (ccxt.NetworkError, ccxt.OperationFailed)):
+        kind = errors.Retryable  # -1021: clock skew; ccxt's adjustForTimeDifference option fixes it
+    else:
+        kind = errors.Rejected
+    out = kind(message)
+    out.code = code
+    return out
+
+
+def _redact(text: str, hide: tuple[str, ...]) -> str:
+    text = re.sub(r"signature=[0-9a-fA-F]+", "signature=<redacted>", text)
+    for secret in hide:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
+# --- conversions ----------------------------------------------------------------------------------
+
+
+def _dec(value: Any) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    return Decimal(str(value))
+
+
+def _ms(value: Any) -> datetime:
+    ms = int(value) if value else int(time.time() * 1000)
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+_BINANCE_ALGO_STATUS = {
+    "NEW": OrderStatus.OPEN, "TRIGGERING": OrderStatus.OPEN, "TRIGGERED": OrderStatus.FILLED,
+    "FINISHED": OrderStatus.FILLED, "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED,
+    "REJECTED": OrderStatus.REJECTED,
+}
+_BINANCE_ORDER_STATUS = {
+    "NEW": OrderStatus.OPEN, "PARTIALLY_FILLED": OrderStatus.OPEN, "FILLED": OrderStatus.FILLED,
+    "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED, "EXPIRED_IN_MATCH": OrderStatus.EXPIRED,
+    "REJECTED": OrderStatus.REJECTED,
+}
+_UNIFIED_STATUS = {"open": OrderStatus.OPEN, "closed": OrderStatus.FILLED, "canceled": OrderStatus.CANCELED,
+                   "expired": OrderStatus.EXPIRED, "rejected": OrderStatus.REJECTED}
+_STATUS_RANK = {OrderStatus.NEW: 0, OrderStatus.OPEN: 1}  # every final status ranks 2
+
+
+class CcxtExchange:
+    """ExchangePort over one ccxt client, recreated whole when a stream wedges or drops."""
+
+    def __init__(self, settings: ExchangeSettings) -> None:
+        self.settings = settings
+        self.client: Any = None
+        self.generation = 0  # increments each time the client is (re)created
+        self.health: dict[str, StreamHealth] = {}
+        self.reconnects: dict[str, int] = {}
+        self._recreate_lock = asyncio.Lock()
+        self._hide = (settings.api_key.reveal(), settings.secret.reveal())
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> CcxtExchange:
+        await self._create()
+        return self
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def _create(self) -> None:
+        cls = getattr(ccxtpro, self.settings.exchange_id, None)
+        if cls is None:
+            raise errors.Fatal(f"ccxt has no WebSocket-capable exchange {self.settings.exchange_id!r}")
+        options = {"fetchCurrencies": False, **dict(self.settings.options)}  # futures only: no spot wallet calls
+        client = cls({"apiKey": self.settings.api_key.reveal(), "secret": self.settings.secret.reveal(),
+                      "enableRateLimit": True, "options": options})
+        if self.settings.sandbox:
+            client.set_sandbox_mode(True)
+        for key, url in self.settings.urls.items():
+            target = client.urls["api"]
+            *path, last = key.split(".")
+            for part in path:
+                target = target[part]
+            target[last] = url
+        await self._call(client.load_markets)
+        self.client = client
+        self.generation += 1
+
+    async def recreate(self, seen_generation: int, reason: str) -> None:
+        """Close the client and make a new one, once per generation however many streams ask."""
+        async with self._recreate_lock:
+            if self.generation != seen_generation:
+                return
+            logger.warning("{}: recreating the exchange client: {}", self.settings.exchange_id, reason)
+            old = self.client
+            self.client = None
+            if old is not None:
+                try:
+                    await old.close()
+                except Exception as e:  # a wedged client may not close cleanly; it is dropped anyway
+                    logger.debug("closing the old client failed: {}", e)
+            await self._create()
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except ccxt.BaseError as e:
+            raise translate(e, hide=self._hide) from e
+
+    def _unified(self, symbol: str) -> str:
+        return self.client.markets_by_id[symbol][0]["symbol"] if symbol in self.client.markets_by_id else symbol
+
+    def _market_id(self, unified: str) -> str:
+        return self.client.market(unified)["id"] if unified in self.client.markets else unified
+
+    # --- REST ----------------------------------------------------------------------------------
+
+    async def positions(self) -> list[PositionSnapshot]:
+        raw = await self._call(self.client.fetch_positions)
+        return [p for p in (self._position(r) for r in raw) if p.amount != 0]
+
+    async def open_orders(self, symbol: str | None = None) -> list[OrderSnapshot]:
+        unified = self._unified(symbol) if symbol else None
+        regular = await self._call(self.client.fetch_open_orders, unified)
+        conditional = await self._call(self.client.fetch_open_orders, unified, None, None, {"trigger": True})
+        return [self._order(o) for o in [*regular, *conditional]]
+
+    async def place_entry(self, symbol: str, side: Side, quantity: Decimal, client_id: str,
+                          price: Decimal | None = None) -> OrderSnapshot:
+        order_side = "buy" if side is Side.LONG else "sell"
+        kind = "limit" if price is not None else "market"
+        raw = await self._call(self.client.create_order, self._unified(symbol), kind, order_side, float(quantity),
+                               float(price) if price is not None else None, {"newClientOrderId": client_id})
+        return self._order(raw)
+
+    async def place_stop(self, symbol: str, position_side: Side, quantity: Decimal, trigger_price: Decimal,
+                         client_id: str, purpose: OrderPurpose = OrderPurpose.STOP) -> OrderSnapshot:
+        """A reduce-only conditional market order (Binance: the Algo Service, /fapi/v1/algoOrder)."""
+        closing_side = "sell" if position_side is Side.LONG else "buy"
+        trigger_param = "takeProfitPrice" if purpose is OrderPurpose.TAKE_PROFIT else "stopLossPrice"
+        raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
+                               float(quantity), None,
+                               {trigger_param: str(trigger_price), "reduceOnly": True, "clientAlgoId": client_id,
+                                "newClientOrderId": client_id})
+        return self._order(raw)
+
+    async def cancel_order(self, order: OrderRef) -> None:
+        unified = self._unified(order.symbol)
+        if order.algo_id is not None:
+            await self._call(self.client.cancel_order, order.algo_id, unified, {"trigger": True})
+        elif order.exchange_order_id is not None:
+            await self._call(self.client.cancel_order, order.exchange_order_id, unified)
+        else:
+            await self._call(self.client.cancel_order, None, unified, {"clientOrderId": order.client_id})
+
+    async def close_position(self, symbol: str, position_side: Side, quantity: Decimal,
+                             client_id: str) -> OrderSnapshot:
+        closing_side = "sell" if position_side is Side.LONG else "buy"
+        raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
+                               float(quantity), None, {"reduceOnly": True, "newClientOrderId": client_id})
+        return self._order(raw)
+
+    async def fills(self, symbol: str, since: datetime) -> list[Fill]:
+        raw = await self._call(self.client.fetch_my_trades, self._unified(symbol), int(since.timestamp() * 1000))
+        return [Fill(symbol=self._market_id(t["symbol"]), order_id=str(t["order"]), side=t["side"],
+                     price=_dec(t["price"]) or Decimal(0), quantity=_dec(t["amount"]) or Decimal(0),
+                     realized_pnl=_dec((t.get("info") or {}).get("realizedPnl")) or Decimal(0),
+                     fee=_dec((t.get("fee") or {}).get("cost")) or Decimal(0), at=_ms(t["timestamp"]))
+                for t in raw]
+
+    # --- streams -------------------------------------------------------------------------------
+
+    def position_updates(self) -> AsyncIterator[PositionSnapshot | Resynced]:
+        return self._supervise("positions", lambda c: c.watch_positions(), self._position,
+                               key=lambda p: (p.symbol, p.amount, p.entry_price, p.at),
+                               order=lambda p: (p.symbol, p.at), probe=self._listen_key_alive,
+                               quiet_s=self.settings.user_probe_after_s)
+
+    def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]:
+        return self._supervise("orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
+                               order=_order_progress, probe=self._listen_key_alive,
+                               quiet_s=self.settings.user_probe_after_s)
+
+    def mark_prices(self, symbols: list[str]) -> AsyncIterator[MarkPrice | Resynced]:
+        def watch(client: Any) -> Awaitable[Any]:
+            return client.watch_mark_prices([self._unified(s) for s in symbols])
+
+        def convert(raw: Any) -> MarkPrice:
+            return MarkPrice(self._market_id(raw["symbol"]), _dec(raw.get("markPrice")) or Decimal(0),
+                             _ms(raw.get("timestamp")))
+
+        return self._supervise("marks", lambda c: _values(watch(c)), convert, key=None, order=None, probe=None,
+                               quiet_s=self.settings.market_silent_after_s)
+
+    async def _listen_key_alive(self, client: Any) -> bool:
+        """Binance: keep the listen key alive; -1125 means it expired and the stream is silent."""
+        if not hasattr(client, "fapiPrivatePutListenKey"):
+            return True
+        try:
+            await client.fapiPrivatePutListenKey()
+            return True
+        except ccxt.BaseError as e:
+            logger.warning("user-data stream: listen key keepalive failed: {}", translate(e, hide=self._hide))
+            return False
+
+    async def _supervise(self, name: str, watch: Callable[[Any], Awaitable[Any]], convert: Callable[[Any], T], *,
+                         key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
+                         probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float) -> AsyncIterator[Any]:
+        """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
+        Resynced marker, notice silence, drop duplicates and updates older than ones already seen."""
+        seen: OrderedDict[Any, None] = OrderedDict()
+        latest: dict[Any, Any] = {}
+        backoff = self.settings.backoff_initial_s
+        generation = 0
+        pending: asyncio.Task[Any] | None = None
+        self.health[name] = StreamHealth.CONNECTING
+        self.reconnects.setdefault(name, 0)
+        try:
+            while True:
+                if self.client is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                if generation != self.generation:
+                    if pending is not None:
+                        pending.cancel()
+                        pending = None
+                    reason = "connected" if generation == 0 else "reconnected"
+                    generation = self.generation
+                    yield Resynced(name, reason)
+                client = self.client
+                if pending is None:
+                    pending = asyncio.ensure_future(watch(client))
+                done, _ = await asyncio.wait({pending}, timeout=quiet_s)
+                if not done:
+                    if probe is None or not await probe(client):
+                        self.health[name] = StreamHealth.SILENT
+                        self.reconnects[name] += 1
+                        logger.warning("{} stream silent for {:.0f} s: resubscribing", name, quiet_s)
+                        await self.recreate(generation, f"{name} stream silent")
+                    continue
+                task, pending = pending, None
+                try:
+                    items = task.result()
+                except (ccxt.BaseError, OSError, asyncio.TimeoutError) as e:
+                    self.health[name] = StreamHealth.RECONNECTING
+                    self.reconnects[name] += 1
+                    delay = backoff * (0.5 + random.random())
+                    logger.warning("{} stream failed ({}); reconnecting in {:.2f} s", name,
+                                   translate(e, hide=self._hide) if isinstance(e, ccxt.BaseError) else e, delay)
+                    await asyncio.sleep(delay)
+                    backoff = min(backoff * 2, self.settings.backoff_max_s)
+                    await self.recreate(generation, f"{name} stream failed")
+                    continue
+                backoff = self.settings.backoff_initial_s
+                self.health[name] = StreamHealth.HEALTHY
+                for raw in items:
+                    try:
+                        item = convert(raw)
+                    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count
+                        logger.warning("{} stream: skipped a malformed update: {}", name, e)
+                        continue
+                    if key is not None:
+                        k = key(item)
+                        if k in seen:
+                            continue
+                        seen[k] = None
+                        if len(seen) > 10_000:
+                            seen.popitem(last=False)
+                    if order is not None:
+                        ident, progress = order(item)
+                        if ident in latest and progress < latest[ident]:
+                            continue  # an older update arriving late
+                        latest[ident] = progress
+                    yield item
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    # --- conversions ---------------------------------------------------------------------------
+
+    def _position(self, raw: dict[str, Any]) -> PositionSnapshot:
+        info = raw.get("info") or {}
+        amount = _dec(info.get("positionAmt", info.get("pa")))
+        if amount is None:  # not Binance: unified fields
+            contracts = _dec(raw.get("contracts")) or Decimal(0)
+            amount = -contracts if raw.get("side") == "short" else contracts
+        entry = _dec(info.get("entryPrice", info.get("ep"))) or _dec(raw.get("entryPrice")) or Decimal(0)
+        return PositionSnapshot(self._market_id(raw["symbol"]), amount, entry,
+                                _ms(raw.get("timestamp") or info.get("updateTime")))
+
+    def _order(self, raw: dict[str, Any]) -> OrderSnapshot:
+        info = raw.get("info") or {}
+        algo_id = info.get("algoId", info.get("aid"))
+        if algo_id is not None:
+            status = _BINANCE_ALGO_STATUS.get(info.get("algoStatus", info.get("X")), OrderStatus.OPEN)
+            actual = info.get("actualOrderId", info.get("ai"))
+            order_type = info.get("orderType", info.get("o")) or "STOP_MARKET"
+        else:
+            raw_status = info.get("X", info.get("status"))
+            status = _BINANCE_ORDER_STATUS.get(raw_status) or _UNIFIED_STATUS.get(raw.get("status"), OrderStatus.OPEN)
+            actual = raw.get("id")
+            order_type = info.get("o", info.get("type")) or str(raw.get("type", "")).upper()
+        return OrderSnapshot(
+            symbol=self._market_id(raw["symbol"]),
+            client_id=raw.get("clientOrderId") or info.get("clientAlgoId") or info.get("caid"),
+            exchange_order_id=str(actual) if actual not in (None, "") else None,
+            algo_id=str(algo_id) if algo_id is not None else None,
+            side=str(raw.get("side") or "").lower(),
+            type=order_type,
+            status=status,
+            quantity=_dec(raw.get("amount")) or Decimal(0),
+            filled=_dec(raw.get("filled")) or Decimal(0),
+            average_price=_dec(raw.get("average")),
+            trigger_price=_dec(raw.get("triggerPrice")),
+            reduce_only=bool(raw.get("reduceOnly")),
+            at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
+            realized_pnl=_dec(info.get("rp")),
+        )
+
+
+def _order_progress(o: OrderSnapshot) -> tuple[str, tuple[int, Decimal]]:
+    """An order only moves forward: open before final, filled quantity never shrinks."""
+    return (o.algo_id or o.exchange_order_id or o.client_id or "", (_STATUS_RANK.get(o.status, 2), o.filled))
+
+
+async def _values(awaitable: Awaitable[Any]) -> list[Any]:
+    result = await awaitable
+    return list(result.values()) if isinstance(result, dict) else list(result)

@@ -1,0 +1,104 @@
+"""The narrow port between the engine and any exchange, in our own types (no ccxt types cross it)."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Protocol
+
+from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
+
+
+@dataclass(frozen=True, slots=True)
+class PositionSnapshot:
+    """A position as the exchange reports it; amount is signed (0 = flat)."""
+
+    symbol: str  # the exchange's market id, e.g. BTCUSDT
+    amount: Decimal
+    entry_price: Decimal
+    at: datetime
+
+    @property
+    def side(self) -> Side | None:
+        return None if self.amount == 0 else Side.LONG if self.amount > 0 else Side.SHORT
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSnapshot:
+    """An order (regular or conditional) as the exchange reports it."""
+
+    symbol: str
+    client_id: str | None
+    exchange_order_id: str | None  # regular order id; for a conditional order, the order it triggered
+    algo_id: str | None  # set for conditional (Binance Algo Service) orders
+    side: str  # buy / sell
+    type: str  # MARKET, LIMIT, STOP_MARKET, TAKE_PROFIT_MARKET, LIQUIDATION, ...
+    status: OrderStatus
+    quantity: Decimal
+    filled: Decimal
+    average_price: Decimal | None
+    trigger_price: Decimal | None
+    reduce_only: bool
+    at: datetime
+    realized_pnl: Decimal | None = None
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.algo_id is not None
+
+    @property
+    def key(self) -> tuple[str, str, Decimal]:
+        """Idempotency key: the same (order, status, filled) seen twice is one update."""
+        return (self.algo_id or self.exchange_order_id or self.client_id or "", self.status.value, self.filled)
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    symbol: str
+    order_id: str
+    side: str
+    price: Decimal
+    quantity: Decimal
+    realized_pnl: Decimal
+    fee: Decimal
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPrice:
+    symbol: str
+    price: Decimal
+    at: datetime
+
+
+class StreamHealth(StrEnum):
+    CONNECTING = "connecting"
+    HEALTHY = "healthy"
+    SILENT = "silent"  # connected but nothing arrives (e.g. expired listen key); reconciliation should speed up
+    RECONNECTING = "reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class Resynced:
+    """Yielded by a stream after every (re)connection: take a REST snapshot before trusting it again."""
+
+    stream: str
+    reason: str
+
+
+class ExchangePort(Protocol):
+    async def positions(self) -> list[PositionSnapshot]: ...
+    async def open_orders(self, symbol: str | None = None) -> list[OrderSnapshot]: ...
+    async def place_entry(self, symbol: str, side: Side, quantity: Decimal, client_id: str,
+                          price: Decimal | None = None) -> OrderSnapshot: ...
+    async def place_stop(self, symbol: str, position_side: Side, quantity: Decimal, trigger_price: Decimal,
+                         client_id: str, purpose: OrderPurpose = OrderPurpose.STOP) -> OrderSnapshot: ...
+    async def cancel_order(self, order: OrderRef) -> None: ...
+    async def close_position(self, symbol: str, position_side: Side, quantity: Decimal,
+                             client_id: str) -> OrderSnapshot: ...
+    async def fills(self, symbol: str, since: datetime) -> list[Fill]: ...
+    def position_updates(self) -> AsyncIterator[PositionSnapshot | Resynced]: ...
+    def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]: ...
+    def mark_prices(self, symbols: list[str]) -> AsyncIterator[MarkPrice | Resynced]: ...
