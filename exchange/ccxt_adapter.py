@@ -159,7 +159,11 @@ class CcxtExchange:
         cls = getattr(ccxtpro, self.settings.exchange_id, None)
         if cls is None:
             raise errors.Fatal(f"ccxt has no WebSocket-capable exchange {self.settings.exchange_id!r}")
-        options = {"fetchCurrencies": False, **dict(self.settings.options)}  # futures only: no spot wallet calls
+        # fetchCurrencies: futures only, no spot-wallet calls. watchPositions.fetchPositionsSnapshot: ccxt's own
+        # snapshot is loaded lazily and races live updates (a flat was lost with watch_orders on the same
+        # connection); the engine takes its own REST snapshot on every Resynced instead.
+        options = {"fetchCurrencies": False, "watchPositions": {"fetchPositionsSnapshot": False},
+                   **dict(self.settings.options)}
         client = cls({"apiKey": self.settings.api_key.reveal(), "secret": self.settings.secret.reveal(),
                       "enableRateLimit": True, "options": options})
         if self.settings.sandbox:
@@ -262,12 +266,12 @@ class CcxtExchange:
         return self._supervise("positions", lambda c: c.watch_positions(), self._position,
                                key=lambda p: (p.symbol, p.amount, p.entry_price, p.at),
                                order=lambda p: (p.symbol, p.at), probe=self._listen_key_alive,
-                               quiet_s=self.settings.user_probe_after_s)
+                               quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.positions))
 
     def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]:
         return self._supervise("orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
                                order=_order_progress, probe=self._listen_key_alive,
-                               quiet_s=self.settings.user_probe_after_s)
+                               quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.orders))
 
     def mark_prices(self, symbols: list[str]) -> AsyncIterator[MarkPrice | Resynced]:
         def watch(client: Any) -> Awaitable[Any]:
@@ -278,7 +282,7 @@ class CcxtExchange:
                              _ms(raw.get("timestamp")))
 
         return self._supervise("marks", lambda c: _values(watch(c)), convert, key=None, order=None, probe=None,
-                               quiet_s=self.settings.market_silent_after_s)
+                               quiet_s=self.settings.market_silent_after_s, cached=None)
 
     async def _listen_key_alive(self, client: Any) -> bool:
         """Binance: keep the listen key alive; -1125 means it expired and the stream is silent."""
@@ -293,14 +297,21 @@ class CcxtExchange:
 
     async def _supervise(self, name: str, watch: Callable[[Any], Awaitable[Any]], convert: Callable[[Any], T], *,
                          key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
-                         probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float) -> AsyncIterator[Any]:
+                         probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
+                         cached: Callable[[Any], list[Any]] | None) -> AsyncIterator[Any]:
         """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
-        Resynced marker, notice silence, drop duplicates and updates older than ones already seen."""
-        seen: OrderedDict[Any, None] = OrderedDict()
-        latest: dict[Any, Any] = {}
+        Resynced marker, notice silence, drop duplicates and updates older than ones already seen.
+
+        ccxt resolves a watch only for a caller already waiting: an update that lands while the previous
+        batch is being handled stays in ccxt's cache until the next message. So after every batch, and
+        every SWEEP_S while idle, the cache is swept for states not yielded yet (the key de-duplicates).
+        """
+        fresh = _Fresh(name, convert, key, order)
         backoff = self.settings.backoff_initial_s
         generation = 0
         pending: asyncio.Task[Any] | None = None
+        loop = asyncio.get_running_loop()
+        last_message = loop.time()
         self.health[name] = StreamHealth.CONNECTING
         self.reconnects.setdefault(name, 0)
         try:
@@ -314,51 +325,40 @@ class CcxtExchange:
                         pending = None
                     reason = "connected" if generation == 0 else "reconnected"
                     generation = self.generation
+                    last_message = loop.time()
                     yield Resynced(name, reason)
                 client = self.client
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
-                done, _ = await asyncio.wait({pending}, timeout=quiet_s)
+                done, _ = await asyncio.wait({pending}, timeout=SWEEP_S)
                 if not done:
-                    if probe is None or not await probe(client):
-                        self.health[name] = StreamHealth.SILENT
-                        self.reconnects[name] += 1
-                        logger.warning("{} stream silent for {:.0f} s: resubscribing", name, quiet_s)
-                        await self.recreate(generation, f"{name} stream silent")
+                    for item in fresh.items(cached(client) if cached else ()):
+                        yield item
+                    if loop.time() - last_message >= quiet_s:
+                        last_message = loop.time()
+                        if probe is None or not await probe(client):
+                            self.health[name] = StreamHealth.SILENT
+                            self.reconnects[name] += 1
+                            logger.warning("{} stream silent for {:.1f} s: reconnecting", name, quiet_s)
+                            await self.recreate(generation, f"{name} stream silent")
                     continue
                 task, pending = pending, None
                 try:
-                    items = task.result()
+                    batch = task.result()
                 except (ccxt.BaseError, OSError, asyncio.TimeoutError) as e:
                     self.health[name] = StreamHealth.RECONNECTING
                     self.reconnects[name] += 1
                     delay = backoff * (0.5 + random.random())
-                    logger.warning("{} stream failed ({}); reconnecting in {:.2f} s", name,
-                                   translate(e, hide=self._hide) if isinstance(e, ccxt.BaseError) else e, delay)
+                    shown = translate(e, hide=self._hide) if isinstance(e, ccxt.BaseError) else repr(e)
+                    logger.warning("{} stream failed ({}); reconnecting in {:.2f} s", name, shown, delay)
                     await asyncio.sleep(delay)
                     backoff = min(backoff * 2, self.settings.backoff_max_s)
                     await self.recreate(generation, f"{name} stream failed")
                     continue
                 backoff = self.settings.backoff_initial_s
+                last_message = loop.time()
                 self.health[name] = StreamHealth.HEALTHY
-                for raw in items:
-                    try:
-                        item = convert(raw)
-                    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count
-                        logger.warning("{} stream: skipped a malformed update: {}", name, e)
-                        continue
-                    if key is not None:
-                        k = key(item)
-                        if k in seen:
-                            continue
-                        seen[k] = None
-                        if len(seen) > 10_000:
-                            seen.popitem(last=False)
-                    if order is not None:
-                        ident, progress = order(item)
-                        if ident in latest and progress < latest[ident]:
-                            continue  # an older update arriving late
-                        latest[ident] = progress
+                for item in fresh.items([*batch, *(cached(client) if cached else ())]):
                     yield item
         finally:
             if pending is not None:
@@ -404,6 +404,53 @@ class CcxtExchange:
             at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
             realized_pnl=_dec(info.get("rp")),
         )
+
+
+SWEEP_S = 0.25  # how often an idle stream looks into ccxt's cache for updates it did not hand over
+
+
+class _Fresh:
+    """Converts raw updates and keeps only new ones: not seen before, not older than one already seen."""
+
+    def __init__(self, name: str, convert: Callable[[Any], Any], key: Callable[[Any], Any] | None,
+                 order: Callable[[Any], Any] | None) -> None:
+        self.name, self.convert, self.key, self.order = name, convert, key, order
+        self.seen: OrderedDict[Any, None] = OrderedDict()
+        self.latest: dict[Any, Any] = {}
+        self.malformed = 0
+
+    def items(self, raws: Any) -> list[Any]:
+        out = []
+        for raw in raws:
+            try:
+                item = self.convert(raw)
+            except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count, go on
+                self.malformed += 1
+                logger.warning("{} stream: skipped a malformed update: {}", self.name, e)
+                continue
+            if self.key is not None:
+                k = self.key(item)
+                if k in self.seen:
+                    continue
+                self.seen[k] = None
+                if len(self.seen) > 10_000:
+                    self.seen.popitem(last=False)
+            if self.order is not None:
+                ident, progress = self.order(item)
+                if ident in self.latest and progress < self.latest[ident]:
+                    continue  # an older update arriving late
+                self.latest[ident] = progress
+            out.append(item)
+        return out
+
+
+def _cached(cache: Any) -> list[Any]:
+    """The entries of a ccxt cache: a list-like ArrayCache, or a dict of them (binance keys by market type)."""
+    if cache is None:
+        return []
+    if isinstance(cache, dict):
+        return [entry for part in cache.values() for entry in (part or [])]
+    return list(cache)
 
 
 def _order_progress(o: OrderSnapshot) -> tuple[str, tuple[int, Decimal]]:

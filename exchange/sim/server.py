@@ -41,7 +41,7 @@ class _Subscriber:
 
 
 class SimServer:
-    def __init__(self, venue: Venue | None = None, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, venue: Venue | None = None, *, host: str = "127.0.0.1", mark_interval_s: float = 1.0) -> None:
         self.venue = venue or Venue()
         self.host = host
         self.faults = Faults()
@@ -57,6 +57,8 @@ class SimServer:
         self.venue.user_listeners.append(self._on_user_event)
         self.venue.mark_listeners.append(self._on_mark)
         self._walk: asyncio.Task[None] | None = None
+        self.mark_interval_s = mark_interval_s
+        self._ticker: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -72,7 +74,16 @@ class SimServer:
             ws.router.add_get(path + "/{n:[0-9]+}", self._market_stream)
         self.rest_port = await self._serve(rest, rest_port)
         self.ws_port = await self._serve(ws, ws_port)
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_marks())
         return self
+
+    async def _tick_marks(self) -> None:
+        """Like <symbol>@markPrice@1s: every subscribed mark is pushed each interval, changed or not."""
+        while True:
+            await asyncio.sleep(self.mark_interval_s)
+            for ws, symbols in list(self.mark_subs.items()):
+                for symbol in symbols:
+                    await _safe_send(ws, json.dumps(_mark_event(symbol, self.venue.marks[symbol])))
 
     async def _serve(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -83,8 +94,9 @@ class SimServer:
         return runner.addresses[0][1]
 
     async def stop(self) -> None:
-        if self._walk:
-            self._walk.cancel()
+        for task in (self._walk, self._ticker):
+            if task is not None:
+                task.cancel()
         for ws in [s.ws for subs in self.user_subs.values() for s in subs] + list(self.mark_subs):
             await ws.close()
         for runner in self._runners:

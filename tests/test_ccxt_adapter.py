@@ -1,0 +1,182 @@
+"""The ccxt adapter, driving unmodified ccxt `binanceusdm` against the venue simulator."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal as D
+from typing import Any
+
+import pytest
+
+from exchange import errors
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
+from exchange.port import OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.sim.server import SimServer
+from exchange.sim.venue import Account
+from lifecycle.client_ids import make_client_id
+from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
+
+PID = "0123456789abcdef0123"
+
+
+def settings_for(sim: SimServer, account: Account, **overrides: Any) -> ExchangeSettings:
+    base = ExchangeSettings(api_key=Secret(account.api_key), secret=Secret(account.secret), urls=sim.ccxt_urls(),
+                            user_probe_after_s=0.5, market_silent_after_s=2.0, backoff_initial_s=0.05,
+                            backoff_max_s=0.2)
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer().start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def account(sim: SimServer) -> Account:
+    return sim.venue.add_account("alice")
+
+
+@pytest.fixture
+async def venue(sim: SimServer, account: Account) -> AsyncIterator[CcxtExchange]:
+    adapter = await CcxtExchange(settings_for(sim, account)).start()
+    yield adapter
+    await adapter.close()
+
+
+class Collector:
+    """Drains one adapter stream into a list in the background."""
+
+    def __init__(self, stream: AsyncIterator[Any]) -> None:
+        self.items: list[Any] = []
+        self.task = asyncio.create_task(self._run(stream))
+
+    async def _run(self, stream: AsyncIterator[Any]) -> None:
+        async for item in stream:
+            self.items.append(item)
+
+    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> Any:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            for item in self.items:
+                if predicate(item):
+                    return item
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"nothing matched in {self.items}")
+
+    def count(self, predicate: Any) -> int:
+        return sum(1 for item in self.items if predicate(item))
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def test_opens_protects_lists_and_cancels_through_the_algo_endpoints(venue: CcxtExchange, sim: SimServer,
+                                                                            account: Account) -> None:
+    entry = await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), make_client_id(PID, OrderPurpose.ENTRY))
+    assert (entry.status, entry.filled, entry.client_id) == (OrderStatus.FILLED, D("0.01"), f"lc-{PID}-e0")
+    assert await venue.positions() == [PositionSnapshot("BTCUSDT", D("0.01"), D(60000), (await venue.positions())[0].at)]
+    stop_id = make_client_id(PID, OrderPurpose.STOP)
+    stop = await venue.place_stop("BTCUSDT", Side.LONG, D("0.01"), D(58000), stop_id)
+    assert stop.is_conditional and stop.client_id == stop_id and stop.trigger_price == D(58000)
+    algo = sim.venue.open_algos(account, "BTCUSDT")[0]
+    assert (algo.order_type, algo.side, algo.reduce_only, algo.client_id) == ("STOP_MARKET", "SELL", True, stop_id)
+    listed = await venue.open_orders("BTCUSDT")
+    assert [(o.client_id, o.algo_id, o.status) for o in listed] == [(stop_id, stop.algo_id, OrderStatus.OPEN)]
+    await venue.cancel_order(OrderRef(client_id=stop_id, position_id=PID, symbol="BTCUSDT",
+                                      purpose=OrderPurpose.STOP, side="sell", quantity=D("0.01"),
+                                      algo_id=stop.algo_id))
+    assert await venue.open_orders("BTCUSDT") == []
+    tp = await venue.place_stop("BTCUSDT", Side.LONG, D("0.01"), D(65000), make_client_id(PID, OrderPurpose.TAKE_PROFIT),
+                                purpose=OrderPurpose.TAKE_PROFIT)
+    assert sim.venue.open_algos(account, "BTCUSDT")[0].order_type == "TAKE_PROFIT_MARKET" and tp.is_conditional
+    close = await venue.close_position("BTCUSDT", Side.LONG, D("0.01"), make_client_id(PID, OrderPurpose.CLOSE))
+    assert close.status is OrderStatus.FILLED and await venue.positions() == []
+    fills = await venue.fills("BTCUSDT", datetime.now(timezone.utc) - timedelta(minutes=5))
+    assert [(f.side, f.quantity) for f in fills] == [("buy", D("0.01")), ("sell", D("0.01"))]
+
+
+async def test_streams_deliver_account_order_and_algo_updates(venue: CcxtExchange, sim: SimServer,
+                                                              account: Account) -> None:
+    positions, orders = Collector(venue.position_updates()), Collector(venue.order_updates())
+    marks = Collector(venue.mark_prices(["BTCUSDT"]))
+    try:
+        for c in (positions, orders, marks):  # every stream announces its connection first
+            assert isinstance(await c.wait_for(lambda i: True), Resynced)
+        await marks.wait_for(lambda m: not isinstance(m, Resynced) and m.price == D(60000))
+        await venue.place_entry("BTCUSDT", Side.LONG, D("0.02"), make_client_id(PID, OrderPurpose.ENTRY))
+        stop = await venue.place_stop("BTCUSDT", Side.LONG, D("0.02"), D(59000), make_client_id(PID, OrderPurpose.STOP))
+        await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == D("0.02"))
+        sim.venue.set_mark("BTCUSDT", D(58900))
+        flat = await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == 0)
+        assert flat.symbol == "BTCUSDT"
+        fired = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.algo_id == stop.algo_id
+                                      and o.status is OrderStatus.FILLED)
+        assert fired.client_id == f"lc-{PID}-s0"
+        fill = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.algo_id is None
+                                     and o.client_id == f"lc-{PID}-s0" and o.status is OrderStatus.FILLED)
+        assert fill.average_price == D(58900) and fill.type == "MARKET"
+        await marks.wait_for(lambda m: not isinstance(m, Resynced) and m.price == D(58900))
+        assert venue.health == {"positions": StreamHealth.HEALTHY, "orders": StreamHealth.HEALTHY,
+                                "marks": StreamHealth.HEALTHY}
+    finally:
+        for c in (positions, orders, marks):
+            await c.stop()
+
+
+async def _error_of(call: Any) -> errors.ExchangeError:
+    with pytest.raises(errors.ExchangeError) as caught:
+        await call
+    assert isinstance(caught.value.__cause__, Exception)  # raised from the ccxt error
+    return caught.value
+
+
+async def test_venue_errors_arrive_as_domain_errors_without_secrets(venue: CcxtExchange, sim: SimServer,
+                                                                    account: Account) -> None:
+    await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), "lc-x")
+    crossed = await _error_of(venue.place_stop("BTCUSDT", Side.LONG, D("0.01"), D(61000), "lc-y"))
+    assert type(crossed) is errors.StopWouldTrigger and crossed.code == -2021
+    gone = await _error_of(venue.cancel_order(OrderRef(client_id="n", position_id=PID, symbol="BTCUSDT",
+                                                       purpose=OrderPurpose.STOP, side="sell", quantity=D(1),
+                                                       algo_id="999999")))
+    assert type(gone) is errors.OrderNotFound
+    reduce = await _error_of(venue.close_position("ETHUSDT", Side.LONG, D(1), "lc-z"))
+    assert type(reduce) is errors.ReduceOnlyRejected
+    sim.faults.update({"rate_limit": 1})
+    assert type(await _error_of(venue.positions())) is errors.RateLimited
+    sim.faults.update({"ip_ban": 1})
+    assert type(await _error_of(venue.positions())) is errors.RateLimited
+    sim.faults.update({"http_5xx": 2})
+    assert type(await _error_of(venue.positions())) is errors.Retryable  # HTML 503
+    assert type(await _error_of(venue.positions())) is errors.Retryable  # JSON -1001
+    assert await venue.positions()  # and the faults are off again
+    for e in (crossed, gone, reduce):
+        text = str(e)
+        assert account.api_key not in text and account.secret not in text
+        assert "signature=" not in text.replace("signature=<redacted>", "")
+
+
+async def test_a_bad_key_or_signature_is_fatal_and_names_no_secret(sim: SimServer, account: Account) -> None:
+    wrong_secret = settings_for(sim, account, secret=Secret("f" * 64))
+    with pytest.raises(errors.Fatal) as bad_sig:
+        await _start_and_call(wrong_secret)
+    assert bad_sig.value.code == -1022
+    wrong_key = settings_for(sim, account, api_key=Secret("nobody-" + "k" * 20))
+    with pytest.raises(errors.Fatal) as bad_key:
+        await _start_and_call(wrong_key)
+    assert bad_key.value.code == -2015
+    for e in (bad_sig.value, bad_key.value):
+        assert "f" * 64 not in str(e) and "k" * 20 not in str(e) and account.secret not in str(e)
+    assert "***" in repr(wrong_secret.secret) and account.secret not in repr(settings_for(sim, account))
+
+
+async def _start_and_call(settings: ExchangeSettings) -> None:
+    adapter = await CcxtExchange(settings).start()
+    try:
+        await adapter.positions()
+    finally:
+        await adapter.close()
