@@ -75,8 +75,17 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+# Any constant shared by every process of this project; pg_advisory_xact_lock takes a bigint.
+_MIGRATION_LOCK_ID = 0x6C6966656379636C  # "lifecycl"
+
+
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the schema to `revision` on an open engine (alembic runs on its connection)."""
+    """Bring the schema to `revision` on an open engine (alembic runs on its connection).
+
+    On PostgreSQL the migration holds a transaction-scoped advisory lock, so processes starting
+    together migrate one after the other instead of racing on CREATE TABLE. SQLite is the embedded,
+    one-process database; its single writer lock serialises the DDL.
+    """
 
     def run(connection: sa.Connection) -> None:
         cfg = alembic_config()
@@ -84,4 +93,6 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
         await conn.run_sync(run)

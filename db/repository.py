@@ -156,17 +156,26 @@ class Repository:
 
     # --- reads --------------------------------------------------------------------------------
 
-    async def load_live(self) -> list[Position]:
-        """Every non-terminal position with its trailing state and working orders (start-up only)."""
-        query = _POSITION_SELECT.where(positions.c.state.in_(_LIVE_STATES))
+    async def load_live(self, accounts: Sequence[str] | None = None) -> list[Position]:
+        """Every non-terminal position (of these accounts) with its trailing state and working orders.
+
+        Both queries read one snapshot (a REPEATABLE READ transaction on PostgreSQL, one read
+        transaction on SQLite), so a writer in another process cannot make them disagree.
+        """
+        live = positions.c.state.in_(_LIVE_STATES)
+        if accounts is not None:
+            live = live & positions.c.account.in_(list(accounts))
         order_query = (
             sa.select(*_ORDER_COLUMNS)
             .join(positions, positions.c.id == orders.c.position_id)
-            .where(positions.c.state.in_(_LIVE_STATES), orders.c.status.not_in(_FINAL_ORDER_STATUSES))
+            .where(live, orders.c.status.not_in(_FINAL_ORDER_STATUSES))
         )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            order_rows = (await conn.execute(order_query)).all()
+            if self.engine.dialect.name == "postgresql":
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
+                rows = (await conn.execute(_POSITION_SELECT.where(live))).all()
+                order_rows = (await conn.execute(order_query)).all()
         loaded = {row[0]: _position_from_row(row) for row in rows}
         for row in order_rows:
             order = _order_from_row(row)

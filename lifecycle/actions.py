@@ -6,15 +6,21 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from lifecycle.domain import CloseCause, CloseReason, OrderRef, Side
+from lifecycle.domain import CloseCause, CloseReason, Side
 from lifecycle.machines.states import PositionState
 
 
 @dataclass(frozen=True, slots=True)
-class CancelOrder:
-    """Cancel a working order of ours on the exchange (a leftover stop must never outlive its position)."""
+class CancelWorkingOrders:
+    """Cancel every working order of ours for the position (a leftover stop must never outlive it).
 
-    order: OrderRef
+    The list is read when the action runs, under the symbol's stop lock, not when the transition was
+    decided: a stop move that was in flight finishes first, and the stop it placed is cancelled too.
+    """
+
+    account: str
+    symbol: str
+    position_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,4 +78,4 @@ class DropPosition:
     position_id: str
 
 
-Action = CancelOrder | ReleaseStopLock | EmitClosure | DropPosition
+Action = ReleaseStopLock | CancelWorkingOrders | EmitClosure | DropPosition

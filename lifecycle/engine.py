@@ -1,22 +1,31 @@
 """The engine core: live positions in memory, events in order per position, journal before effects.
 
-For every event: the machine decides on a draft copy, the store commits the draft with its journal
-row in one transaction, only then does the draft become the live position and do the actions run
-(cancel leftover orders, release the stop lock, emit the closure record, drop the position).
-A refused event or a failed commit leaves the live position exactly as it was.
+For every event, under the position's own lock: the machine decides on a draft copy, the store commits
+the draft with its journal row in one transaction, and only then does the draft become the live
+position. The actions a terminal transition asks for (release the stop lock, cancel leftover orders
+under the symbol's lock, emit the closure record, drop the position) run after the position's lock is
+released, so an order tracked meanwhile is still seen and cancelled. A refused event or a failed
+commit leaves the live position exactly as it was.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 
 from loguru import logger
 
-from lifecycle.actions import Action, CancelOrder, DropPosition, EmitClosure, ReleaseStopLock
+from lifecycle.actions import Action, CancelWorkingOrders, DropPosition, EmitClosure, ReleaseStopLock
 from lifecycle.domain import OrderRef, OrderStatus, Position, Side, TrailingState, new_position_id, utcnow
-from lifecycle.errors import DuplicateLivePosition, InvalidEvent, TransitionRefused, UndefinedTransition, UnknownPosition
+from lifecycle.errors import (
+    ConcurrentModification,
+    DuplicateLivePosition,
+    InvalidEvent,
+    TransitionRefused,
+    UndefinedTransition,
+    UnknownPosition,
+)
 from lifecycle.events import Event
 from lifecycle.guards.stop_lock import StopLockRegistry
 from lifecycle.machines.position import CREATED, JournalEntry, Outcome, PositionMachine
@@ -88,15 +97,20 @@ class Engine:
         return position
 
     async def fire(self, position_id: str, event: Event) -> Outcome:
-        """Apply one event to one live position; raises TransitionRefused (logged, counted) if refused."""
-        if position_id not in self.positions:
+        """Apply one event to one live position; raises TransitionRefused (logged, counted) if refused.
+
+        Once the machine has accepted the event, cancelling the caller no longer stops the work: the
+        commit, the swap into memory and the terminal actions complete, then the cancellation is raised.
+        """
+        live = self.positions.get(position_id)
+        if live is None:
+            self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
+            logger.warning("event {} for position {} refused: not a live position", event.name, position_id)
             raise UnknownPosition(f"no live position {position_id}")
-        lock = self._order.get(position_id)
-        if lock is None:
-            lock = self._order[position_id] = asyncio.Lock()
-        async with lock:
+        async with self._lock_of(position_id):
             live = self.positions.get(position_id)
             if live is None:  # became terminal while this event waited
+                self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
                 raise UnknownPosition(f"position {position_id} is no longer live")
             draft = live.clone()
             try:
@@ -106,31 +120,52 @@ class Engine:
                 self.metrics.refused[(refusal.state, refusal.event, why)] += 1
                 logger.warning("{} {}: {}", live.account, live.symbol, refusal)
                 raise
+            cancelled = await _finish(self._commit(draft, outcome))
+        if outcome.actions:
+            cancelled |= await _finish(self._run(outcome.actions))
+        if cancelled:
+            raise asyncio.CancelledError
+        return outcome
+
+    async def _commit(self, draft: Position, outcome: Outcome) -> None:
+        try:
             await self.store.commit(draft, outcome)
-            self.positions[position_id] = draft
-            self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
-            logger.info(
-                "{} {} {} {} --{}--> {}{}",
-                draft.account,
-                draft.symbol,
-                draft.id,
-                outcome.source,
-                outcome.journal.event,
-                outcome.dest,
-                f" (cause {outcome.journal.cause})" if outcome.journal.cause else "",
-            )
-            await self._run(outcome.actions)
-            return outcome
+        except ConcurrentModification:
+            await self._reload(draft.id)  # another writer moved it on: take the stored truth, then refuse
+            raise
+        self.positions[draft.id] = draft
+        self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
+        logger.info(
+            "{} {} {} {} --{}--> {}{}",
+            draft.account,
+            draft.symbol,
+            draft.id,
+            outcome.source,
+            outcome.journal.event,
+            outcome.dest,
+            f" (cause {outcome.journal.cause})" if outcome.journal.cause else "",
+        )
+
+    async def _reload(self, position_id: str) -> None:
+        stored = await self.store.get_position(position_id)
+        if stored is None or stored.is_terminal:
+            self._forget(position_id)
+        else:
+            self.positions[position_id] = stored
+        logger.warning("position {} reloaded from the database after a concurrent change", position_id)
 
     async def track_order(self, position_id: str, order: OrderRef) -> None:
-        """Remember an order of ours for this position (persisted first, then in memory)."""
+        """Remember an order of ours for this position (persisted first, then in memory), in event order."""
         if order.position_id != position_id:
             raise InvalidEvent(f"order {order.client_id} belongs to {order.position_id}, not {position_id}")
-        position = self.positions.get(position_id)
-        if position is None:
+        if position_id not in self.positions:
             raise UnknownPosition(f"no live position {position_id}")
-        await self.store.save_order(order, self.clock())
-        position.orders[order.client_id] = order
+        async with self._lock_of(position_id):
+            position = self.positions.get(position_id)
+            if position is None:
+                raise UnknownPosition(f"position {position_id} is no longer live")
+            await self.store.save_order(order, self.clock())
+            position.orders[order.client_id] = order
 
     async def rehydrate(self) -> int:
         """Load every live position from the store into memory; returns how many.
@@ -160,6 +195,20 @@ class Engine:
         self.positions[position.id] = position
         self._live_keys[(position.account, position.symbol, position.side)] = position.id
 
+    def _lock_of(self, position_id: str) -> asyncio.Lock:
+        lock = self._order.get(position_id)
+        if lock is None:
+            lock = self._order[position_id] = asyncio.Lock()
+        return lock
+
+    def _forget(self, position_id: str) -> None:
+        position = self.positions.pop(position_id, None)
+        self._order.pop(position_id, None)
+        if position is not None:
+            key = (position.account, position.symbol, position.side)
+            if self._live_keys.get(key) == position.id:
+                del self._live_keys[key]
+
     async def _run(self, actions: Iterable[Action]) -> None:
         for action in actions:
             try:
@@ -169,14 +218,23 @@ class Engine:
                 logger.error("action {} failed: {}: {}", type(action).__name__, type(e).__name__, e)
 
     async def _run_one(self, action: Action) -> None:
-        if isinstance(action, CancelOrder):
-            order = action.order
-            await self.canceller.cancel_order(order)
-            order.status = OrderStatus.CANCELED
-            await self.store.save_order(order, self.clock())
-            logger.info("cancelled leftover {} order {} of {}", order.purpose, order.client_id, order.position_id)
-        elif isinstance(action, ReleaseStopLock):
+        if isinstance(action, ReleaseStopLock):
             self.locks.release(action.account, action.symbol, action.position_id)
+        elif isinstance(action, CancelWorkingOrders):
+            async with self.locks.exclusive(action.account, action.symbol):
+                position = self.positions.get(action.position_id)
+                for order in position.working_orders() if position is not None else []:
+                    try:
+                        await self.canceller.cancel_order(order)
+                    except Exception as e:  # one failed cancel must not keep the others open
+                        self.metrics.action_failures["cancel_order"] += 1
+                        logger.error("could not cancel leftover {} order {} of {}: {}: {}", order.purpose,
+                                     order.client_id, order.position_id, type(e).__name__, e)
+                        continue
+                    order.status = OrderStatus.CANCELED
+                    await self.store.save_order(order, self.clock())
+                    logger.info("cancelled leftover {} order {} of {}", order.purpose, order.client_id,
+                                order.position_id)
         elif isinstance(action, EmitClosure):
             record = action.closure.as_record()
             self.records.emit(record)
@@ -190,11 +248,27 @@ class Engine:
                 record["reason"],
             )
         elif isinstance(action, DropPosition):
-            position = self.positions.pop(action.position_id, None)
-            self._order.pop(action.position_id, None)
-            if position is not None:
-                key = (position.account, position.symbol, position.side)
-                if self._live_keys.get(key) == position.id:
-                    del self._live_keys[key]
+            self._forget(action.position_id)
         else:  # pragma: no cover - the Action union is closed
             raise TypeError(f"unknown action {action!r}")
+
+
+async def _finish(work: Awaitable[None]) -> bool:
+    """Run `work` to the end even if the caller is cancelled meanwhile; say whether it was.
+
+    Used once the machine has decided: a half-done commit or cleanup is worse than a late
+    cancellation, which the caller raises after everything is done. Errors of `work` propagate.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            return cancelled
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                raise
+            cancelled = True
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()

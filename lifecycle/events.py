@@ -6,10 +6,13 @@ import typing
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum, StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from lifecycle.domain import CloseCause, CloseReason
 from lifecycle.errors import InvalidEvent
+
+
+E_ = TypeVar("E_", bound=Enum)
 
 
 class PositionEvent(StrEnum):
@@ -30,6 +33,15 @@ def _positive(name: str, value: Decimal | None, *, allow_zero: bool = False) -> 
     if not value.is_finite() or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise InvalidEvent(f"{name} must be a finite number {bound}, got {value}")
+
+
+def _member(enum: type[E_], field_name: str, value: object) -> E_:
+    """Accept a member or its value ("signal"); refuse anything else here, not later at commit."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
+        raise InvalidEvent(f"{field_name} must be one of {allowed}; got {value!r}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +122,9 @@ class CloseRequested(Event):
     name: ClassVar[PositionEvent] = PositionEvent.CLOSE_REQUESTED
     reason: CloseReason
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", _member(CloseReason, "reason", self.reason))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Flat(Event):
@@ -122,6 +137,8 @@ class Flat(Event):
 
     def __post_init__(self) -> None:
         _positive("exit_price", self.exit_price)
+        if self.cause is not None:
+            object.__setattr__(self, "cause", _member(CloseCause, "cause", self.cause))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

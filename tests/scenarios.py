@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from decimal import Decimal as D
 
-from lifecycle.domain import CloseReason, Position, Side, TrailingState, new_position_id
+from lifecycle.domain import CloseCause, CloseReason, Position, Side, TrailingState, new_position_id
 from lifecycle.events import (
     CloseFailed,
     CloseRequested,
@@ -103,4 +103,6 @@ def bad_events(guard: str, p: Position) -> list[Event]:
         "is_safe_side_of_mark": [StopMoved(stop_price=stop + 10, mark=stop + 5)],
         "has_remaining_quantity": [Reduced(remaining=D(0)), Reduced(remaining=p.quantity)],
         "is_absence_proven": [Vanished(confirmations=1, grace_ms=0), Vanished(confirmations=2, grace_ms=3_600_000)],
+        "is_external_cause": [Flat(cause=CloseCause.BOT), Flat(cause=CloseCause.ENTRY_FAILED)],
+        "is_close_cause": [Flat(cause=CloseCause.NOT_FOUND), Flat(cause=CloseCause.ENTRY_FAILED)],
     }.get(guard, [])

@@ -72,3 +72,10 @@ def test_malformed_events_are_refused_with_a_clear_error(make) -> None:
 def test_a_callback_rate_outside_0_100_is_refused(rate: D) -> None:
     with pytest.raises(ValueError, match="callback_rate"):
         TrailingState(activation_price=D(1), callback_rate=rate)
+
+
+def test_enum_fields_accept_their_values_and_refuse_anything_else() -> None:
+    assert CloseRequested(reason="signal").reason is CloseReason.SIGNAL  # type: ignore[arg-type]
+    assert Flat(cause="manual").cause is CloseCause.MANUAL  # type: ignore[arg-type]
+    with pytest.raises(InvalidEvent, match="reason must be one of"):
+        CloseRequested(reason="boredom")  # type: ignore[arg-type]

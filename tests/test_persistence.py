@@ -88,17 +88,20 @@ async def test_the_database_refuses_a_second_live_position_for_one_symbol_and_si
     await b.open_position(account="acct", symbol="SOLUSDT", side=Side.SHORT, quantity=D(1))  # hedge mode: fine
 
 
-async def test_a_stale_writer_cannot_overwrite_a_newer_transition(repo: Repository, records: JsonlRecords) -> None:
+async def test_a_stale_writer_cannot_overwrite_a_newer_transition_and_reloads_the_truth(
+    repo: Repository, records: JsonlRecords
+) -> None:
     a = Engine(repo, canceller=PaperExchange(), records=records)
     pid = await _filled(a)
     b = Engine(repo, canceller=PaperExchange(), records=records)
     await b.rehydrate()
     await a.fire(pid, StopMoved(stop_price=D(95), mark=D(100)))
-    stale_copy = b.positions[pid].clone()
     with pytest.raises(ConcurrentModification):
         await b.fire(pid, Flat(cause=CloseCause.MANUAL))
-    assert b.positions[pid] == stale_copy  # the refused writer's memory is unchanged too
     assert [e.event for e in await repo.journal(pid)] == ["created", "entry_filled", "stop_moved"]
+    assert b.positions[pid] == await repo.get_position(pid)  # b took the stored state, not its stale copy
+    await b.fire(pid, Flat(cause=CloseCause.MANUAL))  # and its next event is judged against it
+    assert [e.event for e in await repo.journal(pid)][-1] == "flat"
 
 
 async def test_state_change_and_journal_row_commit_together_or_not_at_all(engine: Engine, repo: Repository) -> None:

@@ -87,3 +87,32 @@ async def test_release_drops_waiting_requests_and_refuses_new_ones_for_that_posi
     assert [(await in_flight).status, (await waiting).status, after.status, (await other).status] == [
         MutationStatus.APPLIED, MutationStatus.RELEASED, MutationStatus.RELEASED, MutationStatus.APPLIED]
     assert venue.applied == [("BTC", 1), ("BTC", 7)]
+
+
+async def test_a_released_position_is_refused_even_when_its_symbol_is_idle() -> None:
+    locks, venue = StopLockRegistry(), RecordingVenue()
+    locks.release("a", "BTC", "p1")  # no slot exists for BTC at this moment
+    assert (await locks.submit("a", "BTC", "p1", 1, venue.mover("BTC"))).status is MutationStatus.RELEASED
+    assert venue.applied == []
+
+
+async def test_if_the_newest_waiter_is_cancelled_the_next_newest_still_runs() -> None:
+    locks, venue = StopLockRegistry(), RecordingVenue()
+    first = asyncio.create_task(locks.submit("a", "BTC", "p1", 1, venue.mover("BTC", 0.02)))
+    await asyncio.sleep(0)
+    older = asyncio.create_task(locks.submit("a", "BTC", "p1", 2, venue.mover("BTC")))
+    newest = asyncio.create_task(locks.submit("a", "BTC", "p1", 3, venue.mover("BTC")))
+    await asyncio.sleep(0)
+    newest.cancel()
+    assert [(await first).status, (await older).status] == [MutationStatus.APPLIED, MutationStatus.APPLIED]
+    assert venue.applied == [("BTC", 1), ("BTC", 2)]
+    assert locks.held_keys() == set()
+
+
+async def test_exclusive_work_waits_for_the_move_in_flight() -> None:
+    locks, venue = StopLockRegistry(), RecordingVenue()
+    move = asyncio.create_task(locks.submit("a", "BTC", "p1", 1, venue.mover("BTC", 0.03)))
+    await asyncio.sleep(0)
+    async with locks.exclusive("a", "BTC"):
+        assert venue.applied == [("BTC", 1)]  # the move finished before the exclusive section began
+    assert (await move).applied and locks.held_keys() == set()

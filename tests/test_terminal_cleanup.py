@@ -52,12 +52,13 @@ async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
                     await _order(engine, exchange, p.id, OrderPurpose.TAKE_PROFIT, 2)]
     assert await repo.trailing_state_exists(p.id)
 
-    # A stop mutation in flight and a newer one waiting for the symbol's lock when the end comes.
+    # A stop move in flight (it will place a new stop) and a newer one waiting, when the end comes.
     running, proceed = asyncio.Event(), asyncio.Event()
 
     async def slow_move(target: D) -> D:
         running.set()
         await proceed.wait()
+        ours.append(await _order(engine, exchange, p.id, OrderPurpose.STOP, 9))  # placed and tracked mid-close
         return target
 
     async def must_not_run(target: D) -> D:
@@ -69,10 +70,14 @@ async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
     await asyncio.sleep(0)
 
     clock.advance(hours=1)
-    outcome = await engine.fire(p.id, good_event(edge.event, engine.positions[p.id]))
+    closing = asyncio.create_task(engine.fire(p.id, good_event(edge.event, engine.positions[p.id])))
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # committed, and its cleanup waits for the move in flight
+    assert (await repo.get_position(p.id)).state is edge.dest
+    proceed.set()
+    outcome = await closing
     assert outcome.dest is edge.dest
 
-    proceed.set()
     assert (await in_flight).status is MutationStatus.APPLIED
     assert (await waiting).status is MutationStatus.RELEASED
     assert not engine.locks.is_held("acct", "BTCUSDT")
@@ -110,6 +115,6 @@ async def test_a_failed_cancel_does_not_undo_the_close_and_is_counted(
     await engine.fire(p.id, good_event(PositionEvent.FLAT, engine.positions[p.id]))
     stored = await repo.get_position(p.id)
     assert stored is not None and stored.state is PositionState.CLOSED_EXTERNAL
-    assert engine.metrics.action_failures["CancelOrder"] == 1
+    assert engine.metrics.action_failures["cancel_order"] == 1
     # Still open in the database: the orphan sweep will find it; nothing pretends it was cancelled.
     assert stop.client_id in stored.orders

@@ -2,14 +2,14 @@
 
 It runs inside the transition on the draft position, so its database part (trailing state gone,
 closure row) commits atomically with the journal row; its exchange part (cancellations) and memory
-part (lock, drop) are actions executed after the commit. No path into a terminal state can skip it
+part (lock, drop) are actions the engine executes after the commit, outside the position's lock. No path into a terminal state can skip it
 (seed 000: the path that noticed a close forgot the trailing state).
 """
 from __future__ import annotations
 
 from datetime import datetime
 
-from lifecycle.actions import Action, CancelOrder, ClosureRecord, DropPosition, EmitClosure, ReleaseStopLock
+from lifecycle.actions import Action, CancelWorkingOrders, ClosureRecord, DropPosition, EmitClosure, ReleaseStopLock
 from lifecycle.domain import CloseCause, Position
 from lifecycle.machines.states import PositionState
 
@@ -30,11 +30,14 @@ def terminal_cleanup(position: Position, at: datetime) -> list[Action]:
     position.closed_at = at
     if position.close_cause is None:
         position.close_cause = _DEFAULT_CAUSE.get(position.state, CloseCause.UNKNOWN)
-    actions: list[Action] = [CancelOrder(order) for order in position.working_orders()]
-    actions.append(ReleaseStopLock(position.account, position.symbol, position.id))
-    actions.append(EmitClosure(closure_of(position)))
-    actions.append(DropPosition(position.id))
-    return actions
+    # Order matters: waiting stop moves are released first, then the cancellation waits for the move in
+    # flight (symbol lock) and cancels whatever is working by then, then the record, then memory.
+    return [
+        ReleaseStopLock(position.account, position.symbol, position.id),
+        CancelWorkingOrders(position.account, position.symbol, position.id),
+        EmitClosure(closure_of(position)),
+        DropPosition(position.id),
+    ]
 
 
 def closure_of(position: Position) -> ClosureRecord:

@@ -8,9 +8,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from lifecycle.domain import Position, Side
-from lifecycle.events import EntryFilled, Event, Reduced, StopMoved, TsActivated, Vanished
+from lifecycle.domain import CloseCause, Position, Side
+from lifecycle.events import EntryFilled, Event, Flat, Reduced, StopMoved, TsActivated, Vanished
 from lifecycle.machines.states import PositionState
+
+# Causes a `flat` event may carry. BOT only while our close is in flight (invariant 3: the state decides
+# bot vs external, never the event); ENTRY_FAILED and NOT_FOUND belong to other events' terminal states.
+EXTERNAL_CAUSES = frozenset({CloseCause.STOP_LOSS, CloseCause.TRAILING_STOP, CloseCause.LIQUIDATION, CloseCause.ADL,
+                             CloseCause.SETTLEMENT, CloseCause.MANUAL, CloseCause.UNKNOWN})
+CLOSE_CAUSES = EXTERNAL_CAUSES | {CloseCause.BOT}
 
 ABSENCE_CONFIRMATIONS_REQUIRED = 2  # one REST snapshot is not proof (seed 000); a targeted query must agree
 
@@ -69,6 +75,15 @@ def is_better_stop(p: Position, e: Event, at: datetime) -> bool:
 
 def is_safe_side_of_mark(p: Position, e: Event, at: datetime) -> bool:
     return isinstance(e, StopMoved) and is_stop_on_safe_side(p.side, e.stop_price, e.mark)
+
+
+def is_external_cause(p: Position, e: Event, at: datetime) -> bool:
+    """A flat we did not ask for cannot claim to be the bot's close (seed 001 the other way round)."""
+    return isinstance(e, Flat) and (e.cause is None or e.cause in EXTERNAL_CAUSES)
+
+
+def is_close_cause(p: Position, e: Event, at: datetime) -> bool:
+    return isinstance(e, Flat) and (e.cause is None or e.cause in CLOSE_CAUSES)
 
 
 def has_remaining_quantity(p: Position, e: Event, at: datetime) -> bool:

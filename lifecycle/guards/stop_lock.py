@@ -12,7 +12,10 @@ symbol share the lock but never drop each other's requests.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import itertools
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
@@ -40,15 +43,28 @@ class Mutation(Generic[R]):
 @dataclass(slots=True)
 class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    latest: dict[str, int] = field(default_factory=dict)  # owner -> newest ticket
-    released: set[str] = field(default_factory=set)
+    waiting: dict[str, set[int]] = field(default_factory=dict)  # owner -> tickets still waiting or running
     users: int = 0  # callers waiting or running; the slot is dropped at zero
-    tickets: int = 0
 
 
 class StopLockRegistry:
+    RELEASED_MEMORY = 100_000  # how many released positions are remembered (oldest forgotten first)
+
     def __init__(self) -> None:
         self._slots: dict[tuple[str, str], _Slot] = {}
+        self._released: OrderedDict[str, None] = OrderedDict()  # owners, kept even while no slot exists
+        self._tickets = itertools.count(1)
+
+    def _slot(self, key: tuple[str, str]) -> _Slot:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        return slot
+
+    def _done(self, key: tuple[str, str], slot: _Slot) -> None:
+        slot.users -= 1
+        if slot.users == 0 and self._slots.get(key) is slot:
+            del self._slots[key]
 
     async def submit(
         self, account: str, symbol: str, owner: str, target: T, apply: Callable[[T], Awaitable[R]]
@@ -56,45 +72,61 @@ class StopLockRegistry:
         """Run `apply(target)` under the symbol's lock, unless overtaken or released first.
 
         Exceptions from `apply` propagate unchanged: a failed exchange call is the caller's to handle,
-        and is never reported as applied.
+        and is never reported as applied. A waiter that is cancelled simply leaves; the newest request
+        still waiting (not the newest ever made) is the one that runs.
         """
-        key = (account, symbol)
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = _Slot()
-        if owner in slot.released:
+        if owner in self._released:
             return Mutation(MutationStatus.RELEASED)
-        slot.tickets += 1
-        ticket = slot.latest[owner] = slot.tickets
+        key = (account, symbol)
+        slot = self._slot(key)
+        ticket = next(self._tickets)
+        mine = slot.waiting.setdefault(owner, set())
+        mine.add(ticket)
         slot.users += 1
         try:
             async with slot.lock:
-                if owner in slot.released:
+                if owner in self._released:
                     return Mutation(MutationStatus.RELEASED)
-                if slot.latest.get(owner) != ticket:
+                if ticket != max(mine):
                     return Mutation(MutationStatus.SUPERSEDED)
                 return Mutation(MutationStatus.APPLIED, await apply(target))
         finally:
-            slot.users -= 1
-            if slot.latest.get(owner) == ticket:
-                del slot.latest[owner]
-            if slot.users == 0 and self._slots.get(key) is slot:
-                del self._slots[key]
+            mine.discard(ticket)
+            if not mine and slot.waiting.get(owner) is mine:
+                del slot.waiting[owner]
+            self._done(key, slot)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, account: str, symbol: str) -> AsyncIterator[None]:
+        """Hold the symbol's lock for work that is not a coalescing move (terminal cleanup): it waits for
+        the mutation in flight to finish, so a stop that move places is seen and cancelled."""
+        key = (account, symbol)
+        slot = self._slot(key)
+        slot.users += 1
+        try:
+            async with slot.lock:
+                yield
+        finally:
+            self._done(key, slot)
 
     def release(self, account: str, symbol: str, owner: str) -> None:
-        """The owner is terminal: its waiting requests return RELEASED; a running call finishes."""
-        slot = self._slots.get((account, symbol))
-        if slot is not None:
-            slot.released.add(owner)
+        """The owner is terminal: its waiting and future requests return RELEASED; a running call finishes."""
+        self._released[owner] = None
+        self._released.move_to_end(owner)
+        while len(self._released) > self.RELEASED_MEMORY:
+            self._released.popitem(last=False)
+
+    def is_released(self, owner: str) -> bool:
+        return owner in self._released
 
     def is_held(self, account: str, symbol: str, owner: str | None = None) -> bool:
-        """True while a mutation for the symbol (or for this owner's position) waits or runs."""
+        """True while a mutation for the symbol (or one of this owner's, not yet released) waits or runs."""
         slot = self._slots.get((account, symbol))
         if slot is None:
             return False
         if owner is None:
             return slot.users > 0
-        return owner in slot.latest and owner not in slot.released
+        return bool(slot.waiting.get(owner)) and owner not in self._released
 
     def held_keys(self) -> set[tuple[str, str]]:
         return set(self._slots)

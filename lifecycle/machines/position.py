@@ -7,6 +7,7 @@ which needs nothing but the position's `state` attribute. Per-position ordering 
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +33,7 @@ from lifecycle.events import (
 )
 from lifecycle.guards.cleanup import terminal_cleanup
 from lifecycle.machines.states import PositionState
-from lifecycle.machines.table import INITIAL_STATE, TABLE, Edge, edges_from
+from lifecycle.machines.table import INITIAL_STATE, TABLE, Edge
 
 
 @dataclass(slots=True)
@@ -185,7 +186,9 @@ class PositionMachine:
                 dest=None if edge.internal else edge.dest,
                 conditions=[_condition(g) for g in edge.guards],
             )
-        self._table = table
+        self._edges: dict[tuple[PositionState, PositionEvent], list[Edge]] = {}
+        for edge in table:
+            self._edges.setdefault((edge.source, edge.event), []).append(edge)
 
     async def apply(self, position: Position, event: Event, at: datetime) -> Outcome:
         """Fire `event` at `position` (a draft: it is changed in place) or raise TransitionRefused.
@@ -194,11 +197,14 @@ class PositionMachine:
         """
         at = require_utc(at, "at")
         source = position.state
-        candidates = edges_from(source, event.name)
+        candidates = self._edges.get((source, event.name), ())
         if not candidates:
             raise UndefinedTransition(position.id, source.value, event.name.value)
         ctx = _Context(event=event, at=at)
         accepted = await self._machine.events[event.name.value].trigger(position, ctx=ctx)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # transitions swallows cancellation and answers False
         if not accepted:
             failed = sorted({g.__name__ for e in candidates for g in e.guards if not g(position, event, at)})
             raise GuardRefused(position.id, source.value, event.name.value, failed)

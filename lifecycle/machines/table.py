@@ -16,6 +16,8 @@ from lifecycle.guards.predicates import (
     has_filled_quantity,
     has_remaining_quantity,
     is_absence_proven,
+    is_close_cause,
+    is_external_cause,
     is_better_stop,
     is_safe_side_of_mark,
     was_open_before_close,
@@ -58,15 +60,17 @@ TABLE: tuple[Edge, ...] = (
     Edge(S.OPEN, E.STOP_MOVED, S.OPEN, (is_better_stop, is_safe_side_of_mark), "exchange confirmed, under the symbol lock"),
     Edge(S.OPEN, E.REDUCED, S.OPEN, (has_remaining_quantity,), "partial take-profit: stop resized"),
     Edge(S.OPEN, E.CLOSE_REQUESTED, S.CLOSING_BY_BOT, (), "signal, take-profit, max age, operator, stop crossed"),
-    Edge(S.OPEN, E.FLAT, S.CLOSED_EXTERNAL, (), "cause taken from the order that flattened it"),
+    Edge(S.OPEN, E.FLAT, S.CLOSED_EXTERNAL, (is_external_cause,), "cause taken from the order that flattened it"),
     Edge(S.OPEN, E.VANISHED, S.PHANTOM, (is_absence_proven,), "confirmed twice, no closing fill found"),
     Edge(S.TS_ACTIVE, E.STOP_MOVED, S.TS_ACTIVE, (is_better_stop, is_safe_side_of_mark), "the stop follows the watermark"),
     Edge(S.TS_ACTIVE, E.REDUCED, S.TS_ACTIVE, (has_remaining_quantity,), "partial take-profit: stop resized"),
     Edge(S.TS_ACTIVE, E.CLOSE_REQUESTED, S.CLOSING_BY_BOT, (), "signal, take-profit, max age, operator, stop crossed"),
-    Edge(S.TS_ACTIVE, E.FLAT, S.CLOSED_EXTERNAL, (), "cause taken from the order that flattened it"),
+    Edge(S.TS_ACTIVE, E.FLAT, S.CLOSED_EXTERNAL, (is_external_cause,), "cause taken from the order that flattened it"),
     Edge(S.TS_ACTIVE, E.VANISHED, S.PHANTOM, (is_absence_proven,), "confirmed twice, no closing fill found"),
     # Flat while our close is in flight is our close (or our stop): never "external" (seed 001).
-    Edge(S.CLOSING_BY_BOT, E.FLAT, S.CLOSED, (), "the exchange reports quantity 0"),
+    Edge(S.CLOSING_BY_BOT, E.FLAT, S.CLOSED, (is_close_cause,), "the exchange reports quantity 0"),
+    # The entry filled after the close was requested from OPENING: now there is something to close.
+    Edge(S.CLOSING_BY_BOT, E.ENTRY_FILLED, S.CLOSING_BY_BOT, (has_filled_quantity,), "late fill of the entry"),
     # Our close order may fill in parts.
     Edge(S.CLOSING_BY_BOT, E.REDUCED, S.CLOSING_BY_BOT, (has_remaining_quantity,), "close order partly filled"),
     # Confirmed absence while our close is in flight is our close landing, not a phantom.
