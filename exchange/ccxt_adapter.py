@@ -143,6 +143,7 @@ class CcxtExchange:
         self.reconnects: dict[str, int] = {}
         self._recreate_lock = asyncio.Lock()
         self._hide = (settings.api_key.reveal(), settings.secret.reveal())
+        self.malformed_frames = 0  # WebSocket frames ccxt could not handle, skipped
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -156,9 +157,10 @@ class CcxtExchange:
             self.client = None
 
     async def _create(self) -> None:
-        cls = getattr(ccxtpro, self.settings.exchange_id, None)
-        if cls is None:
+        base = getattr(ccxtpro, self.settings.exchange_id, None)
+        if base is None:
             raise errors.Fatal(f"ccxt has no WebSocket-capable exchange {self.settings.exchange_id!r}")
+        cls = _guarded(base, self)
         # fetchCurrencies: futures only, no spot-wallet calls. watchPositions.fetchPositionsSnapshot: ccxt's own
         # snapshot is loaded lazily and races live updates (a flat was lost with watch_orders on the same
         # connection); the engine takes its own REST snapshot on every Resynced instead.
@@ -404,6 +406,30 @@ class CcxtExchange:
             at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
             realized_pnl=_dec(info.get("rp")),
         )
+
+
+def _guarded(base: type, owner: CcxtExchange) -> type:
+    """The ccxt exchange class with one change: a frame its handler chokes on is skipped, not fatal.
+
+    In ccxt 4.5 an exception from the exchange's `handle_message` (a non-JSON frame, a JSON payload
+    with a non-numeric amount) escapes a callback of the receive loop, which then stops for good:
+    every pending watch hangs. Catching it here keeps the stream alive; the frame is logged (by its
+    event type only: a frame can carry a listen key) and counted.
+    """
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        def handle_message(self, client: Any, message: Any) -> Any:
+            try:
+                return super().handle_message(client, message)
+            except Exception as e:
+                owner.malformed_frames += 1
+                kind = message.get("e", "?") if isinstance(message, dict) else type(message).__name__
+                logger.warning("skipped a WebSocket frame ({}) that ccxt could not handle: {}: {}", kind,
+                               type(e).__name__, e)
+                return None
+
+    Guarded.__name__ = Guarded.__qualname__ = base.__name__
+    return Guarded
 
 
 SWEEP_S = 0.25  # how often an idle stream looks into ccxt's cache for updates it did not hand over

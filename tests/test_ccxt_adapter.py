@@ -146,11 +146,11 @@ async def test_venue_errors_arrive_as_domain_errors_without_secrets(venue: CcxtE
     assert type(gone) is errors.OrderNotFound
     reduce = await _error_of(venue.close_position("ETHUSDT", Side.LONG, D(1), "lc-z"))
     assert type(reduce) is errors.ReduceOnlyRejected
-    sim.faults.update({"rate_limit": 1})
+    sim.set_faults(rate_limit=1)
     assert type(await _error_of(venue.positions())) is errors.RateLimited
-    sim.faults.update({"ip_ban": 1})
+    sim.set_faults(ip_ban=1)
     assert type(await _error_of(venue.positions())) is errors.RateLimited
-    sim.faults.update({"http_5xx": 2})
+    sim.set_faults(http_5xx=2)
     assert type(await _error_of(venue.positions())) is errors.Retryable  # HTML 503
     assert type(await _error_of(venue.positions())) is errors.Retryable  # JSON -1001
     assert await venue.positions()  # and the faults are off again

@@ -141,7 +141,7 @@ async def test_error_messages_are_binances(world, code: int) -> None:
     elif code == -2011:
         status, body = await signed(session, sim, account, "DELETE", "/fapi/v1/order", symbol="BTCUSDT", orderId=1)
     elif code == -1003:
-        sim.faults.update({"rate_limit": 1})
+        sim.set_faults(rate_limit=1)
         status, body = await signed(session, sim, account, "GET", "/fapi/v3/account")
     elif code == -4120:
         status, body = await signed(session, sim, account, "POST", "/fapi/v1/order", symbol="BTCUSDT", side="SELL",

@@ -464,13 +464,19 @@ class SimServer:
     def _send(self, sub: _Subscriber, text: str) -> None:
         if self.faults.reorder_events:
             sub.held.append(text)
-            if len(sub.held) < 2:
+            if len(sub.held) < 2:  # held back; sent late if no second event comes to swap with
+                asyncio.get_running_loop().call_later(0.05, self._flush_held, sub)
                 return
             batch, sub.held = list(reversed(sub.held)), []
         else:
             batch, sub.held = [*sub.held, text], []
         if self.faults.duplicate_events:
             batch = [t for t in batch for _ in range(2)]
+        for item in batch:
+            asyncio.get_running_loop().create_task(_safe_send(sub.ws, item))
+
+    def _flush_held(self, sub: _Subscriber) -> None:
+        batch, sub.held = sub.held, []
         for item in batch:
             asyncio.get_running_loop().create_task(_safe_send(sub.ws, item))
 
@@ -483,12 +489,26 @@ class SimServer:
     async def drop_streams(self) -> None:
         """Close every WebSocket connection abruptly (clients must reconnect)."""
         for ws in [s.ws for subs in self.user_subs.values() for s in subs] + list(self.mark_subs):
-            await ws.close(code=1006 if False else 1011, message=b"simulated drop")
+            await ws.close(code=1011, message=b"simulated drop")
 
     def expire_listen_keys(self) -> None:
         """Expire every listen key: connections stay open but receive nothing; keepalive answers -1125."""
         for key in self.listen_keys.values():
             key.expired = True
+
+    def set_faults(self, **changes: Any) -> None:
+        """Switch faults on or off (see Faults); stale_positions_s freezes the current snapshot."""
+        self.faults.update(changes)
+        if "stale_positions_s" in changes:
+            self.freeze_positions(float(changes["stale_positions_s"]))
+
+    def inject_user_text(self, api_key: str, text: str) -> None:
+        """Send a raw frame on the account's user-data connections (malformed payloads, for tests)."""
+        for key, subs in self.user_subs.items():
+            listen = self.listen_keys.get(key)
+            if listen is not None and listen.account == api_key:
+                for sub in subs:
+                    asyncio.get_running_loop().create_task(_safe_send(sub.ws, text))
 
     def freeze_positions(self, seconds: float) -> None:
         """positionRisk keeps answering the current snapshot for `seconds` (REST lagging a close)."""
@@ -507,9 +527,7 @@ class SimServer:
             if action == "mark":
                 self.venue.set_mark(data["symbol"], Decimal(str(data["price"])))
             elif action == "faults":
-                self.faults.update(data)
-                if "stale_positions_s" in data:
-                    self.freeze_positions(float(data["stale_positions_s"]))
+                self.set_faults(**data)
             elif action in {"liquidation", "adl", "settlement", "manual"}:
                 account = self.venue.account(data["api_key"])
                 if account is None:
