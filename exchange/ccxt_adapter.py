@@ -265,13 +265,13 @@ class CcxtExchange:
     # --- streams -------------------------------------------------------------------------------
 
     def position_updates(self) -> AsyncIterator[PositionSnapshot | Resynced]:
-        return self._supervise("positions", lambda c: c.watch_positions(), self._position,
+        return self._supervise("positions", "positions", lambda c: c.watch_positions(), self._position,
                                key=lambda p: (p.symbol, p.amount, p.entry_price, p.at),
                                order=lambda p: (p.symbol, p.at), probe=self._listen_key_alive,
                                quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.positions))
 
     def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]:
-        return self._supervise("orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
+        return self._supervise("orders", "orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
                                order=_order_progress, probe=self._listen_key_alive,
                                quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.orders))
 
@@ -283,7 +283,8 @@ class CcxtExchange:
             return MarkPrice(self._market_id(raw["symbol"]), _dec(raw.get("markPrice")) or Decimal(0),
                              _ms(raw.get("timestamp")))
 
-        return self._supervise("marks", lambda c: _values(watch(c)), convert, key=None, order=None, probe=None,
+        return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), convert, key=None, order=None,
+                               probe=None,
                                quiet_s=self.settings.market_silent_after_s, cached=None)
 
     async def _listen_key_alive(self, client: Any) -> bool:
@@ -297,12 +298,27 @@ class CcxtExchange:
             logger.warning("user-data stream: listen key keepalive failed: {}", translate(e, hide=self._hide))
             return False
 
-    async def _supervise(self, name: str, watch: Callable[[Any], Awaitable[Any]], convert: Callable[[Any], T], *,
+    async def _subscribed(self, client: Any, hint: str, timeout_s: float = 10.0) -> bool:
+        """Wait until ccxt's WebSocket for this stream is connected and waiting for `hint` messages."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            for ws in list(getattr(client, "clients", {}).values()):
+                connected = getattr(ws, "connected", None)
+                if connected is None or not connected.done() or connected.cancelled() or connected.exception():
+                    continue
+                if any(hint in k for k in [*ws.futures, *ws.subscriptions]):
+                    return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def _supervise(self, name: str, hint: str, watch: Callable[[Any], Awaitable[Any]],
+                         convert: Callable[[Any], T], *,
                          key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
                          probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
                          cached: Callable[[Any], list[Any]] | None) -> AsyncIterator[Any]:
         """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
-        Resynced marker, notice silence, drop duplicates and updates older than ones already seen.
+        Resynced marker once the new subscription is live, notice silence, drop duplicates and
+        updates older than ones already seen.
 
         ccxt resolves a watch only for a caller already waiting: an update that lands while the previous
         batch is being handled stays in ccxt's cache until the next message. So after every batch, and
@@ -314,6 +330,7 @@ class CcxtExchange:
         pending: asyncio.Task[Any] | None = None
         loop = asyncio.get_running_loop()
         last_message = loop.time()
+        soon = False  # right after a batch: sweep again within milliseconds (the re-watch window)
         self.health[name] = StreamHealth.CONNECTING
         self.reconnects.setdefault(name, 0)
         try:
@@ -321,18 +338,22 @@ class CcxtExchange:
                 if self.client is None:
                     await asyncio.sleep(0.05)
                     continue
+                client = self.client
                 if generation != self.generation:
                     if pending is not None:
                         pending.cancel()
-                        pending = None
+                    # Subscribe first, announce after: a snapshot taken on Resynced then misses nothing.
+                    pending = asyncio.ensure_future(watch(client))
+                    if not await self._subscribed(client, hint):
+                        logger.warning("{} stream: subscription not confirmed in time; announcing anyway", name)
                     reason = "connected" if generation == 0 else "reconnected"
                     generation = self.generation
                     last_message = loop.time()
                     yield Resynced(name, reason)
-                client = self.client
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
-                done, _ = await asyncio.wait({pending}, timeout=SWEEP_S)
+                done, _ = await asyncio.wait({pending}, timeout=RESWEEP_S if soon else SWEEP_S)
+                soon = False
                 if not done:
                     for item in fresh.items(cached(client) if cached else ()):
                         yield item
@@ -362,6 +383,7 @@ class CcxtExchange:
                 self.health[name] = StreamHealth.HEALTHY
                 for item in fresh.items([*batch, *(cached(client) if cached else ())]):
                     yield item
+                soon = cached is not None
         finally:
             if pending is not None:
                 pending.cancel()
@@ -433,6 +455,9 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
 
 
 SWEEP_S = 0.25  # how often an idle stream looks into ccxt's cache for updates it did not hand over
+# An update that lands between handing over a batch and the next watch registering is only in the
+# cache: look again this soon after every batch.
+RESWEEP_S = 0.001
 
 
 class _Fresh:

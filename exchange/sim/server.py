@@ -131,6 +131,16 @@ class SimServer:
 
         self._walk = asyncio.get_running_loop().create_task(walk())
 
+    def play_path(self, steps: list[tuple[float, str, Decimal]]) -> asyncio.Task[None]:
+        """Move marks along a script: (seconds to wait, symbol, price) per step."""
+
+        async def play() -> None:
+            for delay_s, symbol, price in steps:
+                await asyncio.sleep(delay_s)
+                self.venue.set_mark(symbol, price)
+
+        return asyncio.get_running_loop().create_task(play())
+
     # --- REST ----------------------------------------------------------------------------------
 
     @web.middleware

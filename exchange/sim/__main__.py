@@ -1,0 +1,40 @@
+"""Run the venue simulator on its own: python -m exchange.sim [--rest-port 8710] [--ws-port 8711]."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+
+from exchange.sim.server import SimServer
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="Binance USDⓈ-M futures simulator for the ccxt binanceusdm client")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--rest-port", type=int, default=8710)
+    parser.add_argument("--ws-port", type=int, default=8711)
+    parser.add_argument("--random-walk", type=float, default=0.001, metavar="VOLATILITY",
+                        help="relative step of the seeded random walk each second (0 to hold prices)")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    sim = await SimServer(host=args.host).start(args.rest_port, args.ws_port)
+    account = sim.venue.add_account("sim")
+    if args.random_walk > 0:
+        sim.start_random_walk(volatility=args.random_walk, seed=args.seed)
+    print(json.dumps({
+        "api_key": account.api_key,
+        "secret": account.secret,  # a throw-away key of this simulator process, printed on purpose
+        "ccxt_url_overrides": sim.ccxt_urls(),
+        "control": f"{sim.rest_url}/_sim/<state|mark|faults|liquidation|adl|settlement|manual|drop_streams|"
+                   "expire_listen_keys>",
+    }, indent=2), flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sim.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
