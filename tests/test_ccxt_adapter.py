@@ -180,3 +180,27 @@ async def _start_and_call(settings: ExchangeSettings) -> None:
         await adapter.positions()
     finally:
         await adapter.close()
+
+
+async def test_the_sandbox_switch_is_applied_and_url_overrides_still_win(sim: SimServer, account: Account) -> None:
+    adapter = await CcxtExchange(settings_for(sim, account, sandbox=True)).start()
+    try:
+        assert adapter.client.isSandboxModeEnabled
+        assert adapter.client.urls["api"]["fapiPrivate"].startswith(sim.rest_url)
+        assert adapter.client.urls["api"]["ws"]["linear"] == sim.ws_url
+        assert await adapter.positions() == []
+    finally:
+        await adapter.close()
+
+
+def test_client_ids_encode_position_and_purpose_and_refuse_what_is_not_ours() -> None:
+    from lifecycle.client_ids import parse_client_id
+
+    cid = make_client_id(PID, OrderPurpose.TAKE_PROFIT, 12)
+    assert cid == f"lc-{PID}-t12" and len(cid) <= 36
+    parsed = parse_client_id(cid)
+    assert parsed is not None and (parsed.position_id, parsed.purpose, parsed.attempt) == (PID, OrderPurpose.TAKE_PROFIT, 12)
+    for foreign in ("autoclose-1700000000000", "adl_autoclose", "web_abc", "x-cvBPrNm9", None, f"lc-{PID}-z1"):
+        assert parse_client_id(foreign) is None
+    with pytest.raises(ValueError):
+        make_client_id("not-hex", OrderPurpose.STOP)
