@@ -268,12 +268,14 @@ class CcxtExchange:
         return self._supervise("positions", "positions", lambda c: c.watch_positions(), self._position,
                                key=lambda p: (p.symbol, p.amount, p.entry_price, p.at),
                                order=lambda p: (p.symbol, p.at), probe=self._listen_key_alive,
-                               quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.positions))
+                               quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.positions),
+                               snapshot=self.positions)
 
     def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]:
         return self._supervise("orders", "orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
                                order=_order_progress, probe=self._listen_key_alive,
-                               quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.orders))
+                               quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.orders),
+                               snapshot=self.open_orders)
 
     def mark_prices(self, symbols: list[str]) -> AsyncIterator[MarkPrice | Resynced]:
         def watch(client: Any) -> Awaitable[Any]:
@@ -284,8 +286,8 @@ class CcxtExchange:
                              _ms(raw.get("timestamp")))
 
         return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), convert, key=None, order=None,
-                               probe=None,
-                               quiet_s=self.settings.market_silent_after_s, cached=None)
+                               probe=None, quiet_s=self.settings.market_silent_after_s, cached=None,
+                               snapshot=None)
 
     async def _listen_key_alive(self, client: Any) -> bool:
         """Binance: keep the listen key alive; -1125 means it expired and the stream is silent."""
@@ -315,7 +317,8 @@ class CcxtExchange:
                          convert: Callable[[Any], T], *,
                          key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
                          probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
-                         cached: Callable[[Any], list[Any]] | None) -> AsyncIterator[Any]:
+                         cached: Callable[[Any], list[Any]] | None,
+                         snapshot: Callable[[], Awaitable[list[Any]]] | None) -> AsyncIterator[Any]:
         """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
         Resynced marker once the new subscription is live, notice silence, drop duplicates and
         updates older than ones already seen.
@@ -348,8 +351,14 @@ class CcxtExchange:
                         logger.warning("{} stream: subscription not confirmed in time; announcing anyway", name)
                     reason = "connected" if generation == 0 else "reconnected"
                     generation = self.generation
+                    state: tuple[Any, ...] | None = None
+                    if snapshot is not None:
+                        try:
+                            state = tuple(await snapshot())
+                        except errors.ExchangeError as e:
+                            logger.warning("{} stream: REST snapshot after {} failed: {}", name, reason, e)
                     last_message = loop.time()
-                    yield Resynced(name, reason)
+                    yield Resynced(name, reason, state)
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
                 done, _ = await asyncio.wait({pending}, timeout=RESWEEP_S if soon else SWEEP_S)

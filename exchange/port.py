@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
 
@@ -82,10 +82,16 @@ class StreamHealth(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Resynced:
-    """Yielded by a stream after every (re)connection: take a REST snapshot before trusting it again."""
+    """Yielded by a stream after every (re)connection, once the new subscription is live.
+
+    `snapshot` is the REST state taken right after subscribing (positions, or open orders) and is the
+    truth to start from; later stream items are changes to it. None means the snapshot failed (logged):
+    the consumer must not trust the stream until its own reconciliation has run.
+    """
 
     stream: str
     reason: str
+    snapshot: tuple[Any, ...] | None = None
 
 
 class ExchangePort(Protocol):

@@ -176,3 +176,19 @@ async def test_a_bad_payload_or_a_non_json_frame_is_skipped_and_the_stream_goes_
         assert venue.malformed_frames == 1
     finally:
         await positions.stop()
+
+
+async def test_after_a_reconnect_the_marker_carries_a_fresh_rest_snapshot(venue: CcxtExchange, sim: SimServer,
+                                                                          account: Account) -> None:
+    positions = Collector(venue.position_updates())
+    try:
+        first = await positions.wait_for(lambda i: isinstance(i, Resynced))
+        assert first.snapshot == ()
+        sim.set_faults(ws_silent=True)  # the entry below happens while the stream hears nothing
+        await venue.place_entry("ETHUSDT", Side.SHORT, D(1), "lc-e")
+        await sim.drop_streams()
+        sim.set_faults(ws_silent=False)
+        again = await positions.wait_for(lambda i: isinstance(i, Resynced) and i.reason == "reconnected")
+        assert [(p.symbol, p.amount) for p in again.snapshot] == [("ETHUSDT", D(-1))]
+    finally:
+        await positions.stop()
