@@ -6,7 +6,7 @@ venue simulator (reached through the real ccxt client) replaces it. It is a real
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lifecycle.domain import OrderRef, OrderStatus
 
@@ -27,9 +27,8 @@ class PaperExchange:
 
     async def place_order(self, order: OrderRef) -> OrderRef:
         self._check_up()
-        placed = OrderRef(**{f: getattr(order, f) for f in order.__slots__})  # the venue keeps its own copy
-        placed.status = OrderStatus.OPEN
-        placed.exchange_order_id = placed.exchange_order_id or f"paper-{len(self.orders) + 1}"
+        placed = replace(order, status=OrderStatus.OPEN,  # the venue keeps its own copy
+                         exchange_order_id=order.exchange_order_id or f"paper-{len(self.orders) + 1}")
         self.orders[order.client_id] = placed
         return placed
 
