@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+from dataclasses import replace
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -153,8 +154,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         for pid in self.ids:
             stored = self.run(self.repo.get_position(pid))
             replayed = self.run(replay(self.run(self.repo.journal(pid))))
-            assert (replayed.state, replayed.quantity, replayed.stop_price, replayed.close_cause, replayed.seq) == (
-                stored.state, stored.quantity, stored.stop_price, stored.close_cause, stored.seq)
+            # Everything but the tracked orders (order bookkeeping is not a transition) comes back.
+            assert replace(replayed, orders={}) == replace(stored, orders={})
 
     def teardown(self) -> None:
         for task in self.lock_tasks:
