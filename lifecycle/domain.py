@@ -22,6 +22,7 @@ class CloseCause(StrEnum):
     BOT = "bot"  # our own close order
     STOP_LOSS = "stop_loss"  # our stop order filled
     TRAILING_STOP = "trailing_stop"  # our stop filled after the trailing stop moved it
+    TAKE_PROFIT = "take_profit"  # our take-profit order filled
     LIQUIDATION = "liquidation"  # client id starting "autoclose-"
     ADL = "adl"  # client id "adl_autoclose"
     SETTLEMENT = "settlement"  # client id starting "settlement_autoclose-"

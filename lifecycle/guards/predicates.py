@@ -14,7 +14,8 @@ from lifecycle.machines.states import PositionState
 
 # Causes a `flat` event may carry. BOT only while our close is in flight (invariant 3: the state decides
 # bot vs external, never the event); ENTRY_FAILED and NOT_FOUND belong to other events' terminal states.
-EXTERNAL_CAUSES = frozenset({CloseCause.STOP_LOSS, CloseCause.TRAILING_STOP, CloseCause.LIQUIDATION, CloseCause.ADL,
+EXTERNAL_CAUSES = frozenset({CloseCause.STOP_LOSS, CloseCause.TRAILING_STOP, CloseCause.TAKE_PROFIT,
+                             CloseCause.LIQUIDATION, CloseCause.ADL,
                              CloseCause.SETTLEMENT, CloseCause.MANUAL, CloseCause.UNKNOWN})
 CLOSE_CAUSES = EXTERNAL_CAUSES | {CloseCause.BOT}
 
