@@ -37,8 +37,8 @@ async def main() -> None:
     sim = await SimServer(mark_interval_s=3600).start()  # no periodic marks: every mark seen is one we moved
     account = sim.venue.add_account("bench")
     venue = await CcxtExchange(ExchangeSettings(api_key=Secret(account.api_key), secret=Secret(account.secret),
-                                                urls=sim.ccxt_urls(), market_silent_after_s=3600)).start()
-    venue.client.enableRateLimit = False  # measure the round trip, not ccxt's own pacing
+                                                urls=sim.ccxt_urls(), market_silent_after_s=3600,
+                                                rate_limit=False)).start()  # the round trip, not ccxt's pacing
     try:
         rest = []
         for _ in range(args.rest):

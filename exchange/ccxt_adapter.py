@@ -59,6 +59,9 @@ class ExchangeSettings:
     market_silent_after_s: float = 10.0  # no mark price this long (they tick every second): silent
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    # ccxt paces requests by the venue's published weights (an all-symbol open-orders list weighs 40 on
+    # Binance, about a second of budget). Keep it on against a real venue; tests on the simulator turn it off.
+    rate_limit: bool = True
 
 
 # --- error translation ----------------------------------------------------------------------------
@@ -71,11 +74,15 @@ def translate(e: Exception, *, hide: tuple[str, ...] = ()) -> errors.ExchangeErr
     message = _redact(f"{type(e).__name__}: {e}", hide)
     match = _CODE.search(str(e))
     code = int(match.group(1)) if match else None
+    # The ccxt error stays chained as __cause__ for debugging; scrub it too, a traceback prints it.
+    e.args = tuple(_redact(str(arg), hide) for arg in e.args)
     kind: type[errors.ExchangeError]
     if code == -2021 or isinstance(e, ccxt.OrderImmediatelyFillable):
         kind = errors.StopWouldTrigger
     elif code == -2022:
         kind = errors.ReduceOnlyRejected
+    elif code == -4116:
+        kind = errors.DuplicateOrder
     elif code in (-2011, -2013) or isinstance(e, ccxt.OrderNotFound):
         kind = errors.OrderNotFound
     elif code == -2019 or isinstance(e, ccxt.InsufficientFunds):
@@ -86,8 +93,12 @@ def translate(e: Exception, *, hide: tuple[str, ...] = ()) -> errors.ExchangeErr
         kind = errors.Fatal
     elif code == -1003 or isinstance(e, (ccxt.DDoSProtection, ccxt.RateLimitExceeded)):
         kind = errors.RateLimited
-    elif code in (-1001, -1021) or isinstance(e, (ccxt.NetworkError, ccxt.OperationFailed)):
-        kind = errors.Retryable  # -1021: clock skew; ccxt's adjustForTimeDifference option fixes it
+    elif code in (-1001, -1021, -1125) or isinstance(
+        e, (ccxt.NetworkError, ccxt.OperationFailed, ccxt.ExchangeClosedByUser)
+    ):
+        # -1021: clock skew (ccxt's adjustForTimeDifference fixes it); -1125: expired listen key (reconnect);
+        # ExchangeClosedByUser: the client was recreated under a call in flight.
+        kind = errors.Retryable
     else:
         kind = errors.Rejected
     out = kind(message)
@@ -97,6 +108,7 @@ def translate(e: Exception, *, hide: tuple[str, ...] = ()) -> errors.ExchangeErr
 
 def _redact(text: str, hide: tuple[str, ...]) -> str:
     text = re.sub(r"signature=[0-9a-fA-F]+", "signature=<redacted>", text)
+    text = re.sub(r"listenKey[=/:\s\"']+[A-Za-z0-9_-]{8,}", "listenKey=<redacted>", text)
     for secret in hide:
         if secret:
             text = text.replace(secret, "<redacted>")
@@ -117,8 +129,9 @@ def _ms(value: Any) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
+# TRIGGERED means the algo placed its order, not that anything filled: still working until FINISHED.
 _BINANCE_ALGO_STATUS = {
-    "NEW": OrderStatus.OPEN, "TRIGGERING": OrderStatus.OPEN, "TRIGGERED": OrderStatus.FILLED,
+    "NEW": OrderStatus.OPEN, "TRIGGERING": OrderStatus.OPEN, "TRIGGERED": OrderStatus.OPEN,
     "FINISHED": OrderStatus.FILLED, "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED,
     "REJECTED": OrderStatus.REJECTED,
 }
@@ -157,17 +170,22 @@ class CcxtExchange:
             self.client = None
 
     async def _create(self) -> None:
+        self.client = await self._new_client()
+        self.generation += 1
+
+    async def _new_client(self) -> Any:
         base = getattr(ccxtpro, self.settings.exchange_id, None)
         if base is None:
             raise errors.Fatal(f"ccxt has no WebSocket-capable exchange {self.settings.exchange_id!r}")
         cls = _guarded(base, self)
         # fetchCurrencies: futures only, no spot-wallet calls. watchPositions.fetchPositionsSnapshot: ccxt's own
         # snapshot is loaded lazily and races live updates (a flat was lost with watch_orders on the same
-        # connection); the engine takes its own REST snapshot on every Resynced instead.
+        # connection); the adapter's own snapshot rides on Resynced instead.
+        # fetchOpenOrders.warnWithoutSymbol: the snapshot after a reconnect lists every symbol on purpose.
         options = {"fetchCurrencies": False, "watchPositions": {"fetchPositionsSnapshot": False},
-                   **dict(self.settings.options)}
+                   "fetchOpenOrders": {"warnWithoutSymbol": False}, **dict(self.settings.options)}
         client = cls({"apiKey": self.settings.api_key.reveal(), "secret": self.settings.secret.reveal(),
-                      "enableRateLimit": True, "options": options})
+                      "enableRateLimit": self.settings.rate_limit, "options": options})
         if self.settings.sandbox:
             client.set_sandbox_mode(True)
         for key, url in self.settings.urls.items():
@@ -176,26 +194,30 @@ class CcxtExchange:
             for part in path:
                 target = target[part]
             target[last] = url
-        await self._call(client.load_markets)
-        self.client = client
-        self.generation += 1
+        try:
+            await self._call_on(client.load_markets)
+        except BaseException:
+            await _close_quietly(client)
+            raise
+        return client
 
     async def recreate(self, seen_generation: int, reason: str) -> None:
-        """Close the client and make a new one, once per generation however many streams ask."""
+        """Replace the client, once per generation however many streams ask. The new client is built
+        first and swapped in only when it works; on failure the old one stays and the error propagates
+        (the supervisors retry with backoff). Calls in flight on the old client end as Retryable."""
         async with self._recreate_lock:
             if self.generation != seen_generation:
                 return
             logger.warning("{}: recreating the exchange client: {}", self.settings.exchange_id, reason)
-            old = self.client
-            self.client = None
-            if old is not None:
-                try:
-                    await old.close()
-                except Exception as e:  # a wedged client may not close cleanly; it is dropped anyway
-                    logger.debug("closing the old client failed: {}", e)
-            await self._create()
+            new = await self._new_client()
+            old, self.client = self.client, new
+            self.generation += 1
+        await _close_quietly(old)
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        return await self._call_on(fn, *args, **kwargs)
+
+    async def _call_on(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         try:
             return await fn(*args, **kwargs)
         except ccxt.BaseError as e:
@@ -235,7 +257,10 @@ class CcxtExchange:
         raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
                                float(quantity), None,
                                {trigger_param: str(trigger_price), "reduceOnly": True, "clientAlgoId": client_id,
-                                "newClientOrderId": client_id})
+                                "newClientOrderId": client_id,
+                                # trigger on the mark, the price the safe-side guard checks (Binance's
+                                # default, CONTRACT_PRICE, is the last trade)
+                                "workingType": "MARK_PRICE"})
         return self._order(raw)
 
     async def cancel_order(self, order: OrderRef) -> None:
@@ -300,6 +325,18 @@ class CcxtExchange:
             logger.warning("user-data stream: listen key keepalive failed: {}", translate(e, hide=self._hide))
             return False
 
+    async def _reconnect(self, name: str, generation: int, why: str, backoff: float) -> float:
+        """Wait a jittered backoff, then recreate the client; a failed attempt is logged and retried by
+        the caller's loop after a longer wait. Returns the next backoff."""
+        delay = backoff * (0.5 + random.random())
+        logger.warning("{} stream {}: reconnecting in {:.2f} s", name, why, delay)
+        await asyncio.sleep(delay)
+        try:
+            await self.recreate(generation, f"{name} stream {why}")
+        except errors.ExchangeError as e:
+            logger.error("{} stream: could not recreate the exchange client: {}", name, e)
+        return min(backoff * 2, self.settings.backoff_max_s)
+
     async def _subscribed(self, client: Any, hint: str, timeout_s: float = 10.0) -> bool:
         """Wait until ccxt's WebSocket for this stream is connected and waiting for `hint` messages."""
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -344,6 +381,9 @@ class CcxtExchange:
                 client = self.client
                 if generation != self.generation:
                     if pending is not None:
+                        if pending.done() and not pending.cancelled() and pending.exception() is None:
+                            for item in fresh.items(pending.result()):  # finished on the old client: keep it
+                                yield item
                         pending.cancel()
                     # Subscribe first, announce after: a snapshot taken on Resynced then misses nothing.
                     pending = asyncio.ensure_future(watch(client))
@@ -372,7 +412,7 @@ class CcxtExchange:
                             self.health[name] = StreamHealth.SILENT
                             self.reconnects[name] += 1
                             logger.warning("{} stream silent for {:.1f} s: reconnecting", name, quiet_s)
-                            await self.recreate(generation, f"{name} stream silent")
+                            backoff = await self._reconnect(name, generation, "silent", backoff)
                     continue
                 task, pending = pending, None
                 try:
@@ -380,12 +420,9 @@ class CcxtExchange:
                 except (ccxt.BaseError, OSError, asyncio.TimeoutError) as e:
                     self.health[name] = StreamHealth.RECONNECTING
                     self.reconnects[name] += 1
-                    delay = backoff * (0.5 + random.random())
                     shown = translate(e, hide=self._hide) if isinstance(e, ccxt.BaseError) else repr(e)
-                    logger.warning("{} stream failed ({}); reconnecting in {:.2f} s", name, shown, delay)
-                    await asyncio.sleep(delay)
-                    backoff = min(backoff * 2, self.settings.backoff_max_s)
-                    await self.recreate(generation, f"{name} stream failed")
+                    logger.warning("{} stream failed: {}", name, shown)
+                    backoff = await self._reconnect(name, generation, "failed", backoff)
                     continue
                 backoff = self.settings.backoff_initial_s
                 last_message = loop.time()
@@ -416,11 +453,16 @@ class CcxtExchange:
             status = _BINANCE_ALGO_STATUS.get(info.get("algoStatus", info.get("X")), OrderStatus.OPEN)
             actual = info.get("actualOrderId", info.get("ai"))
             order_type = info.get("orderType", info.get("o")) or "STOP_MARKET"
+            # ccxt infers `filled` as the whole amount once an algo is "closed"; Binance's aq is the truth.
+            filled = _dec(info.get("aq")) or Decimal(0)
+            average = _dec(info.get("ap")) or None
         else:
             raw_status = info.get("X", info.get("status"))
             status = _BINANCE_ORDER_STATUS.get(raw_status) or _UNIFIED_STATUS.get(raw.get("status"), OrderStatus.OPEN)
             actual = raw.get("id")
             order_type = info.get("o", info.get("type")) or str(raw.get("type", "")).upper()
+            filled = _dec(raw.get("filled")) or Decimal(0)
+            average = _dec(raw.get("average"))
         return OrderSnapshot(
             symbol=self._market_id(raw["symbol"]),
             client_id=raw.get("clientOrderId") or info.get("clientAlgoId") or info.get("caid"),
@@ -430,8 +472,8 @@ class CcxtExchange:
             type=order_type,
             status=status,
             quantity=_dec(raw.get("amount")) or Decimal(0),
-            filled=_dec(raw.get("filled")) or Decimal(0),
-            average_price=_dec(raw.get("average")),
+            filled=filled,
+            average_price=average,
             trigger_price=_dec(raw.get("triggerPrice")),
             reduce_only=bool(raw.get("reduceOnly")),
             at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
@@ -463,6 +505,7 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
     return Guarded
 
 
+MEMORY = 50_000  # updates remembered for de-duplication (ccxt's own caches hold 1,000 orders by default)
 SWEEP_S = 0.25  # how often an idle stream looks into ccxt's cache for updates it did not hand over
 # An update that lands between handing over a batch and the next watch registering is only in the
 # cache: look again this soon after every batch.
@@ -476,7 +519,7 @@ class _Fresh:
                  order: Callable[[Any], Any] | None) -> None:
         self.name, self.convert, self.key, self.order = name, convert, key, order
         self.seen: OrderedDict[Any, None] = OrderedDict()
-        self.latest: dict[Any, Any] = {}
+        self.latest: OrderedDict[Any, Any] = OrderedDict()
         self.malformed = 0
 
     def items(self, raws: Any) -> list[Any]:
@@ -491,15 +534,19 @@ class _Fresh:
             if self.key is not None:
                 k = self.key(item)
                 if k in self.seen:
+                    self.seen.move_to_end(k)  # still in ccxt's cache: keep remembering it
                     continue
                 self.seen[k] = None
-                if len(self.seen) > 10_000:
+                if len(self.seen) > MEMORY:
                     self.seen.popitem(last=False)
             if self.order is not None:
                 ident, progress = self.order(item)
                 if ident in self.latest and progress < self.latest[ident]:
                     continue  # an older update arriving late
                 self.latest[ident] = progress
+                self.latest.move_to_end(ident)
+                if len(self.latest) > MEMORY:
+                    self.latest.popitem(last=False)
             out.append(item)
         return out
 
@@ -513,9 +560,21 @@ def _cached(cache: Any) -> list[Any]:
     return list(cache)
 
 
-def _order_progress(o: OrderSnapshot) -> tuple[str, tuple[int, Decimal]]:
-    """An order only moves forward: open before final, filled quantity never shrinks."""
-    return (o.algo_id or o.exchange_order_id or o.client_id or "", (_STATUS_RANK.get(o.status, 2), o.filled))
+def _order_progress(o: OrderSnapshot) -> tuple[tuple[str, str, str], tuple[int, Decimal]]:
+    """An order only moves forward: open before final, filled quantity never shrinks. Ids are only
+    unique per symbol (and algo ids are a namespace of their own), so both are part of the identity."""
+    kind = "algo" if o.algo_id is not None else "order"
+    return ((o.symbol, kind, o.algo_id or o.exchange_order_id or o.client_id or ""),
+            (_STATUS_RANK.get(o.status, 2), o.filled))
+
+
+async def _close_quietly(client: Any) -> None:
+    if client is None:
+        return
+    try:
+        await client.close()
+    except Exception as e:  # a wedged client may not close cleanly; it is dropped anyway
+        logger.debug("closing an exchange client failed: {}", e)
 
 
 async def _values(awaitable: Awaitable[Any]) -> list[Any]:

@@ -13,8 +13,10 @@ class ExchangeError(Exception):
 
 
 class Retryable(ExchangeError):
-    """Transient: network, timeout, 5xx, maintenance. Retry with backoff; the request may or may not
-    have reached the venue, so retry with the same client order id and reconcile."""
+    """Transient: network, timeout, 5xx, maintenance, an expired listen key. Retry with backoff.
+    An order request may or may not have reached the venue, and Binance refuses a repeated client id
+    only while the first order is still open: before placing again, look the order up by its client
+    id (or reconcile), never just resend."""
 
 
 class RateLimited(Retryable):
@@ -36,6 +38,10 @@ class ReduceOnlyRejected(Rejected):
 
 class OrderNotFound(Rejected):
     """Binance -2011/-2013: the order is not open (filled, cancelled, expired). A cancel is moot: reconcile."""
+
+
+class DuplicateOrder(Rejected):
+    """Binance -4116: an open order already has this client id. The first attempt arrived: reconcile."""
 
 
 class InsufficientMargin(Rejected):

@@ -49,9 +49,13 @@ class OrderSnapshot:
         return self.algo_id is not None
 
     @property
-    def key(self) -> tuple[str, str, Decimal]:
-        """Idempotency key: the same (order, status, filled) seen twice is one update."""
-        return (self.algo_id or self.exchange_order_id or self.client_id or "", self.status.value, self.filled)
+    def key(self) -> tuple[str, str, str, str, Decimal, str]:
+        """Idempotency key: the same (symbol, order, status, filled, triggered order) seen twice is one
+        update. Order ids are unique per symbol only; an algo's TRIGGERED differs from NEW by the order
+        it placed."""
+        kind = "algo" if self.algo_id is not None else "order"
+        return (self.symbol, kind, self.algo_id or self.exchange_order_id or self.client_id or "", self.status.value,
+                self.filled, self.exchange_order_id or "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ PID = "0123456789abcdef0123"
 def settings_for(sim: SimServer, account: Account, **overrides: Any) -> ExchangeSettings:
     base = ExchangeSettings(api_key=Secret(account.api_key), secret=Secret(account.secret), urls=sim.ccxt_urls(),
                             user_probe_after_s=0.5, market_silent_after_s=2.0, backoff_initial_s=0.05,
-                            backoff_max_s=0.2)
+                            backoff_max_s=0.2, rate_limit=False)
     return replace(base, **overrides)
 
 
@@ -114,9 +114,14 @@ async def test_streams_deliver_account_order_and_algo_updates(venue: CcxtExchang
         sim.venue.set_mark("BTCUSDT", D(58900))
         flat = await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == 0)
         assert flat.symbol == "BTCUSDT"
+        triggered = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.algo_id == stop.algo_id
+                                          and o.exchange_order_id is not None)
+        assert (triggered.status, triggered.filled) == (OrderStatus.OPEN, 0)  # TRIGGERED placed an order; no fill yet
         fired = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.algo_id == stop.algo_id
                                       and o.status is OrderStatus.FILLED)
-        assert fired.client_id == f"lc-{PID}-s0"
+        assert (fired.client_id, fired.filled, fired.exchange_order_id) == (f"lc-{PID}-s0", D("0.02"),
+                                                                            triggered.exchange_order_id)
+        assert sim.venue.open_algos(account, "BTCUSDT") == [] and account.algos[int(stop.algo_id)].working_type == "MARK_PRICE"
         fill = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.algo_id is None
                                      and o.client_id == f"lc-{PID}-s0" and o.status is OrderStatus.FILLED)
         assert fill.average_price == D(58900) and fill.type == "MARKET"
@@ -204,3 +209,27 @@ def test_client_ids_encode_position_and_purpose_and_refuse_what_is_not_ours() ->
         assert parse_client_id(foreign) is None
     with pytest.raises(ValueError):
         make_client_id("not-hex", OrderPurpose.STOP)
+
+
+def test_translation_of_codes_and_ccxt_classes_and_redaction() -> None:
+    import ccxt
+
+    from exchange.ccxt_adapter import translate
+
+    cases = [
+        (ccxt.InvalidOrder('binanceusdm {"code":-4116,"msg":"ClientOrderId is duplicated."}'), errors.DuplicateOrder),
+        (ccxt.ExchangeError('binanceusdm {"code":-1125,"msg":"This listenKey does not exist."}'), errors.Retryable),
+        (ccxt.ExchangeClosedByUser("Connection closed by the user"), errors.Retryable),
+        (ccxt.ExchangeError('binanceusdm {"code": -2021, "msg": "Order would immediately trigger."}'),
+         errors.StopWouldTrigger),
+        (ccxt.DDoSProtection("binanceusdm 418"), errors.RateLimited),
+        (ccxt.AuthenticationError('{"code":-2015}'), errors.Fatal),
+        (ccxt.ExchangeError("something new"), errors.Rejected),
+    ]
+    for raw, kind in cases:
+        assert type(translate(raw)) is kind, raw
+    leaky = ccxt.NetworkError("GET http://x/private/ws?listenKey=pqia91ma19a5s61cv6a81va65sdf19v8 and "
+                              "https://x/fapi/v1/order?timestamp=1&signature=0a1b2c3d4e apiKey=SECRETKEY123")
+    out = translate(leaky, hide=("SECRETKEY123",))
+    for text in (str(out), str(leaky)):  # the chained ccxt error is scrubbed too
+        assert "pqia91ma19" not in text and "0a1b2c3d4e" not in text and "SECRETKEY123" not in text

@@ -49,6 +49,9 @@ class SymbolSpec:
 
 @dataclass
 class VenueConfig:
+    """Symbols and starting state. The simulator has one price per symbol, the mark: stops trigger on it
+    whatever their workingType (the adapter asks for MARK_PRICE), and orders fill at it."""
+
     symbols: tuple[SymbolSpec, ...] = (
         SymbolSpec("BTCUSDT", "BTC", D("0.1"), D("0.001"), D("0.001"), D(60000)),
         SymbolSpec("ETHUSDT", "ETH", D("0.01"), D("0.001"), D("0.001"), D(3000)),
@@ -233,8 +236,11 @@ class Venue:
             order.qty = min(order.qty, abs(pos.amount))
         account.orders[order.order_id] = order
         self._emit_order(account, order, "NEW", ZERO, ZERO)
+        mark = self.marks[symbol]
         if type_ == "MARKET":
-            self._fill(account, order, self.marks[symbol])
+            self._fill(account, order, mark)
+        elif (side == "BUY" and order.price >= mark) or (side == "SELL" and order.price <= mark):
+            self._fill(account, order, mark)  # marketable: fills at once (as a taker, at the mark)
         return order
 
     def cancel_order(self, account: Account, symbol: str, order_id: int | None, client_id: str | None) -> SimOrder:
