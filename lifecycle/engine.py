@@ -167,13 +167,13 @@ class Engine:
             await self.store.save_order(order, self.clock())
             position.orders[order.client_id] = order
 
-    async def rehydrate(self) -> int:
-        """Load every live position from the store into memory; returns how many.
+    async def rehydrate(self, accounts: list[str] | None = None) -> int:
+        """Load every live position (of these accounts: the ones this process owns) into memory.
 
         Positions are not registered with the `transitions` machine (quadratic `add_model`); a dict
         and an index by (account, symbol, side) are all the engine keeps, built in linear time.
         """
-        loaded = await self.store.load_live()
+        loaded = await self.store.load_live(accounts)
         for position in loaded:
             self._add_live(position)
         logger.info("rehydrated {} live positions", len(loaded))

@@ -183,3 +183,12 @@ def test_unusable_database_urls_are_refused_with_a_clear_message(url: str, messa
 
     with pytest.raises(DatabaseConfigError, match=message):
         normalize_url(url)
+
+
+async def test_rehydration_loads_only_the_accounts_this_process_owns(repo: Repository, records: JsonlRecords) -> None:
+    first = Engine(repo, canceller=PaperExchange(), records=records)
+    for account in ("alpha", "beta"):
+        await first.open_position(account=account, symbol="BTCUSDT", side=Side.LONG, quantity=D(1))
+    mine = Engine(repo, canceller=PaperExchange(), records=records)
+    assert await mine.rehydrate(["alpha"]) == 1
+    assert {p.account for p in mine.positions.values()} == {"alpha"}
