@@ -82,10 +82,6 @@ TABLE: tuple[Edge, ...] = (
 )
 
 
-def edges_from(state: PositionState, event: PositionEvent) -> tuple[Edge, ...]:
-    return _BY_PAIR.get((state, event), ())
-
-
 def defined_pairs() -> frozenset[tuple[PositionState, PositionEvent]]:
     return frozenset(_BY_PAIR)
 
