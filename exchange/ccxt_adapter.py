@@ -229,11 +229,26 @@ class CcxtExchange:
     def _market_id(self, unified: str) -> str:
         return self.client.market(unified)["id"] if unified in self.client.markets else unified
 
+    def tick_size(self, symbol: str) -> Decimal:
+        """The price increment of a market (from the markets loaded at start); stops are rounded to it."""
+        unified = self._unified(symbol)
+        market = self.client.markets.get(unified) if self.client is not None else None
+        tick = _dec(((market or {}).get("precision") or {}).get("price"))
+        if tick is None or tick <= 0:
+            raise errors.Fatal(f"{self.settings.exchange_id}: no price tick known for {symbol}")
+        return tick
+
     # --- REST ----------------------------------------------------------------------------------
 
-    async def positions(self) -> list[PositionSnapshot]:
-        raw = await self._call(self.client.fetch_positions)
+    async def positions(self, symbols: list[str] | None = None) -> list[PositionSnapshot]:
+        """Open positions (amount != 0), of every symbol or only of `symbols` (a targeted query)."""
+        unified = [self._unified(s) for s in symbols] if symbols else None
+        raw = await self._call(self.client.fetch_positions, unified)
         return [p for p in (self._position(r) for r in raw) if p.amount != 0]
+
+    async def order(self, symbol: str, exchange_order_id: str) -> OrderSnapshot:
+        """One regular order by its exchange id (to learn who placed a fill: its client id)."""
+        return self._order(await self._call(self.client.fetch_order, exchange_order_id, self._unified(symbol)))
 
     async def open_orders(self, symbol: str | None = None) -> list[OrderSnapshot]:
         unified = self._unified(symbol) if symbol else None
@@ -310,8 +325,15 @@ class CcxtExchange:
             return MarkPrice(self._market_id(raw["symbol"]), _dec(raw.get("markPrice")) or Decimal(0),
                              _ms(raw.get("timestamp")))
 
-        return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), convert, key=None, order=None,
-                               probe=None, quiet_s=self.settings.market_silent_after_s, cached=None,
+        def latest(client: Any) -> list[Any]:
+            # ccxt keeps the newest mark per symbol in `tickers`; a burst between two watches resolves
+            # only its first frame, so the sweep picks up the newest (the key drops repeats).
+            tickers = getattr(client, "tickers", None) or {}
+            return [tickers[u] for u in (self._unified(s) for s in symbols) if u in tickers]
+
+        return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), convert,
+                               key=lambda m: (m.symbol, m.price, m.at), order=lambda m: (m.symbol, m.at),
+                               probe=None, quiet_s=self.settings.market_silent_after_s, cached=latest,
                                snapshot=None)
 
     async def _listen_key_alive(self, client: Any) -> bool:
@@ -478,6 +500,7 @@ class CcxtExchange:
             reduce_only=bool(raw.get("reduceOnly")),
             at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
             realized_pnl=_dec(info.get("rp")),
+            fee=_dec((raw.get("fee") or {}).get("cost")),
         )
 
 

@@ -5,6 +5,8 @@ Messages never carry API keys, secrets or request signatures.
 """
 from __future__ import annotations
 
+from lifecycle.errors import OrderAlreadyGone
+
 
 class ExchangeError(Exception):
     """Base of every exchange failure the adapter raises."""
@@ -36,7 +38,7 @@ class ReduceOnlyRejected(Rejected):
     """Binance -2022: a reduce-only order would not reduce (the position is gone or smaller). Reconcile."""
 
 
-class OrderNotFound(Rejected):
+class OrderNotFound(Rejected, OrderAlreadyGone):
     """Binance -2011/-2013: the order is not open (filled, cancelled, expired). A cancel is moot: reconcile."""
 
 

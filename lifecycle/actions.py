@@ -46,8 +46,28 @@ class ClosureRecord:
     exit_price: Decimal | None
     opened_at: datetime
     closed_at: datetime
+    realized_pnl: Decimal | None = None  # the exchange's figure for the closing fill, else from entry/exit
+    fee: Decimal | None = None
+    exchange_ts_ms: int | None = None  # when the exchange reported the close, if an event said so
+
+    @property
+    def pnl(self) -> Decimal | None:
+        if self.realized_pnl is not None:
+            return self.realized_pnl
+        if self.entry_price is None or self.exit_price is None:
+            return None
+        direction = 1 if self.side is Side.LONG else -1
+        return (self.exit_price - self.entry_price) * self.quantity * direction
+
+    @property
+    def detection_latency_ms(self) -> float | None:
+        """From the exchange's event time to the terminal transition (includes any clock skew)."""
+        if self.exchange_ts_ms is None:
+            return None
+        return round(self.closed_at.timestamp() * 1000 - self.exchange_ts_ms, 3)
 
     def as_record(self) -> dict[str, Any]:
+        pnl = self.pnl
         return {
             "event": "closure",
             "position_id": self.position_id,
@@ -63,6 +83,10 @@ class ClosureRecord:
             "opened_at": self.opened_at.isoformat(),
             "closed_at": self.closed_at.isoformat(),
             "duration_s": round((self.closed_at - self.opened_at).total_seconds(), 3),
+            "pnl": str(pnl) if pnl is not None else None,
+            "fee": str(self.fee) if self.fee is not None else None,
+            "detection_latency_ms": self.detection_latency_ms,
+            "at": self.closed_at.isoformat(),
         }
 
 

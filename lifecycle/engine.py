@@ -10,7 +10,7 @@ commit leaves the live position exactly as it was.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime
 from decimal import Decimal
 
@@ -22,6 +22,7 @@ from lifecycle.errors import (
     ConcurrentModification,
     DuplicateLivePosition,
     InvalidEvent,
+    OrderAlreadyGone,
     TransitionRefused,
     UndefinedTransition,
     UnknownPosition,
@@ -58,6 +59,8 @@ class Engine:
         self.positions: dict[str, Position] = {}  # live positions only, by id
         self._live_keys: dict[tuple[str, str, Side], str] = {}  # (account, symbol, side) -> position id
         self._order: dict[str, asyncio.Lock] = {}  # per-position event ordering, created on demand
+        # Called after every committed transition with the new position (sync, must be quick).
+        self.listeners: list[Callable[[Position, Outcome], None]] = []
 
     # --- lifecycle entry points ---------------------------------------------------------------
 
@@ -102,13 +105,29 @@ class Engine:
         Once the machine has accepted the event, cancelling the caller no longer stops the work: the
         commit, the swap into memory and the terminal actions complete, then the cancellation is raised.
         """
+        outcome = await self.fire_if(position_id, event, only_in=None)
+        assert outcome is not None
+        return outcome
+
+    async def fire_if(self, position_id: str, event: Event,
+                      only_in: Collection[PositionState] | None) -> Outcome | None:
+        """`fire`, but only while the position is live and in one of `only_in` (checked under its lock).
+
+        For observations that may arrive twice or late (a stream update and a REST answer for the same
+        fill, a flat after another path already closed the position): returns None, quietly, when the
+        position has moved on, instead of a refusal that would read as an alarm in the logs.
+        """
         live = self.positions.get(position_id)
         if live is None:
+            if only_in is not None:
+                return None
             self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
             logger.warning("event {} for position {} refused: not a live position", event.name, position_id)
             raise UnknownPosition(f"no live position {position_id}")
         async with self._lock_of(position_id):
             live = self.positions.get(position_id)
+            if only_in is not None and (live is None or live.state not in only_in):
+                return None
             if live is None:  # became terminal while this event waited
                 self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
                 raise UnknownPosition(f"position {position_id} is no longer live")
@@ -135,6 +154,17 @@ class Engine:
             raise
         self.positions[draft.id] = draft
         self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
+        self.records.emit({
+            "event": "transition", "account": draft.account, "symbol": draft.symbol, "position_id": draft.id,
+            "at": outcome.journal.at.isoformat(), "seq": outcome.journal.seq, "source": outcome.source.value,
+            "trigger": outcome.journal.event, "dest": outcome.dest.value, "cause": outcome.journal.cause,
+            "payload": outcome.journal.payload,
+        })
+        for listener in self.listeners:
+            try:
+                listener(draft, outcome)
+            except Exception as e:  # a listener must not undo a committed transition
+                logger.error("transition listener failed: {}: {}", type(e).__name__, e)
         logger.info(
             "{} {} {} {} --{}--> {}{}",
             draft.account,
@@ -165,7 +195,10 @@ class Engine:
             if position is None:
                 raise UnknownPosition(f"position {position_id} is no longer live")
             await self.store.save_order(order, self.clock())
-            position.orders[order.client_id] = order
+            if order.status.is_final:  # kept in the database; memory holds working orders only
+                position.orders.pop(order.client_id, None)
+            else:
+                position.orders[order.client_id] = order
 
     async def rehydrate(self, accounts: list[str] | None = None) -> int:
         """Load every live position (of these accounts: the ones this process owns) into memory.
@@ -226,6 +259,12 @@ class Engine:
                 for order in position.working_orders() if position is not None else []:
                     try:
                         await self.canceller.cancel_order(order)
+                    except OrderAlreadyGone:  # filled, expired or cancelled meanwhile: nothing left to do
+                        order.status = OrderStatus.CANCELED  # no longer working; the stream says how it ended
+                        await self.store.save_order(order, self.clock())
+                        logger.info("leftover {} order {} of {} was already gone", order.purpose, order.client_id,
+                                    order.position_id)
+                        continue
                     except Exception as e:  # one failed cancel must not keep the others open
                         self.metrics.action_failures["cancel_order"] += 1
                         logger.error("could not cancel leftover {} order {} of {}: {}: {}", order.purpose,

@@ -49,3 +49,11 @@ class ConcurrentModification(LifecycleError):
 
 class DuplicateLivePosition(LifecycleError):
     """A live position already exists for this account, symbol and side; a new one is not opened."""
+
+
+class OrderAlreadyGone(LifecycleError):
+    """A cancel found the order no longer working (filled, cancelled or expired meanwhile).
+
+    Exchange adapters raise a subclass of it, so terminal cleanup can tell "nothing left to cancel"
+    from a failure without importing any exchange code.
+    """

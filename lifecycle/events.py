@@ -134,6 +134,9 @@ class Flat(Event):
     cause: CloseCause | None = None  # None: decided by the state (bot close) or not known yet
     exit_price: Decimal | None = None
     exchange_order_id: str | None = None
+    realized_pnl: Decimal | None = None  # of the flattening fill, as the exchange reports it
+    fee: Decimal | None = None
+    exchange_ts_ms: int | None = None  # when the exchange reported the flat (detection latency starts here)
 
     def __post_init__(self) -> None:
         _positive("exit_price", self.exit_price)

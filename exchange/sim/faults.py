@@ -18,6 +18,8 @@ class Faults:
     rate_limit: int = 0  # the next N REST calls answer 429 -1003
     ip_ban: int = 0  # the next N REST calls answer 418 -1003
     reject_stops: int = 0  # the next N algo orders are rejected with -2021 whatever the mark
+    reject_orders: int = 0  # the next N regular orders are rejected with -2019 (margin is insufficient)
+    single_stop: bool = False  # a second working STOP_MARKET on a symbol is refused with -4045
 
     def update(self, changes: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}

@@ -335,6 +335,9 @@ class SimServer:
 
     async def _new_order(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
+        if self.faults.reject_orders > 0:
+            self.faults.reject_orders -= 1
+            raise SimError(-2019, "Margin is insufficient.")
         order = self.venue.new_order(
             account, symbol=p.get("symbol", ""), side=p.get("side", ""), type_=p.get("type", ""),
             quantity=_dec(p, "quantity"), price=_dec(p, "price", None), client_id=p.get("newClientOrderId"),
@@ -365,6 +368,9 @@ class SimServer:
         if self.faults.reject_stops > 0:
             self.faults.reject_stops -= 1
             raise SimError(-2021, "Order would immediately trigger.")
+        if self.faults.single_stop and p.get("type") == "STOP_MARKET" and any(
+                a.order_type == "STOP_MARKET" for a in self.venue.open_algos(account, p.get("symbol", ""))):
+            raise SimError(-4045, "Reach max stop order limit.")
         algo = self.venue.new_algo(
             account, symbol=p.get("symbol", ""), side=p.get("side", ""), order_type=p.get("type", ""),
             quantity=_dec(p, "quantity", None), trigger=_dec(p, "triggerPrice"), client_id=p.get("clientAlgoId"),

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from lifecycle.actions import Action, CancelWorkingOrders, ClosureRecord, DropPosition, EmitClosure, ReleaseStopLock
 from lifecycle.domain import CloseCause, Position
+from lifecycle.events import Event, Flat
 from lifecycle.machines.states import PositionState
 
 # What a terminal state means when the event did not say why.
@@ -22,7 +23,7 @@ _DEFAULT_CAUSE: dict[PositionState, CloseCause] = {
 }
 
 
-def terminal_cleanup(position: Position, at: datetime) -> list[Action]:
+def terminal_cleanup(position: Position, at: datetime, event: Event | None = None) -> list[Action]:
     """Clear what must not outlive the position and return the actions that finish the job."""
     if not position.state.is_terminal:
         raise AssertionError(f"terminal cleanup called in non-terminal state {position.state}")
@@ -35,13 +36,15 @@ def terminal_cleanup(position: Position, at: datetime) -> list[Action]:
     return [
         ReleaseStopLock(position.account, position.symbol, position.id),
         CancelWorkingOrders(position.account, position.symbol, position.id),
-        EmitClosure(closure_of(position)),
+        EmitClosure(closure_of(position, event)),
         DropPosition(position.id),
     ]
 
 
-def closure_of(position: Position) -> ClosureRecord:
+def closure_of(position: Position, event: Event | None = None) -> ClosureRecord:
+    """The closure; a `flat` event adds what the exchange said about the closing fill and its time."""
     assert position.closed_at is not None and position.close_cause is not None
+    flat = event if isinstance(event, Flat) else None
     return ClosureRecord(
         position_id=position.id,
         account=position.account,
@@ -55,4 +58,7 @@ def closure_of(position: Position) -> ClosureRecord:
         exit_price=position.exit_price,
         opened_at=position.created_at,
         closed_at=position.closed_at,
+        realized_pnl=flat.realized_pnl if flat else None,
+        fee=flat.fee if flat else None,
+        exchange_ts_ms=flat.exchange_ts_ms if flat else None,
     )

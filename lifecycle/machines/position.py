@@ -157,7 +157,7 @@ def _apply_effect(event_data: Any) -> None:
 
 def _on_enter_terminal(event_data: Any) -> None:
     ctx = _ctx(event_data)
-    ctx.actions.extend(terminal_cleanup(event_data.model, ctx.at))
+    ctx.actions.extend(terminal_cleanup(event_data.model, ctx.at, ctx.event))
 
 
 class PositionMachine:

@@ -1,0 +1,832 @@
+"""The live engine: one exchange account's streams and commands turned into position events.
+
+The `Engine` keeps positions and commits transitions; this layer watches the exchange (private stream
+for positions and orders, mark prices) and the bot's commands, and feeds the machines:
+
+* Opening: an open command creates the position (OPENING) and sends its entry; the entry's fill (from
+  the order stream or the order's own answer, whichever comes first) moves it to OPEN, and the initial
+  reduce-only stop is placed at once. A stop that cannot be placed closes the position at market
+  (reason `unprotected`); a stop that would already be crossed closes it with reason `stop_crossed`.
+* Closure: a position update with quantity 0 is `flat`. Its cause comes from the fill that flattened
+  it (`classify_close` on that order's client id); the machine and its terminal hook do the rest.
+* Trailing: marks move the watermark in memory; `trail()` decides the target; moves go through the
+  symbol's stop lock (`StopLockRegistry.submit`), coalesced to the newest target. The new stop is placed
+  first and the old one cancelled after (no unprotected window); only if the venue refuses a second
+  stop is the old one cancelled first, and that window is measured and recorded.
+* Partial reductions resize the stop and are recorded. Bot closes send a reduce-only market order with
+  an idempotent client id; a rejected close returns the position to its previous state and is retried.
+
+Decisions written down here (the issue was silent):
+* Quantity for stops and closes is the in-memory position's, which only stream fills and stream
+  position updates change; nothing is read back from REST while running.
+* The watermark lives in memory between moves and is persisted with every stop move (and at
+  activation); after a restart trailing continues from the last persisted watermark, which is never
+  ahead of the stop, so the stop still never moves backwards.
+* The stop-loss distance of an open command is kept in memory until the initial stop is placed; after
+  a restart in between, `LiveConfig.default_stop_loss_pct` is used.
+* Client ids: `lc-<position>-<purpose><attempt>`, with the attempt taken from the position's journal
+  sequence, so a resumed request after a crash reuses its id and the venue refuses a duplicate.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
+
+from loguru import logger
+
+from exchange import errors as xerr
+from exchange.port import ExchangePort, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced
+from lifecycle.causes import classify_close
+from lifecycle.client_ids import make_client_id, parse_client_id
+from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus, Position, Side, TrailingState
+from lifecycle.engine import Engine
+from lifecycle.errors import InvalidEvent, OrderAlreadyGone, TransitionRefused, UnknownPosition
+from lifecycle.events import (
+    CloseFailed,
+    CloseRequested,
+    EntryFailed,
+    EntryFilled,
+    Flat,
+    Reduced,
+    StopMoved,
+    TsActivated,
+)
+from lifecycle.guards.predicates import is_activation_crossed, is_stop_improvement, is_stop_on_safe_side
+from lifecycle.machines.position import Outcome
+from lifecycle.machines.states import PositionState
+from lifecycle.trailing import trail
+
+S = PositionState
+PROTECTED = frozenset({S.OPEN, S.TS_ACTIVE})  # must have a live stop on the exchange
+FLATTENABLE = frozenset({S.OPEN, S.TS_ACTIVE, S.CLOSING_BY_BOT})
+# Binance codes meaning "no second stop here" (-4045 max stop orders, -4130 a closePosition stop exists).
+TWO_STOPS_REFUSED = frozenset({-4045, -4130})
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    default_stop_loss_pct: Decimal = Decimal("1")  # when an open command gives none (and after a restart)
+    trail_min_step_pct: Decimal = Decimal("0.02")  # a trailing move must improve the stop by this % of it
+    trail_min_interval_s: float = 1.0  # at most one trailing move per position per interval
+    cause_wait_s: float = 0.5  # how long a flat waits for the fill that explains it
+    close_retries: int = 3  # a rejected bot close is retried this many times
+    stop_retries: int = 3  # a stop placement failing transiently is retried this many times
+    retry_backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        checks = {
+            "default_stop_loss_pct": Decimal(0) < self.default_stop_loss_pct < Decimal(100),
+            "trail_min_step_pct": Decimal(0) <= self.trail_min_step_pct < Decimal(100),
+            "trail_min_interval_s": self.trail_min_interval_s >= 0,
+            "cause_wait_s": 0 <= self.cause_wait_s <= 10,
+            "close_retries": self.close_retries >= 0,
+            "stop_retries": self.stop_retries >= 0,
+            "retry_backoff_s": self.retry_backoff_s >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid live engine setting(s): {', '.join(bad)} (see LiveConfig)")
+
+
+@dataclass(frozen=True)
+class OpenCommand:
+    symbol: str
+    side: Side
+    quantity: Decimal
+    entry_price: Decimal | None = None  # None: market entry; else a limit entry at this price
+    stop_loss_pct: Decimal | None = None  # distance of the initial stop from the entry price, percent
+    trailing_activation: Decimal | None = None  # price at which the trailing stop activates
+    trailing_callback_pct: Decimal | None = None  # how far behind the watermark the stop trails, percent
+    take_profit: Decimal | None = None  # price of an optional reduce-only take-profit for the whole size
+
+    def __post_init__(self) -> None:
+        if not self.symbol:
+            raise InvalidEvent("symbol is required")
+        if not self.quantity.is_finite() or self.quantity <= 0:
+            raise InvalidEvent(f"quantity must be > 0, got {self.quantity}")
+        for name in ("entry_price", "trailing_activation", "take_profit"):
+            value = getattr(self, name)
+            if value is not None and (not value.is_finite() or value <= 0):
+                raise InvalidEvent(f"{name} must be > 0, got {value}")
+        if self.stop_loss_pct is not None and not (Decimal(0) < self.stop_loss_pct < Decimal(100)):
+            raise InvalidEvent(f"stop_loss_pct must be in (0, 100), got {self.stop_loss_pct}")
+        if (self.trailing_activation is None) != (self.trailing_callback_pct is None):
+            raise InvalidEvent("trailing_activation and trailing_callback_pct go together")
+
+    def trailing(self) -> TrailingState | None:
+        if self.trailing_activation is None or self.trailing_callback_pct is None:
+            return None
+        try:
+            return TrailingState(activation_price=self.trailing_activation, callback_rate=self.trailing_callback_pct)
+        except ValueError as e:
+            raise InvalidEvent(str(e)) from None
+
+
+@dataclass(slots=True)
+class _Watch:
+    """Per position: the in-memory watermark and the stop-move worker with its newest wanted target."""
+
+    position_id: str
+    watermark: Decimal | None
+    activating: bool = False
+    deferred: bool = False  # a target was held back by the minimum interval: re-evaluate on every mark
+    want: tuple[Decimal, Decimal] | None = None  # (target, watermark), newest wins
+    worker: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class _SeenFill:
+    client_id: str | None
+    order: OrderSnapshot
+    used: bool = False
+
+
+@dataclass
+class LiveStats:
+    stop_moves: int = 0
+    stop_move_failures: int = 0
+    stops_crossed: int = 0
+    exchange_errors: int = 0
+    unprotected_ms: list[float] = field(default_factory=list)  # one per cancel-then-place fallback
+    calls_per_move: list[int] = field(default_factory=list)
+
+
+class LiveEngine:
+    """Runs one account's positions against the exchange; see the module docstring."""
+
+    def __init__(self, engine: Engine, exchange: ExchangePort, *, account: str, symbols: list[str],
+                 config: LiveConfig | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
+        if not symbols:
+            raise ValueError("the live engine needs at least one symbol to watch")
+        self.engine = engine
+        self.exchange = exchange
+        self.account = account
+        self.symbols = list(dict.fromkeys(symbols))
+        self.config = config or LiveConfig()
+        self.monotonic = monotonic
+        self.stats = LiveStats()
+        self.live: dict[str, PositionSnapshot] = {}  # the private stream's latest position per symbol
+        self.marks: dict[str, Decimal] = {}
+        self._watch: dict[str, dict[str, _Watch]] = {}  # symbol -> position id -> watch
+        self._plans: dict[str, OpenCommand] = {}  # open commands whose initial stop is not placed yet
+        self._entries_done: set[str] = set()
+        self._entry_at: dict[str, datetime] = {}  # exchange time of the entry fill, per position
+        self._fills: dict[str, deque[_SeenFill]] = {}
+        self._fill_signal: dict[str, asyncio.Event] = {}
+        self._triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
+        self._ticks: dict[str, Decimal] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._streams: list[asyncio.Task[None]] = []
+        self._ready = {"positions": asyncio.Event(), "orders": asyncio.Event()}
+        self._min_interval = timedelta(seconds=self.config.trail_min_interval_s)
+        engine.listeners.append(self._on_transition)
+
+    # --- start and stop ---------------------------------------------------------------------------
+
+    async def start(self, *, streams: bool = True) -> LiveEngine:
+        """Watch the live positions the engine holds for this account, then subscribe to the streams."""
+        for position in list(self.engine.positions.values()):
+            if position.account == self.account:
+                self._watch_position(position)
+        if streams:
+            self._streams = [
+                asyncio.create_task(self._consume("positions", self.exchange.position_updates(), self.on_position)),
+                asyncio.create_task(self._consume("orders", self.exchange.order_updates(), self.on_order)),
+                asyncio.create_task(self._consume("marks", self.exchange.mark_prices(self.symbols), self.on_mark)),
+            ]
+        return self
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until the private streams are subscribed (their first resync arrived)."""
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self._ready.values())), timeout)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening; let in-flight moves and closes finish (up to `timeout`), leave stops in place."""
+        for task in self._streams:
+            task.cancel()
+        await asyncio.gather(*self._streams, return_exceptions=True)
+        self._streams = []
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        if self._on_transition in self.engine.listeners:
+            self.engine.listeners.remove(self._on_transition)
+
+    async def idle(self, timeout: float = 10.0) -> None:
+        """Until no background work (moves, closes, flats) is in flight; for tests and benchmarks."""
+        deadline = self.monotonic() + timeout
+        while any(not t.done() for t in self._tasks):
+            if self.monotonic() > deadline:
+                raise TimeoutError(f"{sum(not t.done() for t in self._tasks)} live-engine tasks still running")
+            await asyncio.sleep(0.005)
+
+    async def _consume(self, name: str, stream: AsyncIterator[Any], handle: Callable[[Any], None]) -> None:
+        async for item in stream:
+            if isinstance(item, Resynced):
+                self._on_resynced(item)
+                continue
+            try:
+                handle(item)
+            except Exception as e:  # one bad update must not stop the stream
+                logger.exception("{} {} update could not be handled: {}: {}", self.account, name, type(e).__name__, e)
+
+    def _on_resynced(self, item: Resynced) -> None:
+        if item.stream == "positions" and item.snapshot is not None:
+            for snap in item.snapshot:
+                if isinstance(snap, PositionSnapshot):
+                    self.live[snap.symbol] = snap
+        if item.stream in self._ready:
+            self._ready[item.stream].set()
+        logger.info("{} {} stream live ({})", self.account, item.stream, item.reason)
+
+    def _spawn(self, work: Awaitable[Any], what: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                e = t.exception()
+                logger.error("{} {} failed: {}: {}", self.account, what, type(e).__name__, e)
+
+        task.add_done_callback(done)
+        return task
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    async def open(self, command: OpenCommand) -> Position:
+        """Create the position and send its entry; the fill and the initial stop follow on their own."""
+        if command.symbol not in self.symbols:
+            raise InvalidEvent(f"{command.symbol} is not one of the watched symbols {self.symbols}")
+        position = await self.engine.open_position(account=self.account, symbol=command.symbol, side=command.side,
+                                                   quantity=command.quantity, trailing=command.trailing())
+        self._plans[position.id] = command
+        client_id = make_client_id(position.id, OrderPurpose.ENTRY, 0)
+        ref = OrderRef(client_id, position.id, command.symbol, OrderPurpose.ENTRY, _entry_side(command.side),
+                       command.quantity, OrderStatus.NEW, trigger_price=command.entry_price)
+        await self.engine.track_order(position.id, ref)  # known before it is sent: a crash can look it up
+        try:
+            answer = await self.exchange.place_entry(command.symbol, command.side, command.quantity, client_id,
+                                                     command.entry_price)
+        except xerr.ExchangeError as e:
+            self.stats.exchange_errors += 1
+            logger.error("{} {} {} entry rejected: {}", self.account, command.symbol, position.id, e)
+            await self._set_order_status(position.id, client_id, OrderStatus.REJECTED)
+            await self.engine.fire_if(position.id, EntryFailed(reason=_short(e)), only_in={S.OPENING})
+            raise
+        self._handle_entry_update(position.id, answer)
+        return position
+
+    async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR, *, _retry: int = 0) -> bool:
+        """Close a position at market with a reduce-only order; False if it had already moved on."""
+        position = self.engine.positions.get(position_id)
+        if position is None:
+            raise UnknownPosition(f"no live position {position_id}")
+        if position.state is S.OPENING:
+            return await self._cancel_entry(position)
+        outcome = await self.engine.fire_if(position_id, CloseRequested(reason=reason), only_in=PROTECTED)
+        if outcome is None:
+            return False
+        await self._send_close(position_id, reason, _retry)
+        return True
+
+    async def _cancel_entry(self, position: Position) -> bool:
+        entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None)
+        if entry is None:
+            return False
+        try:
+            await self.exchange.cancel_order(entry)
+        except OrderAlreadyGone:
+            logger.info("{} {} {} entry already ended; its fill decides", self.account, position.symbol, position.id)
+            return False
+        return True  # the order stream's CANCELED ends the position as CANCELLED (nothing filled)
+
+    async def _send_close(self, position_id: str, reason: CloseReason, retry: int) -> None:
+        position = self.engine.positions.get(position_id)
+        if position is None or position.state is not S.CLOSING_BY_BOT:
+            return
+        quantity = position.quantity
+        if quantity <= 0:
+            return  # nothing filled yet: a late entry fill sends the close
+        client_id = make_client_id(position_id, OrderPurpose.CLOSE, position.seq)
+        if client_id not in position.orders:
+            await self.engine.track_order(position_id, OrderRef(
+                client_id, position_id, position.symbol, OrderPurpose.CLOSE, _exit_side(position.side), quantity))
+        for attempt in range(self.config.stop_retries + 1):
+            try:
+                answer = await self.exchange.close_position(position.symbol, position.side, quantity, client_id)
+            except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
+                # The first try arrived, or the position is already gone: the stream's flat ends it.
+                logger.info("{} {} {} close {}: {}", self.account, position.symbol, position_id, client_id, _short(e))
+                return
+            except xerr.Retryable as e:
+                self.stats.exchange_errors += 1
+                logger.warning("{} {} {} close {} not confirmed ({}), retrying with the same id", self.account,
+                               position.symbol, position_id, client_id, _short(e))
+                await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+                continue
+            except xerr.ExchangeError as e:
+                self.stats.exchange_errors += 1
+                await self._close_rejected(position_id, client_id, reason, retry, e)
+                return
+            await self._set_order_status(position_id, client_id, answer.status)
+            return
+        await self._close_rejected(position_id, client_id, reason, retry, RuntimeError("no answer after retries"))
+
+    async def _close_rejected(self, position_id: str, client_id: str, reason: CloseReason, retry: int,
+                              error: Exception) -> None:
+        await self._set_order_status(position_id, client_id, OrderStatus.REJECTED)
+        outcome = await self.engine.fire_if(position_id, CloseFailed(error=_short(error)), only_in={S.CLOSING_BY_BOT})
+        if outcome is None:
+            return
+        if retry < self.config.close_retries:
+            logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.account, position_id,
+                           _short(error), retry + 1, self.config.close_retries, self.config.retry_backoff_s)
+            await asyncio.sleep(self.config.retry_backoff_s)
+            if position_id in self.engine.positions:
+                await self.close(position_id, reason, _retry=retry + 1)
+        else:
+            logger.error("{} {} close rejected {} times; the position stays {} with its stop", self.account,
+                         position_id, retry + 1, outcome.dest)
+
+    # --- stream handlers (synchronous: they decide, background tasks act) ------------------------
+
+    def on_position(self, snap: PositionSnapshot) -> None:
+        self.live[snap.symbol] = snap
+        for side in (Side.LONG, Side.SHORT):
+            position = self.engine.live_position(self.account, snap.symbol, side)
+            if position is None or position.state not in FLATTENABLE:
+                continue
+            entered = self._entry_at.get(position.id)
+            if entered is not None and snap.at < entered:
+                continue  # older than this position's entry: about an earlier position on the symbol
+            if snap.amount == 0 or snap.side is not position.side:
+                self._spawn(self._on_flat(position.id, snap), f"flat of {position.id}")
+            elif abs(snap.amount) < position.quantity:
+                self._spawn(self._on_reduced(position.id, snap), f"reduction of {position.id}")
+            elif abs(snap.amount) > position.quantity:
+                logger.warning("{} {} {}: exchange size {} above ours {} (left to reconciliation)", self.account,
+                               snap.symbol, position.id, abs(snap.amount), position.quantity)
+
+    def on_order(self, order: OrderSnapshot) -> None:
+        client_id = order.client_id
+        if order.algo_id is not None and order.exchange_order_id and client_id:
+            self._triggered[order.exchange_order_id] = client_id
+            while len(self._triggered) > 10_000:
+                self._triggered.popitem(last=False)
+        elif order.exchange_order_id in self._triggered:
+            client_id = self._triggered[order.exchange_order_id]
+        if order.algo_id is None and order.filled > 0:
+            fills = self._fills.setdefault(order.symbol, deque(maxlen=64))
+            fills.append(_SeenFill(client_id, order))
+            self._fill_signal.setdefault(order.symbol, asyncio.Event()).set()
+        ours = parse_client_id(client_id)
+        if ours is None:
+            return
+        position = self.engine.positions.get(ours.position_id)
+        if position is None:
+            return
+        if ours.purpose is OrderPurpose.ENTRY:
+            self._handle_entry_update(position.id, order)
+            return
+        known = position.orders.get(client_id or "")
+        if order.algo_id is not None and known is not None and order.status is not known.status and (
+                order.status.is_final or known.status is OrderStatus.NEW):
+            self._spawn(self._set_order_status(position.id, known.client_id, order.status), "order status")
+
+    def on_mark(self, mark: MarkPrice) -> None:
+        self.marks[mark.symbol] = mark.price
+        watches = self._watch.get(mark.symbol)
+        if watches:
+            for watch in list(watches.values()):
+                self._follow(watch, mark.symbol, mark.price)
+
+    def client_id_of(self, exchange_order_id: str) -> str | None:
+        """The client id of an order seen on the stream (or placed by one of our conditional orders)."""
+        if exchange_order_id in self._triggered:
+            return self._triggered[exchange_order_id]
+        for fills in self._fills.values():
+            for seen in fills:
+                if seen.order.exchange_order_id == exchange_order_id:
+                    return seen.client_id
+        return None
+
+    # --- entry ------------------------------------------------------------------------------------
+
+    def _handle_entry_update(self, position_id: str, order: OrderSnapshot) -> None:
+        if position_id in self._entries_done:
+            return
+        if order.status is OrderStatus.FILLED or (order.status.is_final and order.filled > 0):
+            self._entries_done.add(position_id)
+            self._entry_at[position_id] = order.at
+            self._spawn(self._entry_filled(position_id, order), f"entry fill of {position_id}")
+        elif order.status.is_final:
+            self._entries_done.add(position_id)
+            self._spawn(self.engine.fire_if(position_id, EntryFailed(reason=f"entry {order.status.value}"),
+                                            only_in={S.OPENING}), f"entry failure of {position_id}")
+
+    async def _entry_filled(self, position_id: str, order: OrderSnapshot) -> None:
+        price = order.average_price or order.trigger_price
+        if price is None:
+            raise InvalidEvent(f"entry fill of {position_id} without a price")
+        await self._set_order_status(position_id, order.client_id or "", OrderStatus.FILLED)
+        outcome = await self.engine.fire_if(position_id, EntryFilled(
+            quantity=order.filled, price=price, exchange_order_id=order.exchange_order_id),
+            only_in={S.OPENING, S.CLOSING_BY_BOT})
+        if outcome is None:
+            return
+        if outcome.dest is S.CLOSING_BY_BOT:
+            position = self.engine.positions[position_id]
+            await self._send_close(position_id, position.close_reason or CloseReason.OPERATOR, 0)
+            return
+        await self._protect_initial(position_id)
+
+    async def _protect_initial(self, position_id: str) -> None:
+        position = self.engine.positions.get(position_id)
+        if position is None or position.entry_price is None:
+            return
+        plan = self._plans.pop(position_id, None)
+        pct = plan.stop_loss_pct if plan and plan.stop_loss_pct is not None else self.config.default_stop_loss_pct
+        target = self._round_stop(position.side, position.symbol, position.entry_price * (
+            1 - pct / 100 if position.side is Side.LONG else 1 + pct / 100))
+        placed = await self._request_stop(position_id, target, None, "initial")
+        if placed == "failed":
+            logger.error("{} {} {}: no stop could be placed; closing at market (unprotected)", self.account,
+                         position.symbol, position_id)
+            await self.close(position_id, CloseReason.UNPROTECTED)
+            return
+        self._watch_position(self.engine.positions.get(position_id) or position)
+        if plan is not None and plan.take_profit is not None and placed == "placed":
+            await self._place_take_profit(position_id, plan.take_profit)
+
+    async def _place_take_profit(self, position_id: str, price: Decimal) -> None:
+        position = self.engine.positions.get(position_id)
+        if position is None or position.state not in PROTECTED:
+            return
+        client_id = self._next_client_id(position, OrderPurpose.TAKE_PROFIT)
+        try:
+            answer = await self.exchange.place_stop(position.symbol, position.side, position.quantity, price,
+                                                    client_id, OrderPurpose.TAKE_PROFIT)
+        except xerr.ExchangeError as e:
+            self.stats.exchange_errors += 1
+            logger.warning("{} {} {}: take-profit at {} not placed: {}", self.account, position.symbol,
+                           position_id, price, _short(e))
+            return
+        await self._track(position, client_id, OrderPurpose.TAKE_PROFIT, position.quantity, price, answer)
+
+    # --- flat and reductions ----------------------------------------------------------------------
+
+    async def _on_flat(self, position_id: str, snap: PositionSnapshot) -> None:
+        position = self.engine.positions.get(position_id)
+        if position is None:
+            return
+        fill = await self._closing_fill(position, snap)
+        current = self.live.get(snap.symbol)
+        if current is not None and current.side is position.side and current.at > snap.at:
+            return  # a newer update shows the position again: that flat was stale
+        cause = CloseCause.UNKNOWN
+        if fill is not None:
+            trailing_active = position.trailing is not None and position.trailing.active
+            cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
+        if cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
+            cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
+        order = fill.order if fill is not None else None
+        await self.engine.fire_if(position_id, Flat(
+            cause=cause, exit_price=order.average_price if order else None,
+            exchange_order_id=order.exchange_order_id if order else None,
+            realized_pnl=order.realized_pnl if order else None, fee=order.fee if order else None,
+            exchange_ts_ms=int(snap.at.timestamp() * 1000)), only_in=FLATTENABLE)
+
+    async def _closing_fill(self, position: Position, snap: PositionSnapshot) -> _SeenFill | None:
+        """The fill that flattened the position: the newest unused fill on the closing side of the symbol,
+        no older than the update, waiting up to `cause_wait_s` for it (the order update may come after)."""
+        closing = _exit_side(position.side)
+        earliest = snap.at - timedelta(seconds=1)
+        deadline = self.monotonic() + self.config.cause_wait_s
+        signal = self._fill_signal.setdefault(snap.symbol, asyncio.Event())
+        while True:
+            for seen in reversed(self._fills.get(snap.symbol, ())):
+                if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
+                    seen.used = True
+                    return seen
+            remaining = deadline - self.monotonic()
+            if remaining <= 0:
+                return None
+            signal.clear()
+            try:
+                await asyncio.wait_for(signal.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _on_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
+        position = self.engine.positions.get(position_id)
+        if position is None:
+            return
+        before = position.quantity
+        remaining = abs(snap.amount)
+        fill = await self._closing_fill(position, snap)
+        order = fill.order if fill is not None else None
+        outcome = await self.engine.fire_if(position_id, Reduced(
+            remaining=remaining, price=order.average_price if order else None,
+            realized_pnl=order.realized_pnl if order else None, fee=order.fee if order else None),
+            only_in=FLATTENABLE)
+        if outcome is None:
+            return
+        now = self.engine.clock()
+        self.engine.records.emit({
+            "event": "reduced", "account": self.account, "symbol": position.symbol, "position_id": position_id,
+            "at": now.isoformat(), "side": position.side.value, "closed_quantity": str(before - remaining),
+            "remaining": str(remaining), "price": _s(order.average_price if order else None),
+            "realized_pnl": _s(order.realized_pnl if order else None), "fee": _s(order.fee if order else None),
+            "cause": classify_close(fill.client_id if fill else None, position_id=position_id,
+                                    trailing_was_active=False).value,
+            "duration_s": round((now - position.created_at).total_seconds(), 3),
+        })
+        logger.info("{} {} {} reduced {} -> {}", self.account, position.symbol, position_id, before, remaining)
+        if outcome.dest in PROTECTED:
+            current = self.engine.positions.get(position_id)
+            if current is not None and current.stop_price is not None:
+                await self._request_stop(position_id, current.stop_price, None, "resize")
+
+    # --- trailing ---------------------------------------------------------------------------------
+
+    def _watch_position(self, position: Position) -> None:
+        if position.trailing is None or position.state not in PROTECTED:
+            return
+        self._watch.setdefault(position.symbol, {})[position.id] = _Watch(position.id, position.trailing.watermark)
+
+    def _on_transition(self, position: Position, outcome: Outcome) -> None:
+        if outcome.dest.is_terminal:
+            watches = self._watch.get(position.symbol)
+            if watches is not None:
+                watches.pop(position.id, None)
+            self._plans.pop(position.id, None)
+            self._entries_done.discard(position.id)
+            self._entry_at.pop(position.id, None)
+
+    def _follow(self, watch: _Watch, symbol: str, mark: Decimal) -> None:
+        """The hot path, once per mark per trailing position: cheap unless the watermark improves."""
+        position = self.engine.positions.get(watch.position_id)
+        if position is None:
+            self._watch.get(symbol, {}).pop(watch.position_id, None)
+            return
+        trailing = position.trailing
+        if trailing is None:
+            return
+        if position.state is S.OPEN:
+            if not watch.activating and is_activation_crossed(position.side, trailing.activation_price, mark):
+                watch.activating = True
+                self._spawn(self._activate(watch, mark), f"trailing activation of {position.id}")
+            return
+        if position.state is not S.TS_ACTIVE:
+            return
+        best = watch.watermark
+        if best is None or (mark > best if position.side is Side.LONG else mark < best):
+            watch.watermark = best = mark
+        elif not watch.deferred:
+            return
+        now = self.engine.clock()
+        decision = trail(position.side, trailing, position.stop_price, best, now, tick=self._tick(symbol),
+                         min_step=(position.stop_price or best) * self.config.trail_min_step_pct / 100,
+                         min_interval=self._min_interval)
+        if decision.target is None:
+            watch.deferred = trailing.last_moved_at is not None and now - trailing.last_moved_at < self._min_interval
+            return
+        watch.deferred = False
+        self._want_stop(watch, decision.target, decision.watermark)
+
+    async def _activate(self, watch: _Watch, mark: Decimal) -> None:
+        try:
+            outcome = await self.engine.fire_if(watch.position_id, TsActivated(mark=mark), only_in={S.OPEN})
+        finally:
+            watch.activating = False
+        if outcome is not None:
+            position = self.engine.positions[watch.position_id]
+            logger.info("{} {} {} trailing stop active at mark {}", self.account, position.symbol, position.id, mark)
+            watch.watermark = mark
+            watch.deferred = True  # evaluate at once with the newest mark
+            self._follow(watch, position.symbol, self.marks.get(position.symbol, mark))
+
+    def _want_stop(self, watch: _Watch, target: Decimal, watermark: Decimal) -> None:
+        watch.want = (target, watermark)
+        if watch.worker is None or watch.worker.done():
+            watch.worker = self._spawn(self._move_worker(watch), f"stop mover of {watch.position_id}")
+
+    async def _move_worker(self, watch: _Watch) -> None:
+        while watch.want is not None:
+            target, watermark = watch.want
+            watch.want = None
+            await self._request_stop(watch.position_id, target, watermark, "trail")
+
+    # --- placing and moving stops (under the symbol's lock) ---------------------------------------
+
+    async def _request_stop(self, position_id: str, target: Decimal, watermark: Decimal | None, mode: str) -> str:
+        """Set the position's stop to `target` under the symbol lock: placed / skipped / failed.
+
+        Modes: `initial` (first stop), `trail` (a better stop; dropped when no longer better or too soon),
+        `resize` (same price, the live quantity after a reduction; not a machine event).
+        """
+        position = self.engine.positions.get(position_id)
+        if position is None:
+            return "skipped"
+        result = await self.engine.locks.submit(
+            self.account, position.symbol, position_id, (target, watermark, mode),
+            lambda request: self._apply_stop(position_id, *request))
+        return result.result if result.applied and result.result else "skipped"
+
+    async def _apply_stop(self, position_id: str, target: Decimal, watermark: Decimal | None, mode: str) -> str:
+        position = self.engine.positions.get(position_id)
+        if position is None or position.state not in PROTECTED:
+            return "skipped"
+        symbol, side = position.symbol, position.side
+        if mode == "trail":
+            if not is_stop_improvement(side, position.stop_price, target):
+                return "skipped"  # overtaken by a move that already went further
+            moved = position.trailing.last_moved_at if position.trailing is not None else None
+            if moved is not None and self.engine.clock() - moved < self._min_interval:
+                watch = self._watch.get(symbol, {}).get(position_id)
+                if watch is not None:
+                    watch.deferred = True  # the next mark after the interval moves it
+                return "skipped"
+        mark = self.marks.get(symbol) or position.entry_price
+        assert mark is not None
+        if not is_stop_on_safe_side(side, target, mark):
+            return await self._stop_crossed(position, target, mark, "mark already beyond it")
+        quantity = position.quantity
+        old = [o for o in position.working_orders() if o.purpose is OrderPurpose.STOP]
+        client_id = self._next_client_id(position, OrderPurpose.STOP)
+        calls, window_ms, how = 0, 0.0, "place_then_cancel" if old else "place"
+        started = self.monotonic()
+        answer: OrderSnapshot | None = None
+        for attempt in range(self.config.stop_retries + 1):
+            calls += 1
+            try:
+                answer = await self.exchange.place_stop(symbol, side, quantity, target, client_id)
+                break
+            except xerr.StopWouldTrigger:
+                return await self._stop_crossed(position, target, mark, "the exchange answered -2021")
+            except xerr.Rejected as e:
+                if e.code in TWO_STOPS_REFUSED and old:
+                    answer, extra, window_ms = await self._cancel_then_place(position, old, target, client_id)
+                    calls += extra
+                    how = "cancel_then_place"
+                    old = []
+                    break
+                return self._stop_failed(position, target, mode, e)
+            except xerr.Retryable as e:
+                self.stats.exchange_errors += 1
+                if attempt == self.config.stop_retries:
+                    return self._stop_failed(position, target, mode, e)
+                await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+            except xerr.ExchangeError as e:
+                return self._stop_failed(position, target, mode, e)
+        if answer is None:
+            return self._stop_failed(position, target, mode, RuntimeError("no answer"))
+        try:
+            await self._track(position, client_id, OrderPurpose.STOP, quantity, target, answer)
+        except UnknownPosition:  # ended while the order was in flight and its cleanup is done: undo
+            await self._cancel_quietly(OrderRef(client_id, position_id, symbol, OrderPurpose.STOP,
+                                                _exit_side(side), quantity, OrderStatus.OPEN, target,
+                                                answer.exchange_order_id, answer.algo_id))
+            return "skipped"
+        for previous in old:
+            calls += 1
+            await self._cancel_tracked(previous)
+        latency_ms = round((self.monotonic() - started) * 1000, 3)
+        if mode != "resize":
+            try:
+                await self.engine.fire_if(position_id, StopMoved(stop_price=target, mark=mark, watermark=watermark,
+                                                                 client_order_id=client_id), only_in=PROTECTED)
+            except TransitionRefused as e:  # logged by the engine; the order is tracked and stays
+                logger.warning("{} {} {}: stop {} placed but not recorded as moved: {}", self.account, symbol,
+                               position_id, target, e)
+                return "failed"
+        self.stats.stop_moves += 1
+        self.stats.calls_per_move.append(calls)
+        if how == "cancel_then_place":
+            self.stats.unprotected_ms.append(window_ms)
+        self.engine.records.emit({
+            "event": "stop_move", "account": self.account, "symbol": symbol, "position_id": position_id,
+            "at": self.engine.clock().isoformat(), "mode": mode, "how": how, "side": side.value,
+            "old_price": _s(position.stop_price), "new_price": str(target), "quantity": str(quantity),
+            "mark": str(mark), "watermark": _s(watermark), "client_order_id": client_id,
+            "unprotected_ms": window_ms, "exchange_calls": calls, "latency_ms": latency_ms,
+        })
+        logger.info("{} {} {} stop {} {} -> {} ({}, {} calls, {} ms)", self.account, symbol, position_id, mode,
+                    position.stop_price, target, how, calls, latency_ms)
+        return "placed"
+
+    async def _cancel_then_place(self, position: Position, old: list[OrderRef], target: Decimal,
+                                 client_id: str) -> tuple[OrderSnapshot, int, float]:
+        """The venue refuses a second stop: cancel first, then place; the gap is measured."""
+        calls = 0
+        for previous in old:
+            calls += 1
+            await self._cancel_tracked(previous)
+        gap_started = self.monotonic()
+        calls += 1
+        answer = await self.exchange.place_stop(position.symbol, position.side, position.quantity, target, client_id)
+        window_ms = round((self.monotonic() - gap_started) * 1000, 3)
+        logger.warning("{} {} {}: the venue refused a second stop; cancelled first, unprotected for {} ms",
+                       self.account, position.symbol, position.id, window_ms)
+        return answer, calls, window_ms
+
+    async def _stop_crossed(self, position: Position, target: Decimal, mark: Decimal, why: str) -> str:
+        self.stats.stops_crossed += 1
+        logger.warning("{} {} {}: stop {} not sent ({}; mark {}); closing at market", self.account, position.symbol,
+                       position.id, target, why, mark)
+        self._spawn(self.close(position.id, CloseReason.STOP_CROSSED), f"stop-crossed close of {position.id}")
+        return "crossed"
+
+    def _stop_failed(self, position: Position, target: Decimal, mode: str, error: BaseException) -> str:
+        self.stats.stop_move_failures += 1
+        self.stats.exchange_errors += 1
+        logger.error("{} {} {}: stop {} to {} FAILED, the stop stays at {}: {}", self.account, position.symbol,
+                     position.id, mode, target, position.stop_price, _short(error))
+        return "failed"
+
+    async def _cancel_tracked(self, order: OrderRef) -> None:
+        try:
+            await self.exchange.cancel_order(order)
+        except OrderAlreadyGone:
+            pass
+        except xerr.ExchangeError as e:
+            self.stats.exchange_errors += 1
+            logger.error("{} {} {}: old stop {} not cancelled ({}); a looser reduce-only stop is left",
+                         self.account, order.symbol, order.position_id, order.client_id, _short(e))
+            return
+        await self._set_order_status(order.position_id, order.client_id, OrderStatus.CANCELED)
+
+    async def _cancel_quietly(self, order: OrderRef) -> None:
+        try:
+            await self.exchange.cancel_order(order)
+        except OrderAlreadyGone:
+            pass
+        except xerr.ExchangeError as e:
+            logger.error("{} {}: stop {} of an ended position not cancelled: {}", self.account, order.symbol,
+                         order.client_id, _short(e))
+
+    def _next_client_id(self, position: Position, purpose: OrderPurpose) -> str:
+        """Attempt = the journal sequence, or past any id of ours already used for this purpose."""
+        attempt = position.seq
+        for client_id in position.orders:
+            ours = parse_client_id(client_id)
+            if ours is not None and ours.purpose is purpose and ours.attempt >= attempt:
+                attempt = ours.attempt + 1
+        return make_client_id(position.id, purpose, attempt)
+
+    def _round_stop(self, side: Side, symbol: str, raw: Decimal) -> Decimal:
+        """Away from the mark, to the tick: a long's stop rounds down, a short's up."""
+        tick = self._tick(symbol)
+        rounding = ROUND_FLOOR if side is Side.LONG else ROUND_CEILING
+        return (raw / tick).to_integral_value(rounding=rounding) * tick
+
+    def _tick(self, symbol: str) -> Decimal:
+        tick = self._ticks.get(symbol)
+        if tick is None:
+            tick = self._ticks[symbol] = self.exchange.tick_size(symbol)
+        return tick
+
+    async def _track(self, position: Position, client_id: str, purpose: OrderPurpose, quantity: Decimal,
+                     price: Decimal, answer: OrderSnapshot) -> OrderRef:
+        ref = OrderRef(client_id, position.id, position.symbol, purpose, _exit_side(position.side), quantity,
+                       answer.status if answer.status is not OrderStatus.NEW else OrderStatus.OPEN,
+                       trigger_price=price, exchange_order_id=answer.exchange_order_id, algo_id=answer.algo_id)
+        await self.engine.track_order(position.id, ref)
+        return ref
+
+    async def _set_order_status(self, position_id: str, client_id: str, status: OrderStatus) -> None:
+        position = self.engine.positions.get(position_id)
+        known = position.orders.get(client_id) if position is not None else None
+        if known is None or known.status is status:
+            return
+        try:
+            await self.engine.track_order(position_id, replace(known, status=status))
+        except UnknownPosition:
+            pass  # ended meanwhile; its cleanup saw the order
+
+
+def _entry_side(side: Side) -> str:
+    return "buy" if side is Side.LONG else "sell"
+
+
+def _exit_side(side: Side) -> str:
+    return "sell" if side is Side.LONG else "buy"
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _s(value: Decimal | None) -> str | None:
+    return str(value) if value is not None else None

@@ -1,0 +1,118 @@
+"""One reconciliation pass: REST positions compared with the live positions, as machine events.
+
+A pass never changes a state itself; it observes and fires events, and only where the observation is
+proof (DESIGN: seed 000 and 001):
+
+* A live position that REST still shows is left alone, whatever the stream said; a stale REST answer
+  (seed 000) therefore never un-closes or closes anything.
+* A live position REST does not show is absent only when a second, targeted query agrees and our own
+  last order activity on it is older than the grace window (REST lags our orders). Then:
+  in CLOSING_BY_BOT it is our close landing (`vanished` -> CLOSED, never external: seed 001);
+  otherwise the closing fill is looked up in recent trades: found, `flat` with its cause; not found,
+  `vanished` -> PHANTOM.
+* OPENING positions are left to the order stream (their entry's own updates decide).
+
+The scheduler (issue 5) runs passes on an interval and adds adoption, mismatch and orphan handling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from exchange.port import Fill
+from lifecycle.causes import classify_close
+from lifecycle.domain import CloseCause, Position, Side
+from lifecycle.events import Flat, Vanished
+from lifecycle.guards.predicates import ABSENCE_CONFIRMATIONS_REQUIRED, is_outside_grace_window
+from lifecycle.live import FLATTENABLE, LiveEngine
+from lifecycle.machines.states import PositionState
+
+
+@dataclass
+class SyncReport:
+    checked: int = 0
+    present: int = 0
+    in_grace: int = 0  # absent, but we acted on it too recently to believe REST
+    unconfirmed: int = 0  # absent once, present on the targeted query
+    closed: list[str] = field(default_factory=list)  # position ids that reached a terminal state
+    rest_calls: int = 0
+
+
+class Reconciler:
+    def __init__(self, live: LiveEngine, *, grace_ms: int = 5000) -> None:
+        if grace_ms < 0:
+            raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
+        self.live = live
+        self.grace_ms = grace_ms
+
+    async def sync(self) -> SyncReport:
+        live, report = self.live, SyncReport()
+        tracked = [p for p in live.engine.positions.values()
+                   if p.account == live.account and p.state in FLATTENABLE]
+        if not tracked:
+            return report
+        report.rest_calls += 1
+        shown = {(s.symbol, s.side) for s in await live.exchange.positions()}
+        for position in tracked:
+            report.checked += 1
+            if (position.symbol, position.side) in shown:
+                report.present += 1
+                continue
+            current = live.engine.positions.get(position.id)
+            if current is None or current.state not in FLATTENABLE:
+                continue  # ended meanwhile (the stream was faster)
+            if not is_outside_grace_window(current.last_activity_at, live.engine.clock(), self.grace_ms):
+                report.in_grace += 1
+                continue
+            report.rest_calls += 1
+            again = await live.exchange.positions([position.symbol])
+            if any(s.symbol == position.symbol and s.side is position.side for s in again):
+                report.unconfirmed += 1
+                continue
+            if await self._absent(current, report):
+                report.closed.append(position.id)
+        return report
+
+    async def _absent(self, position: Position, report: SyncReport) -> bool:
+        live = self.live
+        confirmations = ABSENCE_CONFIRMATIONS_REQUIRED
+        if position.state is PositionState.CLOSING_BY_BOT:
+            outcome = await live.engine.fire_if(position.id, Vanished(confirmations=confirmations,
+                                                                      grace_ms=self.grace_ms),
+                                                only_in={PositionState.CLOSING_BY_BOT})
+            return outcome is not None
+        fill, client_id = await self._closing_fill(position, report)
+        if fill is None:
+            logger.warning("{} {} {}: absent on the exchange (confirmed twice), no closing fill found: phantom",
+                           position.account, position.symbol, position.id)
+            outcome = await live.engine.fire_if(position.id, Vanished(confirmations=confirmations,
+                                                                      grace_ms=self.grace_ms), only_in=FLATTENABLE)
+            return outcome is not None
+        trailing = position.trailing is not None and position.trailing.active
+        cause = classify_close(client_id, position_id=position.id, trailing_was_active=trailing)
+        if cause is CloseCause.BOT:
+            cause = CloseCause.UNKNOWN  # our close order, though no close is in flight: do not claim it
+        logger.info("{} {} {}: closed while the stream did not say so; closing fill {} ({})", position.account,
+                    position.symbol, position.id, fill.order_id, cause)
+        outcome = await live.engine.fire_if(position.id, Flat(
+            cause=cause, exit_price=fill.price, exchange_order_id=fill.order_id, realized_pnl=fill.realized_pnl,
+            fee=fill.fee, exchange_ts_ms=int(fill.at.timestamp() * 1000)), only_in=FLATTENABLE)
+        return outcome is not None
+
+    async def _closing_fill(self, position: Position, report: SyncReport) -> tuple[Fill | None, str | None]:
+        """The newest fill on the closing side since the position was opened, and its order's client id."""
+        live = self.live
+        report.rest_calls += 1
+        fills = await live.exchange.fills(position.symbol, position.created_at)
+        closing = "sell" if position.side is Side.LONG else "buy"
+        candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
+        if not candidates:
+            return None, None
+        fill = max(candidates, key=lambda f: f.at)
+        known = live.client_id_of(fill.order_id)
+        if known is not None:
+            return fill, known
+        report.rest_calls += 1
+        order = await live.exchange.order(position.symbol, fill.order_id)
+        return fill, order.client_id

@@ -1,0 +1,129 @@
+"""A live engine wired to real parts: the venue simulator through unmodified ccxt, a SQLite file or a
+PostgreSQL database, JSON-lines records. Used by the live-engine tests and the benchmarks."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from db.repository import Repository
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
+from exchange.sim.server import SimServer
+from exchange.sim.venue import Account
+from lifecycle.client_ids import parse_client_id
+from lifecycle.domain import Position
+from lifecycle.engine import Engine
+from lifecycle.live import LiveConfig, LiveEngine, OpenCommand
+from lifecycle.machines.states import PositionState
+from lifecycle.records import JsonlRecords
+
+SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT"]
+FAST = LiveConfig(trail_min_interval_s=0, retry_backoff_s=0.02, cause_wait_s=0.5)
+
+
+def settings_for(sim: SimServer, account: Account) -> ExchangeSettings:
+    return ExchangeSettings(api_key=Secret(account.api_key), secret=Secret(account.secret), urls=sim.ccxt_urls(),
+                            user_probe_after_s=0.5, market_silent_after_s=5.0, backoff_initial_s=0.05,
+                            backoff_max_s=0.2, rate_limit=False)
+
+
+@dataclass
+class Rig:
+    sim: SimServer
+    account: Account
+    db_url: str
+    records_dir: Path
+    config: LiveConfig = FAST
+    exchange: CcxtExchange | None = None
+    repo: Repository | None = None
+    engine: Engine | None = None
+    live: LiveEngine | None = None
+    records: JsonlRecords | None = None
+    log: list[tuple[str, str]] = field(default_factory=list)  # (level, message) of WARNING and above
+    _sink: int | None = None
+
+    async def start(self) -> Rig:
+        self._sink = logger.add(lambda m: self.log.append((m.record["level"].name, m.record["message"])),
+                                level="WARNING")
+        self.exchange = await CcxtExchange(settings_for(self.sim, self.account)).start()
+        self.repo = await Repository.open(self.db_url)
+        self.records = JsonlRecords(self.records_dir)
+        self.engine = Engine(self.repo, canceller=self.exchange, records=self.records)
+        await self.engine.rehydrate([self.account.name])
+        self.live = await LiveEngine(self.engine, self.exchange, account=self.account.name, symbols=SYMBOLS,
+                                     config=self.config).start()
+        await self.live.wait_ready()
+        return self
+
+    async def stop(self) -> None:
+        if self.live is not None:
+            await self.live.stop()
+        if self.exchange is not None:
+            await self.exchange.close()
+        if self.repo is not None:
+            await self.repo.close()
+        if self._sink is not None:
+            logger.remove(self._sink)
+            self._sink = None
+
+    async def restart(self) -> None:
+        """A new process: new client, new engine, state from the database only."""
+        await self.stop()
+        self.exchange = self.repo = self.engine = self.live = None
+        await self.start()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    async def open(self, command: OpenCommand, expect: PositionState = PositionState.OPEN) -> Position:
+        assert self.live is not None and self.engine is not None
+        position = await self.live.open(command)
+        await self.until(lambda: self.state(position.id) is expect and (
+            expect is not PositionState.OPEN or self.engine.positions[position.id].stop_price is not None))
+        await self.live.idle()
+        return self.engine.positions[position.id]
+
+    def state(self, position_id: str) -> PositionState | None:
+        assert self.engine is not None
+        p = self.engine.positions.get(position_id)
+        return p.state if p is not None else None
+
+    async def stored(self, position_id: str) -> Position:
+        assert self.repo is not None
+        p = await self.repo.get_position(position_id)
+        assert p is not None
+        return p
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> float:
+        """Wait for `predicate`; returns the seconds it took."""
+        started = time.monotonic()
+        while not predicate():
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"{what} not reached within {timeout}s")
+            await asyncio.sleep(0.005)
+        return time.monotonic() - started
+
+    async def ended(self, position_id: str, timeout: float = 5.0) -> Position:
+        assert self.engine is not None and self.live is not None
+        await self.until(lambda: position_id not in self.engine.positions, timeout, f"end of {position_id}")
+        await self.live.idle()
+        return await self.stored(position_id)
+
+    def our_open_orders(self) -> list[Any]:
+        venue = self.sim.venue
+        return [o for o in [*venue.open_orders(self.account, None), *venue.open_algos(self.account, None)]
+                if parse_client_id(o.client_id) is not None]
+
+    def stop_algos(self, symbol: str) -> list[Any]:
+        return [a for a in self.sim.venue.open_algos(self.account, symbol) if a.order_type == "STOP_MARKET"]
+
+    def set_mark(self, symbol: str, price: str | D) -> None:
+        self.sim.venue.set_mark(symbol, D(str(price)))
+
+    def alarms(self) -> list[tuple[str, str]]:
+        return [entry for entry in self.log if entry[0] in {"WARNING", "ERROR", "CRITICAL"}]

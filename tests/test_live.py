@@ -1,0 +1,316 @@
+"""The live engine against the venue simulator through unmodified ccxt, on a real database."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from decimal import ROUND_FLOOR
+from decimal import Decimal as D
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from exchange.sim.server import SimServer
+from lifecycle.domain import CloseCause, CloseReason, Side
+from lifecycle.live import LiveConfig, OpenCommand
+from lifecycle.machines.states import PositionState as S
+from lifecycle.reconcile import Reconciler
+from tests.livekit import FAST, Rig
+from tests.simclient import signed
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'live.sqlite'}",
+                  tmp_path / "records").start()
+    yield r
+    await r.stop()
+
+
+def btc_long(**kw: object) -> OpenCommand:
+    args: dict[str, object] = {"symbol": "BTCUSDT", "side": Side.LONG, "quantity": D("0.010"), "stop_loss_pct": D(1)}
+    args.update(kw)
+    return OpenCommand(**args)  # type: ignore[arg-type]
+
+
+async def assert_clean_end(rig: Rig, position_id: str, state: S, cause: CloseCause) -> None:
+    stored = await rig.ended(position_id)
+    assert (stored.state, stored.close_cause) == (state, cause)
+    assert rig.repo is not None and not await rig.repo.trailing_state_exists(position_id)
+    await rig.until(lambda: not rig.our_open_orders(), what="no order of ours left open")
+    closure = await rig.repo.closure(position_id)
+    assert closure is not None and closure["cause"] == cause.value
+
+
+# --- every way a position ends --------------------------------------------------------------------
+
+
+async def test_our_stop_fills_closed_external_stop_loss(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert p.stop_price == D("59400.0") and [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("59400.0")]
+    rig.set_mark("BTCUSDT", 59300)
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
+
+
+async def test_trailing_stop_activates_follows_and_fills(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60300), trailing_callback_pct=D("0.5")))
+    for mark in (60200, 60400, 60800, 60700, 61000, 60900):
+        rig.set_mark("BTCUSDT", mark)
+        await asyncio.sleep(0.02)
+    assert rig.live is not None
+    await rig.live.idle()
+    live = rig.engine.positions[p.id]  # type: ignore[union-attr]
+    assert live.state is S.TS_ACTIVE and live.stop_price == D("60695.0")  # 61000 * (1 - 0.5%)
+    assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60695.0")]
+    rig.set_mark("BTCUSDT", 60600)
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.TRAILING_STOP)
+    moves = rig.records.read("stop_move")  # type: ignore[union-attr]
+    assert [m["new_price"] for m in moves][-1] == "60695.0"
+    assert all(m["unprotected_ms"] == 0 and m["exchange_calls"] <= 2 for m in moves)
+
+
+@pytest.mark.parametrize("kind,cause", [("liquidation", CloseCause.LIQUIDATION), ("adl", CloseCause.ADL),
+                                        ("settlement", CloseCause.SETTLEMENT), ("manual", CloseCause.MANUAL)])
+async def test_closed_by_the_exchange_or_another_client(rig: Rig, kind: str, cause: CloseCause) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(61000), trailing_callback_pct=D(1)))
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", kind)
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, cause)
+    closure = rig.records.read("closure")[-1]  # type: ignore[union-attr]
+    assert closure["cause"] == cause.value and closure["detection_latency_ms"] is not None
+
+
+async def test_take_profit_fills(rig: Rig) -> None:
+    p = await rig.open(btc_long(take_profit=D(61000)))
+    await rig.until(lambda: len(rig.sim.venue.open_algos(rig.account, "BTCUSDT")) == 2, what="stop and take-profit")
+    rig.set_mark("BTCUSDT", 61000)
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.TAKE_PROFIT)
+
+
+async def test_bot_close_is_closed_by_bot_with_its_reason(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("ETHUSDT", Side.SHORT, D("0.5"), stop_loss_pct=D(2)))
+    assert p.stop_price == D("3060.00")
+    assert rig.live is not None and await rig.live.close(p.id, CloseReason.SIGNAL)
+    await assert_clean_end(rig, p.id, S.CLOSED, CloseCause.BOT)
+    closure = rig.records.read("closure")[-1]  # type: ignore[union-attr]
+    assert (closure["reason"], closure["side"], closure["quantity"]) == ("signal", "short", "0.5")
+    assert closure["pnl"] is not None and closure["fee"] is not None
+
+
+async def test_rejected_close_returns_to_its_state_and_is_retried(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    rig.sim.set_faults(reject_orders=1)
+    assert rig.live is not None and await rig.live.close(p.id, CloseReason.OPERATOR)
+    await assert_clean_end(rig, p.id, S.CLOSED, CloseCause.BOT)
+    journal = [row.event for row in await rig.repo.journal(p.id)]  # type: ignore[union-attr]
+    assert journal[-4:] == ["close_requested", "close_failed", "close_requested", "flat"]
+
+
+# --- opening ----------------------------------------------------------------------------------------
+
+
+async def test_a_stop_that_would_trigger_closes_at_market_stop_crossed(rig: Rig) -> None:
+    rig.sim.set_faults(reject_stops=1)  # -2021 for the initial stop
+    assert rig.live is not None
+    p = await rig.live.open(btc_long())
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause, stored.close_reason) == (S.CLOSED, CloseCause.BOT, CloseReason.STOP_CROSSED)
+    assert not rig.our_open_orders() and rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0
+
+
+async def test_no_stop_possible_means_closed_unprotected(rig: Rig) -> None:
+    assert rig.live is not None
+    p = await rig.live.open(btc_long(entry_price=D(59900)))  # a resting limit entry
+    assert rig.state(p.id) is S.OPENING
+    rig.sim.set_faults(http_5xx=FAST.stop_retries + 1)  # every stop attempt fails, the close then goes through
+    rig.set_mark("BTCUSDT", 59900)
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_reason) == (S.CLOSED, CloseReason.UNPROTECTED)
+    assert rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0
+    assert any("no stop could be placed" in m for _, m in rig.alarms())
+
+
+async def test_an_entry_that_is_cancelled_ends_cancelled(rig: Rig) -> None:
+    assert rig.live is not None
+    p = await rig.live.open(btc_long(entry_price=D(59000)))
+    assert await rig.live.close(p.id)
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CANCELLED, CloseCause.ENTRY_FAILED)
+
+
+# --- partial reductions ------------------------------------------------------------------------------
+
+
+async def test_partial_close_resizes_the_stop_and_is_recorded(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    async with aiohttp.ClientSession() as session:  # another client reduces the position by 0.004
+        status, _ = await signed(session, rig.sim, rig.account, "POST", "/fapi/v1/order", symbol="BTCUSDT",
+                                 side="SELL", type="MARKET", quantity="0.004", reduceOnly="true")
+    assert status == 200
+    await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.006")], what="stop resized")
+    live = rig.engine.positions[p.id]  # type: ignore[union-attr]
+    assert (live.state, live.quantity, live.stop_price) == (S.OPEN, D("0.006"), D("59400.0"))
+    reduced = rig.records.read("reduced")  # type: ignore[union-attr]
+    assert [(r["closed_quantity"], r["remaining"], r["cause"]) for r in reduced] == [("0.004", "0.006", "manual")]
+    assert reduced[0]["fee"] is not None and reduced[0]["realized_pnl"] is not None
+
+
+# --- the seeds ------------------------------------------------------------------------------------------
+
+
+async def test_seed_000_stale_rest_but_the_stream_says_flat(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(61000), trailing_callback_pct=D(1)))
+    rig.sim.set_faults(stale_positions_s=300)  # REST will show the position for five minutes
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+    assert rig.live is not None
+    reconciler = Reconciler(rig.live, grace_ms=0)
+    report = await reconciler.sync()  # REST still shows it: the reconciliation does nothing
+    took = await rig.until(lambda: p.id not in rig.engine.positions, timeout=1.0)  # type: ignore[union-attr]
+    assert took < 1.0
+    assert report.closed == []
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+    assert len(await rig.exchange.positions()) == 1  # type: ignore[union-attr]  # REST is still stale
+
+
+async def test_seed_001_bot_close_with_reconciliation_during_and_after(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    rig.sim.set_faults(rest_latency_ms=20)  # the close is slow enough for syncs to run beside it
+    assert rig.live is not None
+    reconciler = Reconciler(rig.live, grace_ms=0)  # no grace: only the state protects the bot's close
+    stop = asyncio.Event()
+
+    async def keep_syncing() -> int:
+        passes = 0
+        while not stop.is_set():
+            await reconciler.sync()
+            passes += 1
+            await asyncio.sleep(0.005)  # a pass with nothing to check does not yield by itself
+        return passes
+
+    syncing = asyncio.create_task(keep_syncing())
+    await asyncio.sleep(0.05)
+    assert await rig.live.close(p.id, CloseReason.SIGNAL)
+    await rig.ended(p.id)
+    for _ in range(3):
+        await reconciler.sync()
+    stop.set()
+    assert await syncing > 0
+    stored = await rig.stored(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED, CloseCause.BOT)
+    assert [c["state"] for c in rig.records.read("closure")] == ["CLOSED"]  # type: ignore[union-attr]
+    assert rig.alarms() == []
+
+
+async def test_seed_002_activation_while_rest_lags_uses_live_state(rig: Rig) -> None:
+    rig.sim.set_faults(stale_positions_s=300)  # REST shows no position at all: frozen before the entry
+    p = await rig.open(btc_long(trailing_activation=D(60600), trailing_callback_pct=D("0.3")))
+    rig.sim.set_faults(rest_latency_ms=30)
+    for mark in (60300, 60650, 60900, 61300, 61250):  # a fast run through the activation, 10 ms apart
+        rig.set_mark("BTCUSDT", mark)
+        await asyncio.sleep(0.01)
+    assert rig.live is not None
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("61116.1"), what="trailed stop")  # type: ignore[union-attr]
+    await rig.live.idle()
+    stops = rig.stop_algos("BTCUSDT")
+    assert [(a.trigger, a.qty) for a in stops] == [(D("61116.1"), D("0.010"))]  # 61300 * 0.997, live size
+    assert all(a.trigger < rig.sim.venue.marks["BTCUSDT"] for a in stops)
+    assert rig.live.stats.stops_crossed == 0 and rig.live.stats.exchange_errors == 0
+    assert rig.alarms() == []
+
+
+async def test_seed_003_bursts_of_marks_never_overlap_stop_moves(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.2")))
+    assert rig.exchange is not None and rig.live is not None
+    in_flight, overlaps = 0, 0
+    original_place, original_cancel = rig.exchange.place_stop, rig.exchange.cancel_order
+
+    async def counted(call, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal in_flight, overlaps
+        in_flight += 1
+        overlaps += in_flight > 1
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    rig.exchange.place_stop = lambda *a, **k: counted(original_place, *a, **k)  # type: ignore[method-assign]
+    rig.exchange.cancel_order = lambda *a, **k: counted(original_cancel, *a, **k)  # type: ignore[method-assign]
+    marks = [D(60100) + D(i * 7) for i in range(1, 150)]
+    for burst in range(0, len(marks), 30):  # bursts of 30 marks with no pause between them
+        for mark in marks[burst:burst + 30]:
+            rig.set_mark("BTCUSDT", mark)
+        await asyncio.sleep(0.03)
+    await rig.live.idle()
+    newest = (marks[-1] * D("0.998") / D("0.1")).to_integral_value(rounding=ROUND_FLOOR) * D("0.1")
+    assert rig.engine.positions[p.id].stop_price == newest  # type: ignore[union-attr]
+    assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [newest]
+    assert overlaps == 0
+    assert rig.live.stats.exchange_errors == 0 and rig.live.stats.stop_move_failures == 0
+    moves = rig.records.read("stop_move")  # type: ignore[union-attr]
+    assert len(moves) < len(marks)  # coalesced
+    prices = [D(m["new_price"]) for m in moves]
+    assert prices == sorted(prices)  # never backwards
+
+
+async def test_venue_refusing_two_stops_falls_back_and_measures_the_window(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+    rig.sim.set_faults(single_stop=True)
+    rig.set_mark("BTCUSDT", 60500)
+    assert rig.live is not None
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60197.5"))  # type: ignore[union-attr]
+    await rig.live.idle()
+    assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60197.5")]
+    move = rig.records.read("stop_move")[-1]  # type: ignore[union-attr]
+    assert move["how"] == "cancel_then_place" and move["unprotected_ms"] > 0
+    assert rig.live.stats.unprotected_ms == [move["unprotected_ms"]]
+
+
+# --- restart ---------------------------------------------------------------------------------------------
+
+
+async def test_restart_continues_an_active_trailing_stop(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60300), trailing_callback_pct=D(1)))
+    rig.set_mark("BTCUSDT", 60500)
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("59895.0"))  # type: ignore[union-attr]
+    await rig.restart()
+    assert rig.engine is not None and rig.live is not None
+    resumed = rig.engine.positions[p.id]
+    assert resumed.state is S.TS_ACTIVE and resumed.trailing is not None
+    assert resumed.trailing.watermark == D("60500.0") and resumed.stop_price == D("59895.0")
+    rig.set_mark("BTCUSDT", 60400)  # below the persisted watermark: nothing moves
+    await asyncio.sleep(0.05)
+    assert rig.engine.positions[p.id].stop_price == D("59895.0")
+    rig.set_mark("BTCUSDT", 61000)
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60390.0"))
+    await rig.live.idle()
+    assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60390.0")]  # the old stop was cancelled
+    rig.set_mark("BTCUSDT", 60300)
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.TRAILING_STOP)
+
+
+async def test_records_are_json_lines_by_event_type(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.live is not None and await rig.live.close(p.id)
+    await rig.ended(p.id)
+    files = sorted(f.name for f in rig.records_dir.iterdir())
+    assert files == ["closure.jsonl", "stop_move.jsonl", "transition.jsonl"]
+    transitions = [json.loads(line) for line in (rig.records_dir / "transition.jsonl").read_text().splitlines()]
+    assert [t["trigger"] for t in transitions] == ["entry_filled", "stop_moved", "close_requested", "flat"]
+    for record in transitions:
+        assert {"account", "position_id", "symbol", "event", "at"} <= set(record)
+
+
+def test_config_refuses_impossible_values() -> None:
+    with pytest.raises(ValueError, match="trail_min_interval_s"):
+        LiveConfig(trail_min_interval_s=-1)
+    with pytest.raises(ValueError, match="stop_loss_pct"):
+        btc_long(stop_loss_pct=D(0))
+    with pytest.raises(ValueError, match="go together"):
+        btc_long(trailing_activation=D(61000))
