@@ -181,6 +181,8 @@ class LiveEngine:
         self._fill_signal: dict[str, asyncio.Event] = {}
         self._triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
         self._ticks: dict[str, Decimal] = {}
+        self._single_stop: set[str] = set()  # symbols where the venue refused a second stop
+        self._gone: OrderedDict[str, None] = OrderedDict()  # our stops the stream reported cancelled/expired
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams: list[asyncio.Task[None]] = []
         self._ready = {"positions": asyncio.Event(), "orders": asyncio.Event()}
@@ -195,10 +197,14 @@ class LiveEngine:
             if position.account == self.account:
                 self._watch_position(position)
         if streams:
+            # Handlers are looked up per item, so a benchmark can time them by wrapping the attribute.
             self._streams = [
-                asyncio.create_task(self._consume("positions", self.exchange.position_updates(), self.on_position)),
-                asyncio.create_task(self._consume("orders", self.exchange.order_updates(), self.on_order)),
-                asyncio.create_task(self._consume("marks", self.exchange.mark_prices(self.symbols), self.on_mark)),
+                asyncio.create_task(self._consume("positions", self.exchange.position_updates(),
+                                                  lambda item: self.on_position(item))),
+                asyncio.create_task(self._consume("orders", self.exchange.order_updates(),
+                                                  lambda item: self.on_order(item))),
+                asyncio.create_task(self._consume("marks", self.exchange.mark_prices(self.symbols),
+                                                  lambda item: self.on_mark(item))),
             ]
         return self
 
@@ -402,6 +408,14 @@ class LiveEngine:
         if order.algo_id is not None and known is not None and order.status is not known.status and (
                 order.status.is_final or known.status is OrderStatus.NEW):
             self._spawn(self._set_order_status(position.id, known.client_id, order.status), "order status")
+            if (known.purpose is OrderPurpose.STOP and order.status in {OrderStatus.CANCELED, OrderStatus.EXPIRED}
+                    and position.state in PROTECTED and position.stop_price is not None):
+                # Not cancelled by a move of ours (a move places first) or by a flat (checked under the
+                # lock): someone removed our stop. Put it back at its price.
+                self._gone[known.client_id] = None
+                while len(self._gone) > 10_000:
+                    self._gone.popitem(last=False)
+                self._spawn(self._reprotect(position.id, known.client_id), f"re-protection of {position.id}")
 
     def on_mark(self, mark: MarkPrice) -> None:
         self.marks[mark.symbol] = mark.price
@@ -557,6 +571,15 @@ class LiveEngine:
             if current is not None and current.stop_price is not None:
                 await self._request_stop(position_id, current.stop_price, None, "resize")
 
+    async def _reprotect(self, position_id: str, lost_client_id: str) -> None:
+        position = self.engine.positions.get(position_id)
+        if position is None or position.stop_price is None:
+            return
+        result = await self._request_stop(position_id, position.stop_price, None, "protect")
+        if result == "placed":
+            logger.warning("{} {} {}: stop {} was removed on the exchange; placed again at {}", self.account,
+                           position.symbol, position_id, lost_client_id, position.stop_price)
+
     # --- trailing ---------------------------------------------------------------------------------
 
     def _watch_position(self, position: Position) -> None:
@@ -657,6 +680,13 @@ class LiveEngine:
                 if watch is not None:
                     watch.deferred = True  # the next mark after the interval moves it
                 return "skipped"
+        if mode == "protect":
+            live = self.live.get(symbol)
+            flat = live is not None and live.side is not side and (position.id not in self._entry_at or
+                                                                     live.at >= self._entry_at[position.id])
+            if flat or any(o.purpose is OrderPurpose.STOP and o.client_id not in self._gone
+                           for o in position.working_orders()):
+                return "skipped"  # flat (the flat event ends it) or protected again already
         mark = self.marks.get(symbol) or position.entry_price
         assert mark is not None
         if not is_stop_on_safe_side(side, target, mark):
@@ -667,7 +697,8 @@ class LiveEngine:
         calls, window_ms, how = 0, 0.0, "place_then_cancel" if old else "place"
         started = self.monotonic()
         answer: OrderSnapshot | None = None
-        for attempt in range(self.config.stop_retries + 1):
+        fallback = bool(old) and symbol in self._single_stop  # learnt: this venue takes one stop per symbol
+        for attempt in range(0 if fallback else self.config.stop_retries + 1):
             calls += 1
             try:
                 answer = await self.exchange.place_stop(symbol, side, quantity, target, client_id)
@@ -676,10 +707,8 @@ class LiveEngine:
                 return await self._stop_crossed(position, target, mark, "the exchange answered -2021")
             except xerr.Rejected as e:
                 if e.code in TWO_STOPS_REFUSED and old:
-                    answer, extra, window_ms = await self._cancel_then_place(position, old, target, client_id)
-                    calls += extra
-                    how = "cancel_then_place"
-                    old = []
+                    self._single_stop.add(symbol)
+                    fallback = True
                     break
                 return self._stop_failed(position, target, mode, e)
             except xerr.Retryable as e:
@@ -689,6 +718,15 @@ class LiveEngine:
                 await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
             except xerr.ExchangeError as e:
                 return self._stop_failed(position, target, mode, e)
+        if fallback:
+            try:
+                answer, extra, window_ms = await self._cancel_then_place(position, old, target, client_id)
+            except xerr.StopWouldTrigger:
+                return await self._stop_crossed(position, target, mark, "the exchange answered -2021")
+            except xerr.ExchangeError as e:
+                return self._stop_failed(position, target, mode, e)
+            calls += extra
+            how, old = "cancel_then_place", []
         if answer is None:
             return self._stop_failed(position, target, mode, RuntimeError("no answer"))
         try:
@@ -702,7 +740,7 @@ class LiveEngine:
             calls += 1
             await self._cancel_tracked(previous)
         latency_ms = round((self.monotonic() - started) * 1000, 3)
-        if mode != "resize":
+        if mode not in {"resize", "protect"}:
             try:
                 await self.engine.fire_if(position_id, StopMoved(stop_price=target, mark=mark, watermark=watermark,
                                                                  client_order_id=client_id), only_in=PROTECTED)
@@ -727,18 +765,51 @@ class LiveEngine:
 
     async def _cancel_then_place(self, position: Position, old: list[OrderRef], target: Decimal,
                                  client_id: str) -> tuple[OrderSnapshot, int, float]:
-        """The venue refuses a second stop: cancel first, then place; the gap is measured."""
+        """The venue refuses a second stop: cancel first, then place. The window is measured from before the
+        first cancel is sent to the new stop's acknowledgement (an upper bound of the venue-side gap); the
+        bookkeeping of the cancelled orders waits until the new stop is in place."""
         calls = 0
+        gap_started = self.monotonic()
+        cancelled = []
         for previous in old:
             calls += 1
-            await self._cancel_tracked(previous)
-        gap_started = self.monotonic()
+            try:
+                await self.exchange.cancel_order(previous)
+            except OrderAlreadyGone:
+                pass
+            cancelled.append(previous)
         calls += 1
-        answer = await self.exchange.place_stop(position.symbol, position.side, position.quantity, target, client_id)
+        try:
+            answer = await self.exchange.place_stop(position.symbol, position.side, position.quantity, target,
+                                                    client_id)
+        except xerr.ExchangeError as e:
+            await self._restore_stop(position, cancelled, client_id, e)
+            raise
+        finally:
+            for previous in cancelled:
+                await self._set_order_status(previous.position_id, previous.client_id, OrderStatus.CANCELED)
         window_ms = round((self.monotonic() - gap_started) * 1000, 3)
-        logger.warning("{} {} {}: the venue refused a second stop; cancelled first, unprotected for {} ms",
+        logger.warning("{} {} {}: the venue refuses a second stop; cancelled first, unprotected for {} ms",
                        self.account, position.symbol, position.id, window_ms)
         return answer, calls, window_ms
+
+    async def _restore_stop(self, position: Position, cancelled: list[OrderRef], failed_client_id: str,
+                            error: BaseException) -> None:
+        """The old stop is cancelled and the new one failed: put the old price back, or close at market."""
+        if isinstance(error, xerr.StopWouldTrigger) or not cancelled or position.stop_price is None:
+            return  # the caller closes at market (stop_crossed)
+        failed = parse_client_id(failed_client_id)
+        client_id = make_client_id(position.id, OrderPurpose.STOP, (failed.attempt if failed else position.seq) + 1)
+        try:
+            answer = await self.exchange.place_stop(position.symbol, position.side, position.quantity,
+                                                    position.stop_price, client_id)
+            await self._track(position, client_id, OrderPurpose.STOP, position.quantity, position.stop_price, answer)
+            logger.error("{} {} {}: new stop failed after the old was cancelled ({}); old stop {} restored",
+                         self.account, position.symbol, position.id, _short(error), position.stop_price)
+        except Exception as e:  # noqa: BLE001 - whatever it was, the position is unprotected now
+            logger.error("{} {} {}: UNPROTECTED, stop could not be restored ({}); closing at market",
+                         self.account, position.symbol, position.id, _short(e))
+            self._spawn(self.close(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}")
 
     async def _stop_crossed(self, position: Position, target: Decimal, mark: Decimal, why: str) -> str:
         self.stats.stops_crossed += 1

@@ -314,3 +314,32 @@ def test_config_refuses_impossible_values() -> None:
         btc_long(stop_loss_pct=D(0))
     with pytest.raises(ValueError, match="go together"):
         btc_long(trailing_activation=D(61000))
+
+
+async def test_a_stop_removed_by_someone_else_is_placed_again(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    [stop] = rig.stop_algos("BTCUSDT")
+    rig.sim.venue.cancel_algo(rig.account, stop.algo_id, None)  # e.g. cancelled by hand in the web UI
+    await rig.until(lambda: [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("59400.0")]
+                    and rig.stop_algos("BTCUSDT")[0].algo_id != stop.algo_id, what="stop placed again")
+    assert rig.live is not None
+    await rig.live.idle()
+    assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
+    assert any("was removed on the exchange" in m for _, m in rig.alarms())
+
+
+async def test_a_failed_move_after_a_cancel_restores_the_old_stop(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+    rig.sim.set_faults(single_stop=True)
+    rig.set_mark("BTCUSDT", 60500)  # first move: refused second stop, learnt, cancel-then-place
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60197.5"))  # type: ignore[union-attr]
+    assert rig.live is not None
+    await rig.live.idle()
+    rig.sim.set_faults(reject_stops=1, reject_stops_code=-1111)  # the next stop placement is refused
+    rig.set_mark("BTCUSDT", 60800)  # second move: old cancelled first, the new one fails
+    await rig.until(lambda: rig.sim.faults.reject_stops == 0 and len(rig.stop_algos("BTCUSDT")) == 1,
+                    what="old stop restored")
+    await rig.live.idle()
+    assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60197.5")]
+    live = rig.engine.positions[p.id]  # type: ignore[union-attr]
+    assert live.stop_price == D("60197.5") and rig.live.stats.stop_move_failures == 1

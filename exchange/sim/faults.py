@@ -17,7 +17,8 @@ class Faults:
     timeout_s: float = 15.0
     rate_limit: int = 0  # the next N REST calls answer 429 -1003
     ip_ban: int = 0  # the next N REST calls answer 418 -1003
-    reject_stops: int = 0  # the next N algo orders are rejected with -2021 whatever the mark
+    reject_stops: int = 0  # the next N algo orders are rejected with reject_stops_code whatever the mark
+    reject_stops_code: int = -2021  # -2021: would immediately trigger; e.g. -1111 for a plain rejection
     reject_orders: int = 0  # the next N regular orders are rejected with -2019 (margin is insufficient)
     single_stop: bool = False  # a second working STOP_MARKET on a symbol is refused with -4045
 

@@ -367,7 +367,9 @@ class SimServer:
             raise SimError(-1102, "Mandatory parameter 'algoType' was not sent, was empty/null, or malformed.")
         if self.faults.reject_stops > 0:
             self.faults.reject_stops -= 1
-            raise SimError(-2021, "Order would immediately trigger.")
+            if self.faults.reject_stops_code == -2021:
+                raise SimError(-2021, "Order would immediately trigger.")
+            raise SimError(self.faults.reject_stops_code, "Order rejected (simulated).")
         if self.faults.single_stop and p.get("type") == "STOP_MARKET" and any(
                 a.order_type == "STOP_MARKET" for a in self.venue.open_algos(account, p.get("symbol", ""))):
             raise SimError(-4045, "Reach max stop order limit.")
