@@ -246,6 +246,11 @@ class CcxtExchange:
         raw = await self._call(self.client.fetch_positions, unified)
         return [p for p in (self._position(r) for r in raw) if p.amount != 0]
 
+    async def order_by_client_id(self, symbol: str, client_id: str) -> OrderSnapshot:
+        """One regular order by our client id; OrderNotFound when the venue never received it."""
+        return self._order(await self._call(self.client.fetch_order, None, self._unified(symbol),
+                                            {"origClientOrderId": client_id}))
+
     async def order(self, symbol: str, exchange_order_id: str) -> OrderSnapshot:
         """One regular order by its exchange id (to learn who placed a fill: its client id)."""
         return self._order(await self._call(self.client.fetch_order, exchange_order_id, self._unified(symbol)))
@@ -409,7 +414,9 @@ class CcxtExchange:
                         pending.cancel()
                     # Subscribe first, announce after: a snapshot taken on Resynced then misses nothing.
                     pending = asyncio.ensure_future(watch(client))
-                    if not await self._subscribed(client, hint):
+                    if await self._subscribed(client, hint):
+                        self.health[name] = StreamHealth.HEALTHY  # live, even if nothing happens for a while
+                    else:
                         logger.warning("{} stream: subscription not confirmed in time; announcing anyway", name)
                     reason = "connected" if generation == 0 else "reconnected"
                     generation = self.generation

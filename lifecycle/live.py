@@ -41,7 +41,7 @@ from typing import Any
 from loguru import logger
 
 from exchange import errors as xerr
-from exchange.port import ExchangePort, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced
+from exchange.port import ExchangePort, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import make_client_id, parse_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus, Position, Side, TrailingState
@@ -176,6 +176,7 @@ class LiveEngine:
         self._watch: dict[str, dict[str, _Watch]] = {}  # symbol -> position id -> watch
         self._plans: dict[str, OpenCommand] = {}  # open commands whose initial stop is not placed yet
         self._entries_done: set[str] = set()
+        self._trimming: set[str] = set()  # partly filled entries whose rest is being cancelled
         self._entry_at: dict[str, datetime] = {}  # exchange time of the entry fill, per position
         self._fills: dict[str, deque[_SeenFill]] = {}
         self._fill_signal: dict[str, asyncio.Event] = {}
@@ -183,9 +184,12 @@ class LiveEngine:
         self._ticks: dict[str, Decimal] = {}
         self._single_stop: set[str] = set()  # symbols where the venue refused a second stop
         self._gone: OrderedDict[str, None] = OrderedDict()  # our stops the stream reported cancelled/expired
+        self._own_cancels: OrderedDict[str, None] = OrderedDict()  # client ids we cancelled ourselves
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams: list[asyncio.Task[None]] = []
         self._ready = {"positions": asyncio.Event(), "orders": asyncio.Event()}
+        # Run after a positions resync that lacks a tracked position (a Reconciler registers its pass).
+        self.after_resync: list[Callable[[], Awaitable[Any]]] = []
         self._min_interval = timedelta(seconds=self.config.trail_min_interval_s)
         engine.listeners.append(self._on_transition)
 
@@ -246,13 +250,41 @@ class LiveEngine:
                 logger.exception("{} {} update could not be handled: {}: {}", self.account, name, type(e).__name__, e)
 
     def _on_resynced(self, item: Resynced) -> None:
-        if item.stream == "positions" and item.snapshot is not None:
-            for snap in item.snapshot:
-                if isinstance(snap, PositionSnapshot):
-                    self.live[snap.symbol] = snap
+        """A (re)subscribed stream and the REST snapshot taken right after: the truth to start from.
+
+        Changes the stream may have missed while it was down are not acted on directly (a REST snapshot
+        can be stale, seed 000 and 002): a tracked position missing from it is marked flat in the live
+        state and left to the reconciliation hooks (confirmation, grace window, closing fill); a tracked
+        stop missing from the open orders is put back by a `sync` of the position's stop.
+        """
         if item.stream in self._ready:
             self._ready[item.stream].set()
         logger.info("{} {} stream live ({})", self.account, item.stream, item.reason)
+        if item.snapshot is None:
+            return
+        tracked = [p for p in self.engine.positions.values() if p.account == self.account and p.state in FLATTENABLE]
+        if item.stream == "positions":
+            shown = set()
+            for snap in item.snapshot:
+                if isinstance(snap, PositionSnapshot):
+                    self.live[snap.symbol] = snap
+                    shown.add((snap.symbol, snap.side))
+            missing = [p for p in tracked if (p.symbol, p.side) not in shown]
+            for position in missing:
+                self.live[position.symbol] = PositionSnapshot(position.symbol, Decimal(0), Decimal(0),
+                                                              self.engine.clock())
+            if missing and item.reason != "connected":
+                for hook in list(self.after_resync):
+                    self._spawn(hook(), "reconciliation after a resync")
+        elif item.stream == "orders":
+            open_ids = {o.client_id for o in item.snapshot if isinstance(o, OrderSnapshot)}
+            for position in tracked:
+                lost = [o for o in position.working_orders()
+                        if o.purpose is OrderPurpose.STOP and o.client_id not in open_ids]
+                if lost and position.state in PROTECTED:
+                    for order in lost:
+                        self._gone[order.client_id] = None
+                    self._spawn(self._reprotect(position.id, lost[0].client_id), f"re-protection of {position.id}")
 
     def _spawn(self, work: Awaitable[Any], what: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(work)
@@ -270,7 +302,12 @@ class LiveEngine:
     # --- commands ---------------------------------------------------------------------------------
 
     async def open(self, command: OpenCommand) -> Position:
-        """Create the position and send its entry; the fill and the initial stop follow on their own."""
+        """Create the position and send its entry; the fill and the initial stop follow on their own.
+
+        A definite rejection ends the position CANCELLED and is raised. An answer that never came (timeout,
+        5xx) may hide an order the venue accepted: the position stays OPENING, the order is looked up by
+        its client id in the background, and the position is returned.
+        """
         if command.symbol not in self.symbols:
             raise InvalidEvent(f"{command.symbol} is not one of the watched symbols {self.symbols}")
         position = await self.engine.open_position(account=self.account, symbol=command.symbol, side=command.side,
@@ -283,6 +320,12 @@ class LiveEngine:
         try:
             answer = await self.exchange.place_entry(command.symbol, command.side, command.quantity, client_id,
                                                      command.entry_price)
+        except xerr.Retryable as e:
+            self.stats.exchange_errors += 1
+            logger.warning("{} {} {} entry not confirmed ({}); looking it up by its client id", self.account,
+                           command.symbol, position.id, _short(e))
+            self._spawn(self._find_entry(position.id, ref), f"entry lookup of {position.id}")
+            return position
         except xerr.ExchangeError as e:
             self.stats.exchange_errors += 1
             logger.error("{} {} {} entry rejected: {}", self.account, command.symbol, position.id, e)
@@ -292,29 +335,58 @@ class LiveEngine:
         self._handle_entry_update(position.id, answer)
         return position
 
+    async def _find_entry(self, position_id: str, ref: OrderRef) -> None:
+        """After an unconfirmed entry: the venue's answer for its client id decides (stream updates may too)."""
+        for attempt in range(self.config.stop_retries + 2):
+            await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+            if position_id in self._entries_done or position_id not in self.engine.positions:
+                return
+            try:
+                found = await self.exchange.order_by_client_id(ref.symbol, ref.client_id)
+            except OrderAlreadyGone:
+                if attempt < self.config.stop_retries + 1:
+                    continue  # a lagging venue may not list it yet
+                logger.warning("{} {} {}: the entry never reached the venue", self.account, ref.symbol, position_id)
+                self._entries_done.add(position_id)
+                await self.engine.fire_if(position_id, EntryFailed(reason="entry never reached the venue"),
+                                          only_in={S.OPENING, S.CLOSING_BY_BOT})
+                return
+            except xerr.ExchangeError as e:
+                logger.warning("{} {} {}: entry lookup failed: {}", self.account, ref.symbol, position_id, _short(e))
+                continue
+            self._handle_entry_update(position_id, found)
+            return
+        logger.error("{} {} {}: entry state unknown after {} lookups; left OPENING for reconciliation",
+                     self.account, ref.symbol, position_id, self.config.stop_retries + 2)
+
     async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR, *, _retry: int = 0) -> bool:
-        """Close a position at market with a reduce-only order; False if it had already moved on."""
+        """Close a position at market with a reduce-only order; False if it had already moved on.
+
+        A position still OPENING goes to CLOSING_BY_BOT and its entry is cancelled: nothing filled ends it
+        CANCELLED, a fill (late or partial) is closed at once.
+        """
         position = self.engine.positions.get(position_id)
         if position is None:
             raise UnknownPosition(f"no live position {position_id}")
-        if position.state is S.OPENING:
-            return await self._cancel_entry(position)
-        outcome = await self.engine.fire_if(position_id, CloseRequested(reason=reason), only_in=PROTECTED)
+        outcome = await self.engine.fire_if(position_id, CloseRequested(reason=reason),
+                                            only_in=PROTECTED | {S.OPENING})
         if outcome is None:
             return False
+        if outcome.source is S.OPENING:
+            await self._cancel_entry(position_id)
         await self._send_close(position_id, reason, _retry)
         return True
 
-    async def _cancel_entry(self, position: Position) -> bool:
-        entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None)
+    async def _cancel_entry(self, position_id: str) -> None:
+        position = self.engine.positions.get(position_id)
+        entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None) \
+            if position is not None else None
         if entry is None:
-            return False
+            return
         try:
             await self.exchange.cancel_order(entry)
-        except OrderAlreadyGone:
-            logger.info("{} {} {} entry already ended; its fill decides", self.account, position.symbol, position.id)
-            return False
-        return True  # the order stream's CANCELED ends the position as CANCELLED (nothing filled)
+        except OrderAlreadyGone:  # filled meanwhile: its fill arrives as an update and is closed
+            logger.info("{} {} {} entry already ended; its fill decides", self.account, entry.symbol, position_id)
 
     async def _send_close(self, position_id: str, reason: CloseReason, retry: int) -> None:
         position = self.engine.positions.get(position_id)
@@ -327,7 +399,8 @@ class LiveEngine:
         if client_id not in position.orders:
             await self.engine.track_order(position_id, OrderRef(
                 client_id, position_id, position.symbol, OrderPurpose.CLOSE, _exit_side(position.side), quantity))
-        for attempt in range(self.config.stop_retries + 1):
+        attempt = 0
+        while True:
             try:
                 answer = await self.exchange.close_position(position.symbol, position.side, quantity, client_id)
             except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
@@ -335,10 +408,18 @@ class LiveEngine:
                 logger.info("{} {} {} close {}: {}", self.account, position.symbol, position_id, client_id, _short(e))
                 return
             except xerr.Retryable as e:
+                # The order may have landed: never "failed", stay CLOSING_BY_BOT (the stop stays too) and
+                # resend the same id (reduce-only, so a repeat can never over-close), slower and slower.
                 self.stats.exchange_errors += 1
-                logger.warning("{} {} {} close {} not confirmed ({}), retrying with the same id", self.account,
-                               position.symbol, position_id, client_id, _short(e))
-                await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+                attempt += 1
+                delay = min(self.config.retry_backoff_s * attempt, 30.0)
+                log = logger.warning if attempt <= self.config.close_retries else logger.error
+                log("{} {} {} close {} not confirmed ({}); resending the same id in {}s", self.account,
+                    position.symbol, position_id, client_id, _short(e), delay)
+                await asyncio.sleep(delay)
+                current = self.engine.positions.get(position_id)
+                if current is None or current.state is not S.CLOSING_BY_BOT:
+                    return
                 continue
             except xerr.ExchangeError as e:
                 self.stats.exchange_errors += 1
@@ -346,7 +427,6 @@ class LiveEngine:
                 return
             await self._set_order_status(position_id, client_id, answer.status)
             return
-        await self._close_rejected(position_id, client_id, reason, retry, RuntimeError("no answer after retries"))
 
     async def _close_rejected(self, position_id: str, client_id: str, reason: CloseReason, retry: int,
                               error: Exception) -> None:
@@ -354,15 +434,24 @@ class LiveEngine:
         outcome = await self.engine.fire_if(position_id, CloseFailed(error=_short(error)), only_in={S.CLOSING_BY_BOT})
         if outcome is None:
             return
-        if retry < self.config.close_retries:
-            logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.account, position_id,
-                           _short(error), retry + 1, self.config.close_retries, self.config.retry_backoff_s)
-            await asyncio.sleep(self.config.retry_backoff_s)
+        position = self.engine.positions.get(position_id)
+        stop = next((o for o in position.working_orders() if o.purpose is OrderPurpose.STOP), None) \
+            if position is not None else None
+        if retry < self.config.close_retries or (stop is None and outcome.dest in PROTECTED):
+            # Without a stop on the exchange the close is retried for as long as it takes.
+            delay = min(self.config.retry_backoff_s * (1 + max(0, retry - self.config.close_retries)), 30.0)
+            if retry < self.config.close_retries:
+                logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.account, position_id,
+                               _short(error), retry + 1, self.config.close_retries, delay)
+            else:
+                logger.critical("{} {} UNPROTECTED: no stop on the exchange and the close was rejected {} times "
+                                "({}); retrying in {}s", self.account, position_id, retry + 1, _short(error), delay)
+            await asyncio.sleep(delay)
             if position_id in self.engine.positions:
                 await self.close(position_id, reason, _retry=retry + 1)
         else:
-            logger.error("{} {} close rejected {} times; the position stays {} with its stop", self.account,
-                         position_id, retry + 1, outcome.dest)
+            logger.error("{} {} close rejected {} times; the position stays {} with its stop at {}", self.account,
+                         position_id, retry + 1, outcome.dest, stop.trigger_price if stop else None)
 
     # --- stream handlers (synchronous: they decide, background tasks act) ------------------------
 
@@ -409,6 +498,7 @@ class LiveEngine:
                 order.status.is_final or known.status is OrderStatus.NEW):
             self._spawn(self._set_order_status(position.id, known.client_id, order.status), "order status")
             if (known.purpose is OrderPurpose.STOP and order.status in {OrderStatus.CANCELED, OrderStatus.EXPIRED}
+                    and known.client_id not in self._own_cancels
                     and position.state in PROTECTED and position.stop_price is not None):
                 # Not cancelled by a move of ours (a move places first) or by a flat (checked under the
                 # lock): someone removed our stop. Put it back at its price.
@@ -446,7 +536,13 @@ class LiveEngine:
         elif order.status.is_final:
             self._entries_done.add(position_id)
             self._spawn(self.engine.fire_if(position_id, EntryFailed(reason=f"entry {order.status.value}"),
-                                            only_in={S.OPENING}), f"entry failure of {position_id}")
+                                            only_in={S.OPENING, S.CLOSING_BY_BOT}), f"entry failure of {position_id}")
+        elif order.filled > 0 and position_id not in self._trimming:
+            # Partly filled: the filled part is exposure without a stop. Cancel the rest; the final update
+            # (cancelled with a fill) then opens the position with what filled and protects it.
+            self._trimming.add(position_id)
+            logger.info("{} {} entry partly filled ({}); cancelling the rest", self.account, position_id, order.filled)
+            self._spawn(self._cancel_entry(position_id), f"entry trim of {position_id}")
 
     async def _entry_filled(self, position_id: str, order: OrderSnapshot) -> None:
         price = order.average_price or order.trigger_price
@@ -483,6 +579,14 @@ class LiveEngine:
             await self._place_take_profit(position_id, plan.take_profit)
 
     async def _place_take_profit(self, position_id: str, price: Decimal) -> None:
+        """Under the symbol lock too: terminal cleanup waits for it, so it cannot outlive the position."""
+        position = self.engine.positions.get(position_id)
+        if position is None:
+            return
+        await self.engine.locks.submit(self.account, position.symbol, f"{position_id}/tp", price,
+                                       lambda target: self._apply_take_profit(position_id, target))
+
+    async def _apply_take_profit(self, position_id: str, price: Decimal) -> None:
         position = self.engine.positions.get(position_id)
         if position is None or position.state not in PROTECTED:
             return
@@ -495,7 +599,12 @@ class LiveEngine:
             logger.warning("{} {} {}: take-profit at {} not placed: {}", self.account, position.symbol,
                            position_id, price, _short(e))
             return
-        await self._track(position, client_id, OrderPurpose.TAKE_PROFIT, position.quantity, price, answer)
+        try:
+            await self._track(position, client_id, OrderPurpose.TAKE_PROFIT, position.quantity, price, answer)
+        except UnknownPosition:
+            await self._cancel_quietly(OrderRef(client_id, position_id, position.symbol, OrderPurpose.TAKE_PROFIT,
+                                                _exit_side(position.side), position.quantity, OrderStatus.OPEN,
+                                                price, answer.exchange_order_id, answer.algo_id))
 
     # --- flat and reductions ----------------------------------------------------------------------
 
@@ -507,11 +616,16 @@ class LiveEngine:
         current = self.live.get(snap.symbol)
         if current is not None and current.side is position.side and current.at > snap.at:
             return  # a newer update shows the position again: that flat was stale
-        cause = CloseCause.UNKNOWN
+        position = self.engine.positions.get(position_id)  # as it is now, after the wait
+        if position is None:
+            return
+        cause: CloseCause | None = CloseCause.UNKNOWN
         if fill is not None:
             trailing_active = position.trailing is not None and position.trailing.active
             cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
-        if cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
+        if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN:
+            cause = None  # our close is in flight: the state's default (bot) applies
+        elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
             cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
         order = fill.order if fill is not None else None
         await self.engine.fire_if(position_id, Flat(
@@ -567,15 +681,13 @@ class LiveEngine:
         })
         logger.info("{} {} {} reduced {} -> {}", self.account, position.symbol, position_id, before, remaining)
         if outcome.dest in PROTECTED:
-            current = self.engine.positions.get(position_id)
-            if current is not None and current.stop_price is not None:
-                await self._request_stop(position_id, current.stop_price, None, "resize")
+            await self._request_stop(position_id, None, None, "sync")
 
     async def _reprotect(self, position_id: str, lost_client_id: str) -> None:
         position = self.engine.positions.get(position_id)
         if position is None or position.stop_price is None:
             return
-        result = await self._request_stop(position_id, position.stop_price, None, "protect")
+        result = await self._request_stop(position_id, None, None, "sync")
         if result == "placed":
             logger.warning("{} {} {}: stop {} was removed on the exchange; placed again at {}", self.account,
                            position.symbol, position_id, lost_client_id, position.stop_price)
@@ -594,6 +706,7 @@ class LiveEngine:
                 watches.pop(position.id, None)
             self._plans.pop(position.id, None)
             self._entries_done.discard(position.id)
+            self._trimming.discard(position.id)
             self._entry_at.pop(position.id, None)
 
     def _follow(self, watch: _Watch, symbol: str, mark: Decimal) -> None:
@@ -652,25 +765,41 @@ class LiveEngine:
 
     # --- placing and moving stops (under the symbol's lock) ---------------------------------------
 
-    async def _request_stop(self, position_id: str, target: Decimal, watermark: Decimal | None, mode: str) -> str:
-        """Set the position's stop to `target` under the symbol lock: placed / skipped / failed.
+    async def _request_stop(self, position_id: str, target: Decimal | None, watermark: Decimal | None,
+                            mode: str) -> str:
+        """Set the position's stop under the symbol lock: placed / skipped / failed / crossed.
 
-        Modes: `initial` (first stop), `trail` (a better stop; dropped when no longer better or too soon),
-        `resize` (same price, the live quantity after a reduction; not a machine event).
+        Modes: `initial` (first stop at `target`), `trail` (a better stop at `target`; dropped when no
+        longer better or too soon), `sync` (make the exchange match the position: exactly one working stop
+        at the position's current stop price and size, read under the lock; after a reduction, or when our
+        stop was removed on the exchange; not a machine event). Trail and sync requests coalesce separately
+        (different owners), so neither drops the other.
         """
         position = self.engine.positions.get(position_id)
         if position is None:
             return "skipped"
+        owner = position_id if mode != "sync" else f"{position_id}/sync"
+        if self.engine.locks.is_released(position_id):
+            return "skipped"
         result = await self.engine.locks.submit(
-            self.account, position.symbol, position_id, (target, watermark, mode),
+            self.account, position.symbol, owner, (target, watermark, mode),
             lambda request: self._apply_stop(position_id, *request))
         return result.result if result.applied and result.result else "skipped"
 
-    async def _apply_stop(self, position_id: str, target: Decimal, watermark: Decimal | None, mode: str) -> str:
+    async def _apply_stop(self, position_id: str, target: Decimal | None, watermark: Decimal | None,
+                          mode: str) -> str:
         position = self.engine.positions.get(position_id)
         if position is None or position.state not in PROTECTED:
             return "skipped"
         symbol, side = position.symbol, position.side
+        if mode == "sync":
+            target = position.stop_price
+            if target is None or self._is_flat(position):
+                return "skipped"  # nothing to match yet, or flat (the flat event ends it)
+            working = [o for o in position.working_orders()
+                       if o.purpose is OrderPurpose.STOP and o.client_id not in self._gone]
+            if len(working) == 1 and working[0].trigger_price == target and working[0].quantity == position.quantity:
+                return "skipped"  # the exchange already matches
         if mode == "trail":
             if not is_stop_improvement(side, position.stop_price, target):
                 return "skipped"  # overtaken by a move that already went further
@@ -680,13 +809,7 @@ class LiveEngine:
                 if watch is not None:
                     watch.deferred = True  # the next mark after the interval moves it
                 return "skipped"
-        if mode == "protect":
-            live = self.live.get(symbol)
-            flat = live is not None and live.side is not side and (position.id not in self._entry_at or
-                                                                     live.at >= self._entry_at[position.id])
-            if flat or any(o.purpose is OrderPurpose.STOP and o.client_id not in self._gone
-                           for o in position.working_orders()):
-                return "skipped"  # flat (the flat event ends it) or protected again already
+        assert target is not None
         mark = self.marks.get(symbol) or position.entry_price
         assert mark is not None
         if not is_stop_on_safe_side(side, target, mark):
@@ -740,14 +863,16 @@ class LiveEngine:
             calls += 1
             await self._cancel_tracked(previous)
         latency_ms = round((self.monotonic() - started) * 1000, 3)
-        if mode not in {"resize", "protect"}:
+        if mode != "sync":
             try:
-                await self.engine.fire_if(position_id, StopMoved(stop_price=target, mark=mark, watermark=watermark,
-                                                                 client_order_id=client_id), only_in=PROTECTED)
+                moved = await self.engine.fire_if(position_id, StopMoved(
+                    stop_price=target, mark=mark, watermark=watermark, client_order_id=client_id), only_in=PROTECTED)
             except TransitionRefused as e:  # logged by the engine; the order is tracked and stays
                 logger.warning("{} {} {}: stop {} placed but not recorded as moved: {}", self.account, symbol,
                                position_id, target, e)
                 return "failed"
+            if moved is None:
+                return "skipped"  # the position ended meanwhile; its cleanup cancels the new stop
         self.stats.stop_moves += 1
         self.stats.calls_per_move.append(calls)
         if how == "cancel_then_place":
@@ -773,6 +898,7 @@ class LiveEngine:
         cancelled = []
         for previous in old:
             calls += 1
+            self._cancelling(previous)
             try:
                 await self.exchange.cancel_order(previous)
             except OrderAlreadyGone:
@@ -825,7 +951,34 @@ class LiveEngine:
                      position.id, mode, target, position.stop_price, _short(error))
         return "failed"
 
+    def _cancelling(self, order: OrderRef) -> None:
+        """Mark an order as cancelled by us: its CANCELED update is not a removal to repair."""
+        self._own_cancels[order.client_id] = None
+        while len(self._own_cancels) > 10_000:
+            self._own_cancels.popitem(last=False)
+
+    def stream_healthy(self) -> bool:
+        """The private position stream is connected and not known to be silent (adapter's health)."""
+        health = getattr(self.exchange, "health", {}) or {}
+        return health.get("positions") is StreamHealth.HEALTHY
+
+    def stream_shows(self, position: Position) -> bool | None:
+        """Whether the private stream's newest update (newer than the entry) shows the position: True,
+        False (flat or the other side), or None when the stream said nothing about it since."""
+        live = self.live.get(position.symbol)
+        entered = self._entry_at.get(position.id)
+        if live is None or (entered is not None and live.at < entered):
+            return None
+        return live.side is position.side
+
+    def _is_flat(self, position: Position) -> bool:
+        """The private stream's newest update (newer than the entry) shows no position on this side."""
+        live = self.live.get(position.symbol)
+        entered = self._entry_at.get(position.id)
+        return live is not None and live.side is not position.side and (entered is None or live.at >= entered)
+
     async def _cancel_tracked(self, order: OrderRef) -> None:
+        self._cancelling(order)
         try:
             await self.exchange.cancel_order(order)
         except OrderAlreadyGone:
@@ -838,6 +991,7 @@ class LiveEngine:
         await self._set_order_status(order.position_id, order.client_id, OrderStatus.CANCELED)
 
     async def _cancel_quietly(self, order: OrderRef) -> None:
+        self._cancelling(order)
         try:
             await self.exchange.cancel_order(order)
         except OrderAlreadyGone:

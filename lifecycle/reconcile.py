@@ -35,6 +35,7 @@ class SyncReport:
     present: int = 0
     in_grace: int = 0  # absent, but we acted on it too recently to believe REST
     unconfirmed: int = 0  # absent once, present on the targeted query
+    stream_disagrees: int = 0  # absent on REST, shown by a healthy private stream
     closed: list[str] = field(default_factory=list)  # position ids that reached a terminal state
     rest_calls: int = 0
 
@@ -45,6 +46,7 @@ class Reconciler:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
         self.live = live
         self.grace_ms = grace_ms
+        live.after_resync.append(self.sync)  # a stream that was down may have missed a close
 
     async def sync(self) -> SyncReport:
         live, report = self.live, SyncReport()
@@ -64,6 +66,12 @@ class Reconciler:
                 continue  # ended meanwhile (the stream was faster)
             if not is_outside_grace_window(current.last_activity_at, live.engine.clock(), self.grace_ms):
                 report.in_grace += 1
+                continue
+            if live.stream_shows(current) and live.stream_healthy():
+                # REST lags the stream (seed 002): a healthy stream that shows the position wins.
+                report.stream_disagrees += 1
+                logger.info("{} {} {}: REST does not show it, the live stream does; trusting the stream",
+                            current.account, current.symbol, current.id)
                 continue
             report.rest_calls += 1
             again = await live.exchange.positions([position.symbol])

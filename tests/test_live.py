@@ -137,14 +137,6 @@ async def test_no_stop_possible_means_closed_unprotected(rig: Rig) -> None:
     assert any("no stop could be placed" in m for _, m in rig.alarms())
 
 
-async def test_an_entry_that_is_cancelled_ends_cancelled(rig: Rig) -> None:
-    assert rig.live is not None
-    p = await rig.live.open(btc_long(entry_price=D(59000)))
-    assert await rig.live.close(p.id)
-    stored = await rig.ended(p.id)
-    assert (stored.state, stored.close_cause) == (S.CANCELLED, CloseCause.ENTRY_FAILED)
-
-
 # --- partial reductions ------------------------------------------------------------------------------
 
 
@@ -343,3 +335,96 @@ async def test_a_failed_move_after_a_cancel_restores_the_old_stop(rig: Rig) -> N
     assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60197.5")]
     live = rig.engine.positions[p.id]  # type: ignore[union-attr]
     assert live.stop_price == D("60197.5") and rig.live.stats.stop_move_failures == 1
+
+
+# --- regressions found in review ------------------------------------------------------------------------
+
+
+async def test_a_reduction_during_a_trailing_move_never_puts_the_stop_back(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+    rig.set_mark("BTCUSDT", 60500)
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60197.5"))  # type: ignore[union-attr]
+    assert rig.live is not None
+    await rig.live.idle()
+    rig.sim.set_faults(rest_latency_ms=200)
+    rig.set_mark("BTCUSDT", 60800)  # a move to 60496.0 starts, slowly
+    await asyncio.sleep(0.1)
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.004"),
+                            price=None, client_id="web_partial", reduce_only=True)  # reduced meanwhile
+    await rig.until(lambda: [(a.trigger, a.qty) for a in rig.stop_algos("BTCUSDT")] == [(D("60496.0"), D("0.006"))],
+                    timeout=8, what="one stop at the newest price with the reduced size")
+    await rig.live.idle()
+    assert [(a.trigger, a.qty) for a in rig.stop_algos("BTCUSDT")] == [(D("60496.0"), D("0.006"))]
+    prices = [D(m["new_price"]) for m in rig.records.read("stop_move")]  # type: ignore[union-attr]
+    assert prices == sorted(prices)
+    assert rig.alarms() == []  # our own cancels are not "removed by someone else"
+
+
+async def test_a_take_profit_in_flight_does_not_outlive_its_position(rig: Rig) -> None:
+    rig.sim.set_faults(rest_latency_ms=100)
+    assert rig.live is not None
+    p = await rig.live.open(btc_long(take_profit=D(61000)))
+    await rig.until(lambda: p.id in rig.engine.positions  # type: ignore[union-attr]
+                    and rig.engine.positions[p.id].stop_price is not None)  # type: ignore[union-attr]
+    await asyncio.sleep(0.03)  # the take-profit request is on its way
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+    await asyncio.sleep(0.3)
+    assert rig.our_open_orders() == []
+
+
+async def test_an_unconfirmed_entry_is_looked_up_by_its_client_id(rig: Rig) -> None:
+    assert rig.live is not None
+    rig.sim.set_faults(http_5xx=1)  # the entry never reaches the venue: no such order, CANCELLED
+    p = await rig.live.open(btc_long())
+    assert rig.state(p.id) is S.OPENING
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CANCELLED, CloseCause.ENTRY_FAILED)
+    rig.sim.set_faults(lost_answers=1)  # the entry fills on the venue, its answer is lost
+    q = await rig.live.open(btc_long())
+    await rig.until(lambda: rig.engine.positions.get(q.id) is not None  # type: ignore[union-attr]
+                    and rig.engine.positions[q.id].stop_price is not None, what="found and protected")  # type: ignore[union-attr]
+    await rig.live.idle()
+    assert rig.state(q.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
+
+
+async def test_reconciliation_trusts_a_healthy_stream_over_lagging_rest(rig: Rig) -> None:
+    rig.sim.set_faults(stale_positions_s=300)  # REST frozen before the entry
+    p = await rig.open(btc_long())
+    await asyncio.sleep(0.05)
+    assert rig.live is not None
+    report = await Reconciler(rig.live, grace_ms=0).sync()
+    assert report.closed == [] and report.stream_disagrees == 1
+    assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
+
+
+async def test_without_a_stop_the_close_is_retried_until_it_goes_through(rig: Rig) -> None:
+    assert rig.live is not None
+    p = await rig.live.open(btc_long(entry_price=D(59900)))
+    rig.sim.set_faults(reject_stops=1, reject_stops_code=-1111, reject_orders=FAST.close_retries + 2)
+    rig.set_mark("BTCUSDT", 59900)
+    stored = await rig.ended(p.id, timeout=10)
+    assert (stored.state, stored.close_reason) == (S.CLOSED, CloseReason.UNPROTECTED)
+    assert rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0
+    assert any(level == "CRITICAL" and "UNPROTECTED" in m for level, m in rig.alarms())
+
+
+async def test_a_close_missed_while_the_stream_was_down_is_found_after_the_resync(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.live is not None and rig.exchange is not None
+    Reconciler(rig.live, grace_ms=0)  # registers its pass to run after a resync
+    rig.sim.expire_listen_keys()  # connections stay open, nothing arrives
+    await asyncio.sleep(0.05)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+    assert rig.exchange.reconnects.get("positions", 0) >= 1
+
+
+async def test_closing_an_opening_position_cancels_its_entry(rig: Rig) -> None:
+    assert rig.live is not None
+    p = await rig.live.open(btc_long(entry_price=D(59000)))
+    assert await rig.live.close(p.id, CloseReason.SIGNAL)
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CANCELLED, CloseCause.ENTRY_FAILED)
+    journal = [row.event for row in await rig.repo.journal(p.id)]  # type: ignore[union-attr]
+    assert journal[-2:] == ["close_requested", "entry_failed"]

@@ -20,6 +20,7 @@ class Faults:
     reject_stops: int = 0  # the next N algo orders are rejected with reject_stops_code whatever the mark
     reject_stops_code: int = -2021  # -2021: would immediately trigger; e.g. -1111 for a plain rejection
     reject_orders: int = 0  # the next N regular orders are rejected with -2019 (margin is insufficient)
+    lost_answers: int = 0  # the next N REST calls are carried out, but answer 504 (the answer got lost)
     single_stop: bool = False  # a second working STOP_MARKET on a symbol is refused with -4045
 
     def update(self, changes: dict[str, Any]) -> None:

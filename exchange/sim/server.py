@@ -169,6 +169,11 @@ class SimServer:
                 return web.Response(status=503, text="<html><body><h1>503 Service Unavailable</h1></body></html>",
                                     content_type="text/html")
             return _error(503, -1001, "Internal error; unable to process your request. Please try again.")
+        if f.lost_answers > 0:
+            f.lost_answers -= 1
+            await handler(request)  # done on the venue; the client never learns it
+            return web.Response(status=504, text="<html><body>504 Gateway Time-out</body></html>",
+                                content_type="text/html")
         return await handler(request)
 
     async def _dispatch(self, request: web.Request) -> web.Response:

@@ -71,6 +71,8 @@ TABLE: tuple[Edge, ...] = (
     Edge(S.CLOSING_BY_BOT, E.FLAT, S.CLOSED, (is_close_cause,), "the exchange reports quantity 0"),
     # The entry filled after the close was requested from OPENING: now there is something to close.
     Edge(S.CLOSING_BY_BOT, E.ENTRY_FILLED, S.CLOSING_BY_BOT, (has_filled_quantity,), "late fill of the entry"),
+    # Closed before anything filled: the entry was cancelled with nothing filled.
+    Edge(S.CLOSING_BY_BOT, E.ENTRY_FAILED, S.CANCELLED, (was_opening_before_close,), "closed before the entry filled"),
     # Our close order may fill in parts.
     Edge(S.CLOSING_BY_BOT, E.REDUCED, S.CLOSING_BY_BOT, (has_remaining_quantity,), "close order partly filled"),
     # Confirmed absence while our close is in flight is our close landing, not a phantom.
