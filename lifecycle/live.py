@@ -187,6 +187,8 @@ class LiveEngine:
         self._own_cancels: OrderedDict[str, None] = OrderedDict()  # client ids we cancelled ourselves
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._missing: dict[str, datetime] = {}  # position id -> when a resync's REST snapshot lacked it
         self._ready = {"positions": asyncio.Event(), "orders": asyncio.Event()}
         # Run after a positions resync that lacks a tracked position (a Reconciler registers its pass).
         self.after_resync: list[Callable[[], Awaitable[Any]]] = []
@@ -218,16 +220,21 @@ class LiveEngine:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop listening; let in-flight moves and closes finish (up to `timeout`), leave stops in place."""
+        self._stopping = True  # from here on no new background work starts
         for task in self._streams:
             task.cancel()
         await asyncio.gather(*self._streams, return_exceptions=True)
         self._streams = []
-        pending = [t for t in self._tasks if not t.done()]
-        if pending:
-            done, still = await asyncio.wait(pending, timeout=timeout)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+        deadline = self.monotonic() + timeout
+        while pending := [t for t in self._tasks if not t.done()]:
+            remaining = deadline - self.monotonic()
+            if remaining <= 0:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                logger.warning("{}: {} background tasks cancelled at stop", self.account, len(pending))
+                break
+            await asyncio.wait(pending, timeout=remaining)
         if self._on_transition in self.engine.listeners:
             self.engine.listeners.remove(self._on_transition)
 
@@ -269,11 +276,13 @@ class LiveEngine:
                 if isinstance(snap, PositionSnapshot):
                     self.live[snap.symbol] = snap
                     shown.add((snap.symbol, snap.side))
+            # Not written into the live state: the snapshot may be stale. The stream no longer vouches for
+            # these until it sends an update for their symbol; reconciliation settles them with evidence.
             missing = [p for p in tracked if (p.symbol, p.side) not in shown]
+            now = self.engine.clock()
             for position in missing:
-                self.live[position.symbol] = PositionSnapshot(position.symbol, Decimal(0), Decimal(0),
-                                                              self.engine.clock())
-            if missing and item.reason != "connected":
+                self._missing[position.id] = now
+            if missing:
                 for hook in list(self.after_resync):
                     self._spawn(hook(), "reconciliation after a resync")
         elif item.stream == "orders":
@@ -284,9 +293,15 @@ class LiveEngine:
                 if lost and position.state in PROTECTED:
                     for order in lost:
                         self._gone[order.client_id] = None
-                    self._spawn(self._reprotect(position.id, lost[0].client_id), f"re-protection of {position.id}")
+                    self._spawn(self._reprotect(position.id, lost[0].client_id, verify=True),
+                                f"re-protection of {position.id}")
 
-    def _spawn(self, work: Awaitable[Any], what: str) -> asyncio.Task[Any]:
+    def _spawn(self, work: Awaitable[Any], what: str) -> asyncio.Task[Any] | None:
+        if self._stopping:
+            if asyncio.iscoroutine(work):
+                work.close()
+            logger.info("{}: stopping, not starting {}", self.account, what)
+            return None
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
 
@@ -336,46 +351,89 @@ class LiveEngine:
         return position
 
     async def _find_entry(self, position_id: str, ref: OrderRef) -> None:
-        """After an unconfirmed entry: the venue's answer for its client id decides (stream updates may too)."""
-        for attempt in range(self.config.stop_retries + 2):
-            await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+        """After an unconfirmed entry: the venue's answer for its client id decides (stream updates may too).
+
+        "Not found" several times in a row, spaced out, means it never arrived (CANCELLED). Lookups that
+        fail go on with a growing delay (capped at 30 s) until the entry is settled: an entry of unknown
+        state may be exposure without a stop, so it is never given up on.
+        """
+        not_found, attempt = 0, 0
+        while not self._stopping:
+            attempt += 1
+            await asyncio.sleep(min(max(self.config.retry_backoff_s, 0.05) * attempt, 30.0))
             if position_id in self._entries_done or position_id not in self.engine.positions:
                 return
             try:
                 found = await self.exchange.order_by_client_id(ref.symbol, ref.client_id)
             except OrderAlreadyGone:
-                if attempt < self.config.stop_retries + 1:
+                not_found += 1
+                if not_found <= self.config.stop_retries:
                     continue  # a lagging venue may not list it yet
+                if position_id in self._entries_done:
+                    return  # the stream settled it during the lookup
                 logger.warning("{} {} {}: the entry never reached the venue", self.account, ref.symbol, position_id)
                 self._entries_done.add(position_id)
                 await self.engine.fire_if(position_id, EntryFailed(reason="entry never reached the venue"),
                                           only_in={S.OPENING, S.CLOSING_BY_BOT})
                 return
             except xerr.ExchangeError as e:
-                logger.warning("{} {} {}: entry lookup failed: {}", self.account, ref.symbol, position_id, _short(e))
+                log = logger.warning if attempt <= self.config.stop_retries else logger.error
+                log("{} {} {}: entry lookup failed ({}); the entry's state is unknown, looking again",
+                    self.account, ref.symbol, position_id, _short(e))
                 continue
             self._handle_entry_update(position_id, found)
             return
-        logger.error("{} {} {}: entry state unknown after {} lookups; left OPENING for reconciliation",
-                     self.account, ref.symbol, position_id, self.config.stop_retries + 2)
 
-    async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR, *, _retry: int = 0) -> bool:
+    async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
         """Close a position at market with a reduce-only order; False if it had already moved on.
 
         A position still OPENING goes to CLOSING_BY_BOT and its entry is cancelled: nothing filled ends it
-        CANCELLED, a fill (late or partial) is closed at once.
+        CANCELLED, a fill (late or partial) is closed at once. A rejected close returns the position to
+        its previous state and is retried `close_retries` times, and for as long as it takes while the
+        position has no stop on the exchange (a loop, with a delay floor: it cannot spin or recurse).
         """
         position = self.engine.positions.get(position_id)
         if position is None:
             raise UnknownPosition(f"no live position {position_id}")
-        outcome = await self.engine.fire_if(position_id, CloseRequested(reason=reason),
-                                            only_in=PROTECTED | {S.OPENING})
-        if outcome is None:
-            return False
-        if outcome.source is S.OPENING:
-            await self._cancel_entry(position_id)
-        await self._send_close(position_id, reason, _retry)
-        return True
+        allowed = PROTECTED | {S.OPENING}
+        retry = 0
+        while True:
+            outcome = await self.engine.fire_if(position_id, CloseRequested(reason=reason), only_in=allowed)
+            if outcome is None:
+                return retry > 0
+            if outcome.source is S.OPENING:
+                await self._cancel_entry(position_id)
+            error = await self._send_close(position_id)
+            if error is None:
+                return True
+            failed = await self.engine.fire_if(position_id, CloseFailed(error=_short(error)),
+                                               only_in={S.CLOSING_BY_BOT})
+            if failed is None:
+                return True  # ended meanwhile (the flat came first)
+            current = self.engine.positions.get(position_id)
+            if current is None:
+                return True
+            stop = next((o for o in current.working_orders() if o.purpose is OrderPurpose.STOP), None)
+            if failed.dest in PROTECTED and stop is None and current.quantity > 0:
+                # Filled, no stop (a late fill of an entry being closed, or the stop failed): protect it
+                # while the close is retried.
+                self._spawn(self._protect_initial(position_id, close_if_unprotected=False),
+                            f"protection of {position_id}")
+            retry += 1
+            unprotected = failed.dest in PROTECTED and stop is None
+            if retry > self.config.close_retries and not unprotected:
+                logger.error("{} {} close rejected {} times; the position stays {} with its stop at {}",
+                             self.account, position_id, retry, failed.dest, stop.trigger_price if stop else None)
+                return False
+            delay = min(max(self.config.retry_backoff_s, 0.05) * max(1, retry - self.config.close_retries), 30.0)
+            if retry <= self.config.close_retries:
+                logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.account, position_id,
+                               _short(error), retry, self.config.close_retries, delay)
+            else:
+                logger.critical("{} {} UNPROTECTED: no stop on the exchange and the close was rejected {} times "
+                                "({}); retrying in {}s", self.account, position_id, retry, _short(error), delay)
+            await asyncio.sleep(delay)
+            allowed = PROTECTED
 
     async def _cancel_entry(self, position_id: str) -> None:
         position = self.engine.positions.get(position_id)
@@ -388,13 +446,14 @@ class LiveEngine:
         except OrderAlreadyGone:  # filled meanwhile: its fill arrives as an update and is closed
             logger.info("{} {} {} entry already ended; its fill decides", self.account, entry.symbol, position_id)
 
-    async def _send_close(self, position_id: str, reason: CloseReason, retry: int) -> None:
+    async def _send_close(self, position_id: str) -> Exception | None:
+        """Send the reduce-only close of a CLOSING_BY_BOT position; returns the rejection, else None."""
         position = self.engine.positions.get(position_id)
         if position is None or position.state is not S.CLOSING_BY_BOT:
-            return
+            return None
         quantity = position.quantity
         if quantity <= 0:
-            return  # nothing filled yet: a late entry fill sends the close
+            return None  # nothing filled yet: a late entry fill sends the close
         client_id = make_client_id(position_id, OrderPurpose.CLOSE, position.seq)
         if client_id not in position.orders:
             await self.engine.track_order(position_id, OrderRef(
@@ -406,52 +465,27 @@ class LiveEngine:
             except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
                 # The first try arrived, or the position is already gone: the stream's flat ends it.
                 logger.info("{} {} {} close {}: {}", self.account, position.symbol, position_id, client_id, _short(e))
-                return
+                return None
             except xerr.Retryable as e:
                 # The order may have landed: never "failed", stay CLOSING_BY_BOT (the stop stays too) and
                 # resend the same id (reduce-only, so a repeat can never over-close), slower and slower.
                 self.stats.exchange_errors += 1
                 attempt += 1
-                delay = min(self.config.retry_backoff_s * attempt, 30.0)
+                delay = min(max(self.config.retry_backoff_s, 0.05) * attempt, 30.0)
                 log = logger.warning if attempt <= self.config.close_retries else logger.error
                 log("{} {} {} close {} not confirmed ({}); resending the same id in {}s", self.account,
                     position.symbol, position_id, client_id, _short(e), delay)
                 await asyncio.sleep(delay)
                 current = self.engine.positions.get(position_id)
-                if current is None or current.state is not S.CLOSING_BY_BOT:
-                    return
+                if current is None or current.state is not S.CLOSING_BY_BOT or self._stopping:
+                    return None
                 continue
             except xerr.ExchangeError as e:
                 self.stats.exchange_errors += 1
-                await self._close_rejected(position_id, client_id, reason, retry, e)
-                return
+                await self._set_order_status(position_id, client_id, OrderStatus.REJECTED)
+                return e
             await self._set_order_status(position_id, client_id, answer.status)
-            return
-
-    async def _close_rejected(self, position_id: str, client_id: str, reason: CloseReason, retry: int,
-                              error: Exception) -> None:
-        await self._set_order_status(position_id, client_id, OrderStatus.REJECTED)
-        outcome = await self.engine.fire_if(position_id, CloseFailed(error=_short(error)), only_in={S.CLOSING_BY_BOT})
-        if outcome is None:
-            return
-        position = self.engine.positions.get(position_id)
-        stop = next((o for o in position.working_orders() if o.purpose is OrderPurpose.STOP), None) \
-            if position is not None else None
-        if retry < self.config.close_retries or (stop is None and outcome.dest in PROTECTED):
-            # Without a stop on the exchange the close is retried for as long as it takes.
-            delay = min(self.config.retry_backoff_s * (1 + max(0, retry - self.config.close_retries)), 30.0)
-            if retry < self.config.close_retries:
-                logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.account, position_id,
-                               _short(error), retry + 1, self.config.close_retries, delay)
-            else:
-                logger.critical("{} {} UNPROTECTED: no stop on the exchange and the close was rejected {} times "
-                                "({}); retrying in {}s", self.account, position_id, retry + 1, _short(error), delay)
-            await asyncio.sleep(delay)
-            if position_id in self.engine.positions:
-                await self.close(position_id, reason, _retry=retry + 1)
-        else:
-            logger.error("{} {} close rejected {} times; the position stays {} with its stop at {}", self.account,
-                         position_id, retry + 1, outcome.dest, stop.trigger_price if stop else None)
+            return None
 
     # --- stream handlers (synchronous: they decide, background tasks act) ------------------------
 
@@ -461,6 +495,7 @@ class LiveEngine:
             position = self.engine.live_position(self.account, snap.symbol, side)
             if position is None or position.state not in FLATTENABLE:
                 continue
+            self._missing.pop(position.id, None)  # the stream speaks for it again
             entered = self._entry_at.get(position.id)
             if entered is not None and snap.at < entered:
                 continue  # older than this position's entry: about an earlier position on the symbol
@@ -468,7 +503,7 @@ class LiveEngine:
                 self._spawn(self._on_flat(position.id, snap), f"flat of {position.id}")
             elif abs(snap.amount) < position.quantity:
                 self._spawn(self._on_reduced(position.id, snap), f"reduction of {position.id}")
-            elif abs(snap.amount) > position.quantity:
+            elif abs(snap.amount) > position.quantity and position.quantity > 0:
                 logger.warning("{} {} {}: exchange size {} above ours {} (left to reconciliation)", self.account,
                                snap.symbol, position.id, abs(snap.amount), position.quantity)
 
@@ -555,14 +590,21 @@ class LiveEngine:
         if outcome is None:
             return
         if outcome.dest is S.CLOSING_BY_BOT:
-            position = self.engine.positions[position_id]
-            await self._send_close(position_id, position.close_reason or CloseReason.OPERATOR, 0)
+            reason = self.engine.positions[position_id].close_reason or CloseReason.OPERATOR
+            error = await self._send_close(position_id)
+            if error is not None:  # the close loop that asked for it is not running any more: start one
+                await self.engine.fire_if(position_id, CloseFailed(error=_short(error)), only_in={S.CLOSING_BY_BOT})
+                position = self.engine.positions.get(position_id)
+                if position is not None and position.state in PROTECTED:
+                    await self._protect_initial(position_id, close_if_unprotected=False)
+                    await self.close(position_id, reason)
             return
         await self._protect_initial(position_id)
 
-    async def _protect_initial(self, position_id: str) -> None:
+    async def _protect_initial(self, position_id: str, *, close_if_unprotected: bool = True) -> None:
         position = self.engine.positions.get(position_id)
-        if position is None or position.entry_price is None:
+        if position is None or position.entry_price is None or any(
+                o.purpose is OrderPurpose.STOP for o in position.working_orders()):
             return
         plan = self._plans.pop(position_id, None)
         pct = plan.stop_loss_pct if plan and plan.stop_loss_pct is not None else self.config.default_stop_loss_pct
@@ -572,7 +614,8 @@ class LiveEngine:
         if placed == "failed":
             logger.error("{} {} {}: no stop could be placed; closing at market (unprotected)", self.account,
                          position.symbol, position_id)
-            await self.close(position_id, CloseReason.UNPROTECTED)
+            if close_if_unprotected:
+                await self.close(position_id, CloseReason.UNPROTECTED)
             return
         self._watch_position(self.engine.positions.get(position_id) or position)
         if plan is not None and plan.take_profit is not None and placed == "placed":
@@ -683,10 +726,21 @@ class LiveEngine:
         if outcome.dest in PROTECTED:
             await self._request_stop(position_id, None, None, "sync")
 
-    async def _reprotect(self, position_id: str, lost_client_id: str) -> None:
+    async def _reprotect(self, position_id: str, lost_client_id: str, *, verify: bool = False) -> None:
+        """Put a removed stop back. `verify`: the removal was only inferred from a REST snapshot after a
+        resync; re-place only if a targeted REST query shows the position (else reconciliation decides)."""
         position = self.engine.positions.get(position_id)
         if position is None or position.stop_price is None:
             return
+        if verify:
+            try:
+                shown = await self.exchange.positions([position.symbol])
+            except xerr.ExchangeError as e:
+                logger.warning("{} {} {}: cannot verify a missing stop ({}); re-placing it", self.account,
+                               position.symbol, position_id, _short(e))
+            else:
+                if not any(s.symbol == position.symbol and s.side is position.side for s in shown):
+                    return
         result = await self._request_stop(position_id, None, None, "sync")
         if result == "placed":
             logger.warning("{} {} {}: stop {} was removed on the exchange; placed again at {}", self.account,
@@ -708,6 +762,7 @@ class LiveEngine:
             self._entries_done.discard(position.id)
             self._trimming.discard(position.id)
             self._entry_at.pop(position.id, None)
+            self._missing.pop(position.id, None)
 
     def _follow(self, watch: _Watch, symbol: str, mark: Decimal) -> None:
         """The hot path, once per mark per trailing position: cheap unless the watermark improves."""
@@ -967,9 +1022,13 @@ class LiveEngine:
         False (flat or the other side), or None when the stream said nothing about it since."""
         live = self.live.get(position.symbol)
         entered = self._entry_at.get(position.id)
-        if live is None or (entered is not None and live.at < entered):
+        if live is None or (entered is not None and live.at < entered) or position.id in self._missing:
             return None
         return live.side is position.side
+
+    def missing_after_resync(self, position_id: str) -> bool:
+        """A resync's REST snapshot lacked this position and the stream has said nothing about it since."""
+        return position_id in self._missing
 
     def _is_flat(self, position: Position) -> bool:
         """The private stream's newest update (newer than the entry) shows no position on this side."""

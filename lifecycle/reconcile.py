@@ -16,6 +16,7 @@ The scheduler (issue 5) runs passes on an interval and adds adoption, mismatch a
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -46,7 +47,28 @@ class Reconciler:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
         self.live = live
         self.grace_ms = grace_ms
-        live.after_resync.append(self.sync)  # a stream that was down may have missed a close
+
+    def attach(self) -> Reconciler:
+        """Run after every stream resync whose snapshot lacks a tracked position (a close the stream
+        missed while it was down), until those positions are settled or the stream speaks for them."""
+        if self._settle not in self.live.after_resync:
+            self.live.after_resync.append(self._settle)
+        return self
+
+    def detach(self) -> None:
+        if self._settle in self.live.after_resync:
+            self.live.after_resync.remove(self._settle)
+
+    async def _settle(self, passes: int = 10) -> None:
+        for attempt in range(passes):
+            await self.sync()
+            unsettled = [pid for pid, p in self.live.engine.positions.items()
+                         if p.account == self.live.account and self.live.missing_after_resync(pid)]
+            if not unsettled:
+                return
+            await asyncio.sleep(max(self.grace_ms / 1000, 0.2))
+        logger.warning("{}: {} position(s) missing from REST after a resync, with no closing fill; left to "
+                       "the next reconciliation", self.live.account, len(unsettled))
 
     async def sync(self) -> SyncReport:
         live, report = self.live, SyncReport()
@@ -67,7 +89,7 @@ class Reconciler:
             if not is_outside_grace_window(current.last_activity_at, live.engine.clock(), self.grace_ms):
                 report.in_grace += 1
                 continue
-            if live.stream_shows(current) and live.stream_healthy():
+            if live.stream_shows(current) is True and live.stream_healthy():
                 # REST lags the stream (seed 002): a healthy stream that shows the position wins.
                 report.stream_disagrees += 1
                 logger.info("{} {} {}: REST does not show it, the live stream does; trusting the stream",
@@ -91,6 +113,13 @@ class Reconciler:
                                                 only_in={PositionState.CLOSING_BY_BOT})
             return outcome is not None
         fill, client_id = await self._closing_fill(position, report)
+        if fill is None and (live.missing_after_resync(position.id) or live.stream_shows(position) is True):
+            # Only a REST snapshot says it is gone, and nothing closed it: REST may be stale (seed 000 in
+            # reverse). Never end a position, and cancel its stop, on that alone.
+            report.unconfirmed += 1
+            logger.info("{} {} {}: absent on REST, but no closing fill and the stream never said flat; kept",
+                        position.account, position.symbol, position.id)
+            return False
         if fill is None:
             logger.warning("{} {} {}: absent on the exchange (confirmed twice), no closing fill found: phantom",
                            position.account, position.symbol, position.id)

@@ -401,18 +401,30 @@ async def test_reconciliation_trusts_a_healthy_stream_over_lagging_rest(rig: Rig
 async def test_without_a_stop_the_close_is_retried_until_it_goes_through(rig: Rig) -> None:
     assert rig.live is not None
     p = await rig.live.open(btc_long(entry_price=D(59900)))
-    rig.sim.set_faults(reject_stops=1, reject_stops_code=-1111, reject_orders=FAST.close_retries + 2)
-    rig.set_mark("BTCUSDT", 59900)
+    rig.sim.set_faults(reject_stops=1000, reject_stops_code=-1111, reject_orders=FAST.close_retries + 2)
+    rig.set_mark("BTCUSDT", 59900)  # the entry fills; no stop can be placed, and closes are rejected
     stored = await rig.ended(p.id, timeout=10)
     assert (stored.state, stored.close_reason) == (S.CLOSED, CloseReason.UNPROTECTED)
     assert rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0
     assert any(level == "CRITICAL" and "UNPROTECTED" in m for level, m in rig.alarms())
 
 
+async def test_a_rejected_close_gets_the_position_a_stop_meanwhile(rig: Rig) -> None:
+    assert rig.live is not None
+    p = await rig.live.open(btc_long(entry_price=D(59900)))
+    rig.sim.set_faults(reject_stops=1, reject_stops_code=-1111, reject_orders=100)
+    rig.set_mark("BTCUSDT", 59900)  # the first stop fails: closing; the closes fail, a stop is placed meanwhile
+    await rig.until(lambda: any("close rejected" in m and "stays OPEN with its stop at 59301.0" in m
+                                for _, m in rig.alarms()), timeout=10, what="close given up, stop in place")
+    await rig.live.idle()
+    assert rig.state(p.id) is S.OPEN and [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("59301.0")]
+    rig.sim.set_faults(reject_orders=0)
+
+
 async def test_a_close_missed_while_the_stream_was_down_is_found_after_the_resync(rig: Rig) -> None:
     p = await rig.open(btc_long())
     assert rig.live is not None and rig.exchange is not None
-    Reconciler(rig.live, grace_ms=0)  # registers its pass to run after a resync
+    Reconciler(rig.live, grace_ms=0).attach()  # its pass runs after a resync
     rig.sim.expire_listen_keys()  # connections stay open, nothing arrives
     await asyncio.sleep(0.05)
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
@@ -428,3 +440,72 @@ async def test_closing_an_opening_position_cancels_its_entry(rig: Rig) -> None:
     assert (stored.state, stored.close_cause) == (S.CANCELLED, CloseCause.ENTRY_FAILED)
     journal = [row.event for row in await rig.repo.journal(p.id)]  # type: ignore[union-attr]
     assert journal[-2:] == ["close_requested", "entry_failed"]
+
+
+async def _reconnect(rig: Rig) -> None:
+    assert rig.exchange is not None
+    before = rig.exchange.reconnects.get("positions", 0)
+    await rig.sim.drop_streams()
+    await rig.until(lambda: rig.exchange.reconnects.get("positions", 0) > before,  # type: ignore[union-attr]
+                    timeout=10, what="reconnect")
+    await asyncio.sleep(0.5)  # both resyncs handled
+
+
+async def test_a_stale_snapshot_at_a_reconnect_never_ends_an_open_position(rig: Rig) -> None:
+    rig.sim.set_faults(stale_positions_s=300)  # REST frozen before the entry: every snapshot lacks it
+    p = await rig.open(btc_long())
+    assert rig.live is not None
+    Reconciler(rig.live, grace_ms=0).attach()
+    await _reconnect(rig)
+    await rig.live.idle()
+    assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
+    rig.sim.set_faults(stale_positions_s=0)
+    [stop] = rig.stop_algos("BTCUSDT")
+    rig.sim.venue.cancel_algo(rig.account, stop.algo_id, None)  # and a removed stop is still put back
+    await rig.until(lambda: len(rig.stop_algos("BTCUSDT")) == 1 and rig.stop_algos("BTCUSDT")[0].algo_id
+                    != stop.algo_id, what="stop placed again")
+
+
+async def test_a_missed_close_inside_the_grace_window_is_found_once_it_passes(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.live is not None
+    Reconciler(rig.live, grace_ms=1500).attach()
+    rig.sim.expire_listen_keys()
+    await asyncio.sleep(0.05)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")  # right after our last activity
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+    assert [a for a in rig.alarms() if "placed again" in a[1]] == []  # no stop put on the flat position
+
+
+async def test_an_entry_filling_while_its_close_is_rejected_is_protected(rig: Rig) -> None:
+    assert rig.live is not None and rig.exchange is not None
+    original = rig.exchange.cancel_order
+
+    async def fill_first(order):  # type: ignore[no-untyped-def]
+        if order.purpose.value == "entry":
+            rig.set_mark("BTCUSDT", 59800)  # the limit entry fills just before our cancel lands
+            await asyncio.sleep(0.1)
+        return await original(order)
+
+    rig.exchange.cancel_order = fill_first  # type: ignore[method-assign]
+    p = await rig.live.open(btc_long(entry_price=D(59900)))
+    rig.sim.set_faults(reject_orders=FAST.close_retries + 1)
+    await rig.live.close(p.id, CloseReason.SIGNAL)
+    await rig.until(lambda: rig.state(p.id) is S.OPEN and bool(rig.stop_algos("BTCUSDT")), timeout=8,
+                    what="filled position protected while its close is retried")
+    stored = await rig.ended(p.id, timeout=8)  # the retried close goes through in the end
+    assert (stored.state, stored.close_cause, stored.close_reason) == (S.CLOSED, CloseCause.BOT, CloseReason.SIGNAL)
+    assert rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0 and rig.our_open_orders() == []
+
+
+async def test_stop_leaves_no_background_work_running(rig: Rig) -> None:
+    p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+    rig.set_mark("BTCUSDT", 60500)
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60197.5"))  # type: ignore[union-attr]
+    assert rig.live is not None
+    await rig.live.idle()
+    rig.sim.set_faults(rest_latency_ms=300, reject_stops=1)  # a slow move that will be answered -2021
+    rig.set_mark("BTCUSDT", 60800)
+    await asyncio.sleep(0.1)
+    await rig.live.stop(timeout=5)
+    assert [t for t in rig.live._tasks if not t.done()] == []

@@ -78,6 +78,8 @@ def _entry_filled(p: Position, e: EntryFilled, at: datetime) -> None:
     p.quantity = e.quantity
     p.entry_price = e.price
     p.last_activity_at = at
+    if p.state is PositionState.CLOSING_BY_BOT and p.state_before_close is PositionState.OPENING:
+        p.state_before_close = PositionState.OPEN  # filled now: a rejected close returns to OPEN, not OPENING
 
 
 def _entry_failed(p: Position, e: EntryFailed, at: datetime) -> None:
