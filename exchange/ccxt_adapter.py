@@ -444,6 +444,14 @@ class CcxtExchange:
                             backoff = await self._reconnect(name, generation, "silent", backoff)
                     continue
                 task, pending = pending, None
+                if task.cancelled():
+                    # ccxt cancels a client's futures when it is closed: the client was replaced (by a
+                    # recreate from elsewhere) or closed under this watch. Resubscribe; not our own cancel.
+                    if generation == self.generation:
+                        self.health[name] = StreamHealth.RECONNECTING
+                        self.reconnects[name] += 1
+                        backoff = await self._reconnect(name, generation, "watch cancelled", backoff)
+                    continue
                 try:
                     batch = task.result()
                 except (ccxt.BaseError, OSError, asyncio.TimeoutError) as e:

@@ -1026,6 +1026,10 @@ class LiveEngine:
             return None
         return live.side is position.side
 
+    def unsettled(self) -> bool:
+        """Some tracked position is known to the REST snapshot of a resync only as missing (see below)."""
+        return any(pid in self.engine.positions for pid in self._missing)
+
     def missing_after_resync(self, position_id: str) -> bool:
         """A resync's REST snapshot lacked this position and the stream has said nothing about it since."""
         return position_id in self._missing

@@ -17,6 +17,7 @@ The scheduler (issue 5) runs passes on an interval and adds adoption, mismatch a
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -42,11 +43,18 @@ class SyncReport:
 
 
 class Reconciler:
-    def __init__(self, live: LiveEngine, *, grace_ms: int = 5000) -> None:
+    def __init__(self, live: LiveEngine, *, grace_ms: int = 5000, stream_doubt_s: float = 30.0) -> None:
+        """`stream_doubt_s`: how long REST may disagree with a healthy stream about a position before the
+        stream is suspected of a silent wedge (connected, listen key alive, nothing delivered) and the
+        exchange client is recreated; the resync that follows settles the position with evidence."""
         if grace_ms < 0:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
+        if stream_doubt_s <= 0:
+            raise ValueError(f"stream_doubt_s must be > 0, got {stream_doubt_s}")
         self.live = live
         self.grace_ms = grace_ms
+        self.stream_doubt_s = stream_doubt_s
+        self._doubt_since: dict[str, float] = {}  # position id -> monotonic time REST first disagreed
 
     def attach(self) -> Reconciler:
         """Run after every stream resync whose snapshot lacks a tracked position (a close the stream
@@ -90,11 +98,18 @@ class Reconciler:
                 report.in_grace += 1
                 continue
             if live.stream_shows(current) is True and live.stream_healthy():
-                # REST lags the stream (seed 002): a healthy stream that shows the position wins.
+                # REST lags the stream (seed 002): a healthy stream that shows the position wins, for a
+                # while; a disagreement that lasts may be a wedged stream: resubscribe and resync.
                 report.stream_disagrees += 1
-                logger.info("{} {} {}: REST does not show it, the live stream does; trusting the stream",
-                            current.account, current.symbol, current.id)
+                since = self._doubt_since.setdefault(position.id, time.monotonic())
+                if time.monotonic() - since >= self.stream_doubt_s:
+                    self._doubt_since.pop(position.id, None)
+                    await self._resubscribe(f"REST has not shown {position.symbol} for {self.stream_doubt_s} s")
+                else:
+                    logger.info("{} {} {}: REST does not show it, the live stream does; trusting the stream",
+                                current.account, current.symbol, current.id)
                 continue
+            self._doubt_since.pop(position.id, None)
             report.rest_calls += 1
             again = await live.exchange.positions([position.symbol])
             if any(s.symbol == position.symbol and s.side is position.side for s in again):
@@ -103,6 +118,15 @@ class Reconciler:
             if await self._absent(current, report):
                 report.closed.append(position.id)
         return report
+
+    async def _resubscribe(self, why: str) -> None:
+        exchange = self.live.exchange
+        recreate = getattr(exchange, "recreate", None)
+        if recreate is None:
+            return
+        logger.warning("{}: the private stream may be wedged ({}); recreating the exchange client",
+                       self.live.account, why)
+        await recreate(getattr(exchange, "generation", 0), why)
 
     async def _absent(self, position: Position, report: SyncReport) -> bool:
         live = self.live

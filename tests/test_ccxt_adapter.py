@@ -233,3 +233,14 @@ def test_translation_of_codes_and_ccxt_classes_and_redaction() -> None:
     out = translate(leaky, hide=("SECRETKEY123",))
     for text in (str(out), str(leaky)):  # the chained ccxt error is scrubbed too
         assert "pqia91ma19" not in text and "0a1b2c3d4e" not in text and "SECRETKEY123" not in text
+
+
+async def test_a_recreate_from_outside_the_streams_resubscribes_them(venue: CcxtExchange, sim: SimServer) -> None:
+    positions = Collector(venue.position_updates())
+    try:
+        await positions.wait_for(lambda i: isinstance(i, Resynced))
+        await venue.recreate(venue.generation, "reconciliation suspects a wedge")  # closes the old client
+        await positions.wait_for(lambda i: isinstance(i, Resynced) and i.reason == "reconnected")
+        assert not positions.task.done()  # the stream survived its watch being cancelled under it
+    finally:
+        await positions.stop()

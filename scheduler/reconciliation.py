@@ -1,0 +1,157 @@
+"""Reconciliation on a schedule: APScheduler's asyncio scheduler runs the checks as coroutine jobs.
+
+A job never changes a position's state itself: the sync job runs a `Reconciler` pass (which fires
+events only on evidence), the orphan sweep cancels orders of ours that belong to no live position.
+
+* `sync`: ticks every `fast_sync_interval_s` (2 s); a pass runs when `sync_interval_s` (15 s) has passed
+  since the last one, or at once on every tick while the private position stream is not healthy
+  (silent, reconnecting) or a resync left positions unsettled.
+* `orphans`: every `orphan_interval_s` (60 s): open orders (regular and conditional) whose client id is in
+  our namespace (`lc-...`) and whose position is not live here are cancelled and recorded
+  (`orphan_cancelled`). Orders that are not ours are never touched.
+
+Every job runs with `max_instances=1` and coalescing (a late tick is not run twice); its duration and
+outcome are logged and counted in `JobStats`.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from loguru import logger
+
+from exchange import errors as xerr
+from lifecycle.client_ids import parse_client_id
+from lifecycle.domain import OrderRef, OrderStatus
+from lifecycle.errors import OrderAlreadyGone
+from lifecycle.live import LiveEngine
+from lifecycle.reconcile import Reconciler
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    sync_interval_s: float = 15.0
+    fast_sync_interval_s: float = 2.0
+    orphan_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("sync_interval_s", "fast_sync_interval_s", "orphan_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.fast_sync_interval_s > self.sync_interval_s:
+            raise ValueError("fast_sync_interval_s must not exceed sync_interval_s")
+
+
+@dataclass
+class JobStats:
+    runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (job, outcome) -> count
+    last_duration_ms: dict[str, float] = field(default_factory=dict)
+    total_duration_ms: Counter[str] = field(default_factory=Counter)
+    orphans_cancelled: int = 0
+
+
+class ReconciliationScheduler:
+    def __init__(self, live: LiveEngine, reconciler: Reconciler, config: ScheduleConfig | None = None) -> None:
+        self.live = live
+        self.reconciler = reconciler
+        self.config = config or ScheduleConfig()
+        self.stats = JobStats()
+        self._scheduler: AsyncIOScheduler | None = None
+        self._last_sync = float("-inf")
+        self._running: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> ReconciliationScheduler:
+        scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        scheduler.add_job(self._job, "interval", args=["sync", self._sync_tick], id="sync",
+                          seconds=self.config.fast_sync_interval_s, **common)
+        scheduler.add_job(self._job, "interval", args=["orphans", self.sweep_orphans], id="orphans",
+                          seconds=self.config.orphan_interval_s, **common)
+        scheduler.start()
+        self._scheduler = scheduler
+        logger.info("{}: reconciliation scheduled (sync every {} s, {} s while the stream is not healthy; "
+                    "orphan sweep every {} s)", self.live.account, self.config.sync_interval_s,
+                    self.config.fast_sync_interval_s, self.config.orphan_interval_s)
+        return self
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """No new runs; the runs in flight finish (up to `timeout`)."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._running:
+            done, pending = await asyncio.wait(set(self._running), timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    async def _job(self, name: str, work: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        started = time.perf_counter()
+        outcome = "ok"
+        detail: Any = None
+        try:
+            detail = await work()
+            if detail is None:
+                outcome = "skipped"
+        except xerr.ExchangeError as e:
+            outcome = "exchange_error"
+            logger.warning("{} job {} failed on the exchange: {}", self.live.account, name, e)
+        except Exception as e:  # a job must never stop the scheduler
+            outcome = "error"
+            logger.exception("{} job {} failed: {}: {}", self.live.account, name, type(e).__name__, e)
+        finally:
+            self._running.discard(task)
+            ms = round((time.perf_counter() - started) * 1000, 3)
+            self.stats.runs[(name, outcome)] += 1
+            self.stats.last_duration_ms[name] = ms
+            self.stats.total_duration_ms[name] += ms
+        if outcome != "skipped":
+            logger.info("{} job {} {} in {} ms{}", self.live.account, name, outcome, ms,
+                        f": {detail}" if detail is not None else "")
+
+    def sync_due(self) -> bool:
+        fast = not self.live.stream_healthy() or self.live.unsettled()
+        return fast or time.monotonic() - self._last_sync >= self.config.sync_interval_s
+
+    async def _sync_tick(self) -> Any:
+        if not self.sync_due():
+            return None
+        self._last_sync = time.monotonic()
+        return await self.reconciler.sync()
+
+    async def sweep_orphans(self) -> str:
+        """Cancel working orders of ours whose position is not live here; never touch anyone else's."""
+        live = self.live
+        cancelled, foreign = 0, 0
+        for order in await live.exchange.open_orders():
+            ours = parse_client_id(order.client_id)
+            if ours is None:
+                foreign += 1
+                continue
+            position = live.engine.positions.get(ours.position_id)
+            if position is not None and position.account == live.account and not position.is_terminal:
+                continue
+            ref = OrderRef(order.client_id or "", ours.position_id, order.symbol, ours.purpose, order.side,
+                           order.quantity, OrderStatus.OPEN, order.trigger_price, order.exchange_order_id,
+                           order.algo_id)
+            try:
+                await live.exchange.cancel_order(ref)
+            except OrderAlreadyGone:
+                continue
+            cancelled += 1
+            self.stats.orphans_cancelled += 1
+            live.engine.records.emit({
+                "event": "orphan_cancelled", "account": live.account, "symbol": order.symbol,
+                "position_id": ours.position_id, "at": live.engine.clock().isoformat(),
+                "client_order_id": order.client_id, "purpose": ours.purpose.value, "type": order.type,
+                "trigger_price": str(order.trigger_price) if order.trigger_price is not None else None,
+            })
+            logger.warning("{} {}: cancelled orphan {} order {} (position {} is not live)", live.account,
+                           order.symbol, ours.purpose.value, order.client_id, ours.position_id)
+        return f"{cancelled} orphan(s) cancelled, {foreign} order(s) not ours left alone"

@@ -1,0 +1,112 @@
+"""Reconciliation on a schedule (APScheduler), against the simulator through ccxt, on a SQLite file."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+
+from exchange.sim.server import SimServer
+from lifecycle.client_ids import make_client_id
+from lifecycle.domain import CloseCause, OrderPurpose, Side
+from lifecycle.live import OpenCommand
+from lifecycle.machines.states import PositionState as S
+from lifecycle.reconcile import Reconciler
+from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+from tests.livekit import Rig
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'sched.sqlite'}",
+                  tmp_path / "records").start()
+    yield r
+    await r.stop()
+
+
+async def test_a_close_is_found_while_the_listen_key_is_expired(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    assert rig.live is not None
+    config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.3, orphan_interval_s=60)
+    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=0), config).start()
+    try:
+        rig.sim.expire_listen_keys()  # connections stay open, nothing arrives, keepalive answers -1125
+        await asyncio.sleep(0.05)
+        closed_at = time.monotonic()
+        rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+        stored = await rig.ended(p.id, timeout=10)
+        took = time.monotonic() - closed_at
+        assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+        # The stream is noticed silent after user_probe_after_s (0.5 s here), then fast syncs find it.
+        assert took < 0.5 + 2 * config.fast_sync_interval_s + 1.0
+        assert scheduler.stats.runs[("sync", "ok")] >= 1
+    finally:
+        await scheduler.stop()
+
+
+async def test_a_wedged_stream_is_resubscribed_when_rest_keeps_disagreeing(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    assert rig.live is not None and rig.exchange is not None
+    config = ScheduleConfig(sync_interval_s=0.3, fast_sync_interval_s=0.3, orphan_interval_s=60)
+    reconciler = Reconciler(rig.live, grace_ms=0, stream_doubt_s=1.0)
+    scheduler = await ReconciliationScheduler(rig.live, reconciler, config).start()
+    generation = rig.exchange.generation
+    try:
+        rig.sim.set_faults(ws_silent=True)  # connected, listen key alive, nothing delivered: a wedge
+        await asyncio.sleep(0.05)
+        rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+        await asyncio.sleep(0.2)
+        rig.sim.set_faults(ws_silent=False)  # a new subscription would work
+        stored = await rig.ended(p.id, timeout=10)
+        assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+        assert rig.exchange.generation > generation
+        assert any("may be wedged" in m for _, m in rig.alarms())
+    finally:
+        await scheduler.stop()
+
+
+async def test_with_a_healthy_stream_the_sync_keeps_its_slow_interval(rig: Rig) -> None:
+    assert rig.live is not None
+    config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.1, orphan_interval_s=60)
+    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), config)
+    await scheduler.start()
+    try:
+        await asyncio.sleep(0.55)
+        assert scheduler.stats.runs[("sync", "ok")] == 1  # the first tick only
+        assert scheduler.stats.runs[("sync", "skipped")] >= 3
+    finally:
+        await scheduler.stop()
+
+
+async def test_the_orphan_sweep_cancels_ours_only(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.5"), stop_loss_pct=D(1)))
+    assert rig.live is not None and rig.exchange is not None
+    # An orphan of ours: a stop for a position this engine does not hold (left by a crash).
+    orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
+    await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
+    await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2400), "web_someone_elses")
+    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig())
+    summary = await scheduler.sweep_orphans()
+    assert summary.startswith("1 orphan(s) cancelled")
+    left = {a.client_id for a in rig.sim.venue.open_algos(rig.account, "ETHUSDT")}
+    assert orphan not in left and "web_someone_elses" in left
+    assert any(cid.startswith(f"lc-{p.id}-s") for cid in left)  # the live position's stop stays
+    [record] = rig.records.read("orphan_cancelled")  # type: ignore[union-attr]
+    assert (record["client_order_id"], record["position_id"]) == (orphan, "0123456789abcdef0123")
+
+
+def test_schedule_config_refuses_impossible_intervals() -> None:
+    with pytest.raises(ValueError, match="sync_interval_s"):
+        ScheduleConfig(sync_interval_s=0)
+    with pytest.raises(ValueError, match="must not exceed"):
+        ScheduleConfig(sync_interval_s=1, fast_sync_interval_s=2)
