@@ -384,6 +384,27 @@ class LiveEngine:
             self._handle_entry_update(position_id, found)
             return
 
+    async def adopt(self, snap: PositionSnapshot) -> Position:
+        """Track a position found on the exchange (opened by hand, or before a crash) as OPEN and protect it
+        with the default stop distance: from its entry price, or from the mark if that stop is already
+        crossed (an adopted position is protected, not closed at once)."""
+        if snap.side is None:
+            raise InvalidEvent(f"{snap.symbol}: nothing to adopt (flat)")
+        quantity = abs(snap.amount)
+        position = await self.engine.open_position(account=self.account, symbol=snap.symbol, side=snap.side,
+                                                   quantity=quantity)
+        self._entries_done.add(position.id)
+        await self.engine.fire(position.id, EntryFilled(quantity=quantity, price=snap.entry_price))
+        logger.warning("{} {} {}: adopted an untracked {} position of {} (entry {})", self.account, snap.symbol,
+                       position.id, snap.side, quantity, snap.entry_price)
+        self.engine.records.emit({
+            "event": "adopted", "account": self.account, "symbol": snap.symbol, "position_id": position.id,
+            "at": self.engine.clock().isoformat(), "side": snap.side.value, "quantity": str(quantity),
+            "entry_price": str(snap.entry_price),
+        })
+        await self._protect_initial(position.id, from_mark_if_crossed=True)
+        return self.engine.positions.get(position.id) or position
+
     async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
         """Close a position at market with a reduce-only order; False if it had already moved on.
 
@@ -601,15 +622,19 @@ class LiveEngine:
             return
         await self._protect_initial(position_id)
 
-    async def _protect_initial(self, position_id: str, *, close_if_unprotected: bool = True) -> None:
+    async def _protect_initial(self, position_id: str, *, close_if_unprotected: bool = True,
+                               from_mark_if_crossed: bool = False) -> None:
         position = self.engine.positions.get(position_id)
         if position is None or position.entry_price is None or any(
                 o.purpose is OrderPurpose.STOP for o in position.working_orders()):
             return
         plan = self._plans.pop(position_id, None)
         pct = plan.stop_loss_pct if plan and plan.stop_loss_pct is not None else self.config.default_stop_loss_pct
-        target = self._round_stop(position.side, position.symbol, position.entry_price * (
-            1 - pct / 100 if position.side is Side.LONG else 1 + pct / 100))
+        factor = 1 - pct / 100 if position.side is Side.LONG else 1 + pct / 100
+        target = self._round_stop(position.side, position.symbol, position.entry_price * factor)
+        mark = self.marks.get(position.symbol)
+        if from_mark_if_crossed and mark is not None and not is_stop_on_safe_side(position.side, target, mark):
+            target = self._round_stop(position.side, position.symbol, mark * factor)
         placed = await self._request_stop(position_id, target, None, "initial")
         if placed == "failed":
             logger.error("{} {} {}: no stop could be placed; closing at market (unprotected)", self.account,

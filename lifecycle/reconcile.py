@@ -22,13 +22,17 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from exchange.port import Fill
+from decimal import Decimal
+
+from exchange.port import Fill, PositionSnapshot
 from lifecycle.causes import classify_close
 from lifecycle.domain import CloseCause, Position, Side
 from lifecycle.events import Flat, Vanished
 from lifecycle.guards.predicates import ABSENCE_CONFIRMATIONS_REQUIRED, is_outside_grace_window
 from lifecycle.live import FLATTENABLE, LiveEngine
 from lifecycle.machines.states import PositionState
+
+UNTRACKED_POLICIES = ("alert", "adopt")  # alert: record and report, touch nothing (the default)
 
 
 @dataclass
@@ -39,11 +43,14 @@ class SyncReport:
     unconfirmed: int = 0  # absent once, present on the targeted query
     stream_disagrees: int = 0  # absent on REST, shown by a healthy private stream
     closed: list[str] = field(default_factory=list)  # position ids that reached a terminal state
+    untracked: int = 0  # positions on the exchange nobody here tracks (confirmed twice)
+    adopted: list[str] = field(default_factory=list)
     rest_calls: int = 0
 
 
 class Reconciler:
-    def __init__(self, live: LiveEngine, *, grace_ms: int = 5000, stream_doubt_s: float = 30.0) -> None:
+    def __init__(self, live: LiveEngine, *, grace_ms: int = 5000, stream_doubt_s: float = 30.0,
+                 untracked: str = "alert") -> None:
         """`stream_doubt_s`: how long REST may disagree with a healthy stream about a position before the
         stream is suspected of a silent wedge (connected, listen key alive, nothing delivered) and the
         exchange client is recreated; the resync that follows settles the position with evidence."""
@@ -51,6 +58,10 @@ class Reconciler:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
         if stream_doubt_s <= 0:
             raise ValueError(f"stream_doubt_s must be > 0, got {stream_doubt_s}")
+        if untracked not in UNTRACKED_POLICIES:
+            raise ValueError(f"untracked must be one of {', '.join(UNTRACKED_POLICIES)}, got {untracked!r}")
+        self.untracked = untracked
+        self._alerted: set[tuple[str, Side, Decimal]] = set()  # untracked positions already reported
         self.live = live
         self.grace_ms = grace_ms
         self.stream_doubt_s = stream_doubt_s
@@ -82,10 +93,9 @@ class Reconciler:
         live, report = self.live, SyncReport()
         tracked = [p for p in live.engine.positions.values()
                    if p.account == live.account and p.state in FLATTENABLE]
-        if not tracked:
-            return report
         report.rest_calls += 1
-        shown = {(s.symbol, s.side) for s in await live.exchange.positions()}
+        snapshot = await live.exchange.positions()
+        shown = {(s.symbol, s.side) for s in snapshot}
         for position in tracked:
             report.checked += 1
             if (position.symbol, position.side) in shown:
@@ -117,7 +127,41 @@ class Reconciler:
                 continue
             if await self._absent(current, report):
                 report.closed.append(position.id)
+        for snap in snapshot:
+            if snap.side is not None and live.engine.live_position(live.account, snap.symbol, snap.side) is None:
+                await self._untracked(snap, report)
         return report
+
+    async def _untracked(self, snap: PositionSnapshot, report: SyncReport) -> None:
+        """A position on the exchange that nobody here tracks (opened by hand, or before a crash)."""
+        live = self.live
+        assert snap.side is not None
+        if snap.symbol not in live.symbols:
+            return  # not a symbol this engine trades: never ours to touch
+        latest = live.live.get(snap.symbol)
+        if latest is not None and latest.side is not snap.side and latest.at >= snap.at:
+            return  # the stream already says it is gone: REST lags (seed 000)
+        report.rest_calls += 1
+        again = await live.exchange.positions([snap.symbol])
+        if not any(s.symbol == snap.symbol and s.side is snap.side for s in again):
+            return  # not confirmed by the targeted query
+        report.untracked += 1
+        if self.untracked == "adopt":
+            position = await live.adopt(snap)
+            report.adopted.append(position.id)
+            return
+        key = (snap.symbol, snap.side, abs(snap.amount))
+        if key in self._alerted:
+            return
+        self._alerted.add(key)
+        live.engine.records.emit({
+            "event": "untracked_position", "account": live.account, "symbol": snap.symbol, "position_id": None,
+            "at": live.engine.clock().isoformat(), "side": snap.side.value, "quantity": str(abs(snap.amount)),
+            "entry_price": str(snap.entry_price), "policy": self.untracked,
+        })
+        logger.warning("{} {}: an untracked {} position of {} (entry {}) is on the exchange; policy 'alert': "
+                       "reported, not touched", live.account, snap.symbol, snap.side, abs(snap.amount),
+                       snap.entry_price)
 
     async def _resubscribe(self, why: str) -> None:
         exchange = self.live.exchange

@@ -26,9 +26,9 @@ from loguru import logger
 
 from exchange import errors as xerr
 from lifecycle.client_ids import parse_client_id
-from lifecycle.domain import OrderRef, OrderStatus
+from lifecycle.domain import CloseReason, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone
-from lifecycle.live import LiveEngine
+from lifecycle.live import PROTECTED, LiveEngine
 from lifecycle.reconcile import Reconciler
 
 
@@ -37,11 +37,18 @@ class ScheduleConfig:
     sync_interval_s: float = 15.0
     fast_sync_interval_s: float = 2.0
     orphan_interval_s: float = 60.0
+    aged_interval_s: float = 60.0
+    max_age_s: float | None = None  # None: no aged check
+    aged_policy: str = "report"  # report (record and warn) or close (bot close, reason max_age)
 
     def __post_init__(self) -> None:
-        for name in ("sync_interval_s", "fast_sync_interval_s", "orphan_interval_s"):
+        for name in ("sync_interval_s", "fast_sync_interval_s", "orphan_interval_s", "aged_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_age_s is not None and not self.max_age_s > 0:
+            raise ValueError(f"max_age_s must be > 0 seconds (or unset), got {self.max_age_s}")
+        if self.aged_policy not in ("report", "close"):
+            raise ValueError(f"aged_policy must be 'report' or 'close', got {self.aged_policy!r}")
         if self.fast_sync_interval_s > self.sync_interval_s:
             raise ValueError("fast_sync_interval_s must not exceed sync_interval_s")
 
@@ -63,6 +70,7 @@ class ReconciliationScheduler:
         self._scheduler: AsyncIOScheduler | None = None
         self._last_sync = float("-inf")
         self._running: set[asyncio.Task[Any]] = set()
+        self._aged_reported: set[str] = set()
 
     async def start(self) -> ReconciliationScheduler:
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
@@ -71,6 +79,9 @@ class ReconciliationScheduler:
                           seconds=self.config.fast_sync_interval_s, **common)
         scheduler.add_job(self._job, "interval", args=["orphans", self.sweep_orphans], id="orphans",
                           seconds=self.config.orphan_interval_s, **common)
+        if self.config.max_age_s is not None:
+            scheduler.add_job(self._job, "interval", args=["aged", self.check_aged], id="aged",
+                              seconds=self.config.aged_interval_s, **common)
         scheduler.start()
         self._scheduler = scheduler
         logger.info("{}: reconciliation scheduled (sync every {} s, {} s while the stream is not healthy; "
@@ -124,6 +135,35 @@ class ReconciliationScheduler:
             return None
         self._last_sync = time.monotonic()
         return await self.reconciler.sync()
+
+    async def check_aged(self) -> str | None:
+        """Positions older than `max_age_s`: verified on the exchange first (a sync pass: a phantom ends
+        as such), then closed by the bot with reason `max_age`, or reported once, per `aged_policy`."""
+        max_age = self.config.max_age_s
+        if max_age is None:
+            return None
+        await self.reconciler.sync()
+        live, now = self.live, self.live.engine.clock()
+        aged = [p for p in live.engine.positions.values() if p.account == live.account and p.state in PROTECTED
+                and (now - p.created_at).total_seconds() > max_age]
+        closed = 0
+        for position in aged:
+            age_s = round((now - position.created_at).total_seconds(), 1)
+            if self.config.aged_policy == "close":
+                logger.info("{} {} {}: {} s old (max {} s): closing", live.account, position.symbol, position.id,
+                            age_s, max_age)
+                if await live.close(position.id, CloseReason.MAX_AGE):
+                    closed += 1
+            elif position.id not in self._aged_reported:
+                self._aged_reported.add(position.id)
+                live.engine.records.emit({
+                    "event": "aged_position", "account": live.account, "symbol": position.symbol,
+                    "position_id": position.id, "at": now.isoformat(), "age_s": age_s, "max_age_s": max_age,
+                    "state": position.state.value,
+                })
+                logger.warning("{} {} {}: {} s old (max {} s); policy 'report': left open", live.account,
+                               position.symbol, position.id, age_s, max_age)
+        return f"{len(aged)} aged, {closed} closed"
 
     async def sweep_orphans(self) -> str:
         """Cancel working orders of ours whose position is not live here; never touch anyone else's."""

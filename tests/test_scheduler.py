@@ -11,7 +11,7 @@ import pytest
 
 from exchange.sim.server import SimServer
 from lifecycle.client_ids import make_client_id
-from lifecycle.domain import CloseCause, OrderPurpose, Side
+from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, Side
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.reconcile import Reconciler
@@ -110,3 +110,61 @@ def test_schedule_config_refuses_impossible_intervals() -> None:
         ScheduleConfig(sync_interval_s=0)
     with pytest.raises(ValueError, match="must not exceed"):
         ScheduleConfig(sync_interval_s=1, fast_sync_interval_s=2)
+    with pytest.raises(ValueError, match="aged_policy"):
+        ScheduleConfig(aged_policy="panic")
+    with pytest.raises(ValueError, match="max_age_s"):
+        ScheduleConfig(max_age_s=-1)
+
+
+async def _hand_opened(rig: Rig, symbol: str, quantity: str) -> None:
+    rig.sim.venue.new_order(rig.account, symbol=symbol, side="BUY", type_="MARKET", quantity=D(quantity),
+                            price=None, client_id="web_by_hand", reduce_only=False)
+    await asyncio.sleep(0.1)  # the stream has seen it
+
+
+async def test_an_untracked_position_is_reported_and_not_touched_by_default(rig: Rig) -> None:
+    await _hand_opened(rig, "SOLUSDT", "2")
+    assert rig.live is not None
+    reconciler = Reconciler(rig.live)
+    for _ in range(2):
+        report = await reconciler.sync()
+        assert report.untracked == 1 and report.adopted == []
+    [record] = rig.records.read("untracked_position")  # type: ignore[union-attr]  # reported once
+    assert (record["symbol"], record["side"], record["quantity"]) == ("SOLUSDT", "long", "2")
+    assert rig.sim.venue.open_algos(rig.account, "SOLUSDT") == [] and rig.engine.positions == {}  # type: ignore[union-attr]
+
+
+async def test_an_untracked_position_is_adopted_and_protected_in_adopt_mode(rig: Rig) -> None:
+    await _hand_opened(rig, "SOLUSDT", "2")
+    assert rig.live is not None
+    report = await Reconciler(rig.live, untracked="adopt").sync()
+    [pid] = report.adopted
+    await rig.live.idle()
+    adopted = rig.engine.positions[pid]  # type: ignore[union-attr]
+    assert (adopted.state, adopted.quantity, adopted.stop_price) == (S.OPEN, D(2), D("148.50"))  # 1 % under 150
+    assert [(a.trigger, a.qty) for a in rig.stop_algos("SOLUSDT")] == [(D("148.50"), D(2))]
+    rig.set_mark("SOLUSDT", "148")  # and it is a position like any other: its stop fills, the cause is ours
+    await assert_end(rig, pid, S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
+
+
+async def test_aged_positions_are_reported_or_closed(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    assert rig.live is not None
+    report_only = ReconciliationScheduler(rig.live, Reconciler(rig.live),
+                                          ScheduleConfig(max_age_s=0.05, aged_policy="report"))
+    await asyncio.sleep(0.1)
+    assert await report_only.check_aged() == "1 aged, 0 closed"
+    assert await report_only.check_aged() == "1 aged, 0 closed"
+    assert [r["position_id"] for r in rig.records.read("aged_position")] == [p.id]  # type: ignore[union-attr]
+    assert rig.state(p.id) is S.OPEN
+    closing = ReconciliationScheduler(rig.live, Reconciler(rig.live),
+                                      ScheduleConfig(max_age_s=0.05, aged_policy="close"))
+    assert await closing.check_aged() == "1 aged, 1 closed"
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_reason) == (S.CLOSED, CloseReason.MAX_AGE)
+
+
+async def assert_end(rig: Rig, position_id: str, state: S, cause: CloseCause) -> None:
+    stored = await rig.ended(position_id)
+    assert (stored.state, stored.close_cause) == (state, cause)
+    await rig.until(lambda: not rig.our_open_orders(), what="no order of ours left open")
