@@ -384,6 +384,89 @@ class LiveEngine:
             self._handle_entry_update(position_id, found)
             return
 
+    async def recover(self, *, retry_s: float = 2.0) -> dict[str, int]:
+        """Restart recovery, before any order is sent: compare the positions loaded from the database with
+        a REST snapshot of positions and open orders (regular and conditional), then
+
+        * OPENING: the entry is looked up by its client id (filled: protected; never arrived: CANCELLED);
+        * not on the exchange: marked missing; the attached Reconciler settles it with evidence (a closing
+          fill ends it with its cause; REST alone never ends it);
+        * CLOSING_BY_BOT: the close is resumed with the same client id (a duplicate is refused by the venue);
+        * OPEN / TS_ACTIVE: stops of ours for the position that the database does not know (placed just
+          before a crash) are taken into tracking, then a stop `sync` leaves exactly one working stop at
+          the recorded price and size: a missing stop is placed again, duplicates are cancelled.
+
+        If the exchange cannot be reached it says so and retries every `retry_s`: nothing is done on the
+        database's word alone.
+        """
+        positions = await self._until_reachable("positions", self.exchange.positions, retry_s)
+        orders = await self._until_reachable("open orders", self.exchange.open_orders, retry_s)
+        shown = {(s.symbol, s.side) for s in positions}
+        ours_by_position: dict[str, list[OrderSnapshot]] = {}
+        for order in orders:
+            parsed = parse_client_id(order.client_id)
+            if parsed is not None:
+                ours_by_position.setdefault(parsed.position_id, []).append(order)
+        counts = {"positions": 0, "opening": 0, "missing": 0, "closing": 0, "protected": 0}
+        now = self.engine.clock()
+        for position in [p for p in self.engine.positions.values() if p.account == self.account]:
+            counts["positions"] += 1
+            entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None)
+            if position.state is S.OPENING or (position.state is S.CLOSING_BY_BOT and position.quantity == 0):
+                counts["opening"] += 1
+                if entry is not None:
+                    self._spawn(self._find_entry(position.id, entry), f"entry lookup of {position.id}")
+                continue
+            if (position.symbol, position.side) not in shown:
+                counts["missing"] += 1
+                self._missing[position.id] = now
+                continue
+            if position.state is S.CLOSING_BY_BOT:
+                counts["closing"] += 1
+                self._spawn(self._resume_close(position.id), f"resumed close of {position.id}")
+                continue
+            counts["protected"] += 1
+            open_ids = {o.client_id for o in ours_by_position.get(position.id, [])}
+            for order in position.working_orders():
+                if order.purpose is OrderPurpose.STOP and order.client_id not in open_ids:
+                    self._gone[order.client_id] = None  # gone while we were down
+            for order in ours_by_position.get(position.id, []):
+                parsed = parse_client_id(order.client_id)
+                if parsed is not None and parsed.purpose is OrderPurpose.STOP and order.client_id not in position.orders:
+                    await self._track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
+                                      order.trigger_price or Decimal(0), order)
+            if position.stop_price is None:  # crashed between the entry fill and the first stop
+                self._spawn(self._protect_initial(position.id), f"protection of {position.id}")
+            else:
+                self._spawn(self._request_stop(position.id, None, None, "sync"), f"stop check of {position.id}")
+        if counts["missing"]:
+            for hook in list(self.after_resync):
+                self._spawn(hook(), "reconciliation after recovery")
+        logger.info("{}: recovery: {}", self.account, counts)
+        return counts
+
+    async def _until_reachable(self, what: str, call: Callable[[], Awaitable[Any]], retry_s: float) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except xerr.Retryable as e:
+                attempt += 1
+                logger.error("{}: recovery cannot read {} from the exchange ({}); nothing is done on the "
+                             "database's word alone; retry {} in {}s", self.account, what, _short(e), attempt, retry_s)
+                await asyncio.sleep(retry_s)
+
+    async def _resume_close(self, position_id: str) -> None:
+        position = self.engine.positions.get(position_id)
+        reason = position.close_reason if position is not None and position.close_reason else CloseReason.OPERATOR
+        error = await self._send_close(position_id)
+        if error is None:
+            return
+        outcome = await self.engine.fire_if(position_id, CloseFailed(error=_short(error)), only_in={S.CLOSING_BY_BOT})
+        if outcome is not None and outcome.dest in PROTECTED:
+            await self._request_stop(position_id, None, None, "sync")
+            await self.close(position_id, reason)
+
     async def adopt(self, snap: PositionSnapshot) -> Position:
         """Track a position found on the exchange (opened by hand, or before a crash) as OPEN and protect it
         with the default stop distance: from its entry price, or from the mark if that stop is already

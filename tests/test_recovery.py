@@ -1,0 +1,129 @@
+"""Restart recovery: a new engine process (new client, state from the database only) against the simulator."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+
+from exchange.sim.server import SimServer
+from lifecycle.client_ids import make_client_id
+from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, Side
+from lifecycle.events import CloseRequested
+from lifecycle.live import OpenCommand
+from lifecycle.machines.states import PositionState as S
+from lifecycle.reconcile import Reconciler
+from tests.livekit import Rig
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'recovery.sqlite'}",
+                  tmp_path / "records").start()
+    yield r
+    await r.stop()
+
+
+def btc_long() -> OpenCommand:
+    return OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1))
+
+
+async def down_then_up(rig: Rig, while_down: object = None) -> dict[str, int]:
+    """Stop the engine (as a crash would, leaving everything on the exchange), let `while_down` happen,
+    start a new one, attach reconciliation and recover."""
+    await rig.stop()
+    if callable(while_down):
+        result = while_down()
+        if hasattr(result, "__await__"):
+            await result
+    rig.exchange = rig.repo = rig.engine = rig.live = None
+    await rig.start()
+    assert rig.live is not None
+    Reconciler(rig.live, grace_ms=0).attach()
+    return await rig.live.recover(retry_s=0.05)
+
+
+async def test_a_stop_that_filled_while_down_ends_the_position_with_its_cause(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    counts = await down_then_up(rig, lambda: rig.set_mark("BTCUSDT", 59300))  # our stop fills meanwhile
+    assert counts["missing"] == 1
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
+    assert rig.our_open_orders() == []
+
+
+async def test_a_missing_stop_is_placed_again_and_duplicates_reduced_to_one(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.exchange is not None
+    [stop] = rig.stop_algos("BTCUSDT")
+    stray = make_client_id(p.id, OrderPurpose.STOP, 42)
+
+    async def meanwhile() -> None:
+        rig.sim.venue.cancel_algo(rig.account, stop.algo_id, None)  # our stop is gone
+        # and a stop placed just before the crash, never recorded, is on the exchange twice over
+        from exchange.ccxt_adapter import CcxtExchange
+        from tests.livekit import settings_for
+
+        other = await CcxtExchange(settings_for(rig.sim, rig.account)).start()
+        await other.place_stop("BTCUSDT", Side.LONG, D("0.010"), D(59000), stray)
+        await other.place_stop("BTCUSDT", Side.LONG, D("0.010"), D(58900), make_client_id(p.id, OrderPurpose.STOP, 43))
+        await other.close()
+
+    counts = await down_then_up(rig, meanwhile)
+    assert counts["protected"] == 1
+    await rig.until(lambda: [(a.trigger, a.qty) for a in rig.stop_algos("BTCUSDT")] == [(D("59400.0"), D("0.010"))],
+                    what="exactly one stop at the recorded price")
+    assert rig.live is not None
+    await rig.live.idle()
+    assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
+
+
+async def test_a_close_in_flight_at_the_crash_is_resumed_with_the_same_id(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.engine is not None
+    await rig.engine.fire(p.id, CloseRequested(reason=CloseReason.SIGNAL))  # decided, never sent: crash
+    counts = await down_then_up(rig)
+    assert counts["closing"] == 1
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause, stored.close_reason) == (S.CLOSED, CloseCause.BOT, CloseReason.SIGNAL)
+    closes = [o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")]
+    assert len(closes) == 1  # one close order, no duplicate
+
+
+async def test_a_close_that_landed_before_the_crash_ends_closed_not_external(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.engine is not None
+    await rig.engine.fire(p.id, CloseRequested(reason=CloseReason.SIGNAL))
+    close_id = make_client_id(p.id, OrderPurpose.CLOSE, rig.engine.positions[p.id].seq)
+
+    def close_landed() -> None:  # the close reached the venue and filled; the process died before the flat
+        rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.010"),
+                                price=None, client_id=close_id, reduce_only=True)
+
+    counts = await down_then_up(rig, close_landed)
+    assert counts["missing"] == 1
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED, CloseCause.BOT)
+    assert [o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")][0].client_id == close_id
+
+
+async def test_an_unreachable_exchange_is_retried_not_bypassed(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    await rig.stop()
+    rig.exchange = rig.repo = rig.engine = rig.live = None
+    await rig.start()
+    assert rig.live is not None
+    rig.sim.set_faults(http_5xx=4)  # the first REST reads fail
+    counts = await rig.live.recover(retry_s=0.05)
+    assert counts["protected"] == 1
+    assert any("nothing is done on the database's word alone" in m for _, m in rig.alarms())
+    await rig.live.idle()
+    assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
