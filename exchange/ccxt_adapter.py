@@ -157,6 +157,7 @@ class CcxtExchange:
         self._recreate_lock = asyncio.Lock()
         self._hide = (settings.api_key.reveal(), settings.secret.reveal())
         self.malformed_frames = 0  # WebSocket frames ccxt could not handle, skipped
+        self._closed = False
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class CcxtExchange:
         return self
 
     async def close(self) -> None:
+        self._closed = True  # streams end instead of reconnecting
         if self.client is not None:
             await self.client.close()
             self.client = None
@@ -447,6 +449,8 @@ class CcxtExchange:
                 if task.cancelled():
                     # ccxt cancels a client's futures when it is closed: the client was replaced (by a
                     # recreate from elsewhere) or closed under this watch. Resubscribe; not our own cancel.
+                    if self._closed:
+                        return  # the adapter was closed: the stream ends
                     if generation == self.generation:
                         self.health[name] = StreamHealth.RECONNECTING
                         self.reconnects[name] += 1

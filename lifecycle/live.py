@@ -274,7 +274,9 @@ class LiveEngine:
             shown = set()
             for snap in item.snapshot:
                 if isinstance(snap, PositionSnapshot):
-                    self.live[snap.symbol] = snap
+                    known = self.live.get(snap.symbol)
+                    if known is None or snap.at >= known.at:  # a stale snapshot never hides a newer update
+                        self.live[snap.symbol] = snap
                     shown.add((snap.symbol, snap.side))
             # Not written into the live state: the snapshot may be stale. The stream no longer vouches for
             # these until it sends an update for their symbol; reconciliation settles them with evidence.
@@ -1137,6 +1139,10 @@ class LiveEngine:
     def unsettled(self) -> bool:
         """Some tracked position is known to the REST snapshot of a resync only as missing (see below)."""
         return any(pid in self.engine.positions for pid in self._missing)
+
+    def settled(self, position_id: str) -> None:
+        """Reconciliation saw the position on REST (twice): it is no longer only known as missing."""
+        self._missing.pop(position_id, None)
 
     def missing_after_resync(self, position_id: str) -> bool:
         """A resync's REST snapshot lacked this position and the stream has said nothing about it since."""

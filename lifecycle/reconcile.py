@@ -27,6 +27,7 @@ from decimal import Decimal
 from exchange.port import Fill, PositionSnapshot
 from lifecycle.causes import classify_close
 from lifecycle.domain import CloseCause, Position, Side
+from lifecycle.errors import DuplicateLivePosition
 from lifecycle.events import Flat, Vanished
 from lifecycle.guards.predicates import ABSENCE_CONFIRMATIONS_REQUIRED, is_outside_grace_window
 from lifecycle.live import FLATTENABLE, LiveEngine
@@ -65,7 +66,9 @@ class Reconciler:
         self.live = live
         self.grace_ms = grace_ms
         self.stream_doubt_s = stream_doubt_s
-        self._doubt_since: dict[str, float] = {}  # position id -> monotonic time REST first disagreed
+        self._doubt_since: dict[str, tuple[float, int]] = {}  # position id -> (when REST began to disagree,
+        # the client generation then): one recreate per generation, however many positions doubt it
+        self._lock = asyncio.Lock()  # one pass at a time (scheduler jobs, resync hooks, the aged check)
 
     def attach(self) -> Reconciler:
         """Run after every stream resync whose snapshot lacks a tracked position (a close the stream
@@ -90,31 +93,49 @@ class Reconciler:
                        "the next reconciliation", self.live.account, len(unsettled))
 
     async def sync(self) -> SyncReport:
+        async with self._lock:
+            return await self._sync()
+
+    async def _sync(self) -> SyncReport:
         live, report = self.live, SyncReport()
         tracked = [p for p in live.engine.positions.values()
                    if p.account == live.account and p.state in FLATTENABLE]
         report.rest_calls += 1
         snapshot = await live.exchange.positions()
         shown = {(s.symbol, s.side) for s in snapshot}
+        recreated = False
+        for pid in [pid for pid in self._doubt_since if pid not in live.engine.positions]:
+            del self._doubt_since[pid]  # ended meanwhile
         for position in tracked:
             report.checked += 1
             if (position.symbol, position.side) in shown:
                 report.present += 1
+                self._doubt_since.pop(position.id, None)
+                if live.missing_after_resync(position.id):
+                    report.rest_calls += 1
+                    again = await live.exchange.positions([position.symbol])
+                    if any(s.symbol == position.symbol and s.side is position.side for s in again):
+                        live.settled(position.id)  # REST shows it twice: the resync's absence was stale
                 continue
             current = live.engine.positions.get(position.id)
             if current is None or current.state not in FLATTENABLE:
                 continue  # ended meanwhile (the stream was faster)
             if not is_outside_grace_window(current.last_activity_at, live.engine.clock(), self.grace_ms):
                 report.in_grace += 1
+                self._doubt_since.pop(position.id, None)
                 continue
             if live.stream_shows(current) is True and live.stream_healthy():
                 # REST lags the stream (seed 002): a healthy stream that shows the position wins, for a
                 # while; a disagreement that lasts may be a wedged stream: resubscribe and resync.
                 report.stream_disagrees += 1
-                since = self._doubt_since.setdefault(position.id, time.monotonic())
+                generation = getattr(live.exchange, "generation", 0)
+                since, seen = self._doubt_since.setdefault(position.id, (time.monotonic(), generation))
                 if time.monotonic() - since >= self.stream_doubt_s:
                     self._doubt_since.pop(position.id, None)
-                    await self._resubscribe(f"REST has not shown {position.symbol} for {self.stream_doubt_s} s")
+                    if not recreated:
+                        recreated = True
+                        await self._resubscribe(f"REST has not shown {position.symbol} for {self.stream_doubt_s} s",
+                                                seen)
                 else:
                     logger.info("{} {} {}: REST does not show it, the live stream does; trusting the stream",
                                 current.account, current.symbol, current.id)
@@ -147,7 +168,12 @@ class Reconciler:
             return  # not confirmed by the targeted query
         report.untracked += 1
         if self.untracked == "adopt":
-            position = await live.adopt(snap)
+            if live.engine.live_position(live.account, snap.symbol, snap.side) is not None:
+                return  # tracked meanwhile (our own open, or another pass)
+            try:
+                position = await live.adopt(snap)
+            except DuplicateLivePosition:
+                return
             report.adopted.append(position.id)
             return
         key = (snap.symbol, snap.side, abs(snap.amount))
@@ -163,14 +189,14 @@ class Reconciler:
                        "reported, not touched", live.account, snap.symbol, snap.side, abs(snap.amount),
                        snap.entry_price)
 
-    async def _resubscribe(self, why: str) -> None:
+    async def _resubscribe(self, why: str, generation: int) -> None:
         exchange = self.live.exchange
         recreate = getattr(exchange, "recreate", None)
-        if recreate is None:
-            return
+        if recreate is None or getattr(exchange, "generation", 0) != generation:
+            return  # recreated since the doubt began: the resync that followed will settle it
         logger.warning("{}: the private stream may be wedged ({}); recreating the exchange client",
                        self.live.account, why)
-        await recreate(getattr(exchange, "generation", 0), why)
+        await recreate(generation, why)
 
     async def _absent(self, position: Position, report: SyncReport) -> bool:
         live = self.live

@@ -90,14 +90,21 @@ class ReconciliationScheduler:
         return self
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """No new runs; the runs in flight finish (up to `timeout`)."""
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
+        """No new runs; the runs in flight finish (up to `timeout`), then the scheduler shuts down.
+
+        APScheduler's asyncio executor cancels running jobs at shutdown, so the jobs are paused first and
+        the runs in flight awaited before it is shut down: an adoption or a close is not cut in half.
+        """
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is None:
+            return
+        scheduler.pause()
         if self._running:
             done, pending = await asyncio.wait(set(self._running), timeout=timeout)
-            for task in pending:
-                task.cancel()
+            if pending:
+                logger.warning("{}: {} reconciliation job(s) still running at stop; cancelled", self.live.account,
+                               len(pending))
+        scheduler.shutdown(wait=False)
 
     async def _job(self, name: str, work: Any) -> None:
         task = asyncio.current_task()
@@ -177,6 +184,9 @@ class ReconciliationScheduler:
             position = live.engine.positions.get(ours.position_id)
             if position is not None and position.account == live.account and not position.is_terminal:
                 continue
+            stored = await live.engine.store.get_position(ours.position_id)
+            if stored is not None and not stored.is_terminal:
+                continue  # live in the database: another engine process holds it (or is about to)
             ref = OrderRef(order.client_id or "", ours.position_id, order.symbol, ours.purpose, order.side,
                            order.quantity, OrderStatus.OPEN, order.trigger_price, order.exchange_order_id,
                            order.algo_id)

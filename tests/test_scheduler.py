@@ -168,3 +168,70 @@ async def assert_end(rig: Rig, position_id: str, state: S, cause: CloseCause) ->
     stored = await rig.ended(position_id)
     assert (stored.state, stored.close_cause) == (state, cause)
     await rig.until(lambda: not rig.our_open_orders(), what="no order of ours left open")
+
+
+# --- regressions found in review ------------------------------------------------------------------------
+
+
+async def test_stop_lets_a_run_in_flight_finish(rig: Rig) -> None:
+    assert rig.live is not None
+    reconciler = Reconciler(rig.live)
+    started, finished = asyncio.Event(), asyncio.Event()
+    real = reconciler.sync
+
+    async def slow_sync():  # type: ignore[no-untyped-def]
+        started.set()
+        await asyncio.sleep(0.3)
+        report = await real()
+        finished.set()
+        return report
+
+    reconciler.sync = slow_sync  # type: ignore[method-assign]
+    scheduler = await ReconciliationScheduler(rig.live, reconciler, ScheduleConfig(
+        sync_interval_s=60, fast_sync_interval_s=0.05, orphan_interval_s=60)).start()
+    await asyncio.wait_for(started.wait(), 2)
+    await scheduler.stop(timeout=5.0)
+    assert finished.is_set()
+
+
+async def test_concurrent_passes_adopt_once(rig: Rig) -> None:
+    await _hand_opened(rig, "SOLUSDT", "2")
+    assert rig.live is not None
+    reconciler = Reconciler(rig.live, untracked="adopt")
+    results = await asyncio.gather(reconciler.sync(), reconciler.sync())  # sync job, aged job, resync hook
+    await rig.live.idle()
+    assert sum(len(r.adopted) for r in results) == 1 and len(rig.stop_algos("SOLUSDT")) == 1
+
+
+async def test_a_stale_resync_does_not_make_a_closed_position_adoptable(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    assert rig.live is not None and rig.exchange is not None
+    rig.sim.set_faults(stale_positions_s=5)  # REST lags (seed 000)
+    assert await rig.live.close(p.id)
+    await rig.ended(p.id)
+    await rig.exchange.recreate(rig.exchange.generation, "a reconnect")  # its resync reads the stale REST
+    await asyncio.sleep(0.5)
+    report = await Reconciler(rig.live, untracked="adopt").sync()
+    assert report.adopted == [] and rig.our_open_orders() == []
+
+
+async def test_the_sweep_leaves_stops_of_positions_live_in_the_database(rig: Rig, tmp_path: Path) -> None:
+    p = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.5"), stop_loss_pct=D(1)))
+    assert rig.live is not None and rig.engine is not None
+    rig.engine.positions.pop(p.id)  # as seen by another engine process sharing the account and database
+    summary = await ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig()).sweep_orphans()
+    assert summary.startswith("0 orphan(s)") and len(rig.stop_algos("ETHUSDT")) == 1
+
+
+async def test_closing_the_adapter_ends_its_streams(rig: Rig) -> None:
+    from exchange.ccxt_adapter import CcxtExchange
+    from tests.livekit import settings_for
+    from tests.test_ccxt_adapter import Collector
+
+    venue = await CcxtExchange(settings_for(rig.sim, rig.account)).start()
+    positions = Collector(venue.position_updates())
+    await positions.wait_for(lambda i: True)
+    await venue.close()
+    await asyncio.sleep(0.5)
+    assert venue.client is None and positions.task.done()  # no client rebuilt after close()
+    await positions.stop()
