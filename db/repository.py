@@ -196,6 +196,17 @@ class Repository:
                     position.orders[order.client_id] = order
         return position
 
+    async def list_positions(self, accounts: Sequence[str] | None = None,
+                             states: Sequence[PositionState] | None = None) -> list[Position]:
+        """Positions (of these accounts, in these states), oldest first, without their orders."""
+        query = _POSITION_SELECT.order_by(positions.c.created_at, positions.c.id)
+        if accounts is not None:
+            query = query.where(positions.c.account.in_(list(accounts)))
+        if states is not None:
+            query = query.where(positions.c.state.in_([s.value for s in states]))
+        async with self.engine.connect() as conn:
+            return [_position_from_row(r) for r in (await conn.execute(query)).all()]
+
     async def journal(self, position_id: str) -> list[JournalEntry]:
         query = sa.select(journal).where(journal.c.position_id == position_id).order_by(journal.c.seq)
         async with self.engine.connect() as conn:

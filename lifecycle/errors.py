@@ -51,6 +51,10 @@ class DuplicateLivePosition(LifecycleError):
     """A live position already exists for this account, symbol and side; a new one is not opened."""
 
 
+class EngineStopping(LifecycleError):
+    """The engine is shutting down: no new position, close or adoption is started."""
+
+
 class OrderAlreadyGone(LifecycleError):
     """A cancel found the order no longer working (filled, cancelled or expired meanwhile).
 

@@ -46,7 +46,7 @@ from lifecycle.causes import classify_close
 from lifecycle.client_ids import make_client_id, parse_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus, Position, Side, TrailingState
 from lifecycle.engine import Engine
-from lifecycle.errors import InvalidEvent, OrderAlreadyGone, TransitionRefused, UnknownPosition
+from lifecycle.errors import EngineStopping, InvalidEvent, OrderAlreadyGone, TransitionRefused, UnknownPosition
 from lifecycle.events import (
     CloseFailed,
     CloseRequested,
@@ -188,6 +188,8 @@ class LiveEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._draining = False  # shutting down: no new commands, no new trailing moves; fills still apply
+        self._commands = 0  # open / close / adopt calls in flight
         self._missing: dict[str, datetime] = {}  # position id -> when a resync's REST snapshot lacked it
         self._ready = {"positions": asyncio.Event(), "orders": asyncio.Event()}
         # Run after a positions resync that lacks a tracked position (a Reconciler registers its pass).
@@ -218,8 +220,24 @@ class LiveEngine:
         """Until the private streams are subscribed (their first resync arrived)."""
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self._ready.values())), timeout)
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening; let in-flight moves and closes finish (up to `timeout`), leave stops in place."""
+    async def stop(self, timeout: float = 5.0, *, drain_s: float = 0.0) -> None:
+        """Graceful stop; stops stay on the exchange.
+
+        First drain (up to `drain_s`): new commands are refused (`EngineStopping`) and marks no longer
+        move stops, but the streams keep running, so commands in flight finish and a close already sent
+        reaches its terminal state from its fill. Then the streams stop and background work in flight
+        (stop moves, cleanups) finishes, up to `timeout`, before anything left is cancelled. Whatever
+        the drain did not finish (a close still CLOSING_BY_BOT) is resumed by restart recovery.
+        """
+        self._draining = True
+        deadline = self.monotonic() + drain_s
+        while self._commands or any(not t.done() for t in self._tasks) or self._closing():
+            if self.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        if drain_s > 0 and (closing := self._closing()):
+            logger.warning("{}: stopping with {} close(s) not yet confirmed ({}); restart recovery resumes them",
+                           self.account, len(closing), ", ".join(closing))
         self._stopping = True  # from here on no new background work starts
         for task in self._streams:
             task.cancel()
@@ -237,6 +255,14 @@ class LiveEngine:
             await asyncio.wait(pending, timeout=remaining)
         if self._on_transition in self.engine.listeners:
             self.engine.listeners.remove(self._on_transition)
+
+    def _closing(self) -> list[str]:
+        return [p.id for p in self.engine.positions.values()
+                if p.account == self.account and p.state is S.CLOSING_BY_BOT]
+
+    def _command(self, what: str) -> None:
+        if self._draining:
+            raise EngineStopping(f"{self.account}: the engine is stopping; {what} refused")
 
     async def idle(self, timeout: float = 10.0) -> None:
         """Until no background work (moves, closes, flats) is in flight; for tests and benchmarks."""
@@ -323,8 +349,16 @@ class LiveEngine:
 
         A definite rejection ends the position CANCELLED and is raised. An answer that never came (timeout,
         5xx) may hide an order the venue accepted: the position stays OPENING, the order is looked up by
-        its client id in the background, and the position is returned.
+        its client id in the background, and the position is returned. Refused while stopping.
         """
+        self._command(f"opening {command.symbol}")
+        self._commands += 1
+        try:
+            return await self._open(command)
+        finally:
+            self._commands -= 1
+
+    async def _open(self, command: OpenCommand) -> Position:
         if command.symbol not in self.symbols:
             raise InvalidEvent(f"{command.symbol} is not one of the watched symbols {self.symbols}")
         position = await self.engine.open_position(account=self.account, symbol=command.symbol, side=command.side,
@@ -437,8 +471,8 @@ class LiveEngine:
                 if parsed is not None and parsed.purpose is OrderPurpose.STOP and order.client_id not in position.orders:
                     await self._track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
                                       order.trigger_price or Decimal(0), order)
-            if position.stop_price is None:  # crashed between the entry fill and the first stop
-                self._spawn(self._protect_initial(position.id), f"protection of {position.id}")
+            if position.stop_price is None:  # crashed between the entry fill and the first stop's record
+                self._spawn(self._protect_initial(position.id, replace_unrecorded=True), f"protection of {position.id}")
             else:
                 self._spawn(self._request_stop(position.id, None, None, "sync"), f"stop check of {position.id}")
         if counts["missing"]:
@@ -467,12 +501,20 @@ class LiveEngine:
         outcome = await self.engine.fire_if(position_id, CloseFailed(error=_short(error)), only_in={S.CLOSING_BY_BOT})
         if outcome is not None and outcome.dest in PROTECTED:
             await self._request_stop(position_id, None, None, "sync")
-            await self.close(position_id, reason)
+            await self._close(position_id, reason)
 
     async def adopt(self, snap: PositionSnapshot) -> Position:
         """Track a position found on the exchange (opened by hand, or before a crash) as OPEN and protect it
         with the default stop distance: from its entry price, or from the mark if that stop is already
-        crossed (an adopted position is protected, not closed at once)."""
+        crossed (an adopted position is protected, not closed at once). Refused while stopping."""
+        self._command(f"adopting {snap.symbol}")
+        self._commands += 1
+        try:
+            return await self._adopt(snap)
+        finally:
+            self._commands -= 1
+
+    async def _adopt(self, snap: PositionSnapshot) -> Position:
         if snap.side is None:
             raise InvalidEvent(f"{snap.symbol}: nothing to adopt (flat)")
         quantity = abs(snap.amount)
@@ -497,7 +539,16 @@ class LiveEngine:
         CANCELLED, a fill (late or partial) is closed at once. A rejected close returns the position to
         its previous state and is retried `close_retries` times, and for as long as it takes while the
         position has no stop on the exchange (a loop, with a delay floor: it cannot spin or recurse).
+        Refused while stopping (the engine's own safety closes are not).
         """
+        self._command(f"closing {position_id}")
+        self._commands += 1
+        try:
+            return await self._close(position_id, reason)
+        finally:
+            self._commands -= 1
+
+    async def _close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
         position = self.engine.positions.get(position_id)
         if position is None:
             raise UnknownPosition(f"no live position {position_id}")
@@ -651,7 +702,7 @@ class LiveEngine:
     def on_mark(self, mark: MarkPrice) -> None:
         self.marks[mark.symbol] = mark.price
         watches = self._watch.get(mark.symbol)
-        if watches:
+        if watches and not self._draining:  # a stopping engine starts no stop move
             for watch in list(watches.values()):
                 self._follow(watch, mark.symbol, mark.price)
 
@@ -703,15 +754,17 @@ class LiveEngine:
                 position = self.engine.positions.get(position_id)
                 if position is not None and position.state in PROTECTED:
                     await self._protect_initial(position_id, close_if_unprotected=False)
-                    await self.close(position_id, reason)
+                    await self._close(position_id, reason)
             return
         await self._protect_initial(position_id)
 
     async def _protect_initial(self, position_id: str, *, close_if_unprotected: bool = True,
-                               from_mark_if_crossed: bool = False) -> None:
+                               from_mark_if_crossed: bool = False, replace_unrecorded: bool = False) -> None:
+        """Place the first stop. `replace_unrecorded` (restart recovery): stops of ours found on the exchange
+        that no StopMoved recorded (placed just before a crash) are replaced, new one first, not trusted."""
         position = self.engine.positions.get(position_id)
-        if position is None or position.entry_price is None or any(
-                o.purpose is OrderPurpose.STOP for o in position.working_orders()):
+        if position is None or position.entry_price is None or position.stop_price is not None or (
+                not replace_unrecorded and any(o.purpose is OrderPurpose.STOP for o in position.working_orders())):
             return
         plan = self._plans.pop(position_id, None)
         pct = plan.stop_loss_pct if plan and plan.stop_loss_pct is not None else self.config.default_stop_loss_pct
@@ -725,7 +778,7 @@ class LiveEngine:
             logger.error("{} {} {}: no stop could be placed; closing at market (unprotected)", self.account,
                          position.symbol, position_id)
             if close_if_unprotected:
-                await self.close(position_id, CloseReason.UNPROTECTED)
+                await self._close(position_id, CloseReason.UNPROTECTED)
             return
         self._watch_position(self.engine.positions.get(position_id) or position)
         if plan is not None and plan.take_profit is not None and placed == "placed":
@@ -861,7 +914,10 @@ class LiveEngine:
     def _watch_position(self, position: Position) -> None:
         if position.trailing is None or position.state not in PROTECTED:
             return
-        self._watch.setdefault(position.symbol, {})[position.id] = _Watch(position.id, position.trailing.watermark)
+        # deferred: the first mark evaluates the rule even without a new extreme, so a move that was due
+        # when the process stopped (activated, stop not yet moved) is made at once after a restart.
+        self._watch.setdefault(position.symbol, {})[position.id] = _Watch(position.id, position.trailing.watermark,
+                                                                         deferred=True)
 
     def _on_transition(self, position: Position, outcome: Outcome) -> None:
         if outcome.dest.is_terminal:
@@ -993,6 +1049,12 @@ class LiveEngine:
                 break
             except xerr.StopWouldTrigger:
                 return await self._stop_crossed(position, target, mark, "the exchange answered -2021")
+            except xerr.DuplicateOrder as e:
+                # An earlier attempt whose answer was lost did arrive: that order is the answer.
+                answer = await self._open_order_by_client_id(symbol, client_id)
+                if answer is None:
+                    return self._stop_failed(position, target, mode, e)
+                break
             except xerr.Rejected as e:
                 if e.code in TWO_STOPS_REFUSED and old:
                     self._single_stop.add(symbol)
@@ -1100,13 +1162,13 @@ class LiveEngine:
         except Exception as e:  # noqa: BLE001 - whatever it was, the position is unprotected now
             logger.error("{} {} {}: UNPROTECTED, stop could not be restored ({}); closing at market",
                          self.account, position.symbol, position.id, _short(e))
-            self._spawn(self.close(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}")
+            self._spawn(self._close(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}")
 
     async def _stop_crossed(self, position: Position, target: Decimal, mark: Decimal, why: str) -> str:
         self.stats.stops_crossed += 1
         logger.warning("{} {} {}: stop {} not sent ({}; mark {}); closing at market", self.account, position.symbol,
                        position.id, target, why, mark)
-        self._spawn(self.close(position.id, CloseReason.STOP_CROSSED), f"stop-crossed close of {position.id}")
+        self._spawn(self._close(position.id, CloseReason.STOP_CROSSED), f"stop-crossed close of {position.id}")
         return "crossed"
 
     def _stop_failed(self, position: Position, target: Decimal, mode: str, error: BaseException) -> str:
@@ -1176,6 +1238,13 @@ class LiveEngine:
         except xerr.ExchangeError as e:
             logger.error("{} {}: stop {} of an ended position not cancelled: {}", self.account, order.symbol,
                          order.client_id, _short(e))
+
+    async def _open_order_by_client_id(self, symbol: str, client_id: str) -> OrderSnapshot | None:
+        try:
+            return next((o for o in await self.exchange.open_orders(symbol) if o.client_id == client_id), None)
+        except xerr.ExchangeError as e:
+            logger.warning("{} {}: looking up order {} failed: {}", self.account, symbol, client_id, _short(e))
+            return None
 
     def _next_client_id(self, position: Position, purpose: OrderPurpose) -> str:
         """Attempt = the journal sequence, or past any id of ours already used for this purpose."""

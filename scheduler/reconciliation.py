@@ -106,6 +106,11 @@ class ReconciliationScheduler:
                                len(pending))
         scheduler.shutdown(wait=False)
 
+    async def run_now(self, name: str) -> None:
+        """Run one job at once, counted and logged like a scheduled run (e.g. the orphan sweep at start)."""
+        work = {"sync": self.reconciler.sync, "orphans": self.sweep_orphans, "aged": self.check_aged}[name]
+        await self._job(name, work)
+
     async def _job(self, name: str, work: Any) -> None:
         task = asyncio.current_task()
         assert task is not None

@@ -388,6 +388,22 @@ async def test_an_unconfirmed_entry_is_looked_up_by_its_client_id(rig: Rig) -> N
     assert rig.state(q.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
 
 
+async def test_a_stop_whose_answer_was_lost_is_found_not_placed_twice(rig: Rig) -> None:
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
+                                   trailing_activation=D(60300), trailing_callback_pct=D("0.5")))
+    # The trailing move's new stop lands on the venue but its answer is lost; the retry with the same
+    # client id is refused as a duplicate (-4116) and the order already there is taken as the answer.
+    rig.sim.set_faults(lost_answers=1, lost_answers_on="POST /fapi/v1/algoOrder")
+    rig.set_mark("BTCUSDT", 60400)
+    await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) > D(59400), what="stop moved")  # type: ignore[union-attr]
+    await rig.live.idle()  # type: ignore[union-attr]
+    [stop] = rig.stop_algos("BTCUSDT")
+    assert stop.trigger == rig.engine.positions[p.id].stop_price  # type: ignore[union-attr]
+    assert stop.client_id in rig.engine.positions[p.id].orders  # type: ignore[union-attr]
+    assert rig.sim.faults.lost_answers == 0 and rig.state(p.id) is S.TS_ACTIVE
+    assert not [a for a in rig.alarms() if a[0] in {"ERROR", "CRITICAL"}]
+
+
 async def test_reconciliation_trusts_a_healthy_stream_over_lagging_rest(rig: Rig) -> None:
     rig.sim.set_faults(stale_positions_s=300)  # REST frozen before the entry
     p = await rig.open(btc_long())

@@ -33,7 +33,6 @@ from lifecycle.events import (
     TsActivated,
     Vanished,
 )
-from lifecycle.guards.stop_lock import MutationStatus
 from lifecycle.machines.states import PositionState
 from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay

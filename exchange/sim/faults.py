@@ -21,13 +21,25 @@ class Faults:
     reject_stops_code: int = -2021  # -2021: would immediately trigger; e.g. -1111 for a plain rejection
     reject_orders: int = 0  # the next N regular orders are rejected with -2019 (margin is insufficient)
     lost_answers: int = 0  # the next N REST calls are carried out, but answer 504 (the answer got lost)
+    lost_answers_on: str = ""  # only calls to this "METHOD /path" lose their answers (empty: any call)
     single_stop: bool = False  # a second working STOP_MARKET on a symbol is refused with -4045
+    # Crash tests: when the REST call `signal_on` ("METHOD /path", e.g. "POST /fapi/v1/order") arrives for
+    # the (signal_skip + 1)-th time, send signal `signal_num` to process `signal_pid`, once. "before": the
+    # venue has not carried the call out (with SIGKILL it never does); "after": carried out, the answer
+    # not yet sent.
+    signal_on: str = ""
+    signal_when: str = "after"
+    signal_skip: int = 0
+    signal_pid: int = 0
+    signal_num: int = 9
 
     def update(self, changes: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
         unknown = set(changes) - set(known)
         if unknown:
             raise ValueError(f"unknown fault(s): {sorted(unknown)}; known: {sorted(known)}")
+        if "signal_when" in changes and changes["signal_when"] not in ("before", "after"):
+            raise ValueError(f"signal_when must be 'before' or 'after', got {changes['signal_when']!r}")
         for name, value in changes.items():
             setattr(self, name, type(getattr(self, name))(value))
 

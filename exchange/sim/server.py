@@ -10,8 +10,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import random
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ class SimServer:
         self.rest_port = 0
         self.ws_port = 0
         self.requests = 0
+        self.signalled: list[tuple[str, str, str, int]] = []  # (method, path, when, signal) sent
         self.venue.user_listeners.append(self._on_user_event)
         self.venue.mark_listeners.append(self._on_mark)
         self._walk: asyncio.Task[None] | None = None
@@ -149,6 +152,11 @@ class SimServer:
             return await handler(request)
         self.requests += 1
         f = self.faults
+        if f.signal_on and f.signal_pid and f"{request.method} {request.path}" == f.signal_on:
+            if f.signal_skip > 0:
+                f.signal_skip -= 1
+            else:
+                return await self._signal_client(request, handler)
         if f.rest_latency_ms:
             await asyncio.sleep(f.rest_latency_ms / 1000)
         if f.timeouts > 0:
@@ -169,12 +177,30 @@ class SimServer:
                 return web.Response(status=503, text="<html><body><h1>503 Service Unavailable</h1></body></html>",
                                     content_type="text/html")
             return _error(503, -1001, "Internal error; unable to process your request. Please try again.")
-        if f.lost_answers > 0:
+        if f.lost_answers > 0 and (not f.lost_answers_on or f.lost_answers_on == f"{request.method} {request.path}"):
             f.lost_answers -= 1
             await handler(request)  # done on the venue; the client never learns it
             return web.Response(status=504, text="<html><body>504 Gateway Time-out</body></html>",
                                 content_type="text/html")
         return await handler(request)
+
+    async def _signal_client(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The `signal_on` fault: signal the client process around this call (a crash at a chosen step)."""
+        f = self.faults
+        pid, num, when = f.signal_pid, f.signal_num, f.signal_when
+        f.signal_on = ""  # once
+        self.signalled.append((request.method, request.path, when, num))
+        if when == "before":
+            os.kill(pid, num)
+            if num == signal.SIGKILL:  # the call died with its sender: never carried out
+                return web.Response(status=504, text="<html><body>504 Gateway Time-out</body></html>",
+                                    content_type="text/html")
+            await asyncio.sleep(0.1)  # let the signal land while the call is in flight
+            return await handler(request)
+        response = await handler(request)
+        os.kill(pid, num)
+        await asyncio.sleep(0.1)
+        return response
 
     async def _dispatch(self, request: web.Request) -> web.Response:
         route = self._routes().get((request.method, request.match_info["version"], request.match_info["path"]))

@@ -34,6 +34,7 @@ ERR_USE_ALGO = (-4120, "Order type not supported for this endpoint. Please use t
 ERR_BAD_SYMBOL = (-1121, "Invalid symbol.")
 ERR_BAD_PARAM = (-1102, "Mandatory parameter was not sent, was empty/null, or malformed.")
 ERR_MARGIN = (-2019, "Margin is insufficient.")
+ERR_DUPLICATE = (-4116, "ClientOrderId is duplicated.")
 TAKER_FEE = D("0.0004")
 
 
@@ -226,6 +227,7 @@ class Venue:
         if type_ == "LIMIT" and not price:
             raise SimError(*ERR_BAD_PARAM)
         quantity = quantity.quantize(spec.step, rounding=ROUND_DOWN)
+        self._refuse_open_duplicate(account, client_id)
         order = SimOrder(next(self._ids), client_id or f"sim{secrets.token_hex(8)}", symbol, side, type_, quantity,
                          price or ZERO, reduce_only, time=now_ms(), update=now_ms(), account=account.name)
         if reduce_only:
@@ -242,6 +244,13 @@ class Venue:
         elif (side == "BUY" and order.price >= mark) or (side == "SELL" and order.price <= mark):
             self._fill(account, order, mark)  # marketable: fills at once (as a taker, at the mark)
         return order
+
+    @staticmethod
+    def _refuse_open_duplicate(account: Account, client_id: str | None) -> None:
+        """Binance: a client order id must be unique among open orders (a filled one may be reused)."""
+        if client_id and any(o.client_id == client_id and o.status == "NEW" for o in account.orders.values()) or \
+                client_id and any(a.client_id == client_id and a.status == "NEW" for a in account.algos.values()):
+            raise SimError(*ERR_DUPLICATE)
 
     def cancel_order(self, account: Account, symbol: str, order_id: int | None, client_id: str | None) -> SimOrder:
         order = self._find_order(account, symbol, order_id, client_id)
@@ -265,6 +274,7 @@ class Venue:
             raise SimError(*ERR_BAD_PARAM)
         if not close_position and (quantity is None or quantity <= 0):
             raise SimError(*ERR_BAD_PARAM)
+        self._refuse_open_duplicate(account, client_id)
         algo = SimAlgo(next(self._algo_ids), client_id or f"sim{secrets.token_hex(8)}", symbol, side, order_type,
                        (quantity or ZERO).quantize(spec.step, rounding=ROUND_DOWN),
                        trigger.quantize(spec.tick, rounding=ROUND_DOWN), reduce_only, close_position, working_type,

@@ -1,0 +1,216 @@
+"""The background service: for each configured account, the live engine, its reconciliation and its
+schedule, started in the order that makes a restart safe and stopped in the order that loses nothing.
+
+This is a composition root (like `lifecycle.cli`): it wires the pure domain to the database, the ccxt
+adapter and the scheduler, so unlike the domain modules it imports them.
+
+Start, per account: open the database (migrations applied), rehydrate that account's live positions,
+start the live engine's streams and wait until the private streams are subscribed (retrying, with an
+error line, while the exchange cannot be reached), attach reconciliation, run restart recovery (a REST
+snapshot reconciled with the database before any order), then start the scheduled jobs and run one
+orphan sweep at once. A failure
+while starting stops what was already started: nothing is half-started.
+
+Stop (SIGINT / SIGTERM with `run`): the scheduled jobs stop first (runs in flight finish),
+then each live engine drains (new commands refused, marks no longer move stops; commands and closes in
+flight finish from their fills, up to `shutdown_drain_s`), background work finishes, stops stay on the
+exchange, the exchange clients and the database are closed and the logs flushed. A second signal while
+stopping is logged and ignored: a stop is never cut in half by an impatient Ctrl-C (SIGKILL is the way
+to crash it on purpose; restart recovery handles that too).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from db.repository import Repository
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
+from lifecycle.engine import Engine
+from lifecycle.live import LiveConfig, LiveEngine
+from lifecycle.reconcile import Reconciler
+from lifecycle.records import JsonlRecords
+from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    name: str
+    exchange: ExchangeSettings
+    symbols: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("account name must not be empty")
+        if not self.symbols:
+            raise ValueError(f"account {self.name!r}: symbols must list at least one symbol")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    accounts: tuple[AccountConfig, ...]
+    database_url: str
+    records_dir: Path
+    live: LiveConfig = field(default_factory=LiveConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grace_ms: int = 5000  # reconciliation: our own activity on a position this recent defers an absence
+    untracked: str = "alert"  # positions nobody tracks: "alert" (record, touch nothing) or "adopt"
+    recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
+    ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
+    shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
+
+    def __post_init__(self) -> None:
+        if not self.accounts:
+            raise ValueError("accounts: at least one account is needed")
+        names = [a.name for a in self.accounts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"accounts: names must be unique, got {names}")
+        if self.untracked not in ("alert", "adopt"):
+            raise ValueError(f"untracked must be 'alert' or 'adopt', got {self.untracked!r}")
+        for name in ("grace_ms", "recovery_retry_s", "ready_timeout_s", "shutdown_drain_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class AccountRuntime:
+    config: AccountConfig
+    exchange: CcxtExchange
+    engine: Engine
+    live: LiveEngine | None = None
+    reconciler: Reconciler | None = None
+    scheduler: ReconciliationScheduler | None = None
+
+
+class Service:
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.repo: Repository | None = None
+        self.records: JsonlRecords | None = None
+        self.accounts: dict[str, AccountRuntime] = {}
+        self.started = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> Service:
+        try:
+            self.repo = await Repository.open(self.config.database_url)
+            self.records = JsonlRecords(self.config.records_dir)
+            for account in self.config.accounts:
+                await self._start_account(account)
+        except BaseException:
+            logger.error("start failed; stopping what was started")
+            await self.stop()
+            raise
+        self.started = True
+        logger.info("service running: {} account(s), {} live position(s)", len(self.accounts),
+                    sum(len(a.engine.positions) for a in self.accounts.values()))
+        return self
+
+    async def _start_account(self, account: AccountConfig) -> None:
+        assert self.repo is not None and self.records is not None
+        exchange = await CcxtExchange(account.exchange).start()
+        engine = Engine(self.repo, canceller=exchange, records=self.records)
+        runtime = self.accounts[account.name] = AccountRuntime(account, exchange, engine)
+        loaded = await engine.rehydrate([account.name])
+        logger.info("{}: {} live position(s) loaded from the database", account.name, loaded)
+        runtime.live = await LiveEngine(engine, exchange, account=account.name, symbols=list(account.symbols),
+                                        config=self.config.live).start()
+        attempt = 0
+        while True:
+            try:
+                await runtime.live.wait_ready(timeout=self.config.ready_timeout_s)
+                break
+            except TimeoutError:
+                attempt += 1
+                logger.error("{}: private streams not subscribed after {} s (attempt {}); the exchange may be "
+                             "unreachable; still trying, nothing is sent meanwhile", account.name,
+                             self.config.ready_timeout_s, attempt)
+        runtime.reconciler = Reconciler(runtime.live, grace_ms=self.config.grace_ms,
+                                        untracked=self.config.untracked).attach()
+        await runtime.live.recover(retry_s=self.config.recovery_retry_s)
+        runtime.scheduler = await ReconciliationScheduler(runtime.live, runtime.reconciler,
+                                                          self.config.schedule).start()
+        # Orders of ours left by a crash between a terminal commit and its cancellations (or placed and
+        # never recorded) go now, not one orphan interval later.
+        await runtime.scheduler.run_now("orphans")
+
+    async def stop(self) -> None:
+        """Graceful stop (see the module docstring); safe to call twice and after a failed start."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        logger.info("stopping: scheduled jobs first, then in-flight work; stops stay on the exchange")
+        for runtime in self.accounts.values():
+            if runtime.scheduler is not None:
+                await runtime.scheduler.stop()
+        await asyncio.gather(*(self._stop_live(r) for r in self.accounts.values()))
+        for runtime in self.accounts.values():
+            try:
+                await runtime.exchange.close()
+            except Exception as e:  # closing a client must not keep the database open
+                logger.warning("{}: closing the exchange client failed: {}", runtime.config.name, type(e).__name__)
+        if self.repo is not None:
+            await self.repo.close()
+        left = {name: len(r.engine.positions) for name, r in self.accounts.items()}
+        logger.info("stopped; live positions left protected on the exchange: {}", left)
+        await logger.complete()
+        self._stopped.set()
+
+    async def _stop_live(self, runtime: AccountRuntime) -> None:
+        if runtime.reconciler is not None:
+            runtime.reconciler.detach()
+        if runtime.live is not None:
+            await runtime.live.stop(drain_s=self.config.shutdown_drain_s)
+
+    async def run(self, after_start: Callable[[Service], Awaitable[Any]] | None = None) -> None:
+        """Start, run until SIGINT or SIGTERM, then stop gracefully.
+
+        The signal handlers are installed before anything starts: a signal during the start (which may be
+        waiting for an unreachable exchange) abandons the start and stops what it had started.
+        `after_start` (the bot's own work, a scripted step) runs as a task once started; a command it has
+        in flight at the signal is drained like any other.
+        """
+        loop = asyncio.get_running_loop()
+        requested = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if requested.is_set():
+                logger.warning("{} received while stopping; the stop goes on (SIGKILL to abort)", sig.name)
+                return
+            logger.info("{} received: stopping", sig.name)
+            requested.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        extra: asyncio.Task[Any] | None = None
+        try:
+            starting = asyncio.ensure_future(self.start())
+            waiting = asyncio.ensure_future(requested.wait())
+            await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                logger.warning("stop requested during the start; abandoning it")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting  # start() stops what it had started
+                return
+            starting.result()  # a failed start raises here (it has stopped what it started)
+            if after_start is not None:
+                extra = asyncio.ensure_future(after_start(self))
+            await waiting
+            await self.stop()
+            if extra is not None and not extra.done():
+                extra.cancel()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if extra is not None and extra.done() and not extra.cancelled() and extra.exception() is not None:
+                e = extra.exception()
+                logger.error("the work run after start failed: {}: {}", type(e).__name__, e)
