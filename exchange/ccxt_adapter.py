@@ -243,9 +243,15 @@ class CcxtExchange:
     # --- REST ----------------------------------------------------------------------------------
 
     async def positions(self, symbols: list[str] | None = None) -> list[PositionSnapshot]:
-        """Open positions (amount != 0), of every symbol or only of `symbols` (a targeted query)."""
+        """Open positions (amount != 0), of every symbol or only of `symbols` (a targeted query).
+
+        For one symbol the venue is asked for that symbol only (Binance's `symbol` parameter): ccxt would
+        otherwise fetch and parse every position and filter after, which made each targeted query cost
+        O(positions) and a recovery with many lost stops quadratic (measured: bench/recovery.py).
+        """
         unified = [self._unified(s) for s in symbols] if symbols else None
-        raw = await self._call(self.client.fetch_positions, unified)
+        params = {"symbol": self._market_id(unified[0])} if unified and len(unified) == 1 else {}
+        raw = await self._call(self.client.fetch_positions, unified, params)
         return [p for p in (self._position(r) for r in raw) if p.amount != 0]
 
     async def order_by_client_id(self, symbol: str, client_id: str) -> OrderSnapshot:

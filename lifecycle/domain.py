@@ -41,6 +41,7 @@ class CloseReason(StrEnum):
     OPERATOR = "operator"
     STOP_CROSSED = "stop_crossed"  # the wanted stop was already crossed by the mark: close at market
     UNPROTECTED = "unprotected"  # the initial stop could not be placed
+    SHUTDOWN = "shutdown"  # an entry still resting when the service stopped gracefully is cancelled
 
 
 class OrderPurpose(StrEnum):

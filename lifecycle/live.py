@@ -190,6 +190,11 @@ class LiveEngine:
         self._stopping = False
         self._draining = False  # shutting down: no new commands, no new trailing moves; fills still apply
         self._commands = 0  # open / close / adopt calls in flight
+        self._stopped = False  # stop() finished: nothing at all starts any more
+        # Restart recovery must reconcile before any order: with positions loaded at start, trailing moves
+        # and stop re-placements wait until recover() has run (set at once when nothing was loaded).
+        self._recovered = asyncio.Event()
+        self._attempts: dict[tuple[str, OrderPurpose], int] = {}  # newest client-id attempt used here
         self._missing: dict[str, datetime] = {}  # position id -> when a resync's REST snapshot lacked it
         self._ready = {"positions": asyncio.Event(), "orders": asyncio.Event()}
         # Run after a positions resync that lacks a tracked position (a Reconciler registers its pass).
@@ -201,9 +206,11 @@ class LiveEngine:
 
     async def start(self, *, streams: bool = True) -> LiveEngine:
         """Watch the live positions the engine holds for this account, then subscribe to the streams."""
-        for position in list(self.engine.positions.values()):
-            if position.account == self.account:
-                self._watch_position(position)
+        loaded = [p for p in self.engine.positions.values() if p.account == self.account]
+        for position in loaded:
+            self._watch_position(position)
+        if not loaded:
+            self._recovered.set()
         if streams:
             # Handlers are looked up per item, so a benchmark can time them by wrapping the attribute.
             self._streams = [
@@ -230,6 +237,14 @@ class LiveEngine:
         the drain did not finish (a close still CLOSING_BY_BOT) is resumed by restart recovery.
         """
         self._draining = True
+        if drain_s > 0:
+            # An entry still resting would become exposure without a stop while nobody watches: cancel it
+            # (the position ends CANCELLED, or what filled meanwhile is closed).
+            for position in [p for p in self.engine.positions.values()
+                             if p.account == self.account and p.state is S.OPENING]:
+                logger.warning("{} {} {}: cancelling the resting entry before stopping", self.account,
+                               position.symbol, position.id)
+                self._spawn(self._close(position.id, CloseReason.SHUTDOWN), f"entry cancel of {position.id}")
         deadline = self.monotonic() + drain_s
         while self._commands or any(not t.done() for t in self._tasks) or self._closing():
             if self.monotonic() >= deadline:
@@ -253,12 +268,14 @@ class LiveEngine:
                 logger.warning("{}: {} background tasks cancelled at stop", self.account, len(pending))
                 break
             await asyncio.wait(pending, timeout=remaining)
+        self._stopped = True
         if self._on_transition in self.engine.listeners:
             self.engine.listeners.remove(self._on_transition)
 
     def _closing(self) -> list[str]:
+        """Closes in flight a drain can wait for (not those only reconciliation can settle)."""
         return [p.id for p in self.engine.positions.values()
-                if p.account == self.account and p.state is S.CLOSING_BY_BOT]
+                if p.account == self.account and p.state is S.CLOSING_BY_BOT and p.id not in self._missing]
 
     def _command(self, what: str) -> None:
         if self._draining:
@@ -324,8 +341,10 @@ class LiveEngine:
                     self._spawn(self._reprotect(position.id, lost[0].client_id, verify=True),
                                 f"re-protection of {position.id}")
 
-    def _spawn(self, work: Awaitable[Any], what: str) -> asyncio.Task[Any] | None:
-        if self._stopping:
+    def _spawn(self, work: Awaitable[Any], what: str, *, essential: bool = False) -> asyncio.Task[Any] | None:
+        """Run `work` in the background. Once stopping, only `essential` work (a safety close, a stop put
+        back) still starts, until stop() has finished."""
+        if self._stopping and (not essential or self._stopped):
             if asyncio.iscoroutine(work):
                 work.close()
             logger.info("{}: stopping, not starting {}", self.account, what)
@@ -452,6 +471,10 @@ class LiveEngine:
                 counts["opening"] += 1
                 if entry is not None:
                     self._spawn(self._find_entry(position.id, entry), f"entry lookup of {position.id}")
+                else:  # crashed between creating the position and recording its entry (or adopting it)
+                    snap = next((p for p in positions if p.symbol == position.symbol and p.side is position.side),
+                                None)
+                    self._spawn(self._settle_bare_opening(position.id, snap), f"settling {position.id}")
                 continue
             if (position.symbol, position.side) not in shown:
                 counts["missing"] += 1
@@ -472,14 +495,36 @@ class LiveEngine:
                     await self._track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
                                       order.trigger_price or Decimal(0), order)
             if position.stop_price is None:  # crashed between the entry fill and the first stop's record
-                self._spawn(self._protect_initial(position.id, replace_unrecorded=True), f"protection of {position.id}")
+                self._spawn(self._protect_initial(position.id, replace_unrecorded=True),
+                            f"protection of {position.id}")
             else:
                 self._spawn(self._request_stop(position.id, None, None, "sync"), f"stop check of {position.id}")
         if counts["missing"]:
             for hook in list(self.after_resync):
                 self._spawn(hook(), "reconciliation after recovery")
+        self._recovered.set()
         logger.info("{}: recovery: {}", self.account, counts)
         return counts
+
+    async def _settle_bare_opening(self, position_id: str, snap: PositionSnapshot | None) -> None:
+        """An OPENING position without an entry order: its entry was never sent (recorded before sending),
+        or it was being adopted. What the exchange shows on its symbol and side decides: a position there
+        is filled into it and protected (it holds the one live slot for that symbol and side, so nothing
+        else would protect it); none, and it never opened (CANCELLED)."""
+        if snap is None or snap.side is None:
+            logger.warning("{} {}: OPENING with no entry order and nothing on the exchange: never opened",
+                           self.account, position_id)
+            await self.engine.fire_if(position_id, EntryFailed(reason="entry never sent"),
+                                      only_in={S.OPENING, S.CLOSING_BY_BOT})
+            return
+        quantity = abs(snap.amount)
+        logger.warning("{} {} {}: OPENING with no entry order, the exchange holds {} {}: taking it and protecting "
+                       "it", self.account, snap.symbol, position_id, snap.side.value, quantity)
+        self._entries_done.add(position_id)
+        outcome = await self.engine.fire_if(position_id, EntryFilled(quantity=quantity, price=snap.entry_price),
+                                            only_in={S.OPENING})
+        if outcome is not None:
+            await self._protect_initial(position_id, from_mark_if_crossed=True)
 
     async def _until_reachable(self, what: str, call: Callable[[], Awaitable[Any]], retry_s: float) -> Any:
         attempt = 0
@@ -575,7 +620,7 @@ class LiveEngine:
                 # Filled, no stop (a late fill of an entry being closed, or the stop failed): protect it
                 # while the close is retried.
                 self._spawn(self._protect_initial(position_id, close_if_unprotected=False),
-                            f"protection of {position_id}")
+                            f"protection of {position_id}", essential=True)
             retry += 1
             unprotected = failed.dest in PROTECTED and stop is None
             if retry > self.config.close_retries and not unprotected:
@@ -892,6 +937,7 @@ class LiveEngine:
     async def _reprotect(self, position_id: str, lost_client_id: str, *, verify: bool = False) -> None:
         """Put a removed stop back. `verify`: the removal was only inferred from a REST snapshot after a
         resync; re-place only if a targeted REST query shows the position (else reconciliation decides)."""
+        await self._recovered.wait()  # no order before restart recovery (which checks every stop itself)
         position = self.engine.positions.get(position_id)
         if position is None or position.stop_price is None:
             return
@@ -929,6 +975,8 @@ class LiveEngine:
             self._trimming.discard(position.id)
             self._entry_at.pop(position.id, None)
             self._missing.pop(position.id, None)
+            for purpose in OrderPurpose:
+                self._attempts.pop((position.id, purpose), None)
 
     def _follow(self, watch: _Watch, symbol: str, mark: Decimal) -> None:
         """The hot path, once per mark per trailing position: cheap unless the watermark improves."""
@@ -952,6 +1000,9 @@ class LiveEngine:
         elif not watch.deferred:
             return
         now = self.engine.clock()
+        if not self._recovered.is_set():
+            watch.deferred = True  # no order before restart recovery; the first mark after it decides
+            return
         decision = trail(position.side, trailing, position.stop_price, best, now, tick=self._tick(symbol),
                          min_step=(position.stop_price or best) * self.config.trail_min_step_pct / 100,
                          min_interval=self._min_interval)
@@ -1050,11 +1101,18 @@ class LiveEngine:
             except xerr.StopWouldTrigger:
                 return await self._stop_crossed(position, target, mark, "the exchange answered -2021")
             except xerr.DuplicateOrder as e:
-                # An earlier attempt whose answer was lost did arrive: that order is the answer.
-                answer = await self._open_order_by_client_id(symbol, client_id)
-                if answer is None:
+                # An order with this id is open: an earlier attempt whose answer was lost. It is the answer
+                # only if it is this stop; else (an older stop of ours under a reused id) it is tracked as
+                # what it is, cancelled after the new one, and the new one gets a fresh id.
+                found = await self._open_order_by_client_id(symbol, client_id)
+                if found is None:
                     return self._stop_failed(position, target, mode, e)
-                break
+                if found.trigger_price == target and found.quantity == quantity:
+                    answer = found
+                    break
+                old.append(await self._track_foreign_stop(position, client_id, found, target, quantity))
+                position = self.engine.positions.get(position_id) or position
+                client_id = self._next_client_id(position, OrderPurpose.STOP)
             except xerr.Rejected as e:
                 if e.code in TWO_STOPS_REFUSED and old:
                     self._single_stop.add(symbol)
@@ -1064,6 +1122,15 @@ class LiveEngine:
             except xerr.Retryable as e:
                 self.stats.exchange_errors += 1
                 if attempt == self.config.stop_retries:
+                    # Every answer lost: the stop may be working all the same. Found: that is the answer;
+                    # found at another price: tracked (so it is cancelled, never left behind), and failed.
+                    found = await self._open_order_by_client_id(symbol, client_id)
+                    if found is not None and found.trigger_price == target and found.quantity == quantity:
+                        answer = found
+                        break
+                    if found is not None:
+                        await self._track_foreign_stop(position, client_id, found, target, quantity)
+                        self._spawn(self._request_stop(position_id, None, None, "sync"), f"stop check of {position_id}")
                     return self._stop_failed(position, target, mode, e)
                 await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
             except xerr.ExchangeError as e:
@@ -1162,13 +1229,15 @@ class LiveEngine:
         except Exception as e:  # noqa: BLE001 - whatever it was, the position is unprotected now
             logger.error("{} {} {}: UNPROTECTED, stop could not be restored ({}); closing at market",
                          self.account, position.symbol, position.id, _short(e))
-            self._spawn(self._close(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}")
+            self._spawn(self._close(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}",
+                        essential=True)
 
     async def _stop_crossed(self, position: Position, target: Decimal, mark: Decimal, why: str) -> str:
         self.stats.stops_crossed += 1
         logger.warning("{} {} {}: stop {} not sent ({}; mark {}); closing at market", self.account, position.symbol,
                        position.id, target, why, mark)
-        self._spawn(self._close(position.id, CloseReason.STOP_CROSSED), f"stop-crossed close of {position.id}")
+        self._spawn(self._close(position.id, CloseReason.STOP_CROSSED), f"stop-crossed close of {position.id}",
+                    essential=True)
         return "crossed"
 
     def _stop_failed(self, position: Position, target: Decimal, mode: str, error: BaseException) -> str:
@@ -1239,6 +1308,13 @@ class LiveEngine:
             logger.error("{} {}: stop {} of an ended position not cancelled: {}", self.account, order.symbol,
                          order.client_id, _short(e))
 
+    async def _track_foreign_stop(self, position: Position, client_id: str, found: OrderSnapshot,
+                                  target: Decimal, quantity: Decimal) -> OrderRef:
+        logger.warning("{} {} {}: open stop {} is at {} x {}, not {} x {}; tracked (to be cancelled)", self.account,
+                       position.symbol, position.id, client_id, found.trigger_price, found.quantity, target, quantity)
+        return await self._track(position, client_id, OrderPurpose.STOP, found.quantity,
+                                 found.trigger_price or target, found)
+
     async def _open_order_by_client_id(self, symbol: str, client_id: str) -> OrderSnapshot | None:
         try:
             return next((o for o in await self.exchange.open_orders(symbol) if o.client_id == client_id), None)
@@ -1247,12 +1323,14 @@ class LiveEngine:
             return None
 
     def _next_client_id(self, position: Position, purpose: OrderPurpose) -> str:
-        """Attempt = the journal sequence, or past any id of ours already used for this purpose."""
-        attempt = position.seq
+        """Attempt = the journal sequence, or past any id of ours already used for this purpose: tracked,
+        or tried by this process (a failed or unanswered attempt leaves no record)."""
+        attempt = max(position.seq, self._attempts.get((position.id, purpose), -1) + 1)
         for client_id in position.orders:
             ours = parse_client_id(client_id)
             if ours is not None and ours.purpose is purpose and ours.attempt >= attempt:
                 attempt = ours.attempt + 1
+        self._attempts[(position.id, purpose)] = attempt
         return make_client_id(position.id, purpose, attempt)
 
     def _round_stop(self, side: Side, symbol: str, raw: Decimal) -> Decimal:

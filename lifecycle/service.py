@@ -97,6 +97,7 @@ class Service:
         self.started = False
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._extra: asyncio.Task[Any] | None = None  # run(after_start=...)'s task
 
     async def start(self) -> Service:
         try:
@@ -148,21 +149,36 @@ class Service:
             return
         self._stopping = True
         logger.info("stopping: scheduled jobs first, then in-flight work; stops stay on the exchange")
-        for runtime in self.accounts.values():
-            if runtime.scheduler is not None:
-                await runtime.scheduler.stop()
-        await asyncio.gather(*(self._stop_live(r) for r in self.accounts.values()))
-        for runtime in self.accounts.values():
+        try:
+            for runtime in self.accounts.values():
+                if runtime.scheduler is not None:
+                    await runtime.scheduler.stop()
+            await asyncio.gather(*(self._stop_live(r) for r in self.accounts.values()))
+            await self._end_extra()  # the bot's own work must not outlive the clients and the database
+        finally:
+            for runtime in self.accounts.values():
+                try:
+                    await runtime.exchange.close()
+                except Exception as e:  # closing one client must not keep the others or the database open
+                    logger.warning("{}: closing the exchange client failed: {}", runtime.config.name,
+                                   type(e).__name__)
             try:
-                await runtime.exchange.close()
-            except Exception as e:  # closing a client must not keep the database open
-                logger.warning("{}: closing the exchange client failed: {}", runtime.config.name, type(e).__name__)
-        if self.repo is not None:
-            await self.repo.close()
-        left = {name: len(r.engine.positions) for name, r in self.accounts.items()}
-        logger.info("stopped; live positions left protected on the exchange: {}", left)
-        await logger.complete()
-        self._stopped.set()
+                if self.repo is not None:
+                    await self.repo.close()
+            finally:
+                left = {name: len(r.engine.positions) for name, r in self.accounts.items()}
+                logger.info("stopped; live positions left protected on the exchange: {}", left)
+                await logger.complete()
+                self._stopped.set()
+
+    async def _end_extra(self) -> None:
+        extra, self._extra = self._extra, None
+        if extra is None:
+            return
+        if not extra.done():
+            extra.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # a failure was logged when it happened
+            await extra
 
     async def _stop_live(self, runtime: AccountRuntime) -> None:
         if runtime.reconciler is not None:
@@ -190,7 +206,6 @@ class Service:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        extra: asyncio.Task[Any] | None = None
         try:
             starting = asyncio.ensure_future(self.start())
             waiting = asyncio.ensure_future(requested.wait())
@@ -201,16 +216,20 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting  # start() stops what it had started
                 return
-            starting.result()  # a failed start raises here (it has stopped what it started)
+            if starting.exception() is not None:
+                waiting.cancel()
+                starting.result()  # a failed start raises here (it has stopped what it started)
             if after_start is not None:
-                extra = asyncio.ensure_future(after_start(self))
+                self._extra = asyncio.ensure_future(after_start(self))
+                self._extra.add_done_callback(_log_failure)
             await waiting
-            await self.stop()
-            if extra is not None and not extra.done():
-                extra.cancel()
+            await self.stop()  # drains, then ends the after_start work before closing anything
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            if extra is not None and extra.done() and not extra.cancelled() and extra.exception() is not None:
-                e = extra.exception()
-                logger.error("the work run after start failed: {}: {}", type(e).__name__, e)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        e = task.exception()
+        logger.error("the work run after start failed: {}: {}", type(e).__name__, e)

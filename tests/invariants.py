@@ -22,7 +22,10 @@ async def violations(sim: SimServer, account: Account, repo: Repository) -> list
     * every position open on the venue is live in the database, in OPEN or TS_ACTIVE, with the venue's
       size, and has exactly one working stop of ours on the venue for that size, on the closing side, at
       the price the database records, and the database tracks exactly that stop;
-    * no order of ours works on the venue for a position that is not live there and in the database;
+    * no order of ours works on the venue for a position that is not live there and in the database, and
+      a live position has no other working order than its stop, one take-profit, and (only while
+      OPENING) its entry; a live position that the venue does not hold is an OPENING one with a resting
+      entry (anything else is a lost close or a phantom);
     * every position's journal replays to its stored state.
     """
     problems: list[str] = []
@@ -88,9 +91,24 @@ async def violations(sim: SimServer, account: Account, repo: Repository) -> list
             problems.append(f"{symbol}: database tracks stops {sorted(tracked)}, venue works {stop.client_id}")
 
     held = {(s, Side.LONG if sp.amount > 0 else Side.SHORT) for s, sp in account.positions.items() if sp.amount != 0}
+    ours_working: dict[str, list] = {}
+    for order in working:
+        parsed = parse_client_id(order.client_id)
+        if parsed is not None and parsed.position_id in live:
+            ours_working.setdefault(parsed.position_id, []).append((parsed.purpose, order))
     for p in live.values():
-        if p.state in PROTECTED and (p.symbol, p.side) not in held:
-            problems.append(f"position {p.id} is {p.state.value} in the database, flat on the venue")
+        orders = ours_working.get(p.id, [])
+        entries = [o for purpose, o in orders if purpose is OrderPurpose.ENTRY]
+        if (p.symbol, p.side) not in held and not (p.state is S.OPENING and entries):
+            problems.append(f"position {p.id} is {p.state.value} in the database, flat on the venue"
+                            + (" (a lost close)" if p.state is S.CLOSING_BY_BOT else ""))
+        for purpose, order in orders:
+            if purpose is OrderPurpose.ENTRY and p.state is not S.OPENING:
+                problems.append(f"entry {order.client_id} still working while {p.id} is {p.state.value}")
+            elif purpose is OrderPurpose.CLOSE:
+                problems.append(f"close {order.client_id} of {p.id} still working")
+        if sum(1 for purpose, _ in orders if purpose is OrderPurpose.TAKE_PROFIT) > 1:
+            problems.append(f"position {p.id} has more than one take-profit working")
 
     for pid, p in stored.items():
         try:

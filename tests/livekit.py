@@ -15,7 +15,7 @@ from loguru import logger
 from db.repository import Repository
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
 from exchange.sim.server import SimServer
-from exchange.sim.venue import Account
+from exchange.sim.venue import Account, SymbolSpec, VenueConfig
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import Position
 from lifecycle.engine import Engine
@@ -25,6 +25,13 @@ from lifecycle.records import JsonlRecords
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT"]
 FAST = LiveConfig(trail_min_interval_s=0, retry_backoff_s=0.02, cause_wait_s=0.5)
+
+
+def many_symbols(n: int) -> VenueConfig:
+    """A venue with `n` made-up symbols (S0000USDT, ...), for runs with many positions (one per symbol and
+    side in one-way mode)."""
+    return VenueConfig(symbols=tuple(SymbolSpec(f"S{i:04d}USDT", f"S{i:04d}", D("0.01"), D("0.1"), D("0.1"),
+                                                D(100) + i) for i in range(n)))
 
 
 def settings_for(sim: SimServer, account: Account) -> ExchangeSettings:
@@ -40,6 +47,8 @@ class Rig:
     db_url: str
     records_dir: Path
     config: LiveConfig = FAST
+    symbols: list[str] = field(default_factory=lambda: list(SYMBOLS))
+    settings: ExchangeSettings | None = None  # default: settings_for() (quick probes and reconnects)
     exchange: CcxtExchange | None = None
     repo: Repository | None = None
     engine: Engine | None = None
@@ -51,12 +60,12 @@ class Rig:
     async def start(self) -> Rig:
         self._sink = logger.add(lambda m: self.log.append((m.record["level"].name, m.record["message"])),
                                 level="WARNING")
-        self.exchange = await CcxtExchange(settings_for(self.sim, self.account)).start()
+        self.exchange = await CcxtExchange(self.settings or settings_for(self.sim, self.account)).start()
         self.repo = await Repository.open(self.db_url)
         self.records = JsonlRecords(self.records_dir)
         self.engine = Engine(self.repo, canceller=self.exchange, records=self.records)
         await self.engine.rehydrate([self.account.name])
-        self.live = await LiveEngine(self.engine, self.exchange, account=self.account.name, symbols=SYMBOLS,
+        self.live = await LiveEngine(self.engine, self.exchange, account=self.account.name, symbols=self.symbols,
                                      config=self.config).start()
         await self.live.wait_ready()
         return self
@@ -73,10 +82,12 @@ class Rig:
             self._sink = None
 
     async def restart(self) -> None:
-        """A new process: new client, new engine, state from the database only."""
+        """A new process: new client, new engine, state from the database only, restart recovery."""
         await self.stop()
         self.exchange = self.repo = self.engine = self.live = None
         await self.start()
+        assert self.live is not None
+        await self.live.recover(retry_s=0.05)
 
     # --- helpers ---------------------------------------------------------------------------------
 

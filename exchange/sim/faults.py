@@ -10,6 +10,7 @@ class Faults:
     rest_latency_ms: int = 0  # added to every REST answer
     stale_positions_s: float = 0  # positionRisk keeps answering the snapshot taken when this was set
     ws_silent: bool = False  # user-data connections stay open, events are swallowed (an expired listen key)
+    user_stream_down: bool = False  # user-data WebSocket connections are refused (503): the stream is down
     duplicate_events: bool = False  # every user-data event is sent twice
     reorder_events: bool = False  # user-data events are held and sent in pairs, the second first
     http_5xx: int = 0  # the next N REST calls answer 503 (alternating HTML and JSON -1001 bodies)
@@ -23,6 +24,7 @@ class Faults:
     lost_answers: int = 0  # the next N REST calls are carried out, but answer 504 (the answer got lost)
     lost_answers_on: str = ""  # only calls to this "METHOD /path" lose their answers (empty: any call)
     single_stop: bool = False  # a second working STOP_MARKET on a symbol is refused with -4045
+    keep_stops_when_flat: bool = False  # reduce-only stops stay working on a flat symbol (else they expire)
     # Crash tests: when the REST call `signal_on` ("METHOD /path", e.g. "POST /fapi/v1/order") arrives for
     # the (signal_skip + 1)-th time, send signal `signal_num` to process `signal_pid`, once. "before": the
     # venue has not carried the call out (with SIGKILL it never does); "after": carried out, the answer

@@ -15,6 +15,7 @@ import random
 import secrets
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -56,6 +57,7 @@ class SimServer:
         self.rest_port = 0
         self.ws_port = 0
         self.requests = 0
+        self.calls: Counter[str] = Counter()  # REST requests per "METHOD /path"
         self.signalled: list[tuple[str, str, str, int]] = []  # (method, path, when, signal) sent
         self.venue.user_listeners.append(self._on_user_event)
         self.venue.mark_listeners.append(self._on_mark)
@@ -151,6 +153,7 @@ class SimServer:
         if request.path.startswith("/_sim/"):
             return await handler(request)
         self.requests += 1
+        self.calls[f"{request.method} {request.path}"] += 1
         f = self.faults
         if f.signal_on and f.signal_pid and f"{request.method} {request.path}" == f.signal_on:
             if f.signal_skip > 0:
@@ -310,10 +313,10 @@ class SimServer:
             {"bracket": 2, "initialLeverage": 100, "notionalCap": 10_000_000, "notionalFloor": 50000, "maintMarginRatio": 0.005, "cum": 50.0},
         ]} for s in self.venue.specs]
 
-    def _position_rows(self, account: Account) -> list[dict[str, Any]]:
+    def _position_rows(self, account: Account, only: str | None = None) -> list[dict[str, Any]]:
         rows = []
         for symbol, pos in account.positions.items():
-            if pos.amount == 0:
+            if pos.amount == 0 or (only is not None and symbol != only):
                 continue
             mark = self.venue.marks[symbol]
             notional = mark * pos.amount
@@ -334,7 +337,7 @@ class SimServer:
         if time.monotonic() < self._stale_until and account.api_key in self._stale:
             rows = self._stale[account.api_key]
         else:
-            rows = self._position_rows(account)
+            rows = self._position_rows(account, p.get("symbol"))
         return [r for r in rows if "symbol" not in p or r["symbol"] == p["symbol"]]
 
     async def _account(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
@@ -456,8 +459,11 @@ class SimServer:
 
     # --- WebSocket -----------------------------------------------------------------------------
 
-    async def _user_stream(self, request: web.Request) -> web.WebSocketResponse:
+    async def _user_stream(self, request: web.Request) -> web.StreamResponse:
         key = request.query.get("listenKey") or request.match_info.get("listen_key", "")
+        if self.faults.user_stream_down:
+            return web.Response(status=503, text="<html><body>503 Service Unavailable</body></html>",
+                                content_type="text/html")
         ws = web.WebSocketResponse(heartbeat=None)
         await ws.prepare(request)
         listen = self.listen_keys.get(key)
@@ -548,6 +554,7 @@ class SimServer:
     def set_faults(self, **changes: Any) -> None:
         """Switch faults on or off (see Faults); stale_positions_s freezes the current snapshot."""
         self.faults.update(changes)
+        self.venue.keep_stops_when_flat = self.faults.keep_stops_when_flat
         if "stale_positions_s" in changes:
             self.freeze_positions(float(changes["stale_positions_s"]))
 

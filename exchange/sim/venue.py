@@ -161,6 +161,7 @@ class Venue:
         self.specs = {s.symbol: s for s in self.config.symbols}
         self.marks: dict[str, D] = {s.symbol: s.mark for s in self.config.symbols}
         self.accounts: dict[str, Account] = {}  # by api key
+        self.keep_stops_when_flat = False  # the simulator's fault of that name
         self._ids = itertools.count(8_000_000_000)
         self._algo_ids = itertools.count(1_000)
         self._trade_ids = itertools.count(500_000)
@@ -370,7 +371,7 @@ class Venue:
         # Binance order: ACCOUNT_UPDATE with the new position first, then the fill's ORDER_TRADE_UPDATE.
         self._emit(account, self._account_update(account, order.symbol, "ORDER"))
         self._emit_order(account, order, "TRADE", order.qty, price, fee=fee)
-        if pos.amount == 0:
+        if pos.amount == 0 and not self.keep_stops_when_flat:
             for algo in [a for a in account.algos.values() if a.symbol == order.symbol and a.status == "NEW"
                          and (a.reduce_only or a.close_position)]:
                 algo.status, algo.updated = "EXPIRED", now_ms()  # a reduce-only stop on a flat symbol expires
