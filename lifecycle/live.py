@@ -503,6 +503,8 @@ class LiveEngine:
             for hook in list(self.after_resync):
                 self._spawn(hook(), "reconciliation after recovery")
         self._recovered.set()
+        self.engine.records.emit({"event": "recovery", "account": self.account, "symbol": None, "position_id": None,
+                                  "at": self.engine.clock().isoformat(), **counts})
         logger.info("{}: recovery: {}", self.account, counts)
         return counts
 

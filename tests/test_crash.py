@@ -28,6 +28,7 @@ from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
 from lifecycle.domain import CloseCause, Side
 from lifecycle.machines.states import PositionState as S
+from lifecycle.records import JsonlRecords
 from lifecycle.service import Service
 from tests.crash_child import LIVE, open_command, service_config
 from tests.invariants import violations
@@ -199,7 +200,9 @@ async def test_a_process_killed_at_each_step_recovers_to_a_safe_state(
         expected = {S.CANCELLED} if "entry sent" in step else {S.OPEN}
     else:
         expected = {S.TS_ACTIVE} if action == "trail" else {S.CLOSED}
+    world.sim.set_faults(rest_latency_ms=300 if action == "trail" else 0)  # marks arrive before recovery ends
     service = await world.restart()
+    world.sim.set_faults(rest_latency_ms=0)
     try:
         position = await world.settled_in(expected, trailed if action == "trail" else lambda p: True)
         problems = await world.converged()
@@ -209,6 +212,13 @@ async def test_a_process_killed_at_each_step_recovers_to_a_safe_state(
     finally:
         await service.stop()
     assert await world.converged(timeout=0) == [], f"{step}: after the restarted service stopped"
+    # Nothing was sent before the restarted service's recovery had reconciled.
+    records = JsonlRecords(world.records)
+    recovered = records.read("recovery")[-1]  # the restarted service's (the killed one wrote one too)
+    moves = [r for r in records.read("stop_move") if r["at"] > killed.updated_at.isoformat()]
+    assert all(r["at"] >= recovered["at"] for r in moves), f"{step}: a stop moved before recovery: {moves}"
+    if action == "trail":
+        assert moves, f"{step}: the stop never moved after the restart"
 
 
 async def test_sigterm_stops_the_service_cleanly_and_leaves_the_stop_in_place(world: World) -> None:
