@@ -40,6 +40,11 @@ def normalize_url(url: str) -> sa.URL:
     return parsed
 
 
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for messages."""
+    return _redact(url)
+
+
 def _redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)

@@ -372,10 +372,14 @@ class CcxtExchange:
             logger.error("{} stream: could not recreate the exchange client: {}", name, e)
         return min(backoff * 2, self.settings.backoff_max_s)
 
-    async def _subscribed(self, client: Any, hint: str, timeout_s: float = 10.0) -> bool:
-        """Wait until ccxt's WebSocket for this stream is connected and waiting for `hint` messages."""
+    async def _subscribed(self, client: Any, hint: str, watching: asyncio.Future[Any] | None = None,
+                          timeout_s: float = 10.0) -> bool:
+        """Wait until ccxt's WebSocket for this stream is connected and waiting for `hint` messages (not
+        past the watch itself failing, e.g. a refused connection: the caller's loop reconnects then)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
+            if watching is not None and watching.done():
+                return not watching.cancelled() and watching.exception() is None
             for ws in list(getattr(client, "clients", {}).values()):
                 connected = getattr(ws, "connected", None)
                 if connected is None or not connected.done() or connected.cancelled() or connected.exception():
@@ -422,20 +426,27 @@ class CcxtExchange:
                         pending.cancel()
                     # Subscribe first, announce after: a snapshot taken on Resynced then misses nothing.
                     pending = asyncio.ensure_future(watch(client))
-                    if await self._subscribed(client, hint):
-                        self.health[name] = StreamHealth.HEALTHY  # live, even if nothing happens for a while
+                    subscribed = await self._subscribed(client, hint, pending)
+                    if pending.done() and (pending.cancelled() or pending.exception() is not None):
+                        # The subscription itself failed (e.g. a refused connection): nothing to announce;
+                        # the failure is handled below like any other (backoff, reconnect).
+                        generation = self.generation
                     else:
-                        logger.warning("{} stream: subscription not confirmed in time; announcing anyway", name)
-                    reason = "connected" if generation == 0 else "reconnected"
-                    generation = self.generation
-                    state: tuple[Any, ...] | None = None
-                    if snapshot is not None:
-                        try:
-                            state = tuple(await snapshot())
-                        except errors.ExchangeError as e:
-                            logger.warning("{} stream: REST snapshot after {} failed: {}", name, reason, e)
-                    last_message = loop.time()
-                    yield Resynced(name, reason, state)
+                        if subscribed:
+                            self.health[name] = StreamHealth.HEALTHY  # live, even if nothing happens
+                        else:
+                            logger.warning("{} stream: subscription not confirmed in time; announcing anyway",
+                                           name)
+                        reason = "connected" if generation == 0 else "reconnected"
+                        generation = self.generation
+                        state: tuple[Any, ...] | None = None
+                        if snapshot is not None:
+                            try:
+                                state = tuple(await snapshot())
+                            except errors.ExchangeError as e:
+                                logger.warning("{} stream: REST snapshot after {} failed: {}", name, reason, e)
+                        last_message = loop.time()
+                        yield Resynced(name, reason, state)
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
                 done, _ = await asyncio.wait({pending}, timeout=RESWEEP_S if soon else SWEEP_S)

@@ -15,9 +15,174 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="position-lif
 DEFAULT_DIAGRAMS = Path("diagrams")
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, log_dir: Path | None = None, retention_days: int = 14) -> None:
+    """Readable lines on stderr; with `log_dir`, also `lifecycle.log` there, rotated daily and kept
+    `retention_days` days (older files deleted)."""
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", format="{time:HH:mm:ss.SSS} {level:<7} {message}")
+    if log_dir is not None:
+        logger.add(log_dir / "lifecycle.log", level="DEBUG" if verbose else "INFO", rotation="00:00",
+                   retention=f"{retention_days} days", enqueue=False,
+                   format="{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}Z {level:<7} {message}")
+
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", envvar="LIFECYCLE_CONFIG",
+                                                    help="The TOML configuration file (LIFECYCLE_CONFIG).")]
+
+
+def _settings(config: Path | None, *, check_secrets: bool = True):  # type: ignore[no-untyped-def]
+    from lifecycle.settings import ConfigError, load
+
+    try:
+        return load(config, check_secrets=check_secrets)
+    except ConfigError as e:
+        typer.echo(f"configuration error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run the service for the configured accounts until SIGINT/SIGTERM."""
+    from lifecycle.service import Service, StartError, check_database
+    from lifecycle.settings import service_config
+
+    settings = _settings(config)
+    service = Service(service_config(settings))
+    try:
+        asyncio.run(check_database(settings.database_url))  # before anything else starts (or logs)
+        _configure_logging(verbose, settings.log_dir, settings.log_retention_days)
+        asyncio.run(service.run())
+    except StartError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _api_call(settings, method: str, path: str, body: dict | None = None) -> object:  # type: ignore[no-untyped-def]
+    import json
+    import urllib.error
+    import urllib.request
+
+    if not settings.api.enabled:
+        typer.echo("error: the control API is disabled in the configuration (api.enabled)", err=True)
+        raise typer.Exit(2)
+    from lifecycle.settings import ConfigError
+
+    try:
+        token = settings.api_token().reveal()
+    except ConfigError as e:
+        typer.echo(f"configuration error: {e}", err=True)
+        raise typer.Exit(2) from None
+    request = urllib.request.Request(
+        f"http://{settings.api.host}:{settings.api.port}{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        typer.echo(f"error: the service answered {e.code}: {message}", err=True)
+        raise typer.Exit(1) from None
+    except (urllib.error.URLError, OSError) as e:
+        typer.echo(f"error: no service answers on {settings.api.host}:{settings.api.port} ({e})", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("open")
+def open_(
+    symbol: str, side: str, quantity: str, config: ConfigOption = None,
+    account: Annotated[str | None, typer.Option(help="Needed when several accounts are configured.")] = None,
+    entry_price: Annotated[str | None, typer.Option(help="A limit entry at this price (default: market).")] = None,
+    stop_loss_pct: Annotated[str | None, typer.Option(help="Initial stop distance from the entry, percent.")] = None,
+    trailing_activation: Annotated[str | None, typer.Option(help="Price that activates the trailing stop.")] = None,
+    trailing_callback_pct: Annotated[str | None, typer.Option(help="Trailing distance, percent.")] = None,
+    take_profit: Annotated[str | None, typer.Option(help="A reduce-only take-profit at this price.")] = None,
+) -> None:
+    """Ask the running service to open a position (side: long or short)."""
+    import json
+
+    body = {"symbol": symbol, "side": side, "quantity": quantity, "account": account, "entry_price": entry_price,
+            "stop_loss_pct": stop_loss_pct, "trailing_activation": trailing_activation,
+            "trailing_callback_pct": trailing_callback_pct, "take_profit": take_profit}
+    answer = _api_call(_settings(config, check_secrets=False), "POST", "/positions",
+                       {k: v for k, v in body.items() if v is not None})
+    typer.echo(json.dumps(answer, indent=2))
+
+
+@app.command()
+def close(
+    position_id: str, config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="signal, take_profit, max_age or operator.")] = "operator",
+) -> None:
+    """Ask the running service to close a position at market."""
+    import json
+
+    answer = _api_call(_settings(config, check_secrets=False), "POST", f"/positions/{position_id}/close",
+                       {"reason": reason})
+    typer.echo(json.dumps(answer))
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    db: Annotated[str | None, typer.Option(help="Database URL (instead of the configuration's).")] = None,
+    ended: Annotated[int, typer.Option(help="Also show this many most recently ended positions.")] = 0,
+) -> None:
+    """A table of positions from the database (marks from the running service when it answers)."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from db.repository import Repository
+
+    settings = _settings(config, check_secrets=False) if db is None else None
+    url = db or settings.database_url  # type: ignore[union-attr]
+
+    async def go() -> list:
+        repo = await Repository.open(url, run_migrations=False)
+        try:
+            return await repo.list_positions()
+        finally:
+            await repo.close()
+
+    positions = asyncio.run(go())
+    live = [p for p in positions if not p.state.is_terminal]
+    done = sorted((p for p in positions if p.state.is_terminal), key=lambda p: p.updated_at)[-ended:] if ended else []
+    marks: dict[str, object] = {}
+    if settings is not None and settings.api.enabled and live:
+        try:
+            marks = {p["id"]: p.get("mark") for p in _quiet_api(settings, "/positions")}
+        except Exception:  # noqa: BLE001 - the service may not run; the table comes from the database anyway
+            marks = {}
+    now = datetime.now(UTC)
+    table = Table(title=f"positions ({len(live)} live)")
+    for column in ("position", "account", "symbol", "state", "side", "size", "entry", "mark", "stop", "trailing",
+                   "age"):
+        table.add_column(column)
+    for p in [*live, *done]:
+        trailing = "-" if p.trailing is None else (
+            f"active, high {p.trailing.watermark}" if p.trailing.active else f"at {p.trailing.activation_price}")
+        age = int((now - p.created_at).total_seconds())
+        table.add_row(p.id, p.account, p.symbol, p.state.value, p.side.value, str(p.quantity),
+                      str(p.entry_price or "-"), str(marks.get(p.id) or "-"), str(p.stop_price or "-"), trailing,
+                      f"{age // 3600}h{age % 3600 // 60:02d}m" if age >= 3600 else f"{age // 60}m{age % 60:02d}s")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if not positions:
+        typer.echo("no positions in the database")
+
+
+def _quiet_api(settings, path: str) -> list:  # type: ignore[no-untyped-def]
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{settings.api.host}:{settings.api.port}{path}",
+                                     headers={"Authorization": f"Bearer {settings.api_token().reveal()}"})
+    with urllib.request.urlopen(request, timeout=2) as answer:
+        return json.loads(answer.read())
 
 
 @app.command()
@@ -42,27 +207,83 @@ def diagrams(
 @app.command()
 def demo(
     workdir: Annotated[
-        Path | None, typer.Option(help="Where the SQLite file and records go (default: a new temp directory).")
+        Path | None, typer.Option(help="Where the SQLite file, records and logs go (default: a new temp directory).")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    forever: Annotated[bool, typer.Option("--forever", help="After the scenario, keep a random-walk market with "
+                                                            "trailing positions running until Ctrl-C.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log lines on the terminal too.")] = False,
 ) -> None:
-    """Walk positions through every ending on SQLite, restart, rehydrate, and replay every journal."""
-    from lifecycle.demo import run_demo
+    """The service on the embedded simulator: every ending once, live, then a summary (about a minute)."""
+    import os
+    import time
 
-    _configure_logging(verbose)
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from lifecycle.demo import COLUMNS, run_demo
+
     directory = workdir or Path(tempfile.mkdtemp(prefix="lifecycle-demo-"))
-    result = asyncio.run(run_demo(directory))
-    typer.echo("")
-    typer.echo(f"{'symbol':<10} {'position':<22} {'state':<16} {'cause':<14} journal rows")
-    for symbol, pid, state, cause, n in result.rows:
-        typer.echo(f"{symbol:<10} {pid:<22} {state:<16} {cause:<14} {n}")
-    typer.echo("")
-    typer.echo(f"refused events: {result.refused}; positions rehydrated after restart: {result.rehydrated}")
-    typer.echo(f"every journal replays to its stored state: {'yes' if result.replay_ok else 'NO'}")
-    typer.echo(f"database: {result.database}")
-    typer.echo(f"records:  {result.records}")
-    typer.echo(f"diagrams: {DEFAULT_DIAGRAMS.resolve() / 'position.mmd'} (regenerate with `lifecycle diagrams`)")
-    if not result.replay_ok:
+    pace = float(os.environ.get("LIFECYCLE_DEMO_PACE", "3.0"))  # seconds per beat (about a minute); tests go faster
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    logger.remove()
+    if verbose:
+        logger.add(sys.stderr, level="INFO", format="{time:HH:mm:ss.SSS} {level:<7} {message}")
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.add(directory / "logs" / "lifecycle.log", level="DEBUG",
+               format="{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}Z {level:<7} {message}")
+    started = time.monotonic()
+
+    def table(render) -> Table:  # type: ignore[no-untyped-def]
+        t = Table(title=f"position-lifecycle demo: the service on the embedded simulator "
+                        f"({time.monotonic() - started:.0f} s)")
+        for column in COLUMNS:
+            t.add_column(column)
+        for row in render():
+            t.add_row(*row)
+        return t
+
+    class Show:
+        def __init__(self, render) -> None:  # type: ignore[no-untyped-def]
+            self.render = render
+            self.live = Live(table(render), console=console, refresh_per_second=4, transient=False,
+                             get_renderable=lambda: table(render))
+
+        def __enter__(self) -> Show:
+            self.live.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.live.__exit__(*exc)  # type: ignore[arg-type]
+
+    console.print(f"work directory: {directory}")
+    result = asyncio.run(run_demo(directory, pace=pace, forever=forever, show=Show))
+    summary = Table(title="summary: every ending")
+    for column in ("scenario", "symbol", "terminal state", "cause", "detection latency", "as expected"):
+        summary.add_column(column)
+    for s in result.scenarios:
+        ending = result.endings.get(s.position_id or "")
+        latency = f"{ending.detection_ms:.1f} ms" if ending and ending.detection_ms is not None else "-"
+        summary.add_row(s.name, s.symbol, ending.state if ending else "not ended", (ending.cause or "-") if ending
+                        else "-", latency, "yes" if result.ok(s) or s.name.startswith("random walk") else "NO")
+    console.print()
+    console.print(summary)
+    states: dict[str, int] = {}
+    for ending in result.endings.values():
+        states[ending.state] = states.get(ending.state, 0) + 1
+    console.print("per terminal state: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    first = f"{result.first_open_s:.2f} s" if result.first_open_s is not None else "-"
+    console.print(f"first position OPEN after {first}; the demo took {result.duration_s:.1f} s")
+    console.print(f"every journal replays to its stored state: {'yes' if result.replay_ok else 'NO'}")
+    console.print(f"database: {directory / 'lifecycle.sqlite'}")
+    console.print(f"records:  {directory / 'records'} (JSON lines per event type and day)")
+    console.print(f"logs:     {directory / 'logs' / 'lifecycle.log'}")
+    shipped = Path(__file__).resolve().parent.parent / "diagrams" / "transitions.md"
+    console.print(f"diagrams: {shipped if shipped.exists() else 'lifecycle diagrams --out DIR'} (the lifecycle, "
+                  "generated from the code)")
+    console.print(f"try:      lifecycle status --db sqlite:///{directory / 'lifecycle.sqlite'} --ended 8")
+    if not all(result.ok(s) for s in result.scenarios if not s.name.startswith("random walk")) \
+            or not result.replay_ok:
         raise typer.Exit(1)
 
 

@@ -1,140 +1,299 @@
-"""A scripted walk through the lifecycle on SQLite and the paper exchange: every ending once,
-a refused event, a restart that rehydrates a live position, and a replay of every journal."""
+"""The demo: the venue simulator in-process, SQLite in a work directory, and the real service against it
+(streams, reconciliation, scheduler, records), driven through a scripted scenario in which every ending
+happens once: a bot close, a stop-loss fill, a trailing-stop fill, a liquidation, an ADL, a manual close
+by another client, a phantom, and a close that a stale REST snapshot still hides but the stream catches.
+
+The simulator's throw-away key and secret reach the service the way a real deployment's do: through
+environment variables named in the configuration (LIFECYCLE_DEMO_API_KEY / LIFECYCLE_DEMO_SECRET; set
+them to choose the values, e.g. to search every output for them afterwards).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from decimal import Decimal as D
 from pathlib import Path
+from typing import Any
 
-from db.repository import Repository
-from exchange.paper import PaperExchange
-from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, Side, TrailingState
-from lifecycle.engine import Engine
-from lifecycle.errors import TransitionRefused
-from lifecycle.events import (
-    CloseFailed,
-    CloseRequested,
-    EntryFailed,
-    EntryFilled,
-    Flat,
-    Reduced,
-    StopMoved,
-    TsActivated,
-    Vanished,
-)
-from lifecycle.records import JsonlRecords
+from exchange.port import StreamHealth
+from exchange.sim.server import SimServer
+from exchange.sim.venue import SymbolSpec, Venue, VenueConfig
+from lifecycle.domain import CloseCause, CloseReason, Side
+from lifecycle.live import LiveEngine, OpenCommand
+from lifecycle.machines.states import PositionState as S
 from lifecycle.replay import replay
+from lifecycle.service import Service
+from lifecycle.settings import Settings, service_config
 
+KEY_ENV, SECRET_ENV = "LIFECYCLE_DEMO_API_KEY", "LIFECYCLE_DEMO_SECRET"
 ACCOUNT = "demo"
+VENUE = VenueConfig(symbols=(*VenueConfig().symbols,
+                             SymbolSpec("BNBUSDT", "BNB", D("0.01"), D("0.01"), D("0.01"), D(600)),
+                             SymbolSpec("LTCUSDT", "LTC", D("0.01"), D("0.001"), D("0.001"), D(80))))
+
+
+@dataclass
+class Scenario:
+    name: str
+    symbol: str
+    side: Side
+    quantity: D
+    expect: tuple[S, CloseCause]
+    stop_loss_pct: D = D(1)
+    trailing: bool = False
+    position_id: str | None = None
+
+
+SCENARIOS = [
+    Scenario("bot close", "BTCUSDT", Side.LONG, D("0.01"), (S.CLOSED, CloseCause.BOT)),
+    Scenario("stop-loss fill", "ETHUSDT", Side.SHORT, D("0.1"), (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)),
+    Scenario("trailing-stop fill", "SOLUSDT", Side.LONG, D(1), (S.CLOSED_EXTERNAL, CloseCause.TRAILING_STOP),
+             stop_loss_pct=D(2), trailing=True),
+    Scenario("liquidation", "XRPUSDT", Side.LONG, D(100), (S.CLOSED_EXTERNAL, CloseCause.LIQUIDATION), D(5)),
+    Scenario("ADL", "DOGEUSDT", Side.SHORT, D(100), (S.CLOSED_EXTERNAL, CloseCause.ADL), D(5)),
+    Scenario("manual close by another client", "ADAUSDT", Side.LONG, D(100),
+             (S.CLOSED_EXTERNAL, CloseCause.MANUAL), D(5)),
+    Scenario("phantom", "BNBUSDT", Side.LONG, D("0.1"), (S.PHANTOM, CloseCause.NOT_FOUND), D(5)),
+    Scenario("stale REST, the stream catches the close", "LTCUSDT", Side.SHORT, D(1),
+             (S.CLOSED_EXTERNAL, CloseCause.MANUAL), D(5)),
+]
+
+
+@dataclass
+class Ending:
+    state: str
+    cause: str | None
+    detection_ms: float | None
 
 
 @dataclass
 class DemoResult:
-    database: Path
-    records: Path
-    rows: list[tuple[str, str, str, str, int]]  # symbol, position id, state, cause, journal rows
-    refused: int
-    rehydrated: int
-    replay_ok: bool
+    workdir: Path
+    scenarios: list[Scenario]
+    endings: dict[str, Ending] = field(default_factory=dict)  # by position id
+    first_open_s: float | None = None
+    duration_s: float = 0.0
+    replay_ok: bool = False
+
+    def ok(self, s: Scenario) -> bool:
+        ending = self.endings.get(s.position_id or "")
+        return ending is not None and (ending.state, ending.cause) == (s.expect[0].value, s.expect[1].value)
+
+    @property
+    def all_ok(self) -> bool:
+        return all(self.ok(s) for s in self.scenarios) and self.replay_ok
 
 
-async def _protect(engine: Engine, exchange: PaperExchange, position_id: str, stop: D, mark: D) -> None:
-    """Place a stop on the paper exchange and record it: what issue 4's engine will do for real."""
-    position = engine.positions[position_id]
-    order = await exchange.place_order(
-        OrderRef(
-            client_id=f"lc{position_id}s{len(position.orders)}",
-            position_id=position_id,
-            symbol=position.symbol,
-            purpose=OrderPurpose.STOP,
-            side="sell" if position.side is Side.LONG else "buy",
-            quantity=position.quantity,
-            trigger_price=stop,
-        )
-    )
-    await engine.track_order(position_id, order)
-    await engine.fire(position_id, StopMoved(stop_price=stop, mark=mark, client_order_id=order.client_id))
-
-
-async def run_demo(workdir: Path) -> DemoResult:
+async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
+                   show: Callable[[Callable[[], Any]], Any] | None = None) -> DemoResult:
+    """Play the scenario; `show(render)` (a live display) is given a function returning the current rows."""
+    started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    db_path = workdir / "lifecycle.sqlite"
-    records = JsonlRecords(workdir / "records")
-    exchange = PaperExchange()
-    url = f"sqlite:///{db_path}"
-    repo = await Repository.open(url)
-    engine = Engine(repo, canceller=exchange, records=records)
-    refused = 0
-    ids: list[str] = []
+    sim = await SimServer(Venue(VENUE), mark_interval_s=0.5).start()
+    key = os.environ.get(KEY_ENV) or secrets.token_hex(16)
+    secret = os.environ.get(SECRET_ENV) or secrets.token_hex(32)
+    venue_account = sim.venue.add_account(ACCOUNT, api_key=key, secret=secret)
+    os.environ[KEY_ENV], os.environ[SECRET_ENV] = key, secret
+    settings = Settings(
+        database_url=f"sqlite:///{workdir / 'lifecycle.sqlite'}", log_dir=workdir / "logs",
+        accounts=[{"name": ACCOUNT, "symbols": [s.symbol for s in VENUE.symbols], "urls": sim.ccxt_urls(),
+                   "api_key_env": KEY_ENV, "secret_env": SECRET_ENV, "rate_limit": False,
+                   "reconnect_backoff_max_s": 1.0}],
+        live={"trail_min_interval_s": 0.3, "cause_wait_s": 0.5},
+        schedule={"sync_interval_s": 5, "fast_sync_interval_s": 0.5, "orphan_interval_s": 10},
+        reconcile={"grace_ms": 500}, api={"enabled": False}, records={"dir": workdir / "records"},
+        shutdown_drain_s=5)
+    service = Service(service_config(settings))
+    result = DemoResult(workdir, [Scenario(**{**s.__dict__}) for s in SCENARIOS])
+    endings = result.endings
 
-    async def opened(symbol: str, side: Side, qty: str, price: str, trailing: TrailingState | None = None) -> str:
-        p = await engine.open_position(account=ACCOUNT, symbol=symbol, side=side, quantity=D(qty), trailing=trailing)
-        await engine.fire(p.id, EntryFilled(quantity=D(qty), price=D(price)))
-        ids.append(p.id)
-        return p.id
+    def on_record(record: dict[str, Any]) -> None:
+        if record.get("event") == "closure":
+            endings[str(record["position_id"])] = Ending(str(record.get("state")), record.get("cause"),
+                                                         record.get("detection_latency_ms"))
 
-    # 1. A trailing stop activates and follows; the bot closes: CLOSED, cause bot.
-    btc = await opened("BTCUSDT", Side.LONG, "0.010", "60000", TrailingState(activation_price=D(61000), callback_rate=D("0.5")))
-    await _protect(engine, exchange, btc, D(59000), D(60000))
-    await engine.fire(btc, TsActivated(mark=D(61200)))
-    await _protect(engine, exchange, btc, D("60894"), D(61200))
-    try:  # a stop never moves backwards: refused, logged, counted, nothing changes
-        await engine.fire(btc, StopMoved(stop_price=D(60500), mark=D(61000)))
-    except TransitionRefused:
-        refused += 1
-    await engine.fire(btc, CloseRequested(reason=CloseReason.SIGNAL))
-    await engine.fire(btc, Flat(exit_price=D(61150)))
+    stop = asyncio.Event()
+    try:
+        await service.start()
+        assert service.records is not None
+        service.records.listeners.append(on_record)
+        live = service.accounts[ACCOUNT].live
+        assert live is not None
+        display = show(lambda: rows(result, live)) if show is not None else contextlib.nullcontext()
+        with display:
+            await _play(result, live, sim, venue_account, pace, started)
+            if forever:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                await _forever(result, live, sim, stop)
+    finally:
+        await service.stop()
+        await sim.stop()
+    result.replay_ok = await _replay_all(workdir)
+    result.duration_s = time.monotonic() - started
+    return result
 
-    # 2. Our stop fills on the exchange: CLOSED_EXTERNAL, cause stop_loss.
-    eth = await opened("ETHUSDT", Side.SHORT, "0.5", "3000")
-    await _protect(engine, exchange, eth, D(3090), D(3000))
-    await engine.fire(eth, Flat(cause=CloseCause.STOP_LOSS, exit_price=D(3090)))
 
-    # 3. The entry never fills: CANCELLED.
-    sol = await engine.open_position(account=ACCOUNT, symbol="SOLUSDT", side=Side.LONG, quantity=D(3))
-    ids.append(sol.id)
-    await engine.fire(sol.id, EntryFailed(reason="limit entry expired"))
+async def _play(result: DemoResult, live: LiveEngine, sim: SimServer, account: Any, pace: float,
+                started: float) -> None:
+    venue = sim.venue
+    by_name = {s.name: s for s in result.scenarios}
 
-    # 4. Gone from the exchange, confirmed twice, no closing fill: PHANTOM.
-    xrp = await opened("XRPUSDT", Side.LONG, "100", "0.60")
-    await engine.fire(xrp, Vanished(confirmations=2, grace_ms=0))
+    async def until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"demo: {what} did not happen within {timeout} s")
+            await asyncio.sleep(0.02)
 
-    # 5. Partial take-profit, a rejected bot close, then a liquidation: CLOSED_EXTERNAL, cause liquidation.
-    doge = await opened("DOGEUSDT", Side.LONG, "1000", "0.20")
-    await _protect(engine, exchange, doge, D("0.18"), D("0.20"))
-    await engine.fire(doge, Reduced(remaining=D(600), price=D("0.22")))
-    await engine.fire(doge, CloseRequested(reason=CloseReason.OPERATOR))
-    await engine.fire(doge, CloseFailed(error="rejected: margin is insufficient"))
-    await engine.fire(doge, Flat(cause=CloseCause.LIQUIDATION, exit_price=D("0.17")))
+    def state(s: Scenario) -> S | None:
+        p = live.engine.positions.get(s.position_id or "")
+        if p is not None:
+            return p.state
+        ending = result.endings.get(s.position_id or "")
+        return S(ending.state) if ending else None
 
-    # 6. A position that is still open when the process stops...
-    ada = await opened("ADAUSDT", Side.SHORT, "500", "0.45", TrailingState(activation_price=D("0.40"), callback_rate=D(1)))
-    await _protect(engine, exchange, ada, D("0.47"), D("0.45"))
-    await repo.close()
+    def ended(s: Scenario) -> Callable[[], bool]:
+        return lambda: (s.position_id or "") in result.endings
 
-    # ... is rehydrated by the next process from the database, trailing state and stop order included.
-    repo = await Repository.open(url)
-    engine = Engine(repo, canceller=exchange, records=records)
-    rehydrated = await engine.rehydrate()
-    await engine.fire(ada, TsActivated(mark=D("0.399")))
-    await engine.fire(ada, CloseRequested(reason=CloseReason.MAX_AGE))
-    await engine.fire(ada, Flat(exit_price=D("0.401")))
+    async def pause(factor: float = 1.0) -> None:
+        await asyncio.sleep(pace * factor)
 
-    rows = []
-    replay_ok = True
-    for pid in ids:
-        stored = await repo.get_position(pid)
-        assert stored is not None
-        journal = await repo.journal(pid)
-        replayed = await replay(journal)
-        replay_ok &= (replayed.state, replayed.quantity, replayed.close_cause) == (
-            stored.state,
-            stored.quantity,
-            stored.close_cause,
-        )
-        cause = stored.close_cause.value if stored.close_cause else "-"
-        rows.append((stored.symbol, pid, stored.state.value, cause, len(journal)))
-    await repo.close()
-    if exchange.open_orders():
-        raise RuntimeError(f"orders left open on the exchange: {exchange.open_orders()}")
-    return DemoResult(db_path, records.directory, rows, refused, rehydrated, replay_ok)
+    def mark(symbol: str) -> D:
+        return venue.marks[symbol]
+
+    def move(symbol: str, pct: str) -> None:
+        venue.set_mark(symbol, mark(symbol) * (1 + D(pct) / 100))
+
+    # Open everything; the initial stops follow the fills.
+    for s in result.scenarios:
+        m = mark(s.symbol)
+        up = 1 if s.side is Side.LONG else -1
+        command = OpenCommand(s.symbol, s.side, s.quantity, stop_loss_pct=s.stop_loss_pct,
+                              trailing_activation=m * (1 + D("0.005") * up) if s.trailing else None,
+                              trailing_callback_pct=D("0.5") if s.trailing else None)
+        s.position_id = (await live.open(command)).id
+    first = result.scenarios[0]
+    await until("the first position opening", lambda: state(first) is S.OPEN)
+    result.first_open_s = time.monotonic() - started
+    await until("every initial stop", lambda: all(
+        (p := live.engine.positions.get(s.position_id or "")) is not None and p.stop_price is not None
+        for s in result.scenarios))
+    await pause(2)
+
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+    async def bot_close() -> None:
+        await live.close(by_name["bot close"].position_id or "", CloseReason.SIGNAL)
+
+    async def stop_loss() -> None:
+        move("ETHUSDT", "1.2")  # a short's stop is 1 % above the entry
+
+    async def trailing() -> None:
+        sol = by_name["trailing-stop fill"]
+        for _ in range(4):  # up past the activation (+0.5 %), the stop follows 0.5 % behind
+            move("SOLUSDT", "0.4")
+            await pause(0.5)
+
+        def followed() -> bool:
+            p = live.engine.positions.get(sol.position_id or "")
+            return p is not None and p.stop_price is not None and p.stop_price >= mark("SOLUSDT") * D("0.993")
+
+        await until("the trailing stop following the price", followed)
+        await pause(0.5)
+        move("SOLUSDT", "-1")  # back down through the trailing stop
+
+    async def forced(kind: str, symbol: str) -> None:
+        venue.force_close(account, symbol, kind)
+
+    async def phantom() -> None:
+        # The private stream goes down (reconnections refused) and the position disappears from the venue
+        # with no fill at all: only the REST sync can notice, and nothing explains the absence.
+        sim.set_faults(user_stream_down=True)
+        await sim.drop_streams()
+        await pause(0.5)
+        venue.vanish(account, "BNBUSDT")
+        await until("the phantom", ended(by_name["phantom"]))
+        sim.set_faults(user_stream_down=False)
+        await until("the private streams back", lambda: all(
+            live.exchange.health.get(name) is StreamHealth.HEALTHY for name in ("positions", "orders")),  # type: ignore[attr-defined]
+            timeout=60)
+
+    async def stale_rest() -> None:
+        sim.set_faults(stale_positions_s=30)  # REST keeps showing the position for 30 s
+        await pause(0.5)
+        venue.force_close(account, "LTCUSDT", "manual")
+        await until("the stale-REST close", ended(by_name["stale REST, the stream catches the close"]))
+        sim.set_faults(stale_positions_s=0)
+
+    steps = [
+        ("bot close", bot_close), ("stop-loss fill", stop_loss), ("trailing-stop fill", trailing),
+        ("liquidation", lambda: forced("liquidation", "XRPUSDT")), ("ADL", lambda: forced("adl", "DOGEUSDT")),
+        ("manual close by another client", lambda: forced("manual", "ADAUSDT")),
+        ("phantom", phantom), ("stale REST, the stream catches the close", stale_rest),
+    ]
+    for name, step in steps:
+        await step()
+        await until(name, ended(by_name[name]))
+        await pause(1.5)
+
+
+async def _forever(result: DemoResult, live: LiveEngine, sim: SimServer, stop: asyncio.Event) -> None:
+    """Random-walk market and trailing positions, reopened as they end, until stopped."""
+    sim.start_random_walk(volatility=0.002, seed=int(time.time()))
+    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+    while not stop.is_set():
+        for symbol in symbols:
+            if live.engine.live_position(ACCOUNT, symbol, Side.LONG) is None:
+                m = sim.venue.marks[symbol]
+                spec = next(s for s in VENUE.symbols if s.symbol == symbol)
+                quantity = max(spec.min_qty, (D(600) / m).quantize(spec.step))
+                p = await live.open(OpenCommand(symbol, Side.LONG, quantity, stop_loss_pct=D(1),
+                                                trailing_activation=m * D("1.003"), trailing_callback_pct=D("0.4")))
+                result.scenarios.append(Scenario(f"random walk #{len(result.scenarios) - 7}", symbol, Side.LONG,
+                                                 quantity, (S.CLOSED_EXTERNAL, CloseCause.TRAILING_STOP),
+                                                 trailing=True, position_id=p.id))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _replay_all(workdir: Path) -> bool:
+    from db.repository import Repository
+
+    repo = await Repository.open(f"sqlite:///{workdir / 'lifecycle.sqlite'}", run_migrations=False)
+    try:
+        for p in await repo.list_positions():
+            if (await replay(await repo.journal(p.id))).state is not p.state:
+                return False
+        return True
+    finally:
+        await repo.close()
+
+
+def rows(result: DemoResult, live: LiveEngine) -> list[list[str]]:
+    """The live table: one row per scenario."""
+    out = []
+    for s in result.scenarios:
+        p = live.engine.positions.get(s.position_id or "")
+        ending = result.endings.get(s.position_id or "")
+        if p is not None:
+            trailing = "-" if p.trailing is None else ("active" if p.trailing.active else "waiting")
+            out.append([s.name, s.symbol, s.side.value, p.state.value, str(p.quantity), str(p.entry_price or "-"),
+                        str(live.marks.get(s.symbol, "-")), str(p.stop_price or "-"), trailing, "", ""])
+        elif ending is not None:
+            latency = f"{ending.detection_ms:.0f} ms" if ending.detection_ms is not None else "-"
+            out.append([s.name, s.symbol, s.side.value, ending.state, "", "", str(live.marks.get(s.symbol, "-")),
+                        "", "", ending.cause or "", latency])
+        else:
+            out.append([s.name, s.symbol, s.side.value, "-", "", "", "", "", "", "", ""])
+    return out
+
+
+COLUMNS = ["scenario", "symbol", "side", "state", "size", "entry", "mark", "stop", "trailing", "cause", "detected"]

@@ -207,7 +207,10 @@ class Reconciler:
                                                 only_in={PositionState.CLOSING_BY_BOT})
             return outcome is not None
         fill, client_id = await self._closing_fill(position, report)
-        if fill is None and (live.missing_after_resync(position.id) or live.stream_shows(position) is True):
+        # The stream vouches for a position only while it is live: the last word of a stream that is down
+        # (reconnecting, refused) says nothing about now.
+        vouched = live.stream_healthy() and live.stream_shows(position) is True
+        if fill is None and (live.missing_after_resync(position.id) or vouched):
             # Only a REST snapshot says it is gone, and nothing closed it: REST may be stale (seed 000 in
             # reverse). Never end a position, and cancel its stop, on that alone.
             report.unconfirmed += 1

@@ -30,8 +30,10 @@ from typing import Any
 
 from loguru import logger
 
+from db.engine import DatabaseConfigError, safe_url
 from db.repository import Repository
-from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
+from lifecycle.api import ClosureStats, ControlApi
 from lifecycle.engine import Engine
 from lifecycle.live import LiveConfig, LiveEngine
 from lifecycle.reconcile import Reconciler
@@ -64,6 +66,8 @@ class ServiceConfig:
     recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
     ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
     shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
+    records_retention_days: int | None = None  # None: records are kept forever
+    api: ApiBinding | None = None  # the control API; None: not served
 
     def __post_init__(self) -> None:
         if not self.accounts:
@@ -78,6 +82,13 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class ApiBinding:
+    token: Secret
+    host: str = "127.0.0.1"
+    port: int = 8780
+
+
 @dataclass
 class AccountRuntime:
     config: AccountConfig
@@ -88,12 +99,18 @@ class AccountRuntime:
     scheduler: ReconciliationScheduler | None = None
 
 
+class StartError(Exception):
+    """The service cannot start (one line naming the setting); whatever had started was stopped."""
+
+
 class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.repo: Repository | None = None
         self.records: JsonlRecords | None = None
         self.accounts: dict[str, AccountRuntime] = {}
+        self.closures = ClosureStats()
+        self.api: ControlApi | None = None
         self.started = False
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -101,10 +118,14 @@ class Service:
 
     async def start(self) -> Service:
         try:
-            self.repo = await Repository.open(self.config.database_url)
-            self.records = JsonlRecords(self.config.records_dir)
+            self.repo = await _open_database(self.config.database_url)
+            self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days)
+            self.records.listeners.append(self.closures)
             for account in self.config.accounts:
                 await self._start_account(account)
+            if self.config.api is not None:
+                binding = self.config.api
+                self.api = await ControlApi(self, binding.token, binding.host, binding.port).start()
         except BaseException:
             logger.error("start failed; stopping what was started")
             await self.stop()
@@ -150,6 +171,8 @@ class Service:
         self._stopping = True
         logger.info("stopping: scheduled jobs first, then in-flight work; stops stay on the exchange")
         try:
+            if self.api is not None:
+                await self.api.stop()  # no new commands from outside
             for runtime in self.accounts.values():
                 if runtime.scheduler is not None:
                     await runtime.scheduler.stop()
@@ -233,3 +256,21 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         e = task.exception()
         logger.error("the work run after start failed: {}: {}", type(e).__name__, e)
+
+
+async def check_database(url: str) -> None:
+    """Open the database (migrations applied) and close it again: StartError naming `database_url` if not."""
+    repo = await _open_database(url)
+    await repo.close()
+
+
+async def _open_database(url: str) -> Repository:
+    try:
+        return await Repository.open(url)
+    except DatabaseConfigError as e:
+        raise StartError(f"database_url: {e}") from None
+    except Exception as e:  # unreachable server, refused login, unwritable file: say which, never the password
+        shown = safe_url(url)
+        detail = str(e).replace(url, shown).splitlines()[0] if str(e) else ""
+        raise StartError(f"database_url: cannot open {shown}: {type(e).__name__}{': ' + detail if detail else ''}") \
+            from None

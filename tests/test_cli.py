@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lifecycle.records import JsonlRecords
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -14,33 +16,37 @@ def lifecycle(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
-def test_demo_walks_every_ending_restarts_and_replays(tmp_path: Path) -> None:
-    result = lifecycle("demo", "--workdir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    rows = dict(re.findall(r"^(\w+USDT)\s+\w+\s+(\w+)\s+\w+\s+\d+$", result.stdout, re.M))
-    assert rows == {"BTCUSDT": "CLOSED", "ETHUSDT": "CLOSED_EXTERNAL", "SOLUSDT": "CANCELLED",
-                    "XRPUSDT": "PHANTOM", "DOGEUSDT": "CLOSED_EXTERNAL", "ADAUSDT": "CLOSED"}
-    assert "positions rehydrated after restart: 1" in result.stdout
-    assert "every journal replays to its stored state: yes" in result.stdout
-    assert (tmp_path / "lifecycle.sqlite").exists()
-    closures = (tmp_path / "records" / "closure.jsonl").read_text().splitlines()
-    assert len(closures) == 6
-    assert "OPEN --ts_activated--> TS_ACTIVE" in result.stderr  # a readable line per transition
+def test_demo_history_and_status_show_what_happened(tmp_path: Path) -> None:
+    """The demo on the simulator (fast pace), then `history` and `status` read its database."""
+    import os
 
-
-def test_history_prints_a_positions_journal(tmp_path: Path) -> None:
-    assert lifecycle("demo", "--workdir", str(tmp_path)).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "lifecycle.cli", "demo", "--workdir", str(tmp_path), "-v"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "LIFECYCLE_DEMO_PACE": "0.2"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "OPEN --ts_activated--> TS_ACTIVE" in result.stderr  # -v: a readable line per transition
+    closures = JsonlRecords(tmp_path / "records").read("closure")
+    assert sorted((c["state"], c["cause"]) for c in closures) == sorted([
+        ("CLOSED", "bot"), ("CLOSED_EXTERNAL", "stop_loss"), ("CLOSED_EXTERNAL", "trailing_stop"),
+        ("CLOSED_EXTERNAL", "liquidation"), ("CLOSED_EXTERNAL", "adl"), ("CLOSED_EXTERNAL", "manual"),
+        ("PHANTOM", "not_found"), ("CLOSED_EXTERNAL", "manual")])
     import sqlite3
 
+    db = f"sqlite:///{tmp_path / 'lifecycle.sqlite'}"
     pid = sqlite3.connect(tmp_path / "lifecycle.sqlite").execute(
-        "select id from positions where symbol='DOGEUSDT'").fetchone()[0]
-    result = lifecycle("history", pid, "--db", f"sqlite:///{tmp_path / 'lifecycle.sqlite'}")
-    assert result.returncode == 0, result.stderr
-    assert re.findall(r"--(\w+)--> (\w+)", result.stdout) == [
-        ("created", "OPENING"), ("entry_filled", "OPEN"), ("stop_moved", "OPEN"), ("reduced", "OPEN"),
-        ("close_requested", "CLOSING_BY_BOT"), ("close_failed", "OPEN"), ("flat", "CLOSED_EXTERNAL")]
-    assert result.stdout.rstrip().endswith("liquidation")
-    assert lifecycle("history", "nope", "--db", f"sqlite:///{tmp_path / 'lifecycle.sqlite'}").returncode == 1
+        "select id from positions where symbol='SOLUSDT'").fetchone()[0]
+    history = lifecycle("history", pid, "--db", db)
+    assert history.returncode == 0, history.stderr
+    events = re.findall(r"--(\w+)--> (\w+)", history.stdout)
+    assert events[:4] == [("created", "OPENING"), ("entry_filled", "OPEN"), ("stop_moved", "OPEN"),
+                          ("ts_activated", "TS_ACTIVE")]
+    assert ("stop_moved", "TS_ACTIVE") in events and events[-1] == ("flat", "CLOSED_EXTERNAL")
+    assert history.stdout.rstrip().endswith("trailing_stop")
+    assert lifecycle("history", "nope", "--db", db).returncode == 1
+    status = lifecycle("status", "--db", db, "--ended", "8")
+    assert status.returncode == 0, status.stderr
+    assert "positions (0 live)" in status.stdout and status.stdout.count("CLOSED_EXTERNAL") == 6
+    assert "PHANTOM" in status.stdout
 
 
 def test_diagrams_check_fails_on_stale_files_and_passes_after_regeneration(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import ROUND_FLOOR
 from decimal import Decimal as D
 from pathlib import Path
@@ -291,9 +292,10 @@ async def test_records_are_json_lines_by_event_type(rig: Rig) -> None:
     p = await rig.open(btc_long())
     assert rig.live is not None and await rig.live.close(p.id)
     await rig.ended(p.id)
+    day = datetime.now(UTC).date().isoformat()
     files = sorted(f.name for f in rig.records_dir.iterdir())
-    assert files == ["closure.jsonl", "stop_move.jsonl", "transition.jsonl"]
-    transitions = [json.loads(line) for line in (rig.records_dir / "transition.jsonl").read_text().splitlines()]
+    assert files == [f"closure-{day}.jsonl", f"stop_move-{day}.jsonl", f"transition-{day}.jsonl"]
+    transitions = [json.loads(line) for line in (rig.records_dir / f"transition-{day}.jsonl").read_text().splitlines()]
     assert [t["trigger"] for t in transitions] == ["entry_filled", "stop_moved", "close_requested", "flat"]
     for record in transitions:
         assert {"account", "position_id", "symbol", "event", "at"} <= set(record)

@@ -320,6 +320,12 @@ class Venue:
         algo.status, algo.updated = "FINISHED", now_ms()
         self._emit_algo(account, algo)
 
+    def vanish(self, account: Account, symbol: str) -> None:
+        """The position disappears with no order, no fill and no event (data lost on the venue's side): what
+        a phantom looks like. Its stops stay working."""
+        pos = self.position(account, symbol)
+        pos.amount, pos.entry, pos.updated = ZERO, ZERO, now_ms()
+
     def force_close(self, account: Account, symbol: str, kind: str) -> SimOrder:
         """Close a position the way the exchange or another client would: liquidation, adl, settlement, manual."""
         pos = self.position(account, symbol)

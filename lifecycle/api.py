@@ -1,0 +1,269 @@
+"""The running service's control and status API (HTTP + JSON, aiohttp), and its Prometheus metrics.
+
+Bound to 127.0.0.1 by default (a non-loopback host needs `allow_remote` in the configuration). Every
+request must carry `Authorization: Bearer <token>`; the token comes from the environment or a file,
+is compared in constant time and never logged. Routes:
+
+    GET  /health                     streams, live positions and unsettled positions per account
+    GET  /positions                  live positions with mark, stop and trailing state
+    GET  /positions/{id}/journal     one position's journal (also after it ended)
+    POST /positions                  open: {"symbol", "side", "quantity", optional "account", "entry_price",
+                                     "stop_loss_pct", "trailing_activation", "trailing_callback_pct", "take_profit"}
+    POST /positions/{id}/close       close at market: optional {"reason"}
+    GET  /metrics                    Prometheus text format
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections import Counter
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from loguru import logger
+
+from exchange.ccxt_adapter import Secret
+from lifecycle.domain import CloseReason, Position, Side
+from lifecycle.errors import EngineStopping, InvalidEvent, LifecycleError, UnknownPosition
+from lifecycle.live import OpenCommand
+from lifecycle.machines.states import PositionState
+
+if TYPE_CHECKING:
+    from lifecycle.service import AccountRuntime, Service
+
+
+class ClosureStats:
+    """Closures seen since start (a records listener): counts by state and cause, detection latencies."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self.by_outcome: Counter[tuple[str, str, str]] = Counter()  # (account, state, cause)
+        self.latencies_ms: list[float] = []
+        self.keep = keep
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record.get("event") != "closure":
+            return
+        self.by_outcome[(str(record.get("account")), str(record.get("state")), str(record.get("cause")))] += 1
+        latency = record.get("detection_latency_ms")
+        if isinstance(latency, (int, float)):
+            self.latencies_ms.append(float(latency))
+            del self.latencies_ms[:-self.keep]
+
+
+class ControlApi:
+    def __init__(self, service: Service, token: Secret, host: str = "127.0.0.1", port: int = 8780) -> None:
+        if not token:
+            raise ValueError("the control API needs a token")
+        self.service = service
+        self.token = token
+        self.host = host
+        self.port = port
+        self.started = time.monotonic()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> ControlApi:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/positions", self._positions)
+        app.router.add_get("/positions/{id}/journal", self._journal)
+        app.router.add_post("/positions", self._open)
+        app.router.add_post("/positions/{id}/close", self._close)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # the real port when 0 was asked for
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        logger.info("control API on http://{}:{} (token required)", self.host, self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {self.token.reveal()}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            logger.warning("control API: refused {} {} from {} (missing or wrong token)", request.method,
+                           request.path, request.remote)
+            return _error(401, "missing or wrong token")
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except EngineStopping as e:
+            return _error(503, str(e))
+        except UnknownPosition as e:
+            return _error(404, str(e))
+        except (InvalidEvent, ValueError, InvalidOperation, KeyError, TypeError) as e:
+            return _error(400, f"{type(e).__name__}: {e}")
+        except LifecycleError as e:
+            return _error(409, str(e))
+
+    # --- routes -------------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        accounts = {}
+        for name, runtime in self.service.accounts.items():
+            live = runtime.live
+            accounts[name] = {
+                "streams_healthy": bool(live and live.stream_healthy()),
+                "streams": {k: v.value for k, v in runtime.exchange.health.items()},
+                "live_positions": sum(1 for p in runtime.engine.positions.values() if p.account == name),
+                "unsettled": bool(live and live.unsettled()),  # a resync left positions to settle
+            }
+        healthy = self.service.started and all(a["streams_healthy"] for a in accounts.values())
+        return web.json_response({"status": "ok" if healthy else "degraded", "accounts": accounts,
+                                  "uptime_s": round(time.monotonic() - self.started, 1)})
+
+    async def _positions(self, request: web.Request) -> web.Response:
+        out = []
+        for runtime in self.service.accounts.values():
+            for p in runtime.engine.positions.values():
+                out.append(_position_json(p, runtime.live.marks.get(p.symbol) if runtime.live else None))
+        return web.json_response(out, dumps=_dumps)
+
+    async def _journal(self, request: web.Request) -> web.Response:
+        assert self.service.repo is not None
+        entries = await self.service.repo.journal(request.match_info["id"])
+        if not entries:
+            return _error(404, f"no journal for position {request.match_info['id']}")
+        return web.json_response([{
+            "seq": e.seq, "at": e.at.isoformat(), "event": e.event, "source": e.source.value if e.source else None,
+            "dest": e.dest.value, "cause": e.cause, "payload": e.payload,
+        } for e in entries], dumps=_dumps)
+
+    async def _open(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        runtime = self._account(body.get("account"))
+        assert runtime.live is not None
+
+        def dec(name: str) -> Decimal | None:
+            return Decimal(str(body[name])) if body.get(name) is not None else None
+
+        command = OpenCommand(str(body["symbol"]), Side(str(body["side"])), Decimal(str(body["quantity"])),
+                              entry_price=dec("entry_price"), stop_loss_pct=dec("stop_loss_pct"),
+                              trailing_activation=dec("trailing_activation"),
+                              trailing_callback_pct=dec("trailing_callback_pct"), take_profit=dec("take_profit"))
+        logger.info("control API: open {} {} {}", command.symbol, command.side.value, command.quantity)
+        position = await runtime.live.open(command)
+        return web.json_response(_position_json(position, runtime.live.marks.get(position.symbol)), status=201,
+                                 dumps=_dumps)
+
+    async def _close(self, request: web.Request) -> web.Response:
+        body = await _body(request) if request.can_read_body else {}
+        reason = CloseReason(str(body.get("reason", CloseReason.OPERATOR.value)))
+        position_id = request.match_info["id"]
+        for runtime in self.service.accounts.values():
+            if position_id in runtime.engine.positions and runtime.live is not None:
+                logger.info("control API: close {} ({})", position_id, reason.value)
+                accepted = await runtime.live.close(position_id, reason)
+                return web.json_response({"position_id": position_id, "accepted": accepted})
+        raise UnknownPosition(f"no live position {position_id}")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=metrics_text(self.service), content_type="text/plain")
+
+    def _account(self, name: Any) -> AccountRuntime:
+        if name is None:
+            if len(self.service.accounts) != 1:
+                raise ValueError(f"give an account: one of {sorted(self.service.accounts)}")
+            return next(iter(self.service.accounts.values()))
+        if name not in self.service.accounts:
+            raise ValueError(f"unknown account {name!r}; one of {sorted(self.service.accounts)}")
+        return self.service.accounts[name]
+
+
+def metrics_text(service: Service) -> str:
+    """Prometheus text exposition of the service's counters and gauges."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            lines.append(f"{name}{{{label}}} {value}" if label else f"{name} {value}")
+
+    states: list[tuple[dict[str, str], float]] = []
+    moves, failures, unprotected, reconnects, healthy, sync_runs, sync_ms = [], [], [], [], [], [], []
+    for name, runtime in service.accounts.items():
+        counts = Counter(p.state for p in runtime.engine.positions.values() if p.account == name)
+        states += [({"account": name, "state": s.value}, counts.get(s, 0)) for s in PositionState if not s.is_terminal]
+        live = runtime.live
+        if live is not None:
+            moves.append(({"account": name}, live.stats.stop_moves))
+            failures.append(({"account": name}, live.stats.stop_move_failures))
+            unprotected.append(({"account": name}, round(sum(live.stats.unprotected_ms), 3)))
+        for stream, count in runtime.exchange.reconnects.items():
+            reconnects.append(({"account": name, "stream": stream}, count))
+        for stream, health in runtime.exchange.health.items():
+            healthy.append(({"account": name, "stream": stream}, 1 if health.value == "healthy" else 0))
+        if runtime.scheduler is not None:
+            stats = runtime.scheduler.stats
+            for (job, outcome), n in stats.runs.items():
+                sync_runs.append(({"account": name, "job": job, "outcome": outcome}, n))
+            for job, total in stats.total_duration_ms.items():
+                sync_ms.append(({"account": name, "job": job}, round(total, 3)))
+    metric("lifecycle_positions", "gauge", "Live positions by state.", states)
+    metric("lifecycle_stop_moves_total", "counter", "Stop placements and moves confirmed by the exchange.", moves)
+    metric("lifecycle_stop_move_failures_total", "counter", "Stop placements or moves that failed.", failures)
+    metric("lifecycle_unprotected_window_ms_total", "counter",
+           "Milliseconds without a stop during cancel-then-place moves (venues refusing a second stop).", unprotected)
+    metric("lifecycle_stream_reconnects_total", "counter", "Stream reconnections.", reconnects)
+    metric("lifecycle_stream_healthy", "gauge", "1 when the stream is subscribed and live.", healthy)
+    metric("lifecycle_job_runs_total", "counter", "Scheduled job runs by outcome.", sync_runs)
+    metric("lifecycle_job_duration_ms_total", "counter", "Time spent in scheduled jobs.", sync_ms)
+    closures = service.closures
+    metric("lifecycle_closures_total", "counter", "Terminal states reached since start, by cause.",
+           [({"account": a, "state": s, "cause": c}, n) for (a, s, c), n in sorted(closures.by_outcome.items())])
+    ordered = sorted(closures.latencies_ms)
+    quantiles = [({"quantile": str(q)}, ordered[min(len(ordered) - 1, int(q * len(ordered)))]) for q in (0.5, 0.99)] \
+        if ordered else []
+    metric("lifecycle_closure_detection_latency_ms", "summary",
+           "From the exchange's event time to the terminal state committed.",
+           quantiles)
+    lines.append(f"lifecycle_closure_detection_latency_ms_sum {round(sum(ordered), 3)}")
+    lines.append(f"lifecycle_closure_detection_latency_ms_count {len(ordered)}")
+    return "\n".join(lines) + "\n"
+
+
+def _position_json(p: Position, mark: Decimal | None) -> dict[str, Any]:
+    trailing = p.trailing
+    return {
+        "id": p.id, "account": p.account, "symbol": p.symbol, "side": p.side.value, "state": p.state.value,
+        "quantity": p.quantity, "entry_price": p.entry_price, "mark": mark, "stop_price": p.stop_price,
+        "trailing": None if trailing is None else {
+            "activation_price": trailing.activation_price, "callback_rate": trailing.callback_rate,
+            "active": trailing.active, "watermark": trailing.watermark},
+        "created_at": p.created_at.isoformat(),
+    }
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the body is not JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object")
+    return data
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,268 @@
+"""The service's configuration: one TOML file plus environment variables, typed and checked before
+anything starts.
+
+Environment variables override the file: `LIFECYCLE_<KEY>`, nested with `__`
+(`LIFECYCLE_SCHEDULE__SYNC_INTERVAL_S=5`, `LIFECYCLE_DATABASE_URL=...`). API keys are never written in
+the file: each account names the environment variables (or files) that hold its key and secret, and
+`load()` reads them. Every problem is reported as one line naming the key (`ConfigError`); unknown keys
+are errors, not ignored.
+
+Example (see `deploy/binance-testnet.toml` for a complete one):
+
+    database_url = "sqlite:///lifecycle.sqlite"
+    log_dir = "logs"
+
+    [[accounts]]
+    name = "testnet"
+    exchange = "binanceusdm"
+    sandbox = true
+    symbols = ["BTCUSDT", "ETHUSDT"]
+    api_key_env = "BINANCE_TESTNET_KEY"
+    secret_file = "/etc/lifecycle/testnet.secret"
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from exchange.ccxt_adapter import ExchangeSettings, Secret
+from lifecycle.live import LiveConfig
+from lifecycle.service import AccountConfig, ApiBinding, ServiceConfig
+from scheduler.reconciliation import ScheduleConfig
+
+DEFAULT_DATABASE_URL = "sqlite:///lifecycle.sqlite"  # a file in the working directory
+
+
+class ConfigError(Exception):
+    """One line naming the key and the problem; the service does not start."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AccountSettings(_Strict):
+    name: str = Field(min_length=1)
+    exchange: str = "binanceusdm"  # a ccxt exchange id with WebSocket support
+    sandbox: bool = False  # the exchange's testnet
+    symbols: list[str] = Field(min_length=1)
+    urls: dict[str, str] = Field(default_factory=dict)  # ccxt URL overrides (e.g. the simulator's)
+    api_key_env: str | None = None  # the environment variable holding the API key ...
+    api_key_file: Path | None = None  # ... or a file holding it (one line)
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    rate_limit: bool = True  # ccxt's pacing by the venue's request weights; keep it on against a real venue
+    reconnect_backoff_max_s: float = Field(default=30.0, gt=0)  # longest wait between stream reconnections
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys_in_the_file(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("api_key", "secret", "apiKey", "api_secret"):
+                if key in data:
+                    raise ValueError(f"'{key}' must not be written in the configuration; name an environment "
+                                     "variable (api_key_env / secret_env) or a file (api_key_file / secret_file)")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> AccountSettings:
+        for what in ("api_key", "secret"):
+            env, file = getattr(self, f"{what}_env"), getattr(self, f"{what}_file")
+            if env and file:
+                raise ValueError(f"give {what}_env or {what}_file, not both")
+            if not env and not file:
+                raise ValueError(f"no {what}: set {what}_env (an environment variable) or {what}_file")
+        return self
+
+
+class LiveSettings(_Strict):
+    default_stop_loss_pct: Decimal = Field(default=Decimal(1), gt=0, lt=100)
+    trail_min_step_pct: Decimal = Field(default=Decimal("0.02"), ge=0, lt=100)
+    trail_min_interval_s: float = Field(default=1.0, ge=0)
+    cause_wait_s: float = Field(default=0.5, ge=0, le=10)
+    close_retries: int = Field(default=3, ge=0)
+    stop_retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+
+
+class TrailingSettings(_Strict):
+    """Defaults for open commands that ask for a trailing stop without giving its parameters."""
+
+    activation_pct: Decimal = Field(default=Decimal("0.5"), gt=0, lt=100)  # from the entry, in profit
+    callback_rate: Decimal = Field(default=Decimal("0.5"), gt=0, lt=100)  # percent behind the watermark
+
+
+class ScheduleSettings(_Strict):
+    sync_interval_s: float = Field(default=15.0, gt=0)
+    fast_sync_interval_s: float = Field(default=2.0, gt=0)
+    orphan_interval_s: float = Field(default=60.0, gt=0)
+    aged_interval_s: float = Field(default=60.0, gt=0)
+    max_age_s: float | None = Field(default=None, gt=0)
+    aged_policy: Literal["report", "close"] = "report"
+
+    @model_validator(mode="after")
+    def _fast_not_slower(self) -> ScheduleSettings:
+        if self.fast_sync_interval_s > self.sync_interval_s:
+            raise ValueError("fast_sync_interval_s must not exceed sync_interval_s")
+        return self
+
+
+class ReconcileSettings(_Strict):
+    grace_ms: int = Field(default=5000, ge=0)
+    untracked: Literal["alert", "adopt"] = "alert"
+
+
+class ApiSettings(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8780, ge=0, le=65535)
+    token_env: str = "LIFECYCLE_API_TOKEN"  # the environment variable holding the token ...
+    token_file: Path | None = None  # ... or a file holding it
+    allow_remote: bool = False  # a non-loopback host is refused unless this is true
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> ApiSettings:
+        if not self.allow_remote and not _is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not a loopback address; set allow_remote = true to expose "
+                             "the control API beyond this machine")
+        return self
+
+
+class RecordsSettings(_Strict):
+    dir: Path = Path("records")
+    retention_days: int = Field(default=30, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", env_nested_delimiter="__", extra="forbid",
+                                      frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    log_dir: Path = Path("logs")
+    log_retention_days: int = Field(default=14, ge=1)
+    shutdown_drain_s: float = Field(default=10.0, ge=0)
+    accounts: list[AccountSettings] = Field(min_length=1)
+    live: LiveSettings = Field(default_factory=LiveSettings)
+    trailing: TrailingSettings = Field(default_factory=TrailingSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    records: RecordsSettings = Field(default_factory=RecordsSettings)
+
+    @field_validator("accounts")
+    @classmethod
+    def _unique_names(cls, accounts: list[AccountSettings]) -> list[AccountSettings]:
+        names = [a.name for a in accounts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"account names must be unique, got {names}")
+        return accounts
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings  # the environment overrides the file (passed as init values)
+
+    # --- what the service needs ----------------------------------------------------------------------
+
+    def exchange_settings(self, account: AccountSettings, environ: dict[str, str] | None = None) -> ExchangeSettings:
+        """The adapter's settings, with the key and secret read now (ConfigError naming the source)."""
+        environ = dict(os.environ) if environ is None else environ
+        index = self.accounts.index(account)
+        key = _read_secret(f"accounts.{index}.api_key", account.api_key_env, account.api_key_file, environ)
+        secret = _read_secret(f"accounts.{index}.secret", account.secret_env, account.secret_file, environ)
+        return ExchangeSettings(exchange_id=account.exchange, api_key=Secret(key), secret=Secret(secret),
+                                sandbox=account.sandbox, urls=dict(account.urls), rate_limit=account.rate_limit,
+                                backoff_max_s=account.reconnect_backoff_max_s)
+
+    def api_token(self, environ: dict[str, str] | None = None) -> Secret:
+        environ = dict(os.environ) if environ is None else environ
+        env = None if self.api.token_file else self.api.token_env
+        return Secret(_read_secret("api.token", env, self.api.token_file, environ))
+
+    def live_config(self) -> LiveConfig:
+        return LiveConfig(**self.live.model_dump())
+
+    def schedule_config(self) -> ScheduleConfig:
+        return ScheduleConfig(**self.schedule.model_dump())
+
+
+def service_config(settings: Settings) -> ServiceConfig:
+    """The service's own configuration (keys read from their sources now)."""
+    accounts = tuple(AccountConfig(a.name, settings.exchange_settings(a), tuple(a.symbols)) for a in settings.accounts)
+    api = ApiBinding(settings.api_token(), settings.api.host, settings.api.port) if settings.api.enabled else None
+    return ServiceConfig(accounts=accounts, database_url=settings.database_url, records_dir=settings.records.dir,
+                         live=settings.live_config(), schedule=settings.schedule_config(),
+                         grace_ms=settings.reconcile.grace_ms, untracked=settings.reconcile.untracked,
+                         shutdown_drain_s=settings.shutdown_drain_s,
+                         records_retention_days=settings.records.retention_days, api=api)
+
+
+def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
+    """Read the TOML file (optional: environment variables alone may do) and the environment; check it all,
+    including that every account's key and secret (and the API token) can be read. Raises ConfigError with
+    one line naming the key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
+    try:
+        settings = Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(_first_problem(e)) from None
+    if check_secrets:
+        for account in settings.accounts:
+            settings.exchange_settings(account)  # keys readable now rather than half-way through the start
+        if settings.api.enabled:
+            settings.api_token()
+    return settings
+
+
+def _first_problem(error: ValidationError) -> str:
+    problems = error.errors()
+    first = problems[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None or first["type"] == "missing" \
+        else f" (got {given!r})"
+    more = f"; and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+    return f"{key}: {message}{shown}{more}"
+
+
+def _read_secret(what: str, env: str | None, file: Path | None, environ: dict[str, str]) -> str:
+    if file is not None:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot read the file {file}: {e.strerror}") from None
+        if not value:
+            raise ConfigError(f"{what}: the file {file} is empty")
+        return value
+    if not env:
+        raise ConfigError(f"{what}: no source given")
+    value = environ.get(env, "").strip()
+    if not value:
+        raise ConfigError(f"{what}: the environment variable {env} is not set")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,45 @@
+"""Records: one JSON-lines file per kind and UTC day, every record with the keys that identify it, old days
+deleted after the retention period."""
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from lifecycle.records import REQUIRED, JsonlRecords
+
+
+def test_files_rotate_daily_and_old_days_are_deleted(tmp_path: Path) -> None:
+    day = [date(2026, 12, 1)]
+    records = JsonlRecords(tmp_path, retention_days=2, today=lambda: day[0])
+    records.emit({"event": "closure", "account": "a", "symbol": "BTCUSDT", "position_id": "p1", "at": "t1"})
+    day[0] = date(2026, 12, 2)
+    records.emit({"event": "closure", "account": "a", "symbol": "BTCUSDT", "position_id": "p2", "at": "t2"})
+    records.emit({"event": "recovery", "account": "a"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "closure-2026-12-01.jsonl", "closure-2026-12-02.jsonl", "recovery-2026-12-02.jsonl"]
+    assert [r["position_id"] for r in records.read("closure")] == ["p1", "p2"]
+    day[0] = date(2026, 12, 3)  # 2026-12-01 is now older than two days
+    records.emit({"event": "closure", "account": "a", "symbol": "ETHUSDT", "position_id": "p3", "at": "t3"})
+    assert [r["position_id"] for r in records.read("closure")] == ["p2", "p3"]
+    assert not (tmp_path / "closure-2026-12-01.jsonl").exists()
+
+
+def test_every_record_carries_its_identifying_keys(tmp_path: Path) -> None:
+    records = JsonlRecords(tmp_path)
+    records.emit({"event": "recovery", "account": "a", "positions": 3})
+    [record] = records.read("recovery")
+    assert set(REQUIRED) <= set(record) and record["at"] and record["positions"] == 3
+
+
+def test_a_kind_whose_name_prefixes_another_is_read_alone(tmp_path: Path) -> None:
+    records = JsonlRecords(tmp_path)
+    records.emit({"event": "stop", "account": "a"})
+    records.emit({"event": "stop_move", "account": "a"})
+    assert len(records.read("stop")) == 1 and len(records.read("stop_move")) == 1
+
+
+def test_retention_below_one_day_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="retention_days"):
+        JsonlRecords(tmp_path, retention_days=0)

@@ -1,0 +1,299 @@
+"""The service a user runs: configuration errors, `lifecycle run` against the simulator with `open`,
+`status` and `close` through the control API, and the API's token and binding."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal as D
+from pathlib import Path
+
+import aiohttp
+import pytest
+from typer.testing import CliRunner
+
+from exchange.sim.server import SimServer
+from lifecycle.cli import app
+from lifecycle.domain import Side
+from lifecycle.machines.states import PositionState as S
+from lifecycle.service import Service
+from lifecycle.settings import ConfigError, load, service_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-4b1d"
+
+
+def write_config(path: Path, body: str, urls: dict[str, str] | None = None) -> Path:
+    text = body
+    if urls is not None:
+        text += "\n[accounts.urls]\n" + "\n".join(f'"{k}" = "{v}"' for k, v in urls.items()) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def account_block(key_env: str = "SIM_KEY", secret_env: str = "SIM_SECRET") -> str:
+    return f'''
+[[accounts]]
+name = "sim"
+symbols = ["BTCUSDT", "ETHUSDT"]
+api_key_env = "{key_env}"
+secret_env = "{secret_env}"
+rate_limit = false
+'''
+
+
+# --- configuration errors: one line naming the key, exit 2, nothing started -----------------------------
+
+BAD = [
+    ("unknown key", 'bogus = 1\n' + account_block(), "bogus: Extra inputs are not permitted"),
+    ("negative interval", '[schedule]\nsync_interval_s = -5\n' + account_block(),
+     "schedule.sync_interval_s: Input should be greater than 0 (got -5)"),
+    ("callback rate outside (0, 100)", '[trailing]\ncallback_rate = 150\n' + account_block(),
+     "trailing.callback_rate: Input should be less than 100"),
+    ("a key written in the file", account_block() + 'api_key = "abc"\n',
+     "accounts.0: 'api_key' must not be written in the configuration"),
+    ("an exchange without keys", account_block(key_env="NOT_SET_ANYWHERE"),
+     "accounts.0.api_key: the environment variable NOT_SET_ANYWHERE is not set"),
+    ("an API on a public address", '[api]\nhost = "0.0.0.0"\n' + account_block(),
+     "api: Value error, host '0.0.0.0' is not a loopback address") ,
+    ("no accounts", 'database_url = "sqlite:///x.sqlite"\n', "accounts: Field required"),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "message"), BAD, ids=[b[0].replace(" ", "_") for b in BAD])
+def test_each_configuration_error_names_its_key_and_starts_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, body: str, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIM_KEY", "k")
+    monkeypatch.setenv("SIM_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    config = write_config(tmp_path / "lifecycle.toml", body)
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert line.startswith("configuration error: ") and len(line.splitlines()) == 1, line
+    assert message.replace("Value error, ", "") in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lifecycle.toml"]  # no database, no logs, no records
+
+
+def test_an_unreachable_database_is_named_and_nothing_else_starts(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIM_KEY", "k")
+    monkeypatch.setenv("SIM_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path / "lifecycle.toml",
+                          f'database_url = "postgresql://postgres:hunter2@127.0.0.1:{port}/nope"\n' + account_block())
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: database_url: cannot open postgresql://postgres:***@127.0.0.1"), \
+        result.output
+    assert "hunter2" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lifecycle.toml"]
+
+
+def test_the_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIM_KEY", "k")
+    monkeypatch.setenv("SIM_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("LIFECYCLE_SCHEDULE__SYNC_INTERVAL_S", "7")
+    config = write_config(tmp_path / "c.toml", '[schedule]\nsync_interval_s = 30\n' + account_block())
+    settings = load(config)
+    assert settings.schedule.sync_interval_s == 7
+    monkeypatch.setenv("LIFECYCLE_SCHEDULE__SYNC_INTERVAL_S", "-1")
+    with pytest.raises(ConfigError, match="schedule.sync_interval_s"):
+        load(config)
+
+
+def test_keys_from_a_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "key").write_text("the-key\n")
+    (tmp_path / "secret").write_text("the-secret\n")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    config = write_config(tmp_path / "c.toml", f'''
+[[accounts]]
+name = "a"
+symbols = ["BTCUSDT"]
+api_key_file = "{tmp_path / 'key'}"
+secret_file = "{tmp_path / 'secret'}"
+''')
+    exchange = load(config).exchange_settings(load(config).accounts[0])
+    assert (exchange.api_key.reveal(), exchange.secret.reveal()) == ("the-key", "the-secret")
+    assert "the-secret" not in repr(exchange)
+    (tmp_path / "secret").write_text("")
+    with pytest.raises(ConfigError, match=r"accounts.0.secret: the file .* is empty"):
+        load(config)
+
+
+# --- the running service ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+async def test_lifecycle_run_serves_open_status_close_and_stops_on_sigterm(sim: SimServer, tmp_path: Path) -> None:
+    account = sim.venue.add_account("sim")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path / "lifecycle.toml", f'''
+database_url = "sqlite:///{tmp_path / 'svc.sqlite'}"
+log_dir = "{tmp_path / 'logs'}"
+[records]
+dir = "{tmp_path / 'records'}"
+[api]
+port = {port}
+''' + account_block(), sim.ccxt_urls())
+    env = {**os.environ, "SIM_KEY": account.api_key, "SIM_SECRET": account.secret, "LIFECYCLE_API_TOKEN": TOKEN,
+           "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "lifecycle.cli"]
+    proc = await asyncio.create_subprocess_exec(*cli, "run", "--config", str(config), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    async def call(*args: str) -> tuple[int, str, str]:
+        p = await asyncio.create_subprocess_exec(*cli, *args, "--config", str(config), env=env,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await p.communicate()
+        return p.returncode or 0, out.decode(), err.decode()
+
+    try:
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as session:
+            while True:  # until the API answers
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/health",
+                                           headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert proc.returncode is None and time.monotonic() < deadline, "the service did not come up"
+                await asyncio.sleep(0.2)
+        code, out, err = await call("status")
+        assert code == 0 and "positions (0 live)" in out, err
+        code, out, err = await call("open", "BTCUSDT", "long", "0.01", "--stop-loss-pct", "1")
+        assert code == 0, err
+        opened = json.loads(out)
+        assert opened["symbol"] == "BTCUSDT" and opened["side"] == "long"
+        for _ in range(100):
+            code, out, _ = await call("status")
+            if " OPEN " in out and "59400" in out:
+                break
+            await asyncio.sleep(0.1)
+        assert opened["id"] in out and "59400" in out and "60000" in out  # state, stop and the live mark
+        assert [a.order_type for a in sim.venue.open_algos(account, "BTCUSDT")] == ["STOP_MARKET"]
+        code, out, err = await call("close", opened["id"], "--reason", "signal")
+        assert code == 0 and json.loads(out)["accepted"] is True, err
+        for _ in range(100):
+            if sim.venue.position(account, "BTCUSDT").amount == 0 and not sim.venue.open_algos(account, None):
+                break
+            await asyncio.sleep(0.05)
+        code, out, _ = await call("status", "--ended", "1")
+        assert "CLOSED" in out
+        code, out, err = await call("close", "no-such-position")
+        assert code == 1 and "404" in err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    log = stderr.decode()
+    assert proc.returncode == 0, log
+    assert "SIGTERM received: stopping" in log and "OPEN --close_requested--> CLOSING_BY_BOT" in log
+    assert (tmp_path / "logs" / "lifecycle.log").exists()
+    assert "CLOSING_BY_BOT --flat--> CLOSED" in (tmp_path / "logs" / "lifecycle.log").read_text()
+
+
+async def test_the_control_api_refuses_a_missing_or_wrong_token_and_binds_loopback(sim: SimServer, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "sqlite:///{tmp_path / 'api.sqlite'}"
+[records]
+dir = "{tmp_path / 'records'}"
+[api]
+port = 0
+''' + account_block(), sim.ccxt_urls())
+    service = await Service(service_config(load(config))).start()
+    try:
+        api = service.api
+        assert api is not None and api.host == "127.0.0.1"
+        base = f"http://127.0.0.1:{api.port}"
+        async with aiohttp.ClientSession() as session:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                            {"Authorization": f"Bearer {TOKEN}x"}):
+                for method, path in (("GET", "/health"), ("GET", "/positions"), ("GET", "/metrics"),
+                                     ("POST", "/positions")):
+                    async with session.request(method, base + path, headers=headers, json={}) as r:
+                        assert r.status == 401, (headers, path)
+            good = {"Authorization": f"Bearer {TOKEN}"}
+            async with session.post(base + "/positions", headers=good, json={
+                    "symbol": "ETHUSDT", "side": "short", "quantity": "0.1", "stop_loss_pct": "2"}) as r:
+                assert r.status == 201
+                pid = (await r.json())["id"]
+            live = service.accounts["sim"].live
+            assert live is not None
+            for _ in range(200):
+                p = live.engine.positions.get(pid)
+                if p is not None and p.stop_price is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert p is not None and p.side is Side.SHORT and p.state is S.OPEN and p.stop_price == D("3060.00")
+            async with session.post(base + "/positions", headers=good, json={"symbol": "ETHUSDT"}) as r:
+                assert r.status == 400 and "side" in (await r.json())["error"]
+            async with session.get(base + f"/positions/{pid}/journal", headers=good) as r:
+                assert [e["event"] for e in await r.json()] == ["created", "entry_filled", "stop_moved"]
+            async with session.get(base + "/health", headers=good) as r:
+                health = await r.json()
+                assert health["status"] == "ok" and health["accounts"]["sim"]["live_positions"] == 1
+            sim.venue.force_close(account, "ETHUSDT", "liquidation")
+            for _ in range(200):
+                if pid not in live.engine.positions:
+                    break
+                await asyncio.sleep(0.01)
+            async with session.get(base + "/metrics", headers=good) as r:
+                text = await r.text()
+            assert 'lifecycle_closures_total{account="sim",state="CLOSED_EXTERNAL",cause="liquidation"} 1' in text
+            assert "lifecycle_closure_detection_latency_ms_count 1" in text
+            assert 'lifecycle_stop_moves_total{account="sim"} 1' in text
+            assert 'lifecycle_stream_healthy{account="sim",stream="positions"} 1' in text
+            # Not reachable on this machine's other addresses.
+            for address in _non_loopback_addresses():
+                with pytest.raises(OSError):
+                    with socket.create_connection((address, api.port), timeout=1):
+                        pass
+    finally:
+        await service.stop()
+
+
+def _non_loopback_addresses() -> list[str]:
+    found = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            address = info[4][0]
+            if not address.startswith("127."):
+                found.add(address)
+    except OSError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: picks the outgoing interface's address
+            address = s.getsockname()[0]
+            if not address.startswith("127."):
+                found.add(address)
+        except OSError:
+            pass
+    return sorted(found)
