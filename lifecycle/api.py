@@ -8,7 +8,8 @@ is compared in constant time and never logged. Routes:
     GET  /positions                  live positions with mark, stop and trailing state
     GET  /positions/{id}/journal     one position's journal (also after it ended)
     POST /positions                  open: {"symbol", "side", "quantity", optional "account", "entry_price",
-                                     "stop_loss_pct", "trailing_activation", "trailing_callback_pct", "take_profit"}
+                                     "stop_loss_pct", "trailing_activation", "trailing_callback_pct", "take_profit",
+                                     "trailing": true (the configured trailing defaults)}
     POST /positions/{id}/close       close at market: optional {"reason"}
     GET  /metrics                    Prometheus text format
 """
@@ -148,10 +149,19 @@ class ControlApi:
         def dec(name: str) -> Decimal | None:
             return Decimal(str(body[name])) if body.get(name) is not None else None
 
-        command = OpenCommand(str(body["symbol"]), Side(str(body["side"])), Decimal(str(body["quantity"])),
-                              entry_price=dec("entry_price"), stop_loss_pct=dec("stop_loss_pct"),
-                              trailing_activation=dec("trailing_activation"),
-                              trailing_callback_pct=dec("trailing_callback_pct"), take_profit=dec("take_profit"))
+        symbol, side = str(body["symbol"]), Side(str(body["side"]))
+        activation, callback = dec("trailing_activation"), dec("trailing_callback_pct")
+        if body.get("trailing") and activation is None:  # the configured defaults, from the mark
+            mark = runtime.live.marks.get(symbol)
+            if mark is None:
+                raise ValueError(f"no mark price for {symbol} yet; give trailing_activation")
+            step = self.service.config.trailing_activation_pct / 100
+            activation = mark * (1 + step if side is Side.LONG else 1 - step)
+        if (body.get("trailing") or activation is not None) and callback is None:
+            callback = self.service.config.trailing_callback_pct
+        command = OpenCommand(symbol, side, Decimal(str(body["quantity"])), entry_price=dec("entry_price"),
+                              stop_loss_pct=dec("stop_loss_pct"), trailing_activation=activation,
+                              trailing_callback_pct=callback, take_profit=dec("take_profit"))
         logger.info("control API: open {} {} {}", command.symbol, command.side.value, command.quantity)
         position = await runtime.live.open(command)
         return web.json_response(_position_json(position, runtime.live.marks.get(position.symbol)), status=201,

@@ -100,13 +100,14 @@ def open_(
     trailing_activation: Annotated[str | None, typer.Option(help="Price that activates the trailing stop.")] = None,
     trailing_callback_pct: Annotated[str | None, typer.Option(help="Trailing distance, percent.")] = None,
     take_profit: Annotated[str | None, typer.Option(help="A reduce-only take-profit at this price.")] = None,
+    trailing: Annotated[bool, typer.Option("--trailing", help="A trailing stop with the configured defaults.")] = False,
 ) -> None:
     """Ask the running service to open a position (side: long or short)."""
     import json
 
     body = {"symbol": symbol, "side": side, "quantity": quantity, "account": account, "entry_price": entry_price,
             "stop_loss_pct": stop_loss_pct, "trailing_activation": trailing_activation,
-            "trailing_callback_pct": trailing_callback_pct, "take_profit": take_profit}
+            "trailing_callback_pct": trailing_callback_pct, "take_profit": take_profit, "trailing": trailing or None}
     answer = _api_call(_settings(config, check_secrets=False), "POST", "/positions",
                        {k: v for k, v in body.items() if v is not None})
     typer.echo(json.dumps(answer, indent=2))

@@ -25,6 +25,7 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ class ServiceConfig:
     ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
     shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
     records_retention_days: int | None = None  # None: records are kept forever
+    trailing_activation_pct: Decimal = Decimal("0.5")  # open commands asking for a trailing stop without
+    trailing_callback_pct: Decimal = Decimal("0.5")  # parameters: activation from the mark, distance
     api: ApiBinding | None = None  # the control API; None: not served
 
     def __post_init__(self) -> None:

@@ -93,7 +93,8 @@ class LiveSettings(_Strict):
 
 
 class TrailingSettings(_Strict):
-    """Defaults for open commands that ask for a trailing stop without giving its parameters."""
+    """Defaults for open commands that ask for a trailing stop (`"trailing": true`) without its parameters:
+    it activates `activation_pct` in profit from the mark at the time of the command."""
 
     activation_pct: Decimal = Field(default=Decimal("0.5"), gt=0, lt=100)  # from the entry, in profit
     callback_rate: Decimal = Field(default=Decimal("0.5"), gt=0, lt=100)  # percent behind the watermark
@@ -203,7 +204,9 @@ def service_config(settings: Settings) -> ServiceConfig:
                          live=settings.live_config(), schedule=settings.schedule_config(),
                          grace_ms=settings.reconcile.grace_ms, untracked=settings.reconcile.untracked,
                          shutdown_drain_s=settings.shutdown_drain_s,
-                         records_retention_days=settings.records.retention_days, api=api)
+                         records_retention_days=settings.records.retention_days, api=api,
+                         trailing_activation_pct=settings.trailing.activation_pct,
+                         trailing_callback_pct=settings.trailing.callback_rate)
 
 
 def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
