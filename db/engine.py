@@ -26,6 +26,8 @@ def normalize_url(url: str) -> sa.URL:
         parsed = make_url(url)
     except ArgumentError as e:
         raise DatabaseConfigError(f"database url {_redact(url)!r} is not a URL: {e}") from None
+    except ValueError:  # e.g. a port that is not a number; the message could carry parts of the URL
+        raise DatabaseConfigError("database url is not a valid URL (check the host, port and database)") from None
     backend = parsed.get_backend_name()
     if backend not in _DRIVERS:
         raise DatabaseConfigError(
@@ -48,7 +50,7 @@ def safe_url(url: str) -> str:
 def _redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "<unparseable>"
 
 

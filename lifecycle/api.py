@@ -26,6 +26,7 @@ from aiohttp import web
 from loguru import logger
 
 from exchange.ccxt_adapter import Secret
+from exchange.errors import ExchangeError
 from lifecycle.domain import CloseReason, Position, Side
 from lifecycle.errors import EngineStopping, InvalidEvent, LifecycleError, UnknownPosition
 from lifecycle.live import OpenCommand
@@ -33,6 +34,9 @@ from lifecycle.machines.states import PositionState
 
 if TYPE_CHECKING:
     from lifecycle.service import AccountRuntime, Service
+
+
+OPERATOR_REASONS = (CloseReason.SIGNAL, CloseReason.TAKE_PROFIT, CloseReason.MAX_AGE, CloseReason.OPERATOR)
 
 
 class ClosureStats:
@@ -91,14 +95,22 @@ class ControlApi:
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {self.token.reveal()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        try:
+            given_bytes = given.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the header: not our token
+            given_bytes = b""
+        if not hmac.compare_digest(given_bytes, expected.encode("utf-8")):
             logger.warning("control API: refused {} {} from {} (missing or wrong token)", request.method,
                            request.path, request.remote)
             return _error(401, "missing or wrong token")
+        if not self.service.started and request.path != "/health":
+            return _error(503, "the service is starting")
         try:
             return await handler(request)
         except web.HTTPException:
             raise
+        except ExchangeError as e:  # already scrubbed of keys and signatures by the adapter
+            return _error(502, f"the exchange refused or failed: {e}")
         except EngineStopping as e:
             return _error(503, str(e))
         except UnknownPosition as e:
@@ -170,6 +182,8 @@ class ControlApi:
     async def _close(self, request: web.Request) -> web.Response:
         body = await _body(request) if request.can_read_body else {}
         reason = CloseReason(str(body.get("reason", CloseReason.OPERATOR.value)))
+        if reason not in OPERATOR_REASONS:
+            raise ValueError(f"reason must be one of {', '.join(r.value for r in OPERATOR_REASONS)}")
         position_id = request.match_info["id"]
         for runtime in self.service.accounts.values():
             if position_id in runtime.engine.positions and runtime.live is not None:

@@ -73,7 +73,7 @@ def _api_call(settings, method: str, path: str, body: dict | None = None) -> obj
         typer.echo(f"configuration error: {e}", err=True)
         raise typer.Exit(2) from None
     request = urllib.request.Request(
-        f"http://{settings.api.host}:{settings.api.port}{path}", method=method,
+        f"{_base_url(settings)}{path}", method=method,
         data=json.dumps(body).encode() if body is not None else None,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
@@ -130,7 +130,7 @@ def close(
 def status(
     config: ConfigOption = None,
     db: Annotated[str | None, typer.Option(help="Database URL (instead of the configuration's).")] = None,
-    ended: Annotated[int, typer.Option(help="Also show this many most recently ended positions.")] = 0,
+    ended: Annotated[int, typer.Option(min=0, help="Also show this many most recently ended positions.")] = 0,
 ) -> None:
     """A table of positions from the database (marks from the running service when it answers)."""
     from datetime import UTC, datetime
@@ -142,6 +142,9 @@ def status(
 
     settings = _settings(config, check_secrets=False) if db is None else None
     url = db or settings.database_url  # type: ignore[union-attr]
+    if url.startswith("sqlite") and "///" in url and not Path(url.split("///", 1)[1]).exists():
+        typer.echo(f"error: no database file at {url.split('///', 1)[1]}", err=True)  # never create one here
+        raise typer.Exit(2)
 
     async def go() -> list:
         repo = await Repository.open(url, run_migrations=False)
@@ -167,7 +170,7 @@ def status(
     for p in [*live, *done]:
         trailing = "-" if p.trailing is None else (
             f"active, high {p.trailing.watermark}" if p.trailing.active else f"at {p.trailing.activation_price}")
-        age = int((now - p.created_at).total_seconds())
+        age = int(((p.updated_at if p.state.is_terminal else now) - p.created_at).total_seconds())  # ended: lifetime
         table.add_row(p.id, p.account, p.symbol, p.state.value, p.side.value, str(p.quantity),
                       str(p.entry_price or "-"), str(marks.get(p.id) or "-"), str(p.stop_price or "-"), trailing,
                       f"{age // 3600}h{age % 3600 // 60:02d}m" if age >= 3600 else f"{age // 60}m{age % 60:02d}s")
@@ -176,11 +179,16 @@ def status(
         typer.echo("no positions in the database")
 
 
+def _base_url(settings) -> str:  # type: ignore[no-untyped-def]
+    host = settings.api.host
+    return f"http://[{host}]:{settings.api.port}" if ":" in host else f"http://{host}:{settings.api.port}"
+
+
 def _quiet_api(settings, path: str) -> list:  # type: ignore[no-untyped-def]
     import json
     import urllib.request
 
-    request = urllib.request.Request(f"http://{settings.api.host}:{settings.api.port}{path}",
+    request = urllib.request.Request(f"{_base_url(settings)}{path}",
                                      headers={"Authorization": f"Bearer {settings.api_token().reveal()}"})
     with urllib.request.urlopen(request, timeout=2) as answer:
         return json.loads(answer.read())

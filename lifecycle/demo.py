@@ -100,14 +100,14 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
     secret = os.environ.get(SECRET_ENV) or secrets.token_hex(32)
     venue_account = sim.venue.add_account(ACCOUNT, api_key=key, secret=secret)
     os.environ[KEY_ENV], os.environ[SECRET_ENV] = key, secret
-    settings = Settings(
+    settings = Settings.without_environment(
         database_url=f"sqlite:///{workdir / 'lifecycle.sqlite'}", log_dir=workdir / "logs",
         accounts=[{"name": ACCOUNT, "symbols": [s.symbol for s in VENUE.symbols], "urls": sim.ccxt_urls(),
                    "api_key_env": KEY_ENV, "secret_env": SECRET_ENV, "rate_limit": False,
                    "reconnect_backoff_max_s": 1.0}],
         live={"trail_min_interval_s": 0.3, "cause_wait_s": 0.5},
         schedule={"sync_interval_s": 5, "fast_sync_interval_s": 0.5, "orphan_interval_s": 10},
-        reconcile={"grace_ms": 500}, api={"enabled": False}, records={"dir": workdir / "records"},
+        reconcile={"grace_ms": 500, "phantom_after_s": 1.0}, api={"enabled": False}, records={"dir": workdir / "records"},
         shutdown_drain_s=5)
     service = Service(service_config(settings))
     result = DemoResult(workdir, [Scenario(**{**s.__dict__}) for s in SCENARIOS])

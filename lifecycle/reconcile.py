@@ -51,12 +51,21 @@ class SyncReport:
 
 class Reconciler:
     def __init__(self, live: LiveEngine, *, grace_ms: int = 5000, stream_doubt_s: float = 30.0,
-                 untracked: str = "alert") -> None:
+                 untracked: str = "alert", phantom_after_s: float = 60.0) -> None:
         """`stream_doubt_s`: how long REST may disagree with a healthy stream about a position before the
         stream is suspected of a silent wedge (connected, listen key alive, nothing delivered) and the
-        exchange client is recreated; the resync that follows settles the position with evidence."""
+        exchange client is recreated; the resync that follows settles the position with evidence.
+
+        `phantom_after_s`: a position that REST keeps not showing (every pass confirmed by a targeted
+        query), with no closing fill and no live stream speaking for it, ends PHANTOM only once that has
+        lasted this long: a REST answer lagging an open (or a stream that is down) cannot end a live
+        position, and cancel its stop, on one look."""
         if grace_ms < 0:
             raise ValueError(f"grace_ms must be >= 0, got {grace_ms}")
+        if phantom_after_s < 0:
+            raise ValueError(f"phantom_after_s must be >= 0, got {phantom_after_s}")
+        self.phantom_after_s = phantom_after_s
+        self._absent_since: dict[str, float] = {}  # position id -> first confirmed REST absence, no fill
         if stream_doubt_s <= 0:
             raise ValueError(f"stream_doubt_s must be > 0, got {stream_doubt_s}")
         if untracked not in UNTRACKED_POLICIES:
@@ -106,11 +115,14 @@ class Reconciler:
         recreated = False
         for pid in [pid for pid in self._doubt_since if pid not in live.engine.positions]:
             del self._doubt_since[pid]  # ended meanwhile
+        for pid in [pid for pid in self._absent_since if pid not in live.engine.positions]:
+            del self._absent_since[pid]
         for position in tracked:
             report.checked += 1
             if (position.symbol, position.side) in shown:
                 report.present += 1
                 self._doubt_since.pop(position.id, None)
+                self._absent_since.pop(position.id, None)
                 if live.missing_after_resync(position.id):
                     report.rest_calls += 1
                     again = await live.exchange.positions([position.symbol])
@@ -145,6 +157,7 @@ class Reconciler:
             again = await live.exchange.positions([position.symbol])
             if any(s.symbol == position.symbol and s.side is position.side for s in again):
                 report.unconfirmed += 1
+                self._absent_since.pop(position.id, None)
                 continue
             if await self._absent(current, report):
                 report.closed.append(position.id)
@@ -207,19 +220,23 @@ class Reconciler:
                                                 only_in={PositionState.CLOSING_BY_BOT})
             return outcome is not None
         fill, client_id = await self._closing_fill(position, report)
-        # The stream vouches for a position only while it is live: the last word of a stream that is down
-        # (reconnecting, refused) says nothing about now.
-        vouched = live.stream_healthy() and live.stream_shows(position) is True
-        if fill is None and (live.missing_after_resync(position.id) or vouched):
-            # Only a REST snapshot says it is gone, and nothing closed it: REST may be stale (seed 000 in
-            # reverse). Never end a position, and cancel its stop, on that alone.
-            report.unconfirmed += 1
-            logger.info("{} {} {}: absent on REST, but no closing fill and the stream never said flat; kept",
-                        position.account, position.symbol, position.id)
-            return False
         if fill is None:
-            logger.warning("{} {} {}: absent on the exchange (confirmed twice), no closing fill found: phantom",
-                           position.account, position.symbol, position.id)
+            # Only REST says it is gone, and nothing closed it. REST may lag (an open it does not show yet),
+            # and the stream may be down: a live stream that shows the position keeps it; otherwise the
+            # absence must last phantom_after_s, confirmed on every pass, before it ends PHANTOM.
+            vouched = live.stream_healthy() and live.stream_shows(position) is True
+            first = self._absent_since.setdefault(position.id, time.monotonic())
+            waited = time.monotonic() - first
+            if vouched or waited < self.phantom_after_s:
+                report.unconfirmed += 1
+                logger.info("{} {} {}: absent on REST for {:.1f} s with no closing fill{}; kept", position.account,
+                            position.symbol, position.id, waited,
+                            " (the live stream shows it)" if vouched else
+                            f" (phantom after {self.phantom_after_s:g} s unless it reappears or a fill explains it)")
+                return False
+            self._absent_since.pop(position.id, None)
+            logger.warning("{} {} {}: absent on the exchange for {:.1f} s (confirmed on every pass), no closing "
+                           "fill found: phantom", position.account, position.symbol, position.id, waited)
             outcome = await live.engine.fire_if(position.id, Vanished(confirmations=confirmations,
                                                                       grace_ms=self.grace_ms), only_in=FLATTENABLE)
             return outcome is not None

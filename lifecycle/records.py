@@ -31,6 +31,8 @@ class JsonlRecords:
         self._lock = threading.Lock()
         self._day: date | None = None
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with each record written
+        with self._lock:
+            self._expire(self.today())  # at start too, not only when a new day's first record comes
 
     def emit(self, record: dict[str, Any]) -> None:
         record = dict(record)
@@ -71,5 +73,9 @@ class JsonlRecords:
         oldest = today - timedelta(days=self.retention_days - 1)  # retention_days = 1 keeps today only
         for path in self.directory.glob("*.jsonl"):
             m = _DATED.match(path.name)
-            if m is not None and date.fromisoformat(m.group("day")) < oldest:
+            try:
+                day = date.fromisoformat(m.group("day")) if m is not None else None
+            except ValueError:  # not one of ours (x-2026-02-30.jsonl): left alone
+                continue
+            if day is not None and day < oldest:
                 path.unlink(missing_ok=True)

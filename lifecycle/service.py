@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class ServiceConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grace_ms: int = 5000  # reconciliation: our own activity on a position this recent defers an absence
     untracked: str = "alert"  # positions nobody tracks: "alert" (record, touch nothing) or "adopt"
+    phantom_after_s: float = 60.0  # a REST-only absence (no fill, no live stream for it) this long: PHANTOM
     recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
     ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
     shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
@@ -124,11 +126,15 @@ class Service:
             self.repo = await _open_database(self.config.database_url)
             self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days)
             self.records.listeners.append(self.closures)
+            if self.config.api is not None:  # bound before anything acts: a taken port stops the start here
+                binding = self.config.api
+                try:
+                    self.api = await ControlApi(self, binding.token, binding.host, binding.port).start()
+                except OSError as e:
+                    reason = os.strerror(e.errno) if e.errno else str(e)
+                    raise StartError(f"api.port: cannot listen on {binding.host}:{binding.port}: {reason}") from None
             for account in self.config.accounts:
                 await self._start_account(account)
-            if self.config.api is not None:
-                binding = self.config.api
-                self.api = await ControlApi(self, binding.token, binding.host, binding.port).start()
         except BaseException:
             logger.error("start failed; stopping what was started")
             await self.stop()
@@ -157,8 +163,8 @@ class Service:
                 logger.error("{}: private streams not subscribed after {} s (attempt {}); the exchange may be "
                              "unreachable; still trying, nothing is sent meanwhile", account.name,
                              self.config.ready_timeout_s, attempt)
-        runtime.reconciler = Reconciler(runtime.live, grace_ms=self.config.grace_ms,
-                                        untracked=self.config.untracked).attach()
+        runtime.reconciler = Reconciler(runtime.live, grace_ms=self.config.grace_ms, untracked=self.config.untracked,
+                                        phantom_after_s=self.config.phantom_after_s).attach()
         await runtime.live.recover(retry_s=self.config.recovery_retry_s)
         runtime.scheduler = await ReconciliationScheduler(runtime.live, runtime.reconciler,
                                                           self.config.schedule).start()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from exchange.ccxt_adapter import ExchangeSettings, Secret
 from lifecycle.live import LiveConfig
@@ -44,22 +44,37 @@ class ConfigError(Exception):
     """One line naming the key and the problem; the service does not start."""
 
 
+_ENV_NAME = r"^[A-Z_][A-Z0-9_]{0,127}$"  # an environment variable's NAME (a pasted key has lower case)
+# Environment variables with our prefix that are not settings but are ours all the same.
+_OTHER_ENV = ("LIFECYCLE_CONFIG", "LIFECYCLE_API_TOKEN", "LIFECYCLE_DEMO_", "LIFECYCLE_TEST_",
+              "LIFECYCLE_REQUIRE_POSTGRES")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AccountSettings(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
     exchange: str = "binanceusdm"  # a ccxt exchange id with WebSocket support
     sandbox: bool = False  # the exchange's testnet
     symbols: list[str] = Field(min_length=1)
     urls: dict[str, str] = Field(default_factory=dict)  # ccxt URL overrides (e.g. the simulator's)
-    api_key_env: str | None = None  # the environment variable holding the API key ...
+    api_key_env: str | None = Field(default=None, pattern=_ENV_NAME)  # the variable holding the API key ...
     api_key_file: Path | None = None  # ... or a file holding it (one line)
-    secret_env: str | None = None
+    secret_env: str | None = Field(default=None, pattern=_ENV_NAME)
     secret_file: Path | None = None
     rate_limit: bool = True  # ccxt's pacing by the venue's request weights; keep it on against a real venue
-    reconnect_backoff_max_s: float = Field(default=30.0, gt=0)  # longest wait between stream reconnections
+    reconnect_backoff_max_s: float = Field(default=30.0, gt=0, le=600)  # longest wait between reconnections
+
+    @field_validator("exchange")
+    @classmethod
+    def _known_exchange(cls, value: str) -> str:
+        import ccxt.pro
+
+        if value not in ccxt.pro.exchanges:
+            raise ValueError(f"{value!r} is not a ccxt exchange with WebSocket support (e.g. binanceusdm)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -85,11 +100,11 @@ class AccountSettings(_Strict):
 class LiveSettings(_Strict):
     default_stop_loss_pct: Decimal = Field(default=Decimal(1), gt=0, lt=100)
     trail_min_step_pct: Decimal = Field(default=Decimal("0.02"), ge=0, lt=100)
-    trail_min_interval_s: float = Field(default=1.0, ge=0)
+    trail_min_interval_s: float = Field(default=1.0, ge=0, le=3600)
     cause_wait_s: float = Field(default=0.5, ge=0, le=10)
-    close_retries: int = Field(default=3, ge=0)
-    stop_retries: int = Field(default=3, ge=0)
-    retry_backoff_s: float = Field(default=0.5, ge=0)
+    close_retries: int = Field(default=3, ge=0, le=100)
+    stop_retries: int = Field(default=3, ge=0, le=100)
+    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
 
 
 class TrailingSettings(_Strict):
@@ -101,11 +116,11 @@ class TrailingSettings(_Strict):
 
 
 class ScheduleSettings(_Strict):
-    sync_interval_s: float = Field(default=15.0, gt=0)
-    fast_sync_interval_s: float = Field(default=2.0, gt=0)
-    orphan_interval_s: float = Field(default=60.0, gt=0)
-    aged_interval_s: float = Field(default=60.0, gt=0)
-    max_age_s: float | None = Field(default=None, gt=0)
+    sync_interval_s: float = Field(default=15.0, gt=0, le=3600)
+    fast_sync_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    orphan_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    aged_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    max_age_s: float | None = Field(default=None, gt=0, le=366 * 86400)
     aged_policy: Literal["report", "close"] = "report"
 
     @model_validator(mode="after")
@@ -116,15 +131,16 @@ class ScheduleSettings(_Strict):
 
 
 class ReconcileSettings(_Strict):
-    grace_ms: int = Field(default=5000, ge=0)
+    grace_ms: int = Field(default=5000, ge=0, le=600_000)
     untracked: Literal["alert", "adopt"] = "alert"
+    phantom_after_s: float = Field(default=60.0, ge=0, le=86400)  # REST-only absence this long: PHANTOM
 
 
 class ApiSettings(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8780, ge=0, le=65535)
-    token_env: str = "LIFECYCLE_API_TOKEN"  # the environment variable holding the token ...
+    token_env: str = Field(default="LIFECYCLE_API_TOKEN", pattern=_ENV_NAME)  # the variable holding the token
     token_file: Path | None = None  # ... or a file holding it
     allow_remote: bool = False  # a non-loopback host is refused unless this is true
 
@@ -138,17 +154,17 @@ class ApiSettings(_Strict):
 
 class RecordsSettings(_Strict):
     dir: Path = Path("records")
-    retention_days: int = Field(default=30, ge=1)
+    retention_days: int = Field(default=30, ge=1, le=3650)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", env_nested_delimiter="__", extra="forbid",
-                                      frozen=True)
+                                      frozen=True, allow_inf_nan=False)
 
     database_url: str = DEFAULT_DATABASE_URL
     log_dir: Path = Path("logs")
-    log_retention_days: int = Field(default=14, ge=1)
-    shutdown_drain_s: float = Field(default=10.0, ge=0)
+    log_retention_days: int = Field(default=14, ge=1, le=3650)
+    shutdown_drain_s: float = Field(default=10.0, ge=0, le=3600)
     accounts: list[AccountSettings] = Field(min_length=1)
     live: LiveSettings = Field(default_factory=LiveSettings)
     trailing: TrailingSettings = Field(default_factory=TrailingSettings)
@@ -171,6 +187,12 @@ class Settings(BaseSettings):
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return env_settings, init_settings  # the environment overrides the file (passed as init values)
+
+    @classmethod
+    def without_environment(cls, **data: Any) -> Settings:
+        """These values only, whatever LIFECYCLE_* variables say (the demo must not follow a production
+        environment into its database or records)."""
+        return _NoEnvironment(**data)
 
     # --- what the service needs ----------------------------------------------------------------------
 
@@ -196,6 +218,15 @@ class Settings(BaseSettings):
         return ScheduleConfig(**self.schedule.model_dump())
 
 
+class _NoEnvironment(Settings):
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def service_config(settings: Settings) -> ServiceConfig:
     """The service's own configuration (keys read from their sources now)."""
     accounts = tuple(AccountConfig(a.name, settings.exchange_settings(a), tuple(a.symbols)) for a in settings.accounts)
@@ -203,6 +234,7 @@ def service_config(settings: Settings) -> ServiceConfig:
     return ServiceConfig(accounts=accounts, database_url=settings.database_url, records_dir=settings.records.dir,
                          live=settings.live_config(), schedule=settings.schedule_config(),
                          grace_ms=settings.reconcile.grace_ms, untracked=settings.reconcile.untracked,
+                         phantom_after_s=settings.reconcile.phantom_after_s,
                          shutdown_drain_s=settings.shutdown_drain_s,
                          records_retention_days=settings.records.retention_days, api=api,
                          trailing_activation_pct=settings.trailing.activation_pct,
@@ -221,10 +253,13 @@ def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
             raise ConfigError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
+    _refuse_unknown_environment(Settings)
     try:
         settings = Settings(**data)
     except ValidationError as e:
         raise ConfigError(_first_problem(e)) from None
+    except SettingsError as e:  # e.g. a nested value in the environment that is not valid JSON
+        raise ConfigError(f"environment: {str(e).split(chr(10))[0]}") from None
     if check_secrets:
         for account in settings.accounts:
             settings.exchange_settings(account)  # keys readable now rather than half-way through the start
@@ -233,14 +268,30 @@ def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
     return settings
 
 
+def _refuse_unknown_environment(settings_cls: type[Settings]) -> None:
+    """A LIFECYCLE_* variable that is no setting is a typo (LIFECYCLE_SCHEDULE_SYNC_INTERVAL_S with one
+    underscore would otherwise be ignored silently). Named, never its value."""
+    fields = {name.upper() for name in settings_cls.model_fields}
+    for name in sorted(os.environ):
+        if not name.startswith("LIFECYCLE_") or name.startswith(_OTHER_ENV):
+            continue
+        top = name.removeprefix("LIFECYCLE_").split("__", 1)[0]
+        if top not in fields:
+            close = [f for f in sorted(fields) if f.replace("_", "") in top.replace("_", "")]
+            hint = f" (did you mean LIFECYCLE_{close[0]}__...?)" if close and close[0] != top else ""
+            raise ConfigError(f"environment: {name} is not a setting{hint}")
+
+
 def _first_problem(error: ValidationError) -> str:
     problems = error.errors()
     first = problems[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
-    shown = "" if isinstance(given, (dict, list)) or given is None or first["type"] == "missing" \
-        else f" (got {given!r})"
+    # Only numbers are echoed: a string may be a secret pasted into the wrong key or variable.
+    shown = f" (got {given!r})" if isinstance(given, (int, float)) and not isinstance(given, bool) else ""
+    if first["type"] == "string_pattern_mismatch" and key.endswith("_env"):
+        message = "must be the NAME of an environment variable (upper case letters, digits, underscores)"
     more = f"; and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
     return f"{key}: {message}{shown}{more}"
 

@@ -235,3 +235,27 @@ async def test_closing_the_adapter_ends_its_streams(rig: Rig) -> None:
     await asyncio.sleep(0.5)
     assert venue.client is None and positions.task.done()  # no client rebuilt after close()
     await positions.stop()
+
+
+async def test_a_rest_only_absence_ends_phantom_only_after_it_lasted(rig: Rig) -> None:
+    """Stream down, REST lagging an open: one look never ends a live position (nor cancels its stop); a
+    position really gone with no fill ends PHANTOM once the absence has lasted phantom_after_s."""
+    assert rig.live is not None
+    rig.sim.set_faults(stale_positions_s=60)  # REST's snapshot predates the open below
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    q = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.1"), stop_loss_pct=D(1)))
+    rig.sim.set_faults(user_stream_down=True)
+    await rig.sim.drop_streams()
+    await rig.until(lambda: not rig.live.stream_healthy(), what="stream down")  # type: ignore[union-attr]
+    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=1.0)
+    report = await reconciler.sync()
+    assert report.closed == [] and rig.state(p.id) is S.OPEN and rig.state(q.id) is S.OPEN
+    assert len(rig.stop_algos("BTCUSDT")) == 1 and len(rig.stop_algos("ETHUSDT")) == 1
+    rig.sim.set_faults(stale_positions_s=0)  # REST fresh again: BTC and ETH are there ...
+    rig.sim.venue.vanish(rig.account, "ETHUSDT")  # ... except ETH, gone without a fill
+    await asyncio.sleep(1.1)
+    report = await reconciler.sync()
+    assert report.closed == [q.id] and rig.state(p.id) is S.OPEN  # BTC reappeared: its clock restarted
+    stored = await rig.ended(q.id)
+    assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND)
+    rig.sim.set_faults(user_stream_down=False)

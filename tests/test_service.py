@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -131,6 +132,64 @@ secret_file = "{tmp_path / 'secret'}"
     (tmp_path / "secret").write_text("")
     with pytest.raises(ConfigError, match=r"accounts.0.secret: the file .* is empty"):
         load(config)
+
+
+def test_environment_typos_and_pasted_secrets_are_refused_without_echoing_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIM_KEY", "k")
+    monkeypatch.setenv("SIM_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    config = write_config(tmp_path / "c.toml", account_block())
+    monkeypatch.setenv("LIFECYCLE_SCHEDULE_SYNC_INTERVAL_S", "5")  # one underscore: would be ignored
+    with pytest.raises(ConfigError, match=r"LIFECYCLE_SCHEDULE_SYNC_INTERVAL_S is not a setting \(did you mean "
+                                          r"LIFECYCLE_SCHEDULE__"):
+        load(config)
+    monkeypatch.delenv("LIFECYCLE_SCHEDULE_SYNC_INTERVAL_S")
+    monkeypatch.setenv("LIFECYCLE_API__TOKEN", "SuperSecretToken123")
+    with pytest.raises(ConfigError) as refused:
+        load(config)
+    assert "api.token" in str(refused.value) and "SuperSecret" not in str(refused.value)
+    monkeypatch.delenv("LIFECYCLE_API__TOKEN")
+    pasted = "vmPUZE6mv9SD5VNHk4HlWFsOr6aKE2zvsw0MuIgwCIPy6utIco14y7Ju91duEh8A"  # a key in the wrong place
+    write_config(config, account_block(key_env=pasted))
+    with pytest.raises(ConfigError) as refused:
+        load(config)
+    assert "accounts.0.api_key_env: must be the NAME of an environment variable" in str(refused.value)
+    assert pasted not in str(refused.value)
+    write_config(config, account_block() + 'exchange = "nope"\n')
+    with pytest.raises(ConfigError, match="accounts.0.exchange: 'nope' is not a ccxt exchange"):
+        load(config)
+    write_config(config, "shutdown_drain_s = inf\n" + account_block())
+    with pytest.raises(ConfigError, match="shutdown_drain_s"):
+        load(config)
+
+
+def test_the_demo_settings_ignore_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lifecycle.settings import Settings
+
+    monkeypatch.setenv("LIFECYCLE_DATABASE_URL", "postgresql://prod@db.example/prod")
+    settings = Settings.without_environment(database_url=f"sqlite:///{tmp_path / 'demo.sqlite'}", accounts=[
+        {"name": "d", "symbols": ["BTCUSDT"], "api_key_env": "K", "secret_env": "S"}])
+    assert settings.database_url.startswith("sqlite:///")
+
+
+def test_a_taken_api_port_stops_the_start_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIM_KEY", "k")
+    monkeypatch.setenv("SIM_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "lifecycle.toml", f"[api]\nport = {port}\n" + account_block(),
+                              {"fapiPrivate": "http://127.0.0.1:9/fapi/v1"})
+        # A process of its own: `run` configures the global logger.
+        result = subprocess.run([sys.executable, "-m", "lifecycle.cli", "run", "--config", str(config)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: api.port: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 def test_the_testnet_example_configuration_loads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,6 +329,11 @@ port = 0
                 assert r.status == 201
                 trailing = (await r.json())["trailing"]
                 assert (D(trailing["activation_price"]), D(trailing["callback_rate"])) == (D("60300"), D("0.5"))
+            async with session.post(base + "/positions", headers=good, json={
+                    "symbol": "ETHUSDT", "side": "long", "quantity": "0.0001"}) as r:  # below the venue's step
+                assert r.status == 502 and "exchange" in (await r.json())["error"]
+            async with session.post(base + f"/positions/{pid}/close", headers=good, json={"reason": "shutdown"}) as r:
+                assert r.status == 400  # an internal reason is not the operator's to give
             async with session.post(base + "/positions", headers=good, json={"symbol": "ETHUSDT"}) as r:
                 assert r.status == 400 and "side" in (await r.json())["error"]
             async with session.get(base + f"/positions/{pid}/journal", headers=good) as r:
