@@ -320,10 +320,17 @@ def migrate(db: Annotated[str, typer.Option(help="Database URL: sqlite:///file.d
 @app.command()
 def history(
     position_id: str,
-    db: Annotated[str, typer.Option(help="Database URL: sqlite:///file.db or postgresql://...")],
+    config: ConfigOption = None,
+    db: Annotated[str | None, typer.Option(help="Database URL (instead of the configuration's).")] = None,
 ) -> None:
     """Print one position's journal."""
     from db.repository import Repository
+
+    if db is None:
+        db = _settings(config, check_secrets=False).database_url
+    if db.startswith("sqlite") and "///" in db and not Path(db.split("///", 1)[1]).exists():
+        typer.echo(f"error: no database file at {db.split('///', 1)[1]}", err=True)
+        raise typer.Exit(2)
 
     async def go() -> list:
         repo = await Repository.open(db, run_migrations=False)
