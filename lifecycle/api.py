@@ -76,10 +76,15 @@ class ControlApi:
         app.router.add_post("/positions", self._open)
         app.router.add_post("/positions/{id}/close", self._close)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
         sockets = getattr(site._server, "sockets", None) or []  # the real port when 0 was asked for
         if sockets:
             self.port = sockets[0].getsockname()[1]

@@ -79,6 +79,10 @@ class Reconciler:
         # the client generation then): one recreate per generation, however many positions doubt it
         self._lock = asyncio.Lock()  # one pass at a time (scheduler jobs, resync hooks, the aged check)
 
+    def absence_pending(self, position_id: str) -> bool:
+        """REST no longer shows the position and nothing explains it yet (its phantom countdown runs)."""
+        return position_id in self._absent_since
+
     def attach(self) -> Reconciler:
         """Run after every stream resync whose snapshot lacks a tracked position (a close the stream
         missed while it was down), until those positions are settled or the stream speaks for them."""
@@ -135,11 +139,13 @@ class Reconciler:
             if not is_outside_grace_window(current.last_activity_at, live.engine.clock(), self.grace_ms):
                 report.in_grace += 1
                 self._doubt_since.pop(position.id, None)
+                self._absent_since.pop(position.id, None)  # our own activity: the countdown starts over
                 continue
             if live.stream_shows(current) is True and live.stream_healthy():
                 # REST lags the stream (seed 002): a healthy stream that shows the position wins, for a
                 # while; a disagreement that lasts may be a wedged stream: resubscribe and resync.
                 report.stream_disagrees += 1
+                self._absent_since.pop(position.id, None)  # vouched for: not an unexplained absence
                 generation = getattr(live.exchange, "generation", 0)
                 since, seen = self._doubt_since.setdefault(position.id, (time.monotonic(), generation))
                 if time.monotonic() - since >= self.stream_doubt_s:
@@ -225,7 +231,9 @@ class Reconciler:
             # and the stream may be down: a live stream that shows the position keeps it; otherwise the
             # absence must last phantom_after_s, confirmed on every pass, before it ends PHANTOM.
             vouched = live.stream_healthy() and live.stream_shows(position) is True
-            first = self._absent_since.setdefault(position.id, time.monotonic())
+            if vouched:
+                self._absent_since.pop(position.id, None)
+            first = time.monotonic() if vouched else self._absent_since.setdefault(position.id, time.monotonic())
             waited = time.monotonic() - first
             if vouched or waited < self.phantom_after_s:
                 report.unconfirmed += 1

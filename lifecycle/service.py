@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -131,8 +132,9 @@ class Service:
                 try:
                     self.api = await ControlApi(self, binding.token, binding.host, binding.port).start()
                 except OSError as e:
-                    reason = os.strerror(e.errno) if e.errno else str(e)
-                    raise StartError(f"api.port: cannot listen on {binding.host}:{binding.port}: {reason}") from None
+                    key = "api.host" if isinstance(e, socket.gaierror) else "api.port"
+                    reason = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
+                    raise StartError(f"{key}: cannot listen on {binding.host}:{binding.port}: {reason}") from None
             for account in self.config.accounts:
                 await self._start_account(account)
         except BaseException:

@@ -73,7 +73,7 @@ class AccountSettings(_Strict):
         import ccxt.pro
 
         if value not in ccxt.pro.exchanges:
-            raise ValueError(f"{value!r} is not a ccxt exchange with WebSocket support (e.g. binanceusdm)")
+            raise ValueError("not a ccxt exchange with WebSocket support (e.g. binanceusdm)")
         return value
 
     @model_validator(mode="before")
@@ -147,8 +147,8 @@ class ApiSettings(_Strict):
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> ApiSettings:
         if not self.allow_remote and not _is_loopback(self.host):
-            raise ValueError(f"host {self.host!r} is not a loopback address; set allow_remote = true to expose "
-                             "the control API beyond this machine")
+            raise ValueError("host is not a loopback address; set allow_remote = true to expose the control API "
+                             "beyond this machine")
         return self
 
 
@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     def _unique_names(cls, accounts: list[AccountSettings]) -> list[AccountSettings]:
         names = [a.name for a in accounts]
         if len(set(names)) != len(names):
-            raise ValueError(f"account names must be unique, got {names}")
+            raise ValueError("account names must be unique")
         return accounts
 
     @classmethod
@@ -253,13 +253,14 @@ def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
             raise ConfigError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
-    _refuse_unknown_environment(Settings)
     try:
         settings = Settings(**data)
     except ValidationError as e:
         raise ConfigError(_first_problem(e)) from None
     except SettingsError as e:  # e.g. a nested value in the environment that is not valid JSON
         raise ConfigError(f"environment: {str(e).split(chr(10))[0]}") from None
+    named = {name.upper() for a in settings.accounts for name in (a.api_key_env, a.secret_env) if name}
+    _refuse_unknown_environment(Settings, named | {settings.api.token_env.upper()})
     if check_secrets:
         for account in settings.accounts:
             settings.exchange_settings(account)  # keys readable now rather than half-way through the start
@@ -268,18 +269,21 @@ def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
     return settings
 
 
-def _refuse_unknown_environment(settings_cls: type[Settings]) -> None:
+def _refuse_unknown_environment(settings_cls: type[Settings], named: set[str]) -> None:
     """A LIFECYCLE_* variable that is no setting is a typo (LIFECYCLE_SCHEDULE_SYNC_INTERVAL_S with one
-    underscore would otherwise be ignored silently). Named, never its value."""
+    underscore would otherwise be ignored silently). Named, never its value. Variables the configuration
+    names as holding a key, a secret or the token are not settings and are fine. Case-insensitive, as
+    pydantic-settings reads them."""
     fields = {name.upper() for name in settings_cls.model_fields}
-    for name in sorted(os.environ):
-        if not name.startswith("LIFECYCLE_") or name.startswith(_OTHER_ENV):
+    for original in sorted(os.environ):
+        name = original.upper()
+        if not name.startswith("LIFECYCLE_") or name.startswith(_OTHER_ENV) or name in named:
             continue
         top = name.removeprefix("LIFECYCLE_").split("__", 1)[0]
         if top not in fields:
             close = [f for f in sorted(fields) if f.replace("_", "") in top.replace("_", "")]
             hint = f" (did you mean LIFECYCLE_{close[0]}__...?)" if close and close[0] != top else ""
-            raise ConfigError(f"environment: {name} is not a setting{hint}")
+            raise ConfigError(f"environment: {original} is not a setting{hint}")
 
 
 def _first_problem(error: ValidationError) -> str:

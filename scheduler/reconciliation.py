@@ -156,8 +156,10 @@ class ReconciliationScheduler:
             return None
         await self.reconciler.sync()
         live, now = self.live, self.live.engine.clock()
+        # A position REST no longer shows (its phantom countdown running) is not closed: a close would end it
+        # CLOSED, not PHANTOM; the countdown settles it.
         aged = [p for p in live.engine.positions.values() if p.account == live.account and p.state in PROTECTED
-                and (now - p.created_at).total_seconds() > max_age]
+                and (now - p.created_at).total_seconds() > max_age and not self.reconciler.absence_pending(p.id)]
         closed = 0
         for position in aged:
             age_s = round((now - position.created_at).total_seconds(), 1)

@@ -259,3 +259,47 @@ async def test_a_rest_only_absence_ends_phantom_only_after_it_lasted(rig: Rig) -
     stored = await rig.ended(q.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND)
     rig.sim.set_faults(user_stream_down=False)
+
+
+async def stream_down(rig: Rig, down: bool) -> None:
+    assert rig.live is not None
+    rig.sim.set_faults(user_stream_down=down)
+    if down:
+        await rig.sim.drop_streams()
+    await rig.until(lambda: rig.live.stream_healthy() is not down, timeout=15,  # type: ignore[union-attr]
+                    what="stream down" if down else "stream back")
+
+
+async def test_time_a_live_stream_vouched_for_never_counts_toward_phantom(rig: Rig) -> None:
+    assert rig.live is not None
+    rig.sim.set_faults(stale_positions_s=600)  # REST never shows the open below: the position is live
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=2.0, stream_doubt_s=1000)
+    await stream_down(rig, True)
+    assert (await reconciler.sync()).closed == []  # a blip: kept, its countdown started
+    await stream_down(rig, False)
+    rig.sim.venue.funding(rig.account, "BTCUSDT")  # the stream speaks for the position again
+    await rig.until(lambda: rig.live.stream_shows(rig.engine.positions[p.id]) is True,  # type: ignore[union-attr]
+                    what="the stream showing it")
+    for _ in range(5):  # 2.5 s with the live stream showing it: not an unexplained absence
+        assert (await reconciler.sync()).stream_disagrees == 1
+        await asyncio.sleep(0.5)
+    await stream_down(rig, True)
+    report = await reconciler.sync()  # the first look during a second blip
+    assert report.closed == [] and rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
+    await stream_down(rig, False)
+
+
+async def test_the_aged_check_leaves_a_position_in_its_phantom_countdown_to_it(rig: Rig) -> None:
+    assert rig.live is not None
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    await stream_down(rig, True)
+    rig.sim.venue.vanish(rig.account, "BTCUSDT")  # gone without a fill
+    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.5)
+    scheduler = ReconciliationScheduler(rig.live, reconciler, ScheduleConfig(max_age_s=0.01, aged_policy="close"))
+    assert await scheduler.check_aged() == "0 aged, 0 closed"  # not closed as CLOSED while counting down
+    await asyncio.sleep(0.6)
+    await reconciler.sync()
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND)
+    await stream_down(rig, False)

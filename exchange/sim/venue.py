@@ -320,6 +320,10 @@ class Venue:
         algo.status, algo.updated = "FINISHED", now_ms()
         self._emit_algo(account, algo)
 
+    def funding(self, account: Account, symbol: str) -> None:
+        """A funding event: Binance sends an ACCOUNT_UPDATE (reason FUNDING_FEE) carrying the position."""
+        self._emit(account, self._account_update(account, symbol, "FUNDING_FEE"))
+
     def vanish(self, account: Account, symbol: str) -> None:
         """The position disappears with no order, no fill and no event (data lost on the venue's side): what
         a phantom looks like. Its stops stay working."""

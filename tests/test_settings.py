@@ -1,0 +1,75 @@
+"""Configuration details: which environment variables are settings, which are ours but not settings, and
+that no string from the configuration or the environment is ever echoed in an error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lifecycle.settings import ConfigError, Settings, load
+
+TOKEN = "t" * 32
+
+
+def config(tmp_path: Path, key_env: str = "MAIN_KEY", secret_env: str = "MAIN_SECRET", extra: str = "") -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(extra + f'[[accounts]]\nname = "m"\nsymbols = ["BTCUSDT"]\napi_key_env = "{key_env}"\n'
+                    f'secret_env = "{secret_env}"\n')
+    return path
+
+
+@pytest.fixture(autouse=True)
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAIN_KEY", "k")
+    monkeypatch.setenv("MAIN_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+
+
+def test_variables_the_configuration_names_may_carry_our_prefix(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIFECYCLE_MAIN_KEY", "k")
+    monkeypatch.setenv("LIFECYCLE_MAIN_SECRET", "s")
+    monkeypatch.setenv("LIFECYCLE_CONTROL_TOKEN", TOKEN)
+    settings = load(config(tmp_path, "LIFECYCLE_MAIN_KEY", "LIFECYCLE_MAIN_SECRET",
+                           '[api]\ntoken_env = "LIFECYCLE_CONTROL_TOKEN"\n'))
+    assert settings.accounts[0].api_key_env == "LIFECYCLE_MAIN_KEY"
+
+
+def test_whole_sections_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIFECYCLE_ACCOUNTS", json.dumps(
+        [{"name": "m", "symbols": ["BTCUSDT"], "api_key_env": "MAIN_KEY", "secret_env": "MAIN_SECRET"}]))
+    monkeypatch.setenv("LIFECYCLE_API__PORT", "9000")
+    settings = load(None)
+    assert settings.api.port == 9000 and settings.accounts[0].name == "m"
+    monkeypatch.setenv("LIFECYCLE_ACCOUNTS", "not json")
+    with pytest.raises(ConfigError, match="environment"):
+        load(None)
+
+
+def test_a_lower_case_typo_is_refused_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("lifecycle_schedule_sync_interval_s", "5")
+    with pytest.raises(ConfigError, match="lifecycle_schedule_sync_interval_s is not a setting"):
+        load(config(tmp_path))
+
+
+def test_no_string_is_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("LIFECYCLE_API__HOST", "SuperSecretToken123"), ("LIFECYCLE_API__TOKEN", "SuperSecret2")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError) as refused:
+            load(config(tmp_path))
+        assert value not in str(refused.value) and str(refused.value).startswith("api")
+        monkeypatch.delenv(name)
+    with pytest.raises(ConfigError) as refused:
+        load(config(tmp_path, extra='[[accounts]]\nname = "m"\nsymbols = ["X"]\napi_key_env = "A"\n'
+                                    'secret_env = "B"\n'))
+    assert "unique" in str(refused.value)
+
+
+def test_the_demo_settings_follow_no_environment_even_nested(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIFECYCLE_API__PORT", "1")
+    monkeypatch.setenv("LIFECYCLE_RECONCILE__PHANTOM_AFTER_S", "999")
+    monkeypatch.setenv("LIFECYCLE_ACCOUNTS", "not json")
+    settings = Settings.without_environment(accounts=[
+        {"name": "d", "symbols": ["BTCUSDT"], "api_key_env": "K", "secret_env": "S"}])
+    assert settings.api.port == 8780 and settings.reconcile.phantom_after_s == 60
