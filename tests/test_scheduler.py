@@ -303,3 +303,32 @@ async def test_the_aged_check_leaves_a_position_in_its_phantom_countdown_to_it(r
     stored = await rig.ended(p.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND)
     await stream_down(rig, False)
+
+
+async def test_seed_000_with_the_stream_down_stale_rest_delays_and_fresh_rest_detects(rig: Rig) -> None:
+    """Seed 000 with the private stream down: a REST snapshot stale for a while after an external close
+    never declares anything (it still shows the position); once REST tells the truth the close is found
+    with its cause within one fast-sync interval plus the confirming queries."""
+    assert rig.live is not None
+    p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
+    q = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.1"), stop_loss_pct=D(1)))
+    config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.3, orphan_interval_s=60)
+    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=0), config).start()
+    try:
+        await stream_down(rig, True)
+        rig.sim.set_faults(stale_positions_s=2.0)  # REST keeps answering the snapshot from before the close
+        rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+        syncs = scheduler.stats.runs[("sync", "ok")]
+        await asyncio.sleep(1.8)
+        assert scheduler.stats.runs[("sync", "ok")] >= syncs + 3  # several passes saw the stale snapshot
+        assert rig.state(p.id) is S.OPEN  # ... and declared nothing
+        stored = await rig.ended(p.id, timeout=0.2 + config.fast_sync_interval_s + 1.0)
+        assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+        closed_at = time.monotonic()  # REST fresh, the stream still down
+        rig.sim.venue.force_close(rig.account, "ETHUSDT", "adl")
+        stored = await rig.ended(q.id, timeout=config.fast_sync_interval_s + 1.0)
+        assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.ADL)
+        assert time.monotonic() - closed_at < config.fast_sync_interval_s + 1.0
+    finally:
+        await scheduler.stop()
+        await stream_down(rig, False)
