@@ -21,7 +21,7 @@ import ccxt.pro as ccxtpro
 from loguru import logger
 
 from exchange import errors
-from exchange.port import Fill, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.port import Fill, MarkPrice, OrderRules, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
 from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
 
 T = TypeVar("T")
@@ -239,6 +239,18 @@ class CcxtExchange:
         if tick is None or tick <= 0:
             raise errors.Fatal(f"{self.settings.exchange_id}: no price tick known for {symbol}")
         return tick
+
+    def order_rules(self, symbol: str) -> OrderRules:
+        """The market's price and quantity limits as loaded at start (checked before an order is sent)."""
+        market = self.client.markets.get(self._unified(symbol)) if self.client is not None else None
+        if market is None:
+            raise errors.Fatal(f"{self.settings.exchange_id}: {symbol} is not a market of this exchange")
+        limits = market.get("limits") or {}
+        amount, price, cost = (limits.get(k) or {} for k in ("amount", "price", "cost"))
+        return OrderRules(tick=self.tick_size(symbol), step=_dec((market.get("precision") or {}).get("amount")),
+                          min_quantity=_dec(amount.get("min")), max_quantity=_dec(amount.get("max")),
+                          min_price=_dec(price.get("min")), max_price=_dec(price.get("max")),
+                          min_notional=_dec(cost.get("min")))
 
     # --- REST ----------------------------------------------------------------------------------
 

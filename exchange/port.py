@@ -99,8 +99,22 @@ class Resynced:
     snapshot: tuple[Any, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class OrderRules:
+    """What the venue accepts for one market (Binance: PRICE_FILTER, LOT_SIZE, MIN_NOTIONAL); None: not known."""
+
+    tick: Decimal
+    step: Decimal | None = None
+    min_quantity: Decimal | None = None
+    max_quantity: Decimal | None = None
+    min_price: Decimal | None = None
+    max_price: Decimal | None = None
+    min_notional: Decimal | None = None
+
+
 class ExchangePort(Protocol):
     def tick_size(self, symbol: str) -> Decimal: ...
+    def order_rules(self, symbol: str) -> OrderRules: ...
     async def positions(self, symbols: list[str] | None = None) -> list[PositionSnapshot]: ...
     async def order(self, symbol: str, exchange_order_id: str) -> OrderSnapshot: ...
     async def order_by_client_id(self, symbol: str, client_id: str) -> OrderSnapshot: ...

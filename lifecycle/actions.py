@@ -49,6 +49,7 @@ class ClosureRecord:
     realized_pnl: Decimal | None = None  # the exchange's figure for the closing fill, else from entry/exit
     fee: Decimal | None = None
     exchange_ts_ms: int | None = None  # when the exchange reported the close, if an event said so
+    cause_source: str = "state"  # where the cause came from (see events.Flat); "state": the state decided it
 
     @property
     def pnl(self) -> Decimal | None:
@@ -76,6 +77,7 @@ class ClosureRecord:
             "side": self.side.value,
             "state": self.state.value,
             "cause": self.cause.value,
+            "cause_source": self.cause_source,
             "reason": self.reason.value if self.reason else None,
             "quantity": str(self.quantity),
             "entry_price": str(self.entry_price) if self.entry_price is not None else None,

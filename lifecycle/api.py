@@ -28,7 +28,14 @@ from loguru import logger
 from exchange.ccxt_adapter import Secret
 from exchange.errors import ExchangeError
 from lifecycle.domain import CloseReason, Position, Side
-from lifecycle.errors import EngineStopping, InvalidEvent, LifecycleError, UnknownPosition
+from lifecycle.errors import (
+    EngineStopping,
+    InvalidEvent,
+    LifecycleError,
+    PositionConflict,
+    StorageUnavailable,
+    UnknownPosition,
+)
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState
 
@@ -116,8 +123,10 @@ class ControlApi:
             raise
         except ExchangeError as e:  # already scrubbed of keys and signatures by the adapter
             return _error(502, f"the exchange refused or failed: {e}")
-        except EngineStopping as e:
+        except (EngineStopping, StorageUnavailable) as e:
             return _error(503, str(e))
+        except PositionConflict as e:
+            return _error(409, str(e))
         except UnknownPosition as e:
             return _error(404, str(e))
         except (InvalidEvent, ValueError, InvalidOperation, KeyError, TypeError) as e:
@@ -128,18 +137,27 @@ class ControlApi:
     # --- routes -------------------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
+        """`ok` only while nothing is wrong; else `degraded` with every reason (storage failing, records not
+        written, a position unprotected, a stream not healthy or doubted, the key refused)."""
         accounts = {}
         for name, runtime in self.service.accounts.items():
             live = runtime.live
+            reasons = live.health_reasons() if live is not None else ["not started"]
             accounts[name] = {
+                "status": "degraded" if reasons else "ok",
+                "reasons": reasons,
                 "streams_healthy": bool(live and live.stream_healthy()),
                 "streams": {k: v.value for k, v in runtime.exchange.health.items()},
                 "live_positions": sum(1 for p in runtime.engine.positions.values() if p.account == name),
+                "unprotected": len(live.unprotected()) if live is not None else 0,
+                "storage_backlog": runtime.engine.books.behind,
                 "unsettled": bool(live and live.unsettled()),  # a resync left positions to settle
             }
-        healthy = self.service.started and all(a["streams_healthy"] for a in accounts.values())
-        return web.json_response({"status": "ok" if healthy else "degraded", "accounts": accounts,
-                                  "uptime_s": round(time.monotonic() - self.started, 1)})
+        reasons = [f"{name}: {r}" for name, a in accounts.items() for r in a["reasons"]]
+        if not self.service.started:
+            reasons.insert(0, "starting")
+        return web.json_response({"status": "degraded" if reasons else "ok", "reasons": reasons,
+                                  "accounts": accounts, "uptime_s": round(time.monotonic() - self.started, 1)})
 
     async def _positions(self, request: web.Request) -> web.Response:
         out = []
@@ -223,6 +241,13 @@ def metrics_text(service: Service) -> str:
 
     states: list[tuple[dict[str, str], float]] = []
     moves, failures, unprotected, reconnects, healthy, sync_runs, sync_ms = [], [], [], [], [], [], []
+    degraded: list[tuple[dict[str, str], float]] = []
+    unprotected_now: list[tuple[dict[str, str], float]] = []
+    repairs: list[tuple[dict[str, str], float]] = []
+    sources: list[tuple[dict[str, str], float]] = []
+    amended: list[tuple[dict[str, str], float]] = []
+    backlog: list[tuple[dict[str, str], float]] = []
+    storage_failures: list[tuple[dict[str, str], float]] = []
     for name, runtime in service.accounts.items():
         counts = Counter(p.state for p in runtime.engine.positions.values() if p.account == name)
         states += [({"account": name, "state": s.value}, counts.get(s, 0)) for s in PositionState if not s.is_terminal]
@@ -230,7 +255,16 @@ def metrics_text(service: Service) -> str:
         if live is not None:
             moves.append(({"account": name}, live.stats.stop_moves))
             failures.append(({"account": name}, live.stats.stop_move_failures))
-            unprotected.append(({"account": name}, round(sum(live.stats.unprotected_ms), 3)))
+            unprotected.append(({"account": name}, round(live.stats.unprotected_ms.total, 3)))
+            reasons = live.health_reasons()
+            degraded.append(({"account": name}, 1 if reasons else 0))
+            unprotected_now.append(({"account": name}, len(live.unprotected())))
+            repairs += [({"account": name, "repair": k}, n) for k, n in sorted(live.stats.protection_repairs.items())]
+            sources += [({"account": name, "source": k}, n) for k, n in sorted(live.stats.cause_sources.items())]
+            amended.append(({"account": name}, live.stats.closures_amended))
+        books = runtime.engine.books
+        backlog.append(({"account": name}, books.behind))
+        storage_failures.append(({"account": name}, books.stats.failures))
         for stream, count in runtime.exchange.reconnects.items():
             reconnects.append(({"account": name, "stream": stream}, count))
         for stream, health in runtime.exchange.health.items():
@@ -246,6 +280,23 @@ def metrics_text(service: Service) -> str:
     metric("lifecycle_stop_move_failures_total", "counter", "Stop placements or moves that failed.", failures)
     metric("lifecycle_unprotected_window_ms_total", "counter",
            "Milliseconds without a stop during cancel-then-place moves (venues refusing a second stop).", unprotected)
+    metric("lifecycle_degraded", "gauge", "1 while /health is degraded for the account (see its reasons).", degraded)
+    metric("lifecycle_unprotected_positions", "gauge",
+           "Positions holding exposure with no working stop of ours known.", unprotected_now)
+    metric("lifecycle_protection_repairs_total", "counter", "Repairs made by the protection audit, by kind.",
+           repairs)
+    metric("lifecycle_storage_backlog", "gauge", "Writes waiting for the database (it failed or was slow).",
+           backlog)
+    metric("lifecycle_storage_failures_total", "counter", "Failed or timed-out database writes.", storage_failures)
+    metric("lifecycle_closure_cause_sources_total", "counter",
+           "Where closure causes came from: fill_update, algo_update, rest, none, state.", sources)
+    metric("lifecycle_closures_amended_total", "counter", "Unknown closure causes explained by a late fill.",
+           amended)
+    records = service.records
+    metric("lifecycle_records_failing", "gauge", "1 while records cannot be written.",
+           [({}, 1 if records is not None and records.failing else 0)])
+    metric("lifecycle_records_pending", "gauge", "Record lines waiting to be written.",
+           [({}, records.pending if records is not None else 0)])
     metric("lifecycle_stream_reconnects_total", "counter", "Stream reconnections.", reconnects)
     metric("lifecycle_stream_healthy", "gauge", "1 when the stream is subscribed and live.", healthy)
     metric("lifecycle_job_runs_total", "counter", "Scheduled job runs by outcome.", sync_runs)

@@ -10,6 +10,7 @@ commit leaves the live position exactly as it was.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime
 from decimal import Decimal
@@ -17,12 +18,14 @@ from decimal import Decimal
 from loguru import logger
 
 from lifecycle.actions import Action, CancelWorkingOrders, DropPosition, EmitClosure, ReleaseStopLock
+from lifecycle.books import Books
 from lifecycle.domain import OrderRef, OrderStatus, Position, Side, TrailingState, new_position_id, utcnow
 from lifecycle.errors import (
     ConcurrentModification,
     DuplicateLivePosition,
     InvalidEvent,
     OrderAlreadyGone,
+    StorageUnavailable,
     TransitionRefused,
     UndefinedTransition,
     UnknownPosition,
@@ -48,8 +51,11 @@ class Engine:
         machine: PositionMachine | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = utcnow,
+        books: Books | None = None,
     ) -> None:
         self.store = store
+        # Writes after the venue acted go through the books: a failing database never holds up protection.
+        self.books = books or Books()
         self.canceller = canceller
         self.records = records
         self.locks = locks or StopLockRegistry()
@@ -94,7 +100,15 @@ class Engine:
             trailing=trailing,
         )
         creation = JournalEntry(position.id, 0, CREATED, None, position.state, now, None, creation_payload(position))
-        await self.store.insert_position(position, creation)
+        if self.books.behind:
+            raise StorageUnavailable(f"the database is failing ({self.books.failing}); no new position is opened "
+                                     "until it is back")
+        try:
+            await self.store.insert_position(position, creation)
+        except DuplicateLivePosition:
+            raise
+        except Exception as e:  # a new exposure the books cannot record is not taken
+            raise StorageUnavailable(f"the database cannot record a new position: {type(e).__name__}") from e
         self._add_live(position)
         logger.info("{} {} {} {} created in {}", account, symbol, side, position.id, position.state)
         return position
@@ -147,8 +161,16 @@ class Engine:
         return outcome
 
     async def _commit(self, draft: Position, outcome: Outcome) -> None:
+        # The committed draft is not changed after this (later events work on clones; only its working-order
+        # dict, which a commit does not write, is), so a queued retry can write it as it is.
+        seq = outcome.journal.seq
+
+        async def written() -> bool:
+            stored = await self.store.get_position(draft.id)
+            return stored is not None and stored.seq >= seq
+
         try:
-            await self.store.commit(draft, outcome)
+            await self.books.write(f"commit {draft.id} #{seq}", lambda: self.store.commit(draft, outcome), written)
         except ConcurrentModification:
             await self._reload(draft.id)  # another writer moved it on: take the stored truth, then refuse
             raise
@@ -194,7 +216,7 @@ class Engine:
             position = self.positions.get(position_id)
             if position is None:
                 raise UnknownPosition(f"position {position_id} is no longer live")
-            await self.store.save_order(order, self.clock())
+            await self._save_order(order)
             if order.status.is_final:  # kept in the database; memory holds working orders only
                 position.orders.pop(order.client_id, None)
             else:
@@ -223,6 +245,10 @@ class Engine:
         return counts
 
     # --- internals ----------------------------------------------------------------------------
+
+    async def _save_order(self, order: OrderRef) -> None:
+        frozen, now = replace(order), self.clock()  # the caller's OrderRef may change before a queued retry
+        await self.books.write(f"order {order.client_id}", lambda: self.store.save_order(frozen, now))
 
     def _add_live(self, position: Position) -> None:
         self.positions[position.id] = position
@@ -261,7 +287,7 @@ class Engine:
                         await self.canceller.cancel_order(order)
                     except OrderAlreadyGone:  # filled, expired or cancelled meanwhile: nothing left to do
                         order.status = OrderStatus.CANCELED  # no longer working; the stream says how it ended
-                        await self.store.save_order(order, self.clock())
+                        await self._save_order(order)
                         logger.info("leftover {} order {} of {} was already gone", order.purpose, order.client_id,
                                     order.position_id)
                         continue
@@ -271,7 +297,7 @@ class Engine:
                                      order.client_id, order.position_id, type(e).__name__, e)
                         continue
                     order.status = OrderStatus.CANCELED
-                    await self.store.save_order(order, self.clock())
+                    await self._save_order(order)
                     logger.info("cancelled leftover {} order {} of {}", order.purpose, order.client_id,
                                 order.position_id)
         elif isinstance(action, EmitClosure):

@@ -61,3 +61,16 @@ class OrderAlreadyGone(LifecycleError):
     Exchange adapters raise a subclass of it, so terminal cleanup can tell "nothing left to cancel"
     from a failure without importing any exchange code.
     """
+
+
+class StorageUnavailable(LifecycleError):
+    """The database cannot take a write that must precede an order (a new position): nothing was sent.
+
+    Writes that follow an order (a transition, an order row) never raise this: they are queued and
+    written once the database is back (see `lifecycle.books`).
+    """
+
+
+class PositionConflict(LifecycleError):
+    """The venue nets one symbol's positions (one-way mode): an opposite-side open would reduce or flip a
+    live position of ours, so it is refused."""

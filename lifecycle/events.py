@@ -126,6 +126,9 @@ class CloseRequested(Event):
         object.__setattr__(self, "reason", _member(CloseReason, "reason", self.reason))
 
 
+CAUSE_SOURCES = ("fill_update", "algo_update", "rest", "none")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Flat(Event):
     """The exchange reports quantity 0 for this position."""
@@ -137,9 +140,14 @@ class Flat(Event):
     realized_pnl: Decimal | None = None  # of the flattening fill, as the exchange reports it
     fee: Decimal | None = None
     exchange_ts_ms: int | None = None  # when the exchange reported the flat (detection latency starts here)
+    # Where the cause was learnt: fill_update (the flattening fill on the stream), algo_update (our own
+    # conditional order's TRIGGERED/FINISHED), rest (userTrades and the order by id), none (not known).
+    cause_source: str | None = None
 
     def __post_init__(self) -> None:
         _positive("exit_price", self.exit_price)
+        if self.cause_source is not None and self.cause_source not in CAUSE_SOURCES:
+            raise InvalidEvent(f"cause_source must be one of {', '.join(CAUSE_SOURCES)}; got {self.cause_source!r}")
         if self.cause is not None:
             object.__setattr__(self, "cause", _member(CloseCause, "cause", self.cause))
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -41,12 +41,20 @@ from typing import Any
 from loguru import logger
 
 from exchange import errors as xerr
-from exchange.port import ExchangePort, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.port import ExchangePort, Fill, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import make_client_id, parse_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus, Position, Side, TrailingState
 from lifecycle.engine import Engine
-from lifecycle.errors import EngineStopping, InvalidEvent, OrderAlreadyGone, TransitionRefused, UnknownPosition
+from lifecycle.errors import (
+    EngineStopping,
+    InvalidEvent,
+    OrderAlreadyGone,
+    PositionConflict,
+    StorageUnavailable,
+    TransitionRefused,
+    UnknownPosition,
+)
 from lifecycle.events import (
     CloseFailed,
     CloseRequested,
@@ -75,6 +83,7 @@ class LiveConfig:
     trail_min_step_pct: Decimal = Decimal("0.02")  # a trailing move must improve the stop by this % of it
     trail_min_interval_s: float = 1.0  # at most one trailing move per position per interval
     cause_wait_s: float = 0.5  # how long a flat waits for the fill that explains it
+    cause_rest_timeout_s: float = 2.0  # then REST is asked for the fill, at most this long
     close_retries: int = 3  # a rejected bot close is retried this many times
     stop_retries: int = 3  # a stop placement failing transiently is retried this many times
     retry_backoff_s: float = 0.5
@@ -85,6 +94,7 @@ class LiveConfig:
             "trail_min_step_pct": Decimal(0) <= self.trail_min_step_pct < Decimal(100),
             "trail_min_interval_s": self.trail_min_interval_s >= 0,
             "cause_wait_s": 0 <= self.cause_wait_s <= 10,
+            "cause_rest_timeout_s": 0 < self.cause_rest_timeout_s <= 60,
             "close_retries": self.close_retries >= 0,
             "stop_retries": self.stop_retries >= 0,
             "retry_backoff_s": self.retry_backoff_s >= 0,
@@ -148,13 +158,36 @@ class _SeenFill:
 
 
 @dataclass
+class Tally:
+    """A bounded running summary (count, sum, max, the newest `keep` values): never grows with the run."""
+
+    keep: int = 1000
+    count: int = 0
+    total: float = 0.0
+    largest: float = 0.0
+    recent: deque[float] = field(default_factory=deque)
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        self.largest = max(self.largest, value)
+        self.recent.append(value)
+        while len(self.recent) > self.keep:
+            self.recent.popleft()
+
+
+@dataclass
 class LiveStats:
     stop_moves: int = 0
     stop_move_failures: int = 0
     stops_crossed: int = 0
     exchange_errors: int = 0
-    unprotected_ms: list[float] = field(default_factory=list)  # one per cancel-then-place fallback
-    calls_per_move: list[int] = field(default_factory=list)
+    unprotected_ms: Tally = field(default_factory=Tally)  # one value per cancel-then-place fallback
+    calls_per_move: Tally = field(default_factory=Tally)
+    protection_repairs: Counter[str] = field(default_factory=Counter)  # what the protection audit repaired
+    audits: int = 0
+    cause_sources: Counter[str] = field(default_factory=Counter)  # where closure causes came from
+    closures_amended: int = 0
 
 
 class LiveEngine:
@@ -176,11 +209,19 @@ class LiveEngine:
         self._watch: dict[str, dict[str, _Watch]] = {}  # symbol -> position id -> watch
         self._plans: dict[str, OpenCommand] = {}  # open commands whose initial stop is not placed yet
         self._entries_done: set[str] = set()
+        self._entry_tasks: dict[str, asyncio.Task[Any]] = {}  # entry fills being taken in
+        self._entry_fills: dict[str, OrderSnapshot] = {}  # the newest fill seen of each entry
+        self._unprotected_since: dict[str, float] = {}  # position id -> monotonic time first seen unprotected
+        self._doubted: str | None = None  # why REST made the private stream doubted
+        self._resubscribed_generation = -1  # the client generation a doubt last recreated
         self._trimming: set[str] = set()  # partly filled entries whose rest is being cancelled
         self._entry_at: dict[str, datetime] = {}  # exchange time of the entry fill, per position
         self._fills: dict[str, deque[_SeenFill]] = {}
         self._fill_signal: dict[str, asyncio.Event] = {}
         self._triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
+        self._fired: dict[str, str] = {}  # position id -> client id of our stop / take-profit that fired
+        # Closed with cause unknown, recently: a late fill amends them (position, monotonic time of the close).
+        self._unexplained: OrderedDict[str, tuple[Position, float]] = OrderedDict()
         self._ticks: dict[str, Decimal] = {}
         self._single_stop: set[str] = set()  # symbols where the venue refused a second stop
         self._gone: OrderedDict[str, None] = OrderedDict()  # our stops the stream reported cancelled/expired
@@ -299,6 +340,12 @@ class LiveEngine:
             except Exception as e:  # one bad update must not stop the stream
                 logger.exception("{} {} update could not be handled: {}: {}", self.account, name, type(e).__name__, e)
 
+    def _spoke(self) -> None:
+        """The private stream delivered something: it is not silent (any doubt is lifted)."""
+        if self._doubted is not None:
+            logger.info("{}: the private stream delivers again; no longer doubted", self.account)
+            self._doubted = None
+
     def _on_resynced(self, item: Resynced) -> None:
         """A (re)subscribed stream and the REST snapshot taken right after: the truth to start from.
 
@@ -310,6 +357,12 @@ class LiveEngine:
         if item.stream in self._ready:
             self._ready[item.stream].set()
         logger.info("{} {} stream live ({})", self.account, item.stream, item.reason)
+        if item.stream == "positions" and self._doubted is not None:
+            logger.info("{}: the private stream is subscribed anew; no longer doubted", self.account)
+            self._doubted = None
+        if item.reason != "connected" and item.stream in self._ready:
+            # Every resync is also checked by the protection audit (what the stream missed meanwhile).
+            self._spawn(self._audit_quietly("after a resync"), "protection audit after a resync")
         if item.snapshot is None:
             return
         tracked = [p for p in self.engine.positions.values() if p.account == self.account and p.state in FLATTENABLE]
@@ -378,16 +431,17 @@ class LiveEngine:
             self._commands -= 1
 
     async def _open(self, command: OpenCommand) -> Position:
-        if command.symbol not in self.symbols:
-            raise InvalidEvent(f"{command.symbol} is not one of the watched symbols {self.symbols}")
+        self._check_open(command)  # before any row: a refused command leaves nothing behind
         position = await self.engine.open_position(account=self.account, symbol=command.symbol, side=command.side,
                                                    quantity=command.quantity, trailing=command.trailing())
         self._plans[position.id] = command
         client_id = make_client_id(position.id, OrderPurpose.ENTRY, 0)
         ref = OrderRef(client_id, position.id, command.symbol, OrderPurpose.ENTRY, _entry_side(command.side),
                        command.quantity, OrderStatus.NEW, trigger_price=command.entry_price)
-        await self.engine.track_order(position.id, ref)  # known before it is sent: a crash can look it up
         try:
+            await self.engine.track_order(position.id, ref)  # known before it is sent: a crash can look it up
+            if self.engine.books.behind:  # the entry's row is not in the database: take no new exposure
+                raise StorageUnavailable(f"the database is failing ({self.engine.books.failing}); entry not sent")
             answer = await self.exchange.place_entry(command.symbol, command.side, command.quantity, client_id,
                                                      command.entry_price)
         except xerr.Retryable as e:
@@ -396,14 +450,78 @@ class LiveEngine:
                            command.symbol, position.id, _short(e))
             self._spawn(self._find_entry(position.id, ref), f"entry lookup of {position.id}")
             return position
-        except xerr.ExchangeError as e:
-            self.stats.exchange_errors += 1
-            logger.error("{} {} {} entry rejected: {}", self.account, command.symbol, position.id, e)
-            await self._set_order_status(position.id, client_id, OrderStatus.REJECTED)
-            await self.engine.fire_if(position.id, EntryFailed(reason=_short(e)), only_in={S.OPENING})
+        except asyncio.CancelledError:  # the entry may be on its way: look it up rather than assume
+            self._spawn(self._find_entry(position.id, ref), f"entry lookup of {position.id}", essential=True)
+            raise
+        except Exception as e:
+            # Rejected, refused before sending, or a failure of our own: nothing is working on the venue for
+            # it (a Retryable above is the only answer that may hide an accepted order), so it ends CANCELLED
+            # and never blocks the symbol.
+            if isinstance(e, xerr.ExchangeError):
+                self.stats.exchange_errors += 1
+                logger.error("{} {} {} entry rejected: {}", self.account, command.symbol, position.id, e)
+            else:
+                logger.error("{} {} {} entry not sent: {}: {}", self.account, command.symbol, position.id,
+                             type(e).__name__, _short(e))
+            self._plans.pop(position.id, None)
+            await asyncio.shield(self._entry_not_sent(position.id, client_id, _short(e)))
             raise
         self._handle_entry_update(position.id, answer)
         return position
+
+    async def _entry_not_sent(self, position_id: str, client_id: str, why: str) -> None:
+        await self._set_order_status(position_id, client_id, OrderStatus.REJECTED)
+        await self.engine.fire_if(position_id, EntryFailed(reason=why[:200] or "entry not sent"),
+                                  only_in={S.OPENING})
+
+    def _check_open(self, command: OpenCommand) -> None:
+        """Refuse what the venue would refuse, or what would hurt, before anything is created or sent."""
+        if command.symbol not in self.symbols:
+            raise InvalidEvent(f"{command.symbol} is not one of the watched symbols {self.symbols}")
+        other = Side.SHORT if command.side is Side.LONG else Side.LONG
+        held = self.engine.live_position(self.account, command.symbol, other)
+        if held is not None:
+            # One-way mode nets a symbol's orders: this entry would reduce or flip our own position.
+            raise PositionConflict(f"{self.account} {command.symbol}: a {other.value} position of ours is live "
+                                   f"({held.id}, {held.state.value}); the venue nets one symbol in one-way mode, so "
+                                   f"a {command.side.value} cannot be opened until it has ended")
+        rules = self.exchange.order_rules(command.symbol)
+        quantity = command.quantity
+        if rules.step is not None and rules.step > 0 and quantity % rules.step != 0:
+            raise InvalidEvent(f"quantity {quantity} is not a multiple of {command.symbol}'s step {rules.step}")
+        if rules.min_quantity is not None and quantity < rules.min_quantity:
+            raise InvalidEvent(f"quantity {quantity} is below {command.symbol}'s minimum {rules.min_quantity}")
+        if rules.max_quantity is not None and quantity > rules.max_quantity:
+            raise InvalidEvent(f"quantity {quantity} is above {command.symbol}'s maximum {rules.max_quantity}")
+        for name in ("entry_price", "take_profit", "trailing_activation"):
+            price = getattr(command, name)
+            if price is None:
+                continue
+            if rules.max_price is not None and price > rules.max_price:
+                raise InvalidEvent(f"{name} {price} is above {command.symbol}'s maximum price {rules.max_price}")
+            if rules.min_price is not None and price < rules.min_price:
+                raise InvalidEvent(f"{name} {price} is below {command.symbol}'s minimum price {rules.min_price}")
+        if command.entry_price is not None and command.entry_price % rules.tick != 0:
+            raise InvalidEvent(f"entry_price {command.entry_price} is not a multiple of {command.symbol}'s tick "
+                               f"{rules.tick}")
+        mark = self.marks.get(command.symbol)
+        reference = command.entry_price or mark
+        if rules.min_notional is not None and reference is not None and quantity * reference < rules.min_notional:
+            raise InvalidEvent(f"order value {quantity * reference} is below {command.symbol}'s minimum "
+                               f"{rules.min_notional}")
+        if command.take_profit is not None:
+            if mark is None:
+                raise InvalidEvent(f"no mark price for {command.symbol} yet; a take-profit cannot be checked")
+            sign = 1 if command.side is Side.LONG else -1
+            for what, price in (("the mark", mark), ("the entry price", command.entry_price)):
+                if price is not None and (command.take_profit - price) * sign <= 0:
+                    raise InvalidEvent(f"take_profit {command.take_profit} is on the wrong side of {what} {price} "
+                                       f"for a {command.side.value}: it would close at once")
+            if not mark / 10 <= command.take_profit <= mark * 10:
+                raise InvalidEvent(f"take_profit {command.take_profit} is more than ten times away from the mark "
+                                   f"{mark}")
+        if command.entry_price is not None and mark is not None and not mark / 10 <= command.entry_price <= mark * 10:
+            raise InvalidEvent(f"entry_price {command.entry_price} is more than ten times away from the mark {mark}")
 
     async def _find_entry(self, position_id: str, ref: OrderRef) -> None:
         """After an unconfirmed entry: the venue's answer for its client id decides (stream updates may too).
@@ -694,6 +812,7 @@ class LiveEngine:
     # --- stream handlers (synchronous: they decide, background tasks act) ------------------------
 
     def on_position(self, snap: PositionSnapshot) -> None:
+        self._spoke()
         self.live[snap.symbol] = snap
         for side in (Side.LONG, Side.SHORT):
             position = self.engine.live_position(self.account, snap.symbol, side)
@@ -712,6 +831,7 @@ class LiveEngine:
                                snap.symbol, position.id, abs(snap.amount), position.quantity)
 
     def on_order(self, order: OrderSnapshot) -> None:
+        self._spoke()
         client_id = order.client_id
         if order.algo_id is not None and order.exchange_order_id and client_id:
             self._triggered[order.exchange_order_id] = client_id
@@ -723,12 +843,19 @@ class LiveEngine:
             fills = self._fills.setdefault(order.symbol, deque(maxlen=64))
             fills.append(_SeenFill(client_id, order))
             self._fill_signal.setdefault(order.symbol, asyncio.Event()).set()
+            if self._unexplained:
+                self._amend(order, client_id)
         ours = parse_client_id(client_id)
         if ours is None:
             return
         position = self.engine.positions.get(ours.position_id)
         if position is None:
             return
+        if order.algo_id is not None and ours.purpose in (OrderPurpose.STOP, OrderPurpose.TAKE_PROFIT) and (
+                order.exchange_order_id or order.status is OrderStatus.FILLED):
+            # Our conditional order fired (TRIGGERED carries the order it placed; FINISHED is filled): if the
+            # position is seen flat before that order's fill update, this is its cause.
+            self._fired[position.id] = client_id or ""
         if ours.purpose is OrderPurpose.ENTRY:
             self._handle_entry_update(position.id, order)
             return
@@ -768,10 +895,16 @@ class LiveEngine:
     def _handle_entry_update(self, position_id: str, order: OrderSnapshot) -> None:
         if position_id in self._entries_done:
             return
+        if order.filled > 0:
+            self._entry_fills[position_id] = order
         if order.status is OrderStatus.FILLED or (order.status.is_final and order.filled > 0):
             self._entries_done.add(position_id)
             self._entry_at[position_id] = order.at
-            self._spawn(self._entry_filled(position_id, order), f"entry fill of {position_id}")
+            task = self._spawn(self._entry_filled(position_id, order), f"entry fill of {position_id}",
+                               essential=True)
+            if task is not None:
+                self._entry_tasks[position_id] = task
+                task.add_done_callback(lambda t: self._entry_fill_ended(position_id, t))
         elif order.status.is_final:
             self._entries_done.add(position_id)
             self._spawn(self.engine.fire_if(position_id, EntryFailed(reason=f"entry {order.status.value}"),
@@ -783,14 +916,27 @@ class LiveEngine:
             logger.info("{} {} entry partly filled ({}); cancelling the rest", self.account, position_id, order.filled)
             self._spawn(self._cancel_entry(position_id), f"entry trim of {position_id}")
 
+    def _entry_fill_ended(self, position_id: str, task: asyncio.Task[Any]) -> None:
+        if self._entry_tasks.get(position_id) is task:
+            del self._entry_tasks[position_id]
+        failed = task.cancelled() or task.exception() is not None
+        position = self.engine.positions.get(position_id)
+        if failed and position is not None and position.state is S.OPENING:
+            # Not taken in: a later update of the entry, or the protection audit, tries again.
+            self._entries_done.discard(position_id)
+            logger.critical("{} {} {}: the entry filled but could not be taken in; retried by the next update or "
+                            "the protection audit", self.account, position.symbol, position_id)
+
     async def _entry_filled(self, position_id: str, order: OrderSnapshot) -> None:
         price = order.average_price or order.trigger_price
         if price is None:
             raise InvalidEvent(f"entry fill of {position_id} without a price")
-        await self._set_order_status(position_id, order.client_id or "", OrderStatus.FILLED)
         outcome = await self.engine.fire_if(position_id, EntryFilled(
             quantity=order.filled, price=price, exchange_order_id=order.exchange_order_id),
             only_in={S.OPENING, S.CLOSING_BY_BOT})
+        # Protection first; the entry order's own row is bookkeeping and follows in the background.
+        self._spawn(self._set_order_status(position_id, order.client_id or "", OrderStatus.FILLED),
+                    f"entry status of {position_id}", essential=True)
         if outcome is None:
             return
         if outcome.dest is S.CLOSING_BY_BOT:
@@ -814,12 +960,7 @@ class LiveEngine:
                 not replace_unrecorded and any(o.purpose is OrderPurpose.STOP for o in position.working_orders())):
             return
         plan = self._plans.pop(position_id, None)
-        pct = plan.stop_loss_pct if plan and plan.stop_loss_pct is not None else self.config.default_stop_loss_pct
-        factor = 1 - pct / 100 if position.side is Side.LONG else 1 + pct / 100
-        target = self._round_stop(position.side, position.symbol, position.entry_price * factor)
-        mark = self.marks.get(position.symbol)
-        if from_mark_if_crossed and mark is not None and not is_stop_on_safe_side(position.side, target, mark):
-            target = self._round_stop(position.side, position.symbol, mark * factor)
+        target = self._initial_target(position, plan, from_mark_if_crossed=from_mark_if_crossed)
         placed = await self._request_stop(position_id, target, None, "initial")
         if placed == "failed":
             logger.error("{} {} {}: no stop could be placed; closing at market (unprotected)", self.account,
@@ -830,6 +971,19 @@ class LiveEngine:
         self._watch_position(self.engine.positions.get(position_id) or position)
         if plan is not None and plan.take_profit is not None and placed == "placed":
             await self._place_take_profit(position_id, plan.take_profit)
+
+    def _initial_target(self, position: Position, plan: OpenCommand | None = None, *,
+                        from_mark_if_crossed: bool = False) -> Decimal:
+        """The first stop: the open command's distance (else the default) from the entry, to the tick; from
+        the mark instead when asked and that stop would already be crossed."""
+        assert position.entry_price is not None
+        pct = plan.stop_loss_pct if plan and plan.stop_loss_pct is not None else self.config.default_stop_loss_pct
+        factor = 1 - pct / 100 if position.side is Side.LONG else 1 + pct / 100
+        target = self._round_stop(position.side, position.symbol, position.entry_price * factor)
+        mark = self.marks.get(position.symbol)
+        if from_mark_if_crossed and mark is not None and not is_stop_on_safe_side(position.side, target, mark):
+            target = self._round_stop(position.side, position.symbol, mark * factor)
+        return target
 
     async def _place_take_profit(self, position_id: str, price: Decimal) -> None:
         """Under the symbol lock too: terminal cleanup waits for it, so it cannot outlive the position."""
@@ -872,20 +1026,96 @@ class LiveEngine:
         position = self.engine.positions.get(position_id)  # as it is now, after the wait
         if position is None:
             return
+        trailing_active = position.trailing is not None and position.trailing.active
         cause: CloseCause | None = CloseCause.UNKNOWN
+        source = "none"
+        exit_price = order_id = realized = fee = None
         if fill is not None:
-            trailing_active = position.trailing is not None and position.trailing.active
             cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
+            source = "fill_update"
+            order = fill.order
+            exit_price, order_id, realized, fee = order.average_price, order.exchange_order_id, order.realized_pnl, \
+                order.fee
+        elif position.state is not S.CLOSING_BY_BOT:
+            # The fill update is late (or lost): our own conditional order saying it fired, then REST.
+            fired = self._fired.get(position_id)
+            if fired is not None:
+                cause = classify_close(fired, position_id=position_id, trailing_was_active=trailing_active)
+                source = "algo_update"
+            else:
+                found = await self._rest_cause(position)
+                if found is not None:
+                    rest_fill, client_id = found
+                    cause = classify_close(client_id, position_id=position_id, trailing_was_active=trailing_active)
+                    source = "rest"
+                    exit_price, order_id, realized, fee = rest_fill.price, rest_fill.order_id, \
+                        rest_fill.realized_pnl, rest_fill.fee
         if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN:
-            cause = None  # our close is in flight: the state's default (bot) applies
+            cause, source = None, "none"  # our close is in flight: the state's default (bot) applies
         elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
             cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
-        order = fill.order if fill is not None else None
-        await self.engine.fire_if(position_id, Flat(
-            cause=cause, exit_price=order.average_price if order else None,
-            exchange_order_id=order.exchange_order_id if order else None,
-            realized_pnl=order.realized_pnl if order else None, fee=order.fee if order else None,
-            exchange_ts_ms=int(snap.at.timestamp() * 1000)), only_in=FLATTENABLE)
+        outcome = await self.engine.fire_if(position_id, Flat(
+            cause=cause, exit_price=exit_price, exchange_order_id=order_id, realized_pnl=realized, fee=fee,
+            exchange_ts_ms=int(snap.at.timestamp() * 1000), cause_source=source), only_in=FLATTENABLE)
+        if outcome is not None:
+            self._closed_with_cause(position, cause, source)
+
+    def _closed_with_cause(self, position: Position, cause: CloseCause | None, source: str) -> None:
+        """Count where causes come from; remember an unexplained close, so a late fill can amend it."""
+        self.stats.cause_sources[source if cause is not None else "state"] += 1
+        if cause is CloseCause.UNKNOWN:
+            self._unexplained[position.id] = (position, self.monotonic())
+            while len(self._unexplained) > 1000:
+                self._unexplained.popitem(last=False)
+
+    async def _rest_cause(self, position: Position) -> tuple[Fill, str | None] | None:
+        """The flattening fill from REST, bounded in time: a REST outage must not hold up the close."""
+        try:
+            return await asyncio.wait_for(self.rest_closing_fill(position), self.config.cause_rest_timeout_s)
+        except (xerr.ExchangeError, asyncio.TimeoutError) as e:
+            logger.warning("{} {} {}: the closing fill could not be read from REST ({}); cause unknown for now",
+                           self.account, position.symbol, position.id, _short(e) or "timeout")
+            return None
+
+    async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
+        """The newest fill on the closing side since the position was opened, with its order's client id
+        (from the stream's memory, else the order by id), from REST; None when there is none."""
+        fills = await self.exchange.fills(position.symbol, position.created_at)
+        closing = _exit_side(position.side)
+        candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
+        if not candidates:
+            return None
+        fill = max(candidates, key=lambda f: f.at)
+        known = self.client_id_of(fill.order_id)
+        if known is not None:
+            return fill, known
+        order = await self.exchange.order(position.symbol, fill.order_id)
+        return fill, order.client_id
+
+    def _amend(self, order: OrderSnapshot, client_id: str | None) -> None:
+        """A fill that arrives after its position was closed with cause `unknown` explains that close: the
+        closure is amended by a `closure_amended` record (the journal stays as it was)."""
+        for position_id, (position, closed_at) in list(self._unexplained.items()):
+            if position.symbol != order.symbol or order.side != _exit_side(position.side):
+                continue
+            if self.monotonic() - closed_at > 600 or order.at < position.created_at:
+                continue
+            del self._unexplained[position_id]
+            cause = classify_close(client_id, position_id=position_id,
+                                   trailing_was_active=position.trailing is not None and position.trailing.active)
+            if cause in (CloseCause.BOT, CloseCause.UNKNOWN):
+                return
+            self.stats.closures_amended += 1
+            self.engine.records.emit({
+                "event": "closure_amended", "account": self.account, "symbol": position.symbol,
+                "position_id": position_id, "at": self.engine.clock().isoformat(), "cause_before": "unknown",
+                "cause": cause.value, "cause_source": "late_fill_update", "exchange_order_id": order.exchange_order_id,
+                "client_order_id": client_id, "exit_price": _s(order.average_price),
+                "realized_pnl": _s(order.realized_pnl), "fee": _s(order.fee),
+            })
+            logger.warning("{} {} {}: closure cause amended: unknown -> {} (the fill update came late)",
+                           self.account, position.symbol, position_id, cause.value)
+            return
 
     async def _closing_fill(self, position: Position, snap: PositionSnapshot) -> _SeenFill | None:
         """The fill that flattened the position: the newest unused fill on the closing side of the symbol,
@@ -977,6 +1207,9 @@ class LiveEngine:
             self._trimming.discard(position.id)
             self._entry_at.pop(position.id, None)
             self._missing.pop(position.id, None)
+            self._fired.pop(position.id, None)
+            self._entry_fills.pop(position.id, None)
+            self._unprotected_since.pop(position.id, None)
             for purpose in OrderPurpose:
                 self._attempts.pop((position.id, purpose), None)
 
@@ -1170,9 +1403,9 @@ class LiveEngine:
             if moved is None:
                 return "skipped"  # the position ended meanwhile; its cleanup cancels the new stop
         self.stats.stop_moves += 1
-        self.stats.calls_per_move.append(calls)
+        self.stats.calls_per_move.add(calls)
         if how == "cancel_then_place":
-            self.stats.unprotected_ms.append(window_ms)
+            self.stats.unprotected_ms.add(window_ms)
         self.engine.records.emit({
             "event": "stop_move", "account": self.account, "symbol": symbol, "position_id": position_id,
             "at": self.engine.clock().isoformat(), "mode": mode, "how": how, "side": side.value,
@@ -1254,6 +1487,234 @@ class LiveEngine:
         self._own_cancels[order.client_id] = None
         while len(self._own_cancels) > 10_000:
             self._own_cancels.popitem(last=False)
+
+    # --- protection audit and health -----------------------------------------------------------
+
+    def unprotected(self) -> list[Position]:
+        """Positions of ours that memory knows to hold exposure without a working stop of ours: OPEN or
+        TS_ACTIVE without one, or OPENING with an entry fill that was not taken in."""
+        out = []
+        for position in list(self.engine.positions.values()):
+            if position.account != self.account:
+                continue
+            if position.state in PROTECTED:
+                if not any(o.purpose is OrderPurpose.STOP and o.client_id not in self._gone
+                           for o in position.working_orders()):
+                    out.append(position)
+            elif position.state is S.OPENING and position.id in self._entry_fills \
+                    and position.id not in self._entry_tasks:
+                out.append(position)
+        return out
+
+    async def check_protection(self, *, grace_s: float = 1.0) -> list[str]:
+        """Every sync tick: a CRITICAL line for each position unprotected longer than `grace_s` (repeated
+        while it lasts), and a repair under the symbol lock. Returns the ids found unprotected."""
+        now = self.monotonic()
+        found = self.unprotected()
+        ids = {p.id for p in found}
+        for pid in [pid for pid in self._unprotected_since if pid not in ids]:
+            del self._unprotected_since[pid]
+        late = []
+        for position in found:
+            since = self._unprotected_since.setdefault(position.id, now)
+            if now - since < grace_s:
+                continue  # a stop being placed right now (an entry fill a moment ago)
+            late.append(position.id)
+            logger.critical("{} {} {}: UNPROTECTED for {:.1f} s: {} {} with no working stop of ours; repairing",
+                            self.account, position.symbol, position.id, now - since, position.state.value,
+                            position.quantity)
+        if not self._recovered.is_set() or self._stopped:
+            return late
+        for position_id in late:
+            try:
+                await self._repair_protection(position_id, "no working stop known")
+            except Exception as e:  # noqa: BLE001 - the next tick tries again; the CRITICAL line goes on
+                logger.error("{} {}: protection repair failed: {}: {}", self.account, position_id,
+                             type(e).__name__, _short(e))
+        return late
+
+    async def audit_protection(self, positions: list[PositionSnapshot] | None = None) -> dict[str, int]:
+        """The protection audit: for every position of ours the venue shows, exactly one working stop of
+        ours at the recorded price and size; what is not so is repaired under the symbol lock (missing:
+        placed; extra: cancelled; wrong price or size: synced; an entry fill not taken in: taken in and
+        protected), each repair recorded. Uses the venue's own lists, not memory."""
+        counts = {"checked": 0, "repaired": 0}
+        if not self._recovered.is_set() or self._stopped:
+            return counts
+        self.stats.audits += 1
+        snapshot = positions if positions is not None else await self.exchange.positions()
+        shown = {(s.symbol, s.side) for s in snapshot}
+        stops: dict[str, list[OrderSnapshot]] = {}
+        for order in await self.exchange.open_orders():
+            ours = parse_client_id(order.client_id)
+            if ours is not None and ours.purpose is OrderPurpose.STOP:
+                stops.setdefault(ours.position_id, []).append(order)
+        for position in [p for p in list(self.engine.positions.values()) if p.account == self.account]:
+            if (position.symbol, position.side) not in shown:
+                continue  # absence is reconciliation's to settle
+            counts["checked"] += 1
+            if position.state is S.OPENING:
+                if await self._audit_opening(position):
+                    counts["repaired"] += 1
+                continue
+            if position.state not in PROTECTED:
+                continue  # a close in flight keeps its stop until the flat
+            mine = stops.get(position.id, [])
+            recorded = {o.client_id for o in position.working_orders() if o.purpose is OrderPurpose.STOP}
+            if len(mine) == 1 and mine[0].client_id in recorded and position.stop_price is not None and \
+                    mine[0].trigger_price == position.stop_price and mine[0].quantity == position.quantity:
+                continue
+            why = (f"{len(mine)} working stop(s) of ours on the venue, recorded {position.stop_price} x "
+                   f"{position.quantity}")
+            if await self._repair_protection(position.id, why):
+                counts["repaired"] += 1
+        return counts
+
+    async def _audit_quietly(self, when: str) -> None:
+        await self._recovered.wait()
+        try:
+            counts = await self.audit_protection()
+        except xerr.ExchangeError as e:
+            logger.warning("{}: protection audit {} failed on the exchange: {}", self.account, when, _short(e))
+            return
+        if counts["repaired"]:
+            logger.warning("{}: protection audit {}: {}", self.account, when, counts)
+
+    async def _audit_opening(self, position: Position) -> bool:
+        """The venue shows a position where ours is still OPENING: if its entry filled and nothing is taking
+        that fill in (an update lost, or a failure while taking it in), take it in now (it gets its stop)."""
+        if position.id in self._entry_tasks or self.engine.clock() - position.created_at < timedelta(seconds=2):
+            return False  # being taken in, or the stream is about to deliver it
+        entry = next((o for o in position.orders.values() if o.purpose is OrderPurpose.ENTRY), None)
+        fill = self._entry_fills.get(position.id)
+        if fill is None and entry is not None:
+            try:
+                found = await self.exchange.order_by_client_id(position.symbol, entry.client_id)
+            except (xerr.ExchangeError, OrderAlreadyGone) as e:
+                logger.warning("{} {} {}: audit: entry lookup failed: {}", self.account, position.symbol,
+                               position.id, _short(e))
+                return False
+            if found.filled > 0:
+                fill = found
+        if fill is None or position.id in self._entry_tasks:
+            return False
+        self._repaired(position, "entry_taken_in", f"entry {fill.client_id} filled {fill.filled}, position OPENING")
+        self._entries_done.discard(position.id)
+        self._handle_entry_update(position.id, fill)
+        return True
+
+    async def _repair_protection(self, position_id: str, why: str) -> bool:
+        """Under the symbol lock (no move in flight): compare with the venue's open orders for the symbol and
+        make it one working stop at the recorded price and size. True if something was repaired."""
+        position = self.engine.positions.get(position_id)
+        if position is None:
+            return False
+        if position.state is S.OPENING:
+            return await self._audit_opening(position)
+        async with self.engine.locks.exclusive(self.account, position.symbol):
+            position = self.engine.positions.get(position_id)
+            if position is None or position.state not in PROTECTED:
+                return False
+            fresh = [o for o in await self.exchange.open_orders(position.symbol)
+                     if (ours := parse_client_id(o.client_id)) is not None and ours.position_id == position_id
+                     and ours.purpose is OrderPurpose.STOP]
+            on_venue = {o.client_id for o in fresh}
+            for order in [o for o in position.working_orders() if o.purpose is OrderPurpose.STOP]:
+                if order.client_id not in on_venue:  # recorded, not working on the venue any more
+                    self._gone[order.client_id] = None
+                    await self._set_order_status(position_id, order.client_id, OrderStatus.EXPIRED)
+            for order in fresh:
+                if order.client_id not in position.orders:  # working, never recorded (or the record was lost)
+                    await self._track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
+                                      order.trigger_price or Decimal(0), order)
+            position = self.engine.positions.get(position_id)
+            if position is None or position.state not in PROTECTED:
+                return False
+            matching = [o for o in fresh if position.stop_price is not None and
+                        o.trigger_price == position.stop_price and o.quantity == position.quantity]
+            if len(fresh) == 1 and matching:
+                return False  # the venue matches now (a move finished between the listing and the lock)
+            if matching:
+                keep = matching[0].client_id
+                for order in [o for o in position.working_orders()
+                              if o.purpose is OrderPurpose.STOP and o.client_id != keep]:
+                    await self._cancel_tracked(order)
+                self._repaired(position, "extra_cancelled", f"{why}; kept {keep}, cancelled {len(fresh) - 1}")
+                return True
+            if position.stop_price is None:
+                target = self._initial_target(position, from_mark_if_crossed=True)
+                result = await self._apply_stop(position_id, target, None, "initial")
+                kind = "placed"
+            else:
+                result = await self._apply_stop(position_id, None, None, "sync")
+                kind = "placed" if not fresh else "synced"
+        self._repaired(position, kind, f"{why}: {result}")
+        return True
+
+    def _repaired(self, position: Position, kind: str, detail: str) -> None:
+        self.stats.protection_repairs[kind] += 1
+        logger.warning("{} {} {}: protection audit repaired: {} ({})", self.account, position.symbol, position.id,
+                       kind, detail)
+        self.engine.records.emit({
+            "event": "protection_repair", "account": self.account, "symbol": position.symbol,
+            "position_id": position.id, "at": self.engine.clock().isoformat(), "repair": kind, "detail": detail,
+            "state": position.state.value, "stop_price": _s(position.stop_price), "quantity": str(position.quantity),
+        })
+
+    async def doubt_stream(self, reason: str, *, resubscribe: bool) -> None:
+        """REST showed what the private stream did not: doubt it at once (health says so until it speaks
+        again), probe its listen key (an expired key: new key and reconnect), and with `resubscribe`
+        (the change is proven) resubscribe even when the key is alive: the socket may be wedged."""
+        first = self._doubted is None
+        self._doubted = reason
+        if first:
+            logger.warning("{}: the private stream is doubted: {}", self.account, reason)
+        probe = getattr(self.exchange, "probe_user_stream", None)
+        alive: bool | None = True
+        if probe is not None:
+            try:
+                alive = await probe(reason)
+            except xerr.ExchangeError as e:
+                logger.warning("{}: probing the private stream failed: {}", self.account, _short(e))
+                alive = None
+        if resubscribe and alive is not False:  # an expired key is reconnected by the adapter itself
+            generation = getattr(self.exchange, "generation", 0)
+            recreate = getattr(self.exchange, "recreate", None)
+            if recreate is not None and self._resubscribed_generation != generation:
+                self._resubscribed_generation = generation
+                logger.warning("{}: the private stream may be wedged ({}); recreating the exchange client",
+                               self.account, reason)
+                try:
+                    await recreate(generation, reason)
+                except xerr.ExchangeError as e:
+                    logger.error("{}: could not recreate the exchange client: {}", self.account, _short(e))
+
+    def stream_doubted(self) -> str | None:
+        """Why the private stream is doubted (REST showed what it did not deliver), or None."""
+        return self._doubted
+
+    def health_reasons(self) -> list[str]:
+        """Why this account is not `ok` (empty when it is): storage, records, protection, streams, key."""
+        reasons = []
+        books = self.engine.books
+        if books.behind:
+            reasons.append(f"storage failing: {books.failing or 'catching up'} ({books.behind} write(s) waiting)")
+        records_failing = getattr(self.engine.records, "failing", None)
+        if records_failing:
+            reasons.append(f"records not written: {records_failing}")
+        for position in self.unprotected():
+            reasons.append(f"unprotected: {position.symbol} {position.id} ({position.state.value})")
+        health = getattr(self.exchange, "health", {}) or {}
+        for name in ("positions", "orders", "marks"):
+            state = health.get(name)
+            if state is not None and state is not StreamHealth.HEALTHY:
+                reasons.append(f"stream {name} {state.value}")
+        if self._doubted is not None:
+            reasons.append(f"stream doubted: {self._doubted}")
+        auth = getattr(self.exchange, "auth_failure", None)
+        if auth:
+            reasons.append(f"exchange key refused: {auth}")
+        return reasons
 
     def stream_healthy(self) -> bool:
         """The private position stream is connected and not known to be silent (adapter's health)."""

@@ -47,14 +47,17 @@ class SyncReport:
     untracked: int = 0  # positions on the exchange nobody here tracks (confirmed twice)
     adopted: list[str] = field(default_factory=list)
     rest_calls: int = 0
+    snapshot: list[PositionSnapshot] = field(default_factory=list, repr=False)  # the pass's REST positions
 
 
 class Reconciler:
     def __init__(self, live: LiveEngine, *, grace_ms: int = 5000, stream_doubt_s: float = 30.0,
                  untracked: str = "alert", phantom_after_s: float = 60.0) -> None:
-        """`stream_doubt_s`: how long REST may disagree with a healthy stream about a position before the
-        stream is suspected of a silent wedge (connected, listen key alive, nothing delivered) and the
-        exchange client is recreated; the resync that follows settles the position with evidence.
+        """A pass that finds REST (confirmed by a targeted query) without a position a healthy stream shows
+        doubts the stream at once and probes its listen key. With a closing fill on REST the close is proven:
+        the stream is resubscribed and the position settled in the same pass. Without one, REST may lag:
+        `stream_doubt_s` is how long that disagreement may last before the stream is resubscribed anyway
+        (a wedge: connected, key alive, nothing delivered).
 
         `phantom_after_s`: a position that REST keeps not showing (every pass confirmed by a targeted
         query), with no closing fill and no live stream speaking for it, ends PHANTOM only once that has
@@ -115,8 +118,8 @@ class Reconciler:
                    if p.account == live.account and p.state in FLATTENABLE]
         report.rest_calls += 1
         snapshot = await live.exchange.positions()
+        report.snapshot = snapshot
         shown = {(s.symbol, s.side) for s in snapshot}
-        recreated = False
         for pid in [pid for pid in self._doubt_since if pid not in live.engine.positions]:
             del self._doubt_since[pid]  # ended meanwhile
         for pid in [pid for pid in self._absent_since if pid not in live.engine.positions]:
@@ -141,24 +144,8 @@ class Reconciler:
                 self._doubt_since.pop(position.id, None)
                 self._absent_since.pop(position.id, None)  # our own activity: the countdown starts over
                 continue
-            if live.stream_shows(current) is True and live.stream_healthy():
-                # REST lags the stream (seed 002): a healthy stream that shows the position wins, for a
-                # while; a disagreement that lasts may be a wedged stream: resubscribe and resync.
-                report.stream_disagrees += 1
-                self._absent_since.pop(position.id, None)  # vouched for: not an unexplained absence
-                generation = getattr(live.exchange, "generation", 0)
-                since, seen = self._doubt_since.setdefault(position.id, (time.monotonic(), generation))
-                if time.monotonic() - since >= self.stream_doubt_s:
-                    self._doubt_since.pop(position.id, None)
-                    if not recreated:
-                        recreated = True
-                        await self._resubscribe(f"REST has not shown {position.symbol} for {self.stream_doubt_s} s",
-                                                seen)
-                else:
-                    logger.info("{} {} {}: REST does not show it, the live stream does; trusting the stream",
-                                current.account, current.symbol, current.id)
-                continue
-            self._doubt_since.pop(position.id, None)
+            if not (live.stream_healthy() and live.stream_shows(current) is True):
+                self._doubt_since.pop(position.id, None)  # the stream does not vouch: nothing to doubt it for
             report.rest_calls += 1
             again = await live.exchange.positions([position.symbol])
             if any(s.symbol == position.symbol and s.side is position.side for s in again):
@@ -208,14 +195,17 @@ class Reconciler:
                        "reported, not touched", live.account, snap.symbol, snap.side, abs(snap.amount),
                        snap.entry_price)
 
-    async def _resubscribe(self, why: str, generation: int) -> None:
-        exchange = self.live.exchange
-        recreate = getattr(exchange, "recreate", None)
-        if recreate is None or getattr(exchange, "generation", 0) != generation:
-            return  # recreated since the doubt began: the resync that followed will settle it
-        logger.warning("{}: the private stream may be wedged ({}); recreating the exchange client",
-                       self.live.account, why)
-        await recreate(generation, why)
+    async def _doubt_without_proof(self, position: Position) -> None:
+        """REST (confirmed) lacks a position a healthy stream shows, with no fill to prove a close: probe the
+        stream at once; resubscribe only if the disagreement outlasts `stream_doubt_s` (REST may lag)."""
+        live = self.live
+        generation = getattr(live.exchange, "generation", 0)
+        since, seen = self._doubt_since.setdefault(position.id, (time.monotonic(), generation))
+        lasted = time.monotonic() - since >= self.stream_doubt_s
+        await live.doubt_stream(f"REST does not show {position.symbol} {position.side.value}, the stream does",
+                                resubscribe=lasted and seen == generation)
+        if lasted:
+            self._doubt_since.pop(position.id, None)
 
     async def _absent(self, position: Position, report: SyncReport) -> bool:
         live = self.live
@@ -226,13 +216,22 @@ class Reconciler:
                                                 only_in={PositionState.CLOSING_BY_BOT})
             return outcome is not None
         fill, client_id = await self._closing_fill(position, report)
+        shown_by_stream = live.stream_healthy() and live.stream_shows(position) is True
+        if fill is not None and shown_by_stream:
+            # REST proves a close the stream did not deliver: the stream is silent or wedged. Doubt it now,
+            # probe and resubscribe it, and settle the position from REST in this same pass.
+            await live.doubt_stream(f"REST shows {position.symbol} closed by order {fill.order_id}, the stream "
+                                    "did not", resubscribe=True)
         if fill is None:
             # Only REST says it is gone, and nothing closed it. REST may lag (an open it does not show yet),
-            # and the stream may be down: a live stream that shows the position keeps it; otherwise the
-            # absence must last phantom_after_s, confirmed on every pass, before it ends PHANTOM.
-            vouched = live.stream_healthy() and live.stream_shows(position) is True
+            # and the stream may be down: a live stream that shows the position keeps it (it is probed at
+            # once, and resubscribed if the disagreement lasts `stream_doubt_s`); otherwise the absence must
+            # last phantom_after_s, confirmed on every pass, before it ends PHANTOM.
+            vouched = shown_by_stream
             if vouched:
                 self._absent_since.pop(position.id, None)
+                report.stream_disagrees += 1
+                await self._doubt_without_proof(position)
             first = time.monotonic() if vouched else self._absent_since.setdefault(position.id, time.monotonic())
             waited = time.monotonic() - first
             if vouched or waited < self.phantom_after_s:
@@ -256,22 +255,11 @@ class Reconciler:
                     position.symbol, position.id, fill.order_id, cause)
         outcome = await live.engine.fire_if(position.id, Flat(
             cause=cause, exit_price=fill.price, exchange_order_id=fill.order_id, realized_pnl=fill.realized_pnl,
-            fee=fill.fee, exchange_ts_ms=int(fill.at.timestamp() * 1000)), only_in=FLATTENABLE)
+            fee=fill.fee, exchange_ts_ms=int(fill.at.timestamp() * 1000), cause_source="rest"), only_in=FLATTENABLE)
         return outcome is not None
 
     async def _closing_fill(self, position: Position, report: SyncReport) -> tuple[Fill | None, str | None]:
         """The newest fill on the closing side since the position was opened, and its order's client id."""
-        live = self.live
         report.rest_calls += 1
-        fills = await live.exchange.fills(position.symbol, position.created_at)
-        closing = "sell" if position.side is Side.LONG else "buy"
-        candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
-        if not candidates:
-            return None, None
-        fill = max(candidates, key=lambda f: f.at)
-        known = live.client_id_of(fill.order_id)
-        if known is not None:
-            return fill, known
-        report.rest_calls += 1
-        order = await live.exchange.order(position.symbol, fill.order_id)
-        return fill, order.client_id
+        found = await self.live.rest_closing_fill(position)
+        return found if found is not None else (None, None)

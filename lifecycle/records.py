@@ -2,18 +2,29 @@
 
 Every record carries `event` (its kind), `account`, `position_id`, `symbol` and `at` (None where a record
 is about an account rather than a position). Files of a kind older than `retention_days` are deleted when
-a new day's file is started (and at start). Writes are appended and flushed line by line, so a crash
-loses at most the line being written.
+a new day's file is started (and at start).
+
+Records are books, not protection (invariant 8): `emit` only queues the line and returns; a writer thread
+appends the queue in order, off the event loop. A write that fails (a full disk, a removed directory) is
+cut back to where it started (no torn line), retried with a growing delay, and the failure is reported by
+`failing` (health goes `degraded`) until the lines are written; nothing is dropped unless `max_pending`
+lines wait at once (then the oldest go, counted in `dropped` and logged). `flush()` waits for the queue,
+`close()` flushes at shutdown and says what could not be written.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from loguru import logger
 
 REQUIRED = ("event", "account", "position_id", "symbol", "at")
 _DATED = re.compile(r"^(?P<kind>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl$")
@@ -21,20 +32,28 @@ _DATED = re.compile(r"^(?P<kind>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl$")
 
 class JsonlRecords:
     def __init__(self, directory: str | Path, *, retention_days: int | None = None,
-                 today: Callable[[], date] = lambda: datetime.now(UTC).date()) -> None:
+                 today: Callable[[], date] = lambda: datetime.now(UTC).date(),
+                 max_pending: int = 1_000_000, retry_max_s: float = 2.0) -> None:
         if retention_days is not None and retention_days < 1:
             raise ValueError(f"retention_days must be >= 1, got {retention_days}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.retention_days = retention_days
         self.today = today
-        self._lock = threading.Lock()
+        self.max_pending = max_pending
+        self.retry_max_s = retry_max_s
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with each record emitted
+        self.failing: str | None = None  # why the last write failed, while lines wait
+        self.written = 0
+        self.dropped = 0
+        self._pending: deque[tuple[date, str, str]] = deque()  # (day, kind, line)
+        self._cv = threading.Condition()
+        self._writer: threading.Thread | None = None
         self._day: date | None = None
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with each record written
-        with self._lock:
-            self._expire(self.today())  # at start too, not only when a new day's first record comes
+        self._expire(self.today())  # at start too, not only when a new day's first record comes
 
     def emit(self, record: dict[str, Any]) -> None:
+        """Queue one record (never blocks on the disk, never raises for it) and tell the listeners."""
         record = dict(record)
         for key in REQUIRED:
             record.setdefault(key, None)
@@ -43,25 +62,112 @@ class JsonlRecords:
         if record["at"] is None:
             record["at"] = datetime.now(UTC).isoformat()
         line = json.dumps(record, sort_keys=True, default=str)
-        with self._lock:
-            day = self.today()
-            if day != self._day:
-                self._day = day
-                self._expire(day)
-            with open(self.directory / f"{record['event']}-{day.isoformat()}.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-                fh.flush()
+        with self._cv:
+            if len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 10_000 == 0:
+                    logger.error("records: {} line(s) dropped: {} lines wait for a disk that fails ({})",
+                                 self.dropped, self.max_pending, self.failing)
+            self._pending.append((self.today(), str(record["event"]), line))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="records-writer", daemon=True)
+                self._writer.start()
+            self._cv.notify_all()
         for listener in list(self.listeners):
             listener(record)
 
+    @property
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line is on disk (True) or `timeout` passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cv.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 5.0) -> int:
+        """Flush at shutdown; returns (and logs) how many lines could not be written."""
+        self.flush(timeout)
+        left = self.pending
+        if left:
+            logger.error("records: {} line(s) could not be written before stopping ({})", left, self.failing)
+        return left
+
+    # --- the writer thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = 0.05
+        while True:
+            with self._cv:
+                while not self._pending:
+                    if not self._cv.wait(timeout=2.0) and not self._pending:
+                        self._writer = None  # idle: the next emit starts a new writer
+                        return
+                batch = list(self._pending)[:1000]
+            # Consecutive lines of one file are written together.
+            day, kind = batch[0][0], batch[0][1]
+            group = [line for d, k, line in _prefix(batch, day, kind)]
+            try:
+                self._append(day, kind, group)
+            except OSError as e:
+                with self._cv:
+                    if self.failing is None:
+                        logger.error("records: cannot write {} ({}); lines wait in memory and are retried",
+                                     kind, e.strerror or type(e).__name__)
+                    self.failing = f"{kind}: {e.strerror or type(e).__name__}"
+                    self._cv.notify_all()
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            delay = 0.05
+            with self._cv:
+                for _ in group:
+                    self._pending.popleft()
+                self.written += len(group)
+                if self.failing is not None:
+                    logger.warning("records: writing again; every waiting line is written")
+                    self.failing = None
+                self._cv.notify_all()
+
+    def _append(self, day: date, kind: str, lines: list[str]) -> None:
+        if day != self._day:
+            self._day = day
+            self._expire(day)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{kind}-{day.isoformat()}.jsonl"
+        data = memoryview("".join(line + "\n" for line in lines).encode("utf-8"))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                try:  # no torn line: cut the file back to where this write started
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)
+
     def files(self, kind: str) -> list[Path]:
-        """This kind's files, oldest day first."""
+        """This kind's files, oldest day first (after writing what is queued)."""
+        self.flush()
         found = [p for p in self.directory.glob(f"{kind}-*.jsonl") if (m := _DATED.match(p.name)) and
                  m.group("kind") == kind]
         return sorted(found)
 
     def read(self, kind: str) -> list[dict[str, Any]]:
-        """Every record of a kind still kept, oldest first."""
+        """Every record of a kind still kept, oldest first (after writing what is queued)."""
         out: list[dict[str, Any]] = []
         for path in self.files(kind):
             out += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -69,6 +175,8 @@ class JsonlRecords:
 
     def _expire(self, today: date) -> None:
         if self.retention_days is None:
+            return
+        if not self.directory.exists():
             return
         oldest = today - timedelta(days=self.retention_days - 1)  # retention_days = 1 keeps today only
         for path in self.directory.glob("*.jsonl"):
@@ -78,4 +186,17 @@ class JsonlRecords:
             except ValueError:  # not one of ours (x-2026-02-30.jsonl): left alone
                 continue
             if day is not None and day < oldest:
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as e:  # retention is housekeeping: it never stops a write
+                    logger.warning("records: cannot delete {}: {}", path.name, e.strerror)
+
+
+def _prefix(batch: list[tuple[date, str, str]], day: date, kind: str) -> list[tuple[date, str, str]]:
+    """The leading items of `batch` that go to the same file."""
+    out = []
+    for item in batch:
+        if item[0] != day or item[1] != kind:
+            break
+        out.append(item)
+    return out

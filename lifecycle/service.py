@@ -37,6 +37,7 @@ from db.engine import DatabaseConfigError, safe_url
 from db.repository import Repository
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
 from lifecycle.api import ClosureStats, ControlApi
+from lifecycle.books import Books
 from lifecycle.engine import Engine
 from lifecycle.live import LiveConfig, LiveEngine
 from lifecycle.reconcile import Reconciler
@@ -70,6 +71,8 @@ class ServiceConfig:
     recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
     ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
     shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
+    # A database write not answered this fast is queued and made later: protection never waits longer.
+    storage_timeout_s: float = 0.5
     records_retention_days: int | None = None  # None: records are kept forever
     trailing_activation_pct: Decimal = Decimal("0.5")  # open commands asking for a trailing stop without
     trailing_callback_pct: Decimal = Decimal("0.5")  # parameters: activation from the mark, distance
@@ -83,6 +86,8 @@ class ServiceConfig:
             raise ValueError(f"accounts: names must be unique, got {names}")
         if self.untracked not in ("alert", "adopt"):
             raise ValueError(f"untracked must be 'alert' or 'adopt', got {self.untracked!r}")
+        if not self.storage_timeout_s > 0:
+            raise ValueError(f"storage_timeout_s must be > 0, got {self.storage_timeout_s}")
         for name in ("grace_ms", "recovery_retry_s", "ready_timeout_s", "shutdown_drain_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -149,7 +154,8 @@ class Service:
     async def _start_account(self, account: AccountConfig) -> None:
         assert self.repo is not None and self.records is not None
         exchange = await CcxtExchange(account.exchange).start()
-        engine = Engine(self.repo, canceller=exchange, records=self.records)
+        engine = Engine(self.repo, canceller=exchange, records=self.records,
+                        books=Books(timeout_s=self.config.storage_timeout_s))
         runtime = self.accounts[account.name] = AccountRuntime(account, exchange, engine)
         loaded = await engine.rehydrate([account.name])
         logger.info("{}: {} live position(s) loaded from the database", account.name, loaded)
@@ -189,6 +195,11 @@ class Service:
                     await runtime.scheduler.stop()
             await asyncio.gather(*(self._stop_live(r) for r in self.accounts.values()))
             await self._end_extra()  # the bot's own work must not outlive the clients and the database
+            # The books catch up before the database closes (what cannot be written is said, and rebuilt
+            # from the venue at the next start); then the records are flushed.
+            await asyncio.gather(*(r.engine.books.close(self.config.shutdown_drain_s) for r in self.accounts.values()))
+            if self.records is not None:
+                await asyncio.to_thread(self.records.close, self.config.shutdown_drain_s)
         finally:
             for runtime in self.accounts.values():
                 try:

@@ -102,6 +102,7 @@ class LiveSettings(_Strict):
     trail_min_step_pct: Decimal = Field(default=Decimal("0.02"), ge=0, lt=100)
     trail_min_interval_s: float = Field(default=1.0, ge=0, le=3600)
     cause_wait_s: float = Field(default=0.5, ge=0, le=10)
+    cause_rest_timeout_s: float = Field(default=2.0, gt=0, le=60)
     close_retries: int = Field(default=3, ge=0, le=100)
     stop_retries: int = Field(default=3, ge=0, le=100)
     retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
@@ -165,6 +166,7 @@ class Settings(BaseSettings):
     log_dir: Path = Path("logs")
     log_retention_days: int = Field(default=14, ge=1, le=3650)
     shutdown_drain_s: float = Field(default=10.0, ge=0, le=3600)
+    storage_timeout_s: float = Field(default=0.5, gt=0, le=60)  # a slower database write is queued, not awaited
     accounts: list[AccountSettings] = Field(min_length=1)
     live: LiveSettings = Field(default_factory=LiveSettings)
     trailing: TrailingSettings = Field(default_factory=TrailingSettings)
@@ -235,7 +237,7 @@ def service_config(settings: Settings) -> ServiceConfig:
                          live=settings.live_config(), schedule=settings.schedule_config(),
                          grace_ms=settings.reconcile.grace_ms, untracked=settings.reconcile.untracked,
                          phantom_after_s=settings.reconcile.phantom_after_s,
-                         shutdown_drain_s=settings.shutdown_drain_s,
+                         shutdown_drain_s=settings.shutdown_drain_s, storage_timeout_s=settings.storage_timeout_s,
                          records_retention_days=settings.records.retention_days, api=api,
                          trailing_activation_pct=settings.trailing.activation_pct,
                          trailing_callback_pct=settings.trailing.callback_rate)

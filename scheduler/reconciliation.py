@@ -3,9 +3,12 @@
 A job never changes a position's state itself: the sync job runs a `Reconciler` pass (which fires
 events only on evidence), the orphan sweep cancels orders of ours that belong to no live position.
 
-* `sync`: ticks every `fast_sync_interval_s` (2 s); a pass runs when `sync_interval_s` (15 s) has passed
-  since the last one, or at once on every tick while the private position stream is not healthy
-  (silent, reconnecting) or a resync left positions unsettled.
+* `sync`: ticks every `fast_sync_interval_s` (2 s). Every tick runs a reconciliation pass (one REST
+  positions list, weight 5 on Binance: 150 of the 2,400 per minute at 2 s): a stream can go silent without
+  a sign (an expired listen key, a wedged socket), and only REST then shows the close, so REST is asked
+  on every tick whatever the stream's health. Every tick also checks the positions memory knows to be
+  unprotected (CRITICAL line, repair), and the venue-wide protection audit (open orders and open algo
+  orders) runs every `sync_interval_s` (15 s), or on every tick while something is suspect.
 * `orphans`: every `orphan_interval_s` (60 s): open orders (regular and conditional) whose client id is in
   our namespace (`lc-...`) and whose position is not live here are cancelled and recorded
   (`orphan_cancelled`). Orders that are not ours are never touched.
@@ -29,7 +32,7 @@ from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live import PROTECTED, LiveEngine
-from lifecycle.reconcile import Reconciler
+from lifecycle.reconcile import Reconciler, SyncReport
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class ReconciliationScheduler:
         self.config = config or ScheduleConfig()
         self.stats = JobStats()
         self._scheduler: AsyncIOScheduler | None = None
-        self._last_sync = float("-inf")
+        self._last_audit = float("-inf")
+        self._failures_at_audit = 0
         self._running: set[asyncio.Task[Any]] = set()
         self._aged_reported: set[str] = set()
 
@@ -84,9 +88,10 @@ class ReconciliationScheduler:
                               seconds=self.config.aged_interval_s, **common)
         scheduler.start()
         self._scheduler = scheduler
-        logger.info("{}: reconciliation scheduled (sync every {} s, {} s while the stream is not healthy; "
-                    "orphan sweep every {} s)", self.live.account, self.config.sync_interval_s,
-                    self.config.fast_sync_interval_s, self.config.orphan_interval_s)
+        logger.info("{}: reconciliation scheduled (positions checked every {} s; protection audit every {} s, "
+                    "every {} s while something is suspect; orphan sweep every {} s)", self.live.account,
+                    self.config.fast_sync_interval_s, self.config.sync_interval_s, self.config.fast_sync_interval_s,
+                    self.config.orphan_interval_s)
         return self
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -135,18 +140,44 @@ class ReconciliationScheduler:
             self.stats.last_duration_ms[name] = ms
             self.stats.total_duration_ms[name] += ms
         if outcome != "skipped":
-            logger.info("{} job {} {} in {} ms{}", self.live.account, name, outcome, ms,
-                        f": {detail}" if detail is not None else "")
+            # A quiet sync pass runs every couple of seconds: only what found something is worth a line.
+            quiet = outcome == "ok" and name == "sync" and not _notable(detail)
+            logger.log("DEBUG" if quiet else "INFO", "{} job {} {} in {} ms{}", self.live.account, name, outcome, ms,
+                       f": {detail}" if detail is not None else "")
 
-    def sync_due(self) -> bool:
-        fast = not self.live.stream_healthy() or self.live.unsettled()
-        return fast or time.monotonic() - self._last_sync >= self.config.sync_interval_s
+    def audit_due(self) -> bool:
+        """The venue-wide protection audit (two open-order listings) runs every `sync_interval_s`, and on
+        every tick while something is suspect: memory knows an unprotected position, the books are behind,
+        a stop failed since the last audit, or the stream is not healthy or doubted."""
+        live = self.live
+        suspect = bool(live.unprotected()) or live.engine.books.behind > 0 or \
+            live.stats.stop_move_failures != self._failures_at_audit or not live.stream_healthy() or \
+            live.stream_doubted() is not None or live.unsettled()
+        due = time.monotonic() - self._last_audit >= self.config.sync_interval_s
+        return due or (suspect and time.monotonic() - self._last_audit >= self.config.fast_sync_interval_s)
 
     async def _sync_tick(self) -> Any:
-        if not self.sync_due():
-            return None
-        self._last_sync = time.monotonic()
-        return await self.reconciler.sync()
+        """Every tick: one reconciliation pass (the REST positions list: the watchdog that finds what a
+        silent stream hides), the in-memory protection check, and the venue audit when due."""
+        try:
+            report = await self.reconciler.sync()
+        finally:
+            await self.live.check_protection()
+        if self.audit_due():
+            self._last_audit = time.monotonic()
+            self._failures_at_audit = self.live.stats.stop_move_failures
+            started = time.perf_counter()
+            try:
+                counts = await self.live.audit_protection(report.snapshot)
+                outcome = "ok"
+            except xerr.ExchangeError as e:
+                counts, outcome = None, "exchange_error"
+                logger.warning("{} protection audit failed on the exchange: {}", self.live.account, e)
+            self.stats.runs[("audit", outcome)] += 1
+            self.stats.total_duration_ms["audit"] += round((time.perf_counter() - started) * 1000, 3)
+            if counts and counts["repaired"]:
+                logger.warning("{}: protection audit: {}", self.live.account, counts)
+        return report
 
     async def check_aged(self) -> str | None:
         """Positions older than `max_age_s`: verified on the exchange first (a sync pass: a phantom ends
@@ -212,3 +243,11 @@ class ReconciliationScheduler:
             logger.warning("{} {}: cancelled orphan {} order {} (position {} is not live)", live.account,
                            order.symbol, ours.purpose.value, order.client_id, ours.position_id)
         return f"{cancelled} orphan(s) cancelled, {foreign} order(s) not ours left alone"
+
+
+def _notable(report: Any) -> bool:
+    """A sync report that found anything beyond "every position is where it should be"."""
+    if not isinstance(report, SyncReport):
+        return True
+    return bool(report.closed or report.untracked or report.adopted or report.unconfirmed or report.stream_disagrees
+                or report.in_grace)

@@ -73,8 +73,12 @@ class Rig:
     async def stop(self) -> None:
         if self.live is not None:
             await self.live.stop()
+        if self.engine is not None:
+            await self.engine.books.close(2.0)
         if self.exchange is not None:
             await self.exchange.close()
+        if self.records is not None:
+            self.records.close(2.0)
         if self.repo is not None:
             await self.repo.close()
         if self._sink is not None:

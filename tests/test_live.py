@@ -262,7 +262,7 @@ async def test_venue_refusing_two_stops_falls_back_and_measures_the_window(rig: 
     assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60197.5")]
     move = rig.records.read("stop_move")[-1]  # type: ignore[union-attr]
     assert move["how"] == "cancel_then_place" and move["unprotected_ms"] > 0
-    assert rig.live.stats.unprotected_ms == [move["unprotected_ms"]]
+    assert list(rig.live.stats.unprotected_ms.recent) == [move["unprotected_ms"]]
 
 
 # --- restart ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ def test_files_rotate_daily_and_old_days_are_deleted(tmp_path: Path) -> None:
     day[0] = date(2026, 12, 2)
     records.emit({"event": "closure", "account": "a", "symbol": "BTCUSDT", "position_id": "p2", "at": "t2"})
     records.emit({"event": "recovery", "account": "a"})
+    assert records.flush()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "closure-2026-12-01.jsonl", "closure-2026-12-02.jsonl", "recovery-2026-12-02.jsonl"]
     assert [r["position_id"] for r in records.read("closure")] == ["p1", "p2"]

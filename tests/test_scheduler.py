@@ -75,15 +75,16 @@ async def test_a_wedged_stream_is_resubscribed_when_rest_keeps_disagreeing(rig: 
         await scheduler.stop()
 
 
-async def test_with_a_healthy_stream_the_sync_keeps_its_slow_interval(rig: Rig) -> None:
+async def test_with_a_healthy_stream_positions_are_checked_every_tick_and_the_audit_keeps_its_interval(
+        rig: Rig) -> None:
     assert rig.live is not None
+    await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.1, orphan_interval_s=60)
     scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), config)
     await scheduler.start()
     try:
-        await asyncio.sleep(0.55)
-        assert scheduler.stats.runs[("sync", "ok")] == 1  # the first tick only
-        assert scheduler.stats.runs[("sync", "skipped")] >= 3
+        await rig.until(lambda: scheduler.stats.runs[("sync", "ok")] >= 4, what="four sync ticks")
+        assert scheduler.stats.runs[("audit", "ok")] == 1  # the first tick only: nothing is suspect
     finally:
         await scheduler.stop()
 

@@ -61,4 +61,5 @@ def closure_of(position: Position, event: Event | None = None) -> ClosureRecord:
         realized_pnl=flat.realized_pnl if flat else None,
         fee=flat.fee if flat else None,
         exchange_ts_ms=flat.exchange_ts_ms if flat else None,
+        cause_source=flat.cause_source if flat and flat.cause_source and flat.cause is not None else "state",
     )

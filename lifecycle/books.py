@@ -1,0 +1,177 @@
+"""Books that never block protection: a write-behind queue in front of the `PositionStore`.
+
+Invariant 8 (protect first, books second): a storage failure must not delay or prevent a stop, a trailing
+move or a close. So a write (a transition's commit, an order row) is tried at once; if the store fails, or
+does not answer within `timeout_s`, the write is queued and the caller goes on as if it had been committed:
+memory runs ahead of the database. While anything is queued, later writes queue behind it (per-position
+order, and the journal-sequence guard, stay intact); a background flusher retries the queue, in order,
+until the store takes it. A write that timed out is not repeated while it may still land: the flusher first
+waits for that attempt's own outcome. A retried commit that finds its journal row already there (an answer
+lost after the database committed) counts as written: nothing is written twice.
+
+What is not written when the process dies is rebuilt by restart recovery from the venue: client ids are
+deterministic, so the orders placed meanwhile are found again by id.
+
+Opening a position is not queued: a new exposure the books cannot record is refused (`StorageUnavailable`).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from lifecycle.errors import ConcurrentModification
+
+
+@dataclass(slots=True)
+class _Write:
+    what: str  # "commit <position> #<seq>" / "order <client id>": for logs
+    call: Callable[[], Awaitable[Any]]  # writes it (again)
+    done: Callable[[], Awaitable[bool]] | None  # after a ConcurrentModification: was it written already?
+    inflight: asyncio.Future[Any] | None = None  # an attempt that timed out and may still land
+
+
+@dataclass
+class BooksStats:
+    queued: int = 0  # writes that went to the queue instead of the store
+    flushed: int = 0  # queued writes written later
+    failures: int = 0  # failed or timed-out attempts
+    lost: int = 0  # queued writes refused for good (logged with what they were)
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class Books:
+    """Write now, or queue and write later in order; never raise a storage failure at the caller."""
+
+    def __init__(self, *, timeout_s: float = 0.5, retry_initial_s: float = 0.05, retry_max_s: float = 2.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.monotonic = monotonic
+        self.stats = BooksStats()
+        self.failing: str | None = None  # why the store last failed, while writes are queued
+        self.failing_since: float | None = None
+        self._queue: deque[_Write] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    @property
+    def behind(self) -> int:
+        """How many writes wait for the store."""
+        return len(self._queue)
+
+    async def write(self, what: str, call: Callable[[], Awaitable[Any]],
+                    done: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Write through `call()`; on failure or timeout queue it. ConcurrentModification propagates (a stale
+        writer is refused, never queued); every other failure is the store's and is queued."""
+        if self._queue:
+            self._enqueue(_Write(what, call, done))
+            return
+        attempt = asyncio.ensure_future(call())
+        finished, _ = await asyncio.wait({attempt}, timeout=self.timeout_s)
+        if not finished:
+            self._failed(what, f"no answer within {self.timeout_s:g} s")
+            self._enqueue(_Write(what, call, done, inflight=attempt))
+            return
+        error = attempt.exception() if not attempt.cancelled() else asyncio.CancelledError()
+        if error is None:
+            return
+        if isinstance(error, ConcurrentModification):
+            raise error
+        self._failed(what, _describe(error))
+        self._enqueue(_Write(what, call, done))
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued write is in the store (True), or `timeout_s` passed (False)."""
+        if not self._queue:
+            return True
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float) -> int:
+        """Flush for up to `timeout_s`, then stop; returns how many writes were left unwritten (logged)."""
+        await self.drain(timeout_s)
+        left = len(self._queue)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        if left:
+            logger.error("books: {} write(s) could not be made before stopping ({}); restart recovery rebuilds "
+                         "them from the exchange (first: {})", left, self.failing, self._queue[0].what)
+        return left
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _enqueue(self, write: _Write) -> None:
+        self._queue.append(write)
+        self.stats.queued += 1
+        self._drained.clear()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    def _failed(self, what: str, why: str) -> None:
+        self.stats.failures += 1
+        kind = what.split(" ", 1)[0]
+        self.stats.failures_by_kind[kind] = self.stats.failures_by_kind.get(kind, 0) + 1
+        if self.failing is None:
+            self.failing_since = self.monotonic()
+            logger.error("books: the database failed ({}) writing {}; protection goes on, the books catch up "
+                         "when it is back", why, what)
+        self.failing = why
+
+    async def _flush(self) -> None:
+        delay = self.retry_initial_s
+        while self._queue:
+            write = self._queue[0]
+            try:
+                if write.inflight is not None:
+                    attempt, write.inflight = write.inflight, None
+                    await attempt  # the timed-out attempt's own outcome first: it may have landed
+                else:
+                    await write.call()
+            except ConcurrentModification:
+                if write.done is None or not await self._written(write):
+                    self.stats.lost += 1
+                    logger.error("books: {} refused by the database (a newer row is there); not written", write.what)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the store is still failing: try again, slower
+                self._failed(write.what, _describe(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            self._queue.popleft()
+            self.stats.flushed += 1
+            delay = self.retry_initial_s
+        if self.failing is not None:
+            took = self.monotonic() - (self.failing_since or self.monotonic())
+            logger.warning("books: the database is back after {:.1f} s; every queued write is in it", took)
+        self.failing = self.failing_since = None
+        self._drained.set()
+
+    async def _written(self, write: _Write) -> bool:
+        assert write.done is not None
+        try:
+            return await write.done()
+        except Exception as e:  # noqa: BLE001 - cannot tell: treat as not written (logged as lost)
+            logger.error("books: could not check whether {} was written: {}", write.what, _describe(e))
+            return False
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,0 +1,235 @@
+"""Protect first, books second (invariant 8): a storage failure never stops protection, and the books catch
+up once storage is back, in order, without duplicates. Real failures: a small filesystem that fills up
+(SQLite, records) and PostgreSQL stopped and started; the venue simulator through unmodified ccxt."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+
+from exchange.sim.server import SimServer
+from lifecycle.domain import OrderPurpose, OrderStatus, Side
+from lifecycle.errors import StorageUnavailable
+from lifecycle.live import OpenCommand
+from lifecycle.machines.states import PositionState as S
+from lifecycle.replay import replay
+from tests.invariants import violations
+from tests.livekit import Rig
+from tests.storage_faults import SmallDisk, postgres, postgres_cluster, small_disk  # noqa: F401 - fixture
+
+LIMIT_ENTRY = OpenCommand("BTCUSDT", Side.LONG, D("0.010"), entry_price=D("59000.0"), stop_loss_pct=D(1))
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+async def rig_on(sim: SimServer, db_url: str, records_dir: Path) -> Rig:
+    return await Rig(sim, sim.venue.add_account("alice"), db_url, records_dir).start()
+
+
+async def rest_then_fill(rig: Rig) -> str:
+    """A limit entry resting on the venue; returns the position id (the caller breaks storage, then fills)."""
+    assert rig.live is not None
+    position = await rig.live.open(LIMIT_ENTRY)
+    await rig.until(lambda: rig.sim.venue.open_orders(rig.account, "BTCUSDT"), what="the entry resting")
+    assert rig.state(position.id) is S.OPENING
+    return position.id
+
+
+async def books_caught_up(rig: Rig, position_id: str) -> None:
+    """After storage is back: nothing waits, the database says what memory says, the venue's books agree."""
+    assert rig.engine is not None and rig.repo is not None and rig.live is not None
+    await rig.until(lambda: rig.engine.books.behind == 0, timeout=20, what="the books caught up")  # type: ignore
+    live = rig.engine.positions[position_id]
+    stored = await rig.stored(position_id)
+    assert (stored.state, stored.quantity, stored.stop_price, stored.seq) == (
+        live.state, live.quantity, live.stop_price, live.seq)
+    journal = await rig.repo.journal(position_id)
+    assert [e.seq for e in journal] == list(range(len(journal)))  # in order, nothing twice, nothing missing
+    assert (await replay(journal)).state is stored.state
+    working = [o for o in stored.orders.values() if o.purpose is OrderPurpose.STOP]
+    assert [o.client_id for o in working] == [a.client_id for a in rig.stop_algos("BTCUSDT")]
+    assert await violations(rig.sim, rig.account, rig.repo) == []
+    assert not rig.live.health_reasons()
+
+
+async def test_an_entry_filled_while_the_sqlite_disk_is_full_is_protected_and_booked_later(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.engine is not None and rig.live is not None
+        pid = await rest_then_fill(rig)
+        small_disk.fill()
+        rig.set_mark("BTCUSDT", "58990")  # the limit entry fills
+        await rig.until(lambda: bool(rig.stop_algos("BTCUSDT")), timeout=5, what="a stop on the venue")
+        assert rig.state(pid) is S.OPEN and rig.engine.books.behind > 0
+        assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("58410.0")]
+        assert any(r.startswith("storage failing") for r in rig.live.health_reasons())
+        assert (await rig.stored(pid)).state is S.OPENING  # the database is behind, memory is not
+        small_disk.free()
+        await books_caught_up(rig, pid)
+    finally:
+        small_disk.free()
+        await rig.stop()
+
+
+async def test_stops_moved_while_the_database_is_full_never_leak(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.engine is not None and rig.live is not None
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
+                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        small_disk.fill()
+        for price in (60200, 60400, 60600, 60800):  # four trailing moves while nothing can be written
+            rig.set_mark("BTCUSDT", price)
+            await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) >= D(price) * D("0.994"),
+                            timeout=5, what=f"the stop following {price}")
+            await rig.live.idle()
+            assert len(rig.stop_algos("BTCUSDT")) == 1  # the old stop is gone every time
+        assert rig.engine.books.behind > 0
+        small_disk.free()
+        await books_caught_up(rig, p.id)
+        assert rig.engine.positions[p.id].state is S.TS_ACTIVE
+    finally:
+        small_disk.free()
+        await rig.stop()
+
+
+async def test_an_entry_filled_while_the_records_directory_is_full_is_protected(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{tmp_path / 'live.sqlite'}", small_disk.path / "records")
+    try:
+        assert rig.records is not None and rig.live is not None
+        pid = await rest_then_fill(rig)
+        small_disk.fill()
+        rig.set_mark("BTCUSDT", "58990")
+        await rig.until(lambda: bool(rig.stop_algos("BTCUSDT")), timeout=5, what="a stop on the venue")
+        assert rig.state(pid) is S.OPEN
+        await rig.until(lambda: rig.engine.positions[pid].stop_price is not None,  # type: ignore[union-attr]
+                        what="the stop recorded")
+        await rig.until(lambda: rig.records.failing is not None, what="records failing")  # type: ignore[union-attr]
+        assert any(r.startswith("records not written") for r in rig.live.health_reasons())
+        small_disk.free()
+        assert rig.records.flush(timeout=10)
+        transitions = [r for r in rig.records.read("transition") if r["position_id"] == pid]
+        assert [r["seq"] for r in transitions] == [1, 2]  # entry filled, stop placed: in order, once each
+        lines = (small_disk.path / "records").glob("*.jsonl")
+        assert all(line.endswith("}") for path in lines for line in path.read_text().splitlines())  # no torn line
+        await books_caught_up(rig, pid)
+    finally:
+        small_disk.free()
+        await rig.stop()
+
+
+async def test_no_new_position_is_opened_while_the_database_cannot_record_it(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.live is not None
+        small_disk.fill()
+        with pytest.raises(StorageUnavailable):
+            await rig.live.open(OpenCommand("ETHUSDT", Side.LONG, D("0.1"), stop_loss_pct=D(1)))
+        assert not rig.our_open_orders() and not sim.venue.position(rig.account, "ETHUSDT").amount
+    finally:
+        small_disk.free()
+        await rig.stop()
+
+
+@pytest.mark.postgres
+async def test_an_entry_filled_while_postgresql_restarts_is_protected_and_booked_later(
+        sim: SimServer, pg_url: str, tmp_path: Path) -> None:
+    postgres_cluster()  # skips where the cluster cannot be controlled
+    rig = await rig_on(sim, pg_url, tmp_path / "records")
+    try:
+        assert rig.engine is not None and rig.live is not None
+        pid = await rest_then_fill(rig)
+        await asyncio.to_thread(postgres, "stop")
+        try:
+            rig.set_mark("BTCUSDT", "58990")
+            await rig.until(lambda: bool(rig.stop_algos("BTCUSDT")), timeout=5, what="a stop on the venue")
+            assert rig.state(pid) is S.OPEN and rig.engine.books.behind > 0
+            assert any(r.startswith("storage failing") for r in rig.live.health_reasons())
+        finally:
+            await asyncio.to_thread(postgres, "start")
+        await books_caught_up(rig, pid)
+        stored = await rig.stored(pid)
+        entry = [o for o in (await rig.repo.journal(pid))]  # type: ignore[union-attr]
+        assert [e.event for e in entry] == ["created", "entry_filled", "stop_moved"] and stored.state is S.OPEN
+    finally:
+        await asyncio.to_thread(postgres, "start")
+        await rig.stop()
+
+
+async def test_an_entry_fill_the_stream_never_delivered_is_taken_in_by_the_protection_audit(
+        sim: SimServer, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{tmp_path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.live is not None and rig.engine is not None
+        pid = await rest_then_fill(rig)
+        sim.set_faults(ws_silent=True)  # the fill update never arrives
+        rig.set_mark("BTCUSDT", "58990")
+        await rig.until(lambda: sim.venue.position(rig.account, "BTCUSDT").amount > 0, what="the fill on the venue")
+        assert rig.state(pid) is S.OPENING and not rig.stop_algos("BTCUSDT")
+        rig.engine.positions[pid].created_at -= __import__("datetime").timedelta(seconds=5)  # past the audit's wait
+        counts = await rig.live.audit_protection()
+        assert counts["repaired"] == 1
+        await rig.until(lambda: bool(rig.stop_algos("BTCUSDT")), timeout=5, what="a stop on the venue")
+        assert rig.state(pid) is S.OPEN
+        [repair] = rig.records.read("protection_repair")  # type: ignore[union-attr]
+        assert repair["repair"] == "entry_taken_in" and repair["position_id"] == pid
+        sim.set_faults(ws_silent=False)
+        await rig.live.idle()
+        assert await violations(sim, rig.account, rig.repo) == []  # type: ignore[arg-type]
+    finally:
+        await rig.stop()
+
+
+async def test_the_protection_audit_puts_back_a_stop_the_stream_never_said_was_gone(
+        sim: SimServer, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{tmp_path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.live is not None and rig.engine is not None
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1)))
+        sim.set_faults(ws_silent=True)
+        [stop] = rig.stop_algos("BTCUSDT")
+        sim.venue.cancel_algo(rig.account, stop.algo_id, None)  # removed, and the stream is blind
+        assert rig.live.unprotected() == []  # memory does not know
+        counts = await rig.live.audit_protection()
+        assert counts == {"checked": 1, "repaired": 1}
+        [again] = rig.stop_algos("BTCUSDT")
+        assert again.trigger == p.stop_price and again.client_id != stop.client_id
+        [repair] = rig.records.read("protection_repair")  # type: ignore[union-attr]
+        assert repair["repair"] == "placed"
+        assert await rig.live.audit_protection() == {"checked": 1, "repaired": 0}  # nothing left to repair
+        sim.set_faults(ws_silent=False)
+    finally:
+        await rig.stop()
+
+
+async def test_the_protection_audit_cancels_an_extra_stop_of_ours(sim: SimServer, tmp_path: Path) -> None:
+    rig = await rig_on(sim, f"sqlite:///{tmp_path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.live is not None and rig.engine is not None and rig.exchange is not None
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1)))
+        from lifecycle.client_ids import make_client_id
+        leaked = make_client_id(p.id, OrderPurpose.STOP, 40)  # a stop of ours nothing recorded
+        await rig.exchange.place_stop("BTCUSDT", Side.LONG, D("0.010"), D(59000), leaked)
+        counts = await rig.live.audit_protection()
+        assert counts["repaired"] == 1
+        [kept] = rig.stop_algos("BTCUSDT")
+        assert kept.trigger == p.stop_price
+        stored = await rig.stored(p.id)
+        assert [o.client_id for o in stored.orders.values() if o.purpose is OrderPurpose.STOP] == [kept.client_id]
+        assert (await rig.repo.get_position(p.id)) is not None  # type: ignore[union-attr]
+        status = {o.client_id: o.status for o in stored.orders.values()}
+        assert leaked not in status or status[leaked] is not OrderStatus.OPEN
+    finally:
+        await rig.stop()
