@@ -1,8 +1,10 @@
 """Async engines for SQLite (the embedded default) and PostgreSQL, and migrations to head."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from alembic import command
@@ -39,7 +41,41 @@ def normalize_url(url: str) -> sa.URL:
     parsed = parsed.set(drivername=driver)
     if driver.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
         raise DatabaseConfigError("an in-memory SQLite database loses everything on a crash; give a file path")
+    if backend != "sqlite":
+        _libpq_ssl(parsed)  # refused here, before anything connects
     return parsed
+
+
+# libpq's sslmode values; asyncpg takes the same words as its `ssl` argument (and applies them as libpq does).
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq's other SSL parameters: asyncpg reads them only from a DSN, so they travel in one (paths and versions;
+# sslpassword is left out: a secret in the URL would show wherever the URL does).
+_SSL_DSN = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "sslnegotiation", "ssl_min_protocol_version",
+            "ssl_max_protocol_version")
+
+
+def _libpq_ssl(parsed: sa.URL) -> tuple[sa.URL, dict[str, Any]]:
+    """The URL without libpq's SSL parameters, and asyncpg's connect arguments that mean the same.
+
+    SQLAlchemy hands every query parameter to asyncpg.connect() as a keyword, and asyncpg has no `sslmode`
+    keyword (it calls it `ssl`), so `?sslmode=require` would fail on the first connection.
+    """
+    query = dict(parsed.query)
+    connect_args: dict[str, Any] = {}
+    mode = query.pop("sslmode", None)
+    if mode is not None:
+        if not isinstance(mode, str) or mode not in SSLMODES:  # not echoed: URLs are where passwords live
+            raise DatabaseConfigError(f"sslmode in the database url must be one of {', '.join(SSLMODES)}")
+        if "ssl" in query:
+            raise DatabaseConfigError("the database url gives both sslmode and ssl; keep sslmode")
+        connect_args["ssl"] = mode
+    others = {name: query.pop(name) for name in _SSL_DSN if name in query}
+    for name, value in others.items():
+        if not isinstance(value, str):
+            raise DatabaseConfigError(f"{name} is given more than once in the database url")
+    if others:
+        connect_args["dsn"] = "postgresql://?" + urlencode(others)  # host, user, database come from the URL
+    return parsed.set(query=query), connect_args
 
 
 def safe_url(url: str) -> str:
@@ -55,12 +91,56 @@ def _redact(url: str) -> str:
 
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An engine for the URL (nothing connects yet); a PostgreSQL URL may carry libpq's sslmode."""
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(parsed, **kwargs)
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    parsed, ssl_args = _libpq_ssl(parsed)
+    if ssl_args:
+        kwargs["connect_args"] = {**ssl_args, **kwargs.get("connect_args", {})}
     return create_async_engine(parsed, pool_pre_ping=True, **kwargs)
+
+
+def open_error(url: str, error: BaseException) -> str:
+    """One line saying why the database at `url` could not be opened: the URL (password hidden) and the
+    error's kind and first line, with a hint for a SQLite file whose directory is missing or read-only."""
+    shown = _redact(url)
+    if isinstance(error, sa.exc.DBAPIError) and error.orig is not None:  # the driver's own error says more
+        error = error.orig.__cause__ or error.orig
+    detail = str(error).splitlines()[0] if str(error) else ""
+    detail = detail.replace(url, shown)
+    password = _password(url)
+    if password:
+        detail = detail.replace(password, "***")
+    line = f"cannot open {shown}: {type(error).__name__}{': ' + detail if detail else ''}"
+    if type(error).__name__ == "UndefinedTableError" or detail.startswith("no such table"):
+        line += " (no schema yet: run `lifecycle migrate --db URL`)"
+    directory = _sqlite_directory(url)
+    if directory is not None:
+        if not directory.is_dir():
+            line += f" (the directory {directory} does not exist)"
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            line += f" (the directory {directory} is not writable)"
+    return line
+
+
+def _password(url: str) -> str | None:
+    try:
+        return make_url(url).password  # type: ignore[return-value]
+    except (ArgumentError, ValueError):
+        return None
+
+
+def _sqlite_directory(url: str) -> Path | None:
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).parent
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -29,7 +29,7 @@ from lifecycle.domain import (
     Side,
     TrailingState,
 )
-from lifecycle.errors import ConcurrentModification, DuplicateLivePosition
+from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, StoreRefused
 from lifecycle.machines.position import JournalEntry, Outcome
 from lifecycle.machines.states import TERMINAL_STATES, PositionState
 
@@ -114,6 +114,12 @@ class Repository:
     async def commit(self, position: Position, outcome: Outcome) -> None:
         """Persist an accepted transition of `position` (already changed in memory) atomically."""
         entry = outcome.journal
+        try:
+            await self._commit(position, outcome, entry)
+        except IntegrityError as e:  # a constraint, not an outage: retrying cannot help
+            raise StoreRefused(f"position {position.id} #{entry.seq}: {str(e.orig).splitlines()[0]}") from e
+
+    async def _commit(self, position: Position, outcome: Outcome, entry: JournalEntry) -> None:
         async with self._write() as conn:
             values = _position_values(position)
             values["_id"], values["_prev_seq"] = position.id, entry.seq - 1

@@ -9,7 +9,7 @@ import asyncio
 import random
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +56,8 @@ class ExchangeSettings:
     urls: Mapping[str, str] = field(default_factory=dict)  # urls['api'] overrides; "ws.linear" for nested keys
     options: Mapping[str, Any] = field(default_factory=dict)
     user_probe_after_s: float = 30.0  # no user-data event this long: check the listen key is alive
+    # Binance expires a listen key 60 min after its last keepalive: keep it alive this often, whatever the traffic
+    listen_key_keepalive_s: float = 1800.0
     market_silent_after_s: float = 10.0  # no mark price this long (they tick every second): silent
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -63,10 +65,25 @@ class ExchangeSettings:
     # Binance, about a second of budget). Keep it on against a real venue; tests on the simulator turn it off.
     rate_limit: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("user_probe_after_s", "listen_key_keepalive_s", "market_silent_after_s", "backoff_initial_s",
+                     "backoff_max_s"):
+            value = getattr(self, name)
+            if not value > 0:  # NaN too
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+
+USER_STREAMS = ("positions", "orders")  # the streams that ride on the listen key
+KEY_REFUSED = (-1022, -2014, -2015)  # bad signature, malformed key, key unknown / IP or permission refused
+AUTH_LOG_EVERY_S = 60.0  # a refused key is logged CRITICAL at most this often while it lasts
+KEEPALIVE_RETRY_S = 60.0  # a scheduled keepalive that failed (not -1125) is tried again this soon
+DROP_LOG_EVERY_S = 10.0  # at most one log line per reason of dropped stream frames in this window
+
 
 # --- error translation ----------------------------------------------------------------------------
 
 _CODE = re.compile(r'"code"\s*:\s*"?(-?\d+)')
+_MSG = re.compile(r'"msg"\s*:\s*"([^"]{1,200})"')
 
 
 def translate(e: Exception, *, hide: tuple[str, ...] = ()) -> errors.ExchangeError:
@@ -87,7 +104,9 @@ def translate(e: Exception, *, hide: tuple[str, ...] = ()) -> errors.ExchangeErr
         kind = errors.OrderNotFound
     elif code == -2019 or isinstance(e, ccxt.InsufficientFunds):
         kind = errors.InsufficientMargin
-    elif code in (-1022, -2014, -2015) or isinstance(
+    elif code == -1125:  # an expired listen key (ccxt 4.5.90 raises AuthenticationError): reconnect, not fatal
+        kind = errors.Retryable
+    elif code in KEY_REFUSED or isinstance(
         e, (ccxt.AuthenticationError, ccxt.PermissionDenied, ccxt.AccountSuspended, ccxt.BadSymbol, ccxt.NotSupported)
     ):
         kind = errors.Fatal
@@ -156,8 +175,22 @@ class CcxtExchange:
         self.reconnects: dict[str, int] = {}
         self._recreate_lock = asyncio.Lock()
         self._hide = (settings.api_key.reveal(), settings.secret.reveal())
-        self.malformed_frames = 0  # WebSocket frames ccxt could not handle, skipped
+        self._drops = _FrameDrops(settings.exchange_id, self._hide)
+        self.dropped_frames: Counter[str] = self._drops.counts  # stream frames dropped, by reason
+        # stream -> why REST showed what it did not deliver; cleared when it delivers or is resubscribed
+        self.doubted: dict[str, str] = {}
+        self.auth_failure: str | None = None  # why the venue refused the key on the last private call; None: fine
+        self._auth_logged_at = float("-inf")
+        self._keepalive_at = 0.0  # loop time of the listen key's creation or last successful keepalive
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._binance = settings.exchange_id.startswith("binance")
         self._closed = False
+
+    @property
+    def malformed_frames(self) -> int:
+        """Every stream frame dropped, whatever the reason (the total of `dropped_frames`)."""
+        return sum(self.dropped_frames.values())
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -167,6 +200,10 @@ class CcxtExchange:
 
     async def close(self) -> None:
         self._closed = True  # streams end instead of reconnecting
+        background = [*self._tasks, *([self._keepalive_task] if self._keepalive_task else [])]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if self.client is not None:
             await self.client.close()
             self.client = None
@@ -174,6 +211,12 @@ class CcxtExchange:
     async def _create(self) -> None:
         self.client = await self._new_client()
         self.generation += 1
+        self._keepalive_at = asyncio.get_running_loop().time()  # its first watch creates a fresh listen key
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _new_client(self) -> Any:
         base = getattr(ccxtpro, self.settings.exchange_id, None)
@@ -184,8 +227,12 @@ class CcxtExchange:
         # snapshot is loaded lazily and races live updates (a flat was lost with watch_orders on the same
         # connection); the adapter's own snapshot rides on Resynced instead.
         # fetchOpenOrders.warnWithoutSymbol: the snapshot after a reconnect lists every symbol on purpose.
+        # listenKeyRefreshRate: ccxt keeps the listen key alive itself (20 min by default), on our schedule
+        # instead; the adapter's own keepalive (`_keep_alive_on_schedule`) is the guarantee, see there.
         options = {"fetchCurrencies": False, "watchPositions": {"fetchPositionsSnapshot": False},
-                   "fetchOpenOrders": {"warnWithoutSymbol": False}, **dict(self.settings.options)}
+                   "fetchOpenOrders": {"warnWithoutSymbol": False},
+                   "listenKeyRefreshRate": int(self.settings.listen_key_keepalive_s * 1000),
+                   **dict(self.settings.options)}
         client = cls({"apiKey": self.settings.api_key.reveal(), "secret": self.settings.secret.reveal(),
                       "enableRateLimit": self.settings.rate_limit, "options": options})
         if self.settings.sandbox:
@@ -214,16 +261,73 @@ class CcxtExchange:
             new = await self._new_client()
             old, self.client = self.client, new
             self.generation += 1
+            self._keepalive_at = asyncio.get_running_loop().time()
         await _close_quietly(old)
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        return await self._call_on(fn, *args, **kwargs)
+        """A private REST call on the current client (the key's standing is tracked: `auth_failure`)."""
+        return await self._call_on(fn, *args, private=True, **kwargs)
 
-    async def _call_on(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    async def _call_on(self, fn: Callable[..., Awaitable[T]], *args: Any, private: bool = False, **kwargs: Any) -> T:
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
         except ccxt.BaseError as e:
-            raise translate(e, hide=self._hide) from e
+            out = translate(e, hide=self._hide)
+            if private and isinstance(out, errors.Fatal) and (
+                    out.code in KEY_REFUSED or isinstance(e, ccxt.AuthenticationError)):
+                self._key_refused(out)  # PermissionDenied and AccountSuspended are AuthenticationErrors too
+            raise out from e
+        if private and self.auth_failure is not None:
+            logger.warning("{}: the venue accepts the API key again", self.settings.exchange_id)
+            self.auth_failure = None
+            self._auth_logged_at = float("-inf")
+        return result
+
+    def _key_refused(self, error: errors.ExchangeError) -> None:
+        """A private call was refused for the key: say so (CRITICAL, at most once a minute) until one succeeds."""
+        self.auth_failure = _refusal(error)
+        now = time.monotonic()
+        if now - self._auth_logged_at >= AUTH_LOG_EVERY_S:
+            self._auth_logged_at = now
+            logger.critical("{}: the venue refuses the API key ({}): nothing can be queried or sent until it is "
+                            "fixed", self.settings.exchange_id, self.auth_failure)
+
+    # --- start-time checks ---------------------------------------------------------------------
+
+    async def check_account(self, symbols: list[str]) -> None:
+        """Refuse an account this engine cannot run: `errors.Fatal` with one line naming the problem (the key
+        refused, no permission to trade, hedge mode, a symbol the venue does not list); never the key or secret.
+
+        Binance: two REST calls (accountConfig for canTrade, positionSide/dual for the mode); the symbols are
+        checked against the markets loaded at start. A transient failure (Retryable) propagates as it is: the
+        caller waits and asks again. Another exchange: its balance is fetched (the key works) and its position
+        mode when ccxt can tell it.
+        """
+        client = self.client
+        try:
+            if hasattr(client, "fapiPrivateGetAccountConfig"):
+                config = await self._call(client.fapiPrivateGetAccountConfig)
+                if isinstance(config, dict) and config.get("canTrade") is False:
+                    raise errors.Fatal("the account may not trade (canTrade is false): enable futures trading "
+                                       "for the API key and check the account for restrictions")
+            else:
+                await self._call(client.fetch_balance)
+            if (client.has or {}).get("fetchPositionMode"):
+                mode = await self._call(client.fetch_position_mode)
+                if (mode or {}).get("hedged"):
+                    raise errors.Fatal("hedge mode is not supported; switch the account to one-way mode")
+        except errors.Fatal as e:
+            if e.code not in KEY_REFUSED and not isinstance(e.__cause__, ccxt.AuthenticationError):
+                raise  # ours above, or another Fatal (e.g. an endpoint this exchange does not have)
+            if e.code == -1022:
+                raise errors.Fatal(f"the venue refuses the request signature ({self.auth_failure}): the secret "
+                                   "does not belong to the API key") from e
+            raise errors.Fatal(f"the venue refuses the API key ({self.auth_failure}): it is unknown or disabled, "
+                               "lacks futures permission, or this IP is not allowed") from e
+        unknown = [s for s in symbols if s not in (client.markets_by_id or {}) and s not in (client.markets or {})]
+        if unknown:
+            where = f"{self.settings.exchange_id}{' (testnet)' if self.settings.sandbox else ''}"
+            raise errors.Fatal(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not listed on {where}")
 
     def _unified(self, symbol: str) -> str:
         return self.client.markets_by_id[symbol][0]["symbol"] if symbol in self.client.markets_by_id else symbol
@@ -361,16 +465,107 @@ class CcxtExchange:
                                probe=None, quiet_s=self.settings.market_silent_after_s, cached=latest,
                                snapshot=None)
 
+    async def probe_user_stream(self, reason: str) -> bool | None:
+        """REST showed what the user-data streams did not deliver: doubt them (`doubted`, until they deliver or
+        are resubscribed) and keep the listen key alive now. True: the key is alive (the socket may still be
+        wedged: the caller decides whether to recreate). False: the key had expired (-1125); the user streams
+        are marked SILENT and resubscribed with a new key before this returns. None: the venue could not say
+        (network, 5xx, a refused key: logged; `auth_failure` says which) or the exchange has no listen key."""
+        self.doubt(reason)
+        client, generation = self.client, self.generation
+        if client is None or not hasattr(client, "fapiPrivatePutListenKey"):
+            return None
+        outcome = await self._keepalive(client, "probe")
+        if outcome == "expired":
+            await self._renew_listen_key(generation, f"the listen key expired (probed: {reason})")
+            return False
+        return True if outcome == "alive" else None
+
+    def doubt(self, reason: str, streams: tuple[str, ...] = USER_STREAMS) -> None:
+        """Mark running streams doubted (REST showed what they did not deliver) until they deliver again."""
+        for name in streams:
+            if name in self.health:
+                if name not in self.doubted:
+                    logger.info("{} stream doubted: {}", name, reason)
+                self.doubted[name] = reason
+
+    def _heard(self, name: str, why: str) -> None:
+        if self.doubted.pop(name, None) is not None:
+            logger.info("{} stream no longer doubted: {}", name, why)
+
+    async def _keepalive(self, client: Any, why: str) -> str:
+        """PUT the listen key on `client`: 'alive', 'expired' (-1125) or 'error' (anything else; logged)."""
+        try:
+            await self._call_on(client.fapiPrivatePutListenKey, private=True)
+        except errors.ExchangeError as e:
+            if e.code == -1125:
+                logger.warning("user-data stream: the listen key expired ({} keepalive answered -1125)", why)
+                return "expired"
+            logger.warning("user-data stream: listen key keepalive ({}) failed: {}", why, e)
+            return "error"
+        if client is self.client:
+            self._keepalive_at = asyncio.get_running_loop().time()
+        return "alive"
+
     async def _listen_key_alive(self, client: Any) -> bool:
-        """Binance: keep the listen key alive; -1125 means it expired and the stream is silent."""
+        """The idle probe (Binance): keep the listen key alive; -1125 or no answer: the stream is silent."""
         if not hasattr(client, "fapiPrivatePutListenKey"):
             return True
+        return await self._keepalive(client, "idle") == "alive"
+
+    def _ensure_keepalive(self) -> None:
+        if self._keepalive_task is None and not self._closed and hasattr(self.client, "fapiPrivatePutListenKey"):
+            self._keepalive_task = asyncio.ensure_future(self._keep_alive_on_schedule())
+
+    async def _keep_alive_on_schedule(self) -> None:
+        """Keep the listen key alive every `listen_key_keepalive_s`, however busy the streams are (the idle
+        probe only runs when they are quiet). ccxt keeps it alive too, but not dependably: its timer chain
+        ends whenever a keepalive finds the stream between two connections, and a failed one only rejects the
+        watches. -1125 here: the key is gone, the user streams are SILENT and resubscribed at once."""
+        loop = asyncio.get_running_loop()
+        period = self.settings.listen_key_keepalive_s
+        while not self._closed:
+            try:
+                wait = self._keepalive_at + period - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                client, generation = self.client, self.generation
+                if client is None or not any(self.health.get(n) is StreamHealth.HEALTHY for n in USER_STREAMS):
+                    await asyncio.sleep(min(period, 1.0))  # not subscribed now: the reconnection brings a new key
+                    continue
+                outcome = await self._keepalive(client, "scheduled")
+                if outcome == "expired":
+                    await self._renew_listen_key(generation, "the listen key expired (scheduled keepalive)")
+                elif outcome == "error":
+                    await asyncio.sleep(min(period, KEEPALIVE_RETRY_S))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the schedule must outlive any surprise
+                logger.exception("listen key keepalive schedule: {}: {}", type(e).__name__, e)
+                await asyncio.sleep(min(period, 1.0))
+
+    def _listen_key_expired(self, client: Any) -> None:
+        """Binance pushed listenKeyExpired on this client's user-data socket: nothing more will arrive on it."""
+        if client is self.client and not self._closed:  # an old client's notice: it is replaced already
+            self._spawn(self._renew_listen_key(self.generation, "the venue sent listenKeyExpired"))
+
+    async def _renew_listen_key(self, generation: int, why: str) -> None:
+        """The listen key is gone: mark the user streams SILENT and recreate the client now (its first watch
+        creates a new key), not after a backoff. A failed recreate is logged; the supervisors' idle probe and
+        backoff take over from there."""
+        if generation != self.generation or self._closed:
+            return  # already recreated since
+        for name in USER_STREAMS:
+            if name in self.health:
+                self.health[name] = StreamHealth.SILENT
+                self.reconnects[name] += 1
+        logger.warning("{}: user-data streams silent: {}; subscribing with a new listen key",
+                       self.settings.exchange_id, why)
         try:
-            await client.fapiPrivatePutListenKey()
-            return True
-        except ccxt.BaseError as e:
-            logger.warning("user-data stream: listen key keepalive failed: {}", translate(e, hide=self._hide))
-            return False
+            await self.recreate(generation, f"user-data streams silent: {why}")
+        except errors.ExchangeError as e:
+            logger.error("user-data streams: could not recreate the exchange client: {}", e)
 
     async def _reconnect(self, name: str, generation: int, why: str, backoff: float) -> float:
         """Wait a jittered backoff, then recreate the client; a failed attempt is logged and retried by
@@ -415,7 +610,9 @@ class CcxtExchange:
         batch is being handled stays in ccxt's cache until the next message. So after every batch, and
         every SWEEP_S while idle, the cache is swept for states not yielded yet (the key de-duplicates).
         """
-        fresh = _Fresh(name, convert, key, order)
+        fresh = _Fresh(name, convert, key, order, self._drops.note)
+        if probe is not None:
+            self._ensure_keepalive()
         backoff = self.settings.backoff_initial_s
         generation = 0
         pending: asyncio.Task[Any] | None = None
@@ -458,6 +655,7 @@ class CcxtExchange:
                             except errors.ExchangeError as e:
                                 logger.warning("{} stream: REST snapshot after {} failed: {}", name, reason, e)
                         last_message = loop.time()
+                        self._heard(name, f"subscribed anew ({reason})")
                         yield Resynced(name, reason, state)
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
@@ -497,6 +695,7 @@ class CcxtExchange:
                 backoff = self.settings.backoff_initial_s
                 last_message = loop.time()
                 self.health[name] = StreamHealth.HEALTHY
+                self._heard(name, "it delivers again")
                 for item in fresh.items([*batch, *(cached(client) if cached else ())]):
                     yield item
                 soon = cached is not None
@@ -553,27 +752,200 @@ class CcxtExchange:
 
 
 def _guarded(base: type, owner: CcxtExchange) -> type:
-    """The ccxt exchange class with one change: a frame its handler chokes on is skipped, not fatal.
+    """The ccxt exchange class with the changes a long-running stream needs; ccxt's files stay untouched.
 
-    In ccxt 4.5 an exception from the exchange's `handle_message` (a non-JSON frame, a JSON payload
-    with a non-numeric amount) escapes a callback of the receive loop, which then stops for good:
-    every pending watch hangs. Catching it here keeps the stream alive; the frame is logged (by its
-    event type only: a frame can carry a listen key) and counted.
+    * A frame ccxt's handler chokes on is skipped, not fatal: in ccxt 4.5 an exception from the exchange's
+      `handle_message` (a JSON payload with a non-numeric amount) escapes a callback of the receive loop,
+      which then stops for good and every pending watch hangs.
+    * The same for a frame that looks like JSON and is not (`{...` cut short): ccxt's WebSocket client
+      parses it in the same callback, outside `handle_message`, so its own `handle_text_or_binary_message`
+      is wrapped per connection. Text that is not JSON at all is handed to `handle_message` as a string by
+      ccxt; Binance never sends such text, and ccxt's binance would take one with an "a" and a "b" in it
+      for a bookTicker, so for Binance it is dropped and counted.
+    * Binance frames are checked before ccxt sees them: an unknown symbol, a missing or non-numeric field
+      (ccxt reads a position without `pa` as flat) drops the frame (or one position entry of an
+      ACCOUNT_UPDATE); an event type nobody documented is counted and handed on (ccxt ignores it).
+    * `listenKeyExpired`, which ccxt ignores, tells the adapter to resubscribe with a new key at once.
+    * ccxt's listen-key timer outlives a closed client, and firing on one it opens an aiohttp session that
+      nobody closes: it does nothing on a client that is closed or replaced.
+
+    Every drop is counted by reason (`CcxtExchange.dropped_frames`) and logged by event type and field only
+    (a frame can carry a listen key), at most once per reason per DROP_LOG_EVERY_S.
     """
+    binance = owner._binance
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         def handle_message(self, client: Any, message: Any) -> Any:
             try:
+                if binance and isinstance(message, dict):
+                    body = _binance_body(message)
+                    if body.get("e") == "listenKeyExpired":
+                        owner._listen_key_expired(self)
+                        return None
+                    if not _binance_frame_ok(body, self.markets_by_id or {}, owner._drops.note):
+                        return None
                 return super().handle_message(client, message)
             except Exception as e:
-                owner.malformed_frames += 1
-                kind = message.get("e", "?") if isinstance(message, dict) else type(message).__name__
-                logger.warning("skipped a WebSocket frame ({}) that ccxt could not handle: {}: {}", kind,
-                               type(e).__name__, e)
+                kind = _event_of(message)
+                owner._drops.note("handler_error", f"{kind}: ccxt could not handle it: {type(e).__name__}: {e}")
                 return None
+
+        def client(self, url: str) -> Any:
+            ws = super().client(url)
+            if not getattr(ws, "_lc_guarded", False):
+                ws._lc_guarded = True
+                ws.handle_text_or_binary_message = _guard_text(ws.handle_text_or_binary_message, owner, binance)
+            return ws
+
+        if hasattr(base, "keep_alive_listen_key"):
+            async def keep_alive_listen_key(self, params: dict[str, Any] | None = None) -> Any:
+                if self.closed_by_user or owner.client is not self:
+                    return None
+                return await super().keep_alive_listen_key(params or {})
 
     Guarded.__name__ = Guarded.__qualname__ = base.__name__
     return Guarded
+
+
+def _guard_text(original: Callable[[Any], Any], owner: CcxtExchange, binance: bool) -> Callable[[Any], Any]:
+    """Wrap one ccxt WebSocket connection's frame decoder: a frame that is not JSON is dropped and counted."""
+
+    def handle(data: Any) -> Any:
+        if isinstance(data, str) and (len(data) < 2 or data[0] not in "{["):
+            if binance:
+                owner._drops.note("not_json", f"a text frame of {len(data)} characters")
+                return None
+            return original(data)  # other exchanges send plain text on purpose (e.g. "pong")
+        try:
+            return original(data)
+        except ValueError as e:  # json / orjson decode errors: raised in ccxt's receive-loop callback
+            owner._drops.note("not_json", f"a frame of {len(data)} characters that does not parse: "
+                                          f"{type(e).__name__}")
+            return None
+
+    return handle
+
+
+# Binance USDⓈ-M events (user data and market streams): anything else is counted as unknown and handed on.
+_BINANCE_EVENTS = frozenset({
+    "ACCOUNT_UPDATE", "ORDER_TRADE_UPDATE", "ALGO_UPDATE", "TRADE_LITE", "MARGIN_CALL", "ACCOUNT_CONFIG_UPDATE",
+    "STRATEGY_UPDATE", "GRID_UPDATE", "CONDITIONAL_ORDER_TRIGGER_REJECT", "listenKeyExpired", "eventStreamTerminated",
+    "markPriceUpdate", "forceOrder", "kline", "continuous_kline", "aggTrade", "trade", "depthUpdate", "bookTicker",
+    "24hrTicker", "24hrMiniTicker", "markPrice_kline", "indexPrice_kline", "compositeIndex", "contractInfo",
+    "assetIndexUpdate",
+})
+# (fields that must be there and not empty, fields that must be numbers when given) per checked object
+_ORDER_FIELDS = (("s", "i", "X", "S", "q", "z"), ("q", "z", "l", "ap", "L", "p", "sp", "rp", "n"))
+_ALGO_FIELDS = (("s", "aid", "X", "S"), ("q", "tp", "aq", "ap"))
+_POSITION_FIELDS = (("s", "pa"), ("pa", "ep"))
+_MARK_FIELDS = (("s", "p"), ("p",))
+
+
+def _binance_body(message: dict[str, Any]) -> dict[str, Any]:
+    """The event inside a combined-stream wrapper ({"stream": ..., "data": {...}}), or the message itself."""
+    data = message.get("data")
+    return data if "stream" in message and isinstance(data, dict) else message
+
+
+def _event_of(message: Any) -> str:
+    if isinstance(message, dict):
+        return str(_binance_body(message).get("e", "?"))[:40]
+    return type(message).__name__
+
+
+def _binance_frame_ok(body: dict[str, Any], markets_by_id: Mapping[str, Any],
+                      drop: Callable[[str, str], None]) -> bool:
+    """Check one Binance event before ccxt sees it; False drops it. An ACCOUNT_UPDATE loses only its bad
+    position entries (trimmed in place), the rest of it goes on."""
+    event = body.get("e")
+    if not isinstance(event, str):
+        return True  # subscription answers and the like: ccxt's business
+    if event not in _BINANCE_EVENTS:
+        drop("unknown_event", f"event type {event[:40]!r}")
+        return True  # ccxt ignores what it does not know; nothing is lost by handing it on
+    if event == "ACCOUNT_UPDATE":
+        account = body.get("a")
+        entries = account.get("P", []) if isinstance(account, dict) else None
+        if not isinstance(entries, list):
+            drop("missing_field", "ACCOUNT_UPDATE without its a.P list")
+            return False
+        kept = []
+        for entry in entries:
+            problem = _problem(entry, *_POSITION_FIELDS, markets_by_id)
+            if problem is None:
+                kept.append(entry)
+            else:
+                drop(problem[0], f"a position of an ACCOUNT_UPDATE: {problem[1]}")
+        if len(kept) != len(entries):
+            account["P"] = kept
+        return True
+    checked = {"ORDER_TRADE_UPDATE": (body.get("o"), _ORDER_FIELDS), "ALGO_UPDATE": (body.get("o"), _ALGO_FIELDS),
+               "markPriceUpdate": (body, _MARK_FIELDS)}.get(event)
+    if checked is None:
+        return True
+    problem = _problem(checked[0], *checked[1], markets_by_id)
+    if problem is not None:
+        drop(problem[0], f"{event}: {problem[1]}")
+        return False
+    return True
+
+
+def _problem(entry: Any, required: tuple[str, ...], numeric: tuple[str, ...],
+             markets_by_id: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, detail) of what is wrong with one object of a frame, or None."""
+    if not isinstance(entry, dict):
+        return "missing_field", "no object where one belongs"
+    missing = [k for k in required if entry.get(k) in (None, "")]
+    if missing:
+        return "missing_field", f"no {', '.join(missing)}"
+    symbol = entry.get("s")
+    if not isinstance(symbol, str) or symbol not in markets_by_id:
+        return "unknown_symbol", f"symbol {str(symbol)[:40]!r} is not a market loaded at start"
+    bad = [k for k in numeric if entry.get(k) not in (None, "") and not _is_number(entry[k])]
+    if bad:
+        return "bad_value", f"{symbol}: {', '.join(bad)} not a number"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return Decimal(str(value)).is_finite()
+    except ArithmeticError:
+        return False
+
+
+def _refusal(error: errors.ExchangeError) -> str:
+    """A short reason for a refused key, from the venue's code and message (never the key: already redacted)."""
+    text = str(error)
+    match = _MSG.search(text)
+    message = match.group(1) if match else text.split(":", 1)[0]  # the ccxt class name
+    return " ".join(part for part in (str(error.code) if error.code is not None else "", message) if part)[:160]
+
+
+class _FrameDrops:
+    """Dropped stream frames counted by reason, logged at most once per reason per DROP_LOG_EVERY_S with the
+    number suppressed since the last line."""
+
+    def __init__(self, exchange_id: str, hide: tuple[str, ...], *, every_s: float = DROP_LOG_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.exchange_id, self.hide, self.every_s, self.clock = exchange_id, hide, every_s, clock
+        self.counts: Counter[str] = Counter()
+        self._logged_at: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def note(self, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        now = self.clock()
+        if now - self._logged_at.get(reason, float("-inf")) < self.every_s:
+            self._suppressed[reason] += 1
+            return
+        self._logged_at[reason] = now
+        more = self._suppressed.pop(reason, 0)
+        tail = f" ({more} more dropped for this reason since the last line)" if more else ""
+        logger.warning("{}: dropped a stream frame ({}): {}{}", self.exchange_id, reason, _redact(detail, self.hide),
+                       tail)
 
 
 MEMORY = 50_000  # updates remembered for de-duplication (ccxt's own caches hold 1,000 orders by default)
@@ -587,10 +959,11 @@ class _Fresh:
     """Converts raw updates and keeps only new ones: not seen before, not older than one already seen."""
 
     def __init__(self, name: str, convert: Callable[[Any], Any], key: Callable[[Any], Any] | None,
-                 order: Callable[[Any], Any] | None) -> None:
-        self.name, self.convert, self.key, self.order = name, convert, key, order
+                 order: Callable[[Any], Any] | None, drop: Callable[[str, str], None]) -> None:
+        self.name, self.convert, self.key, self.order, self.drop = name, convert, key, order, drop
         self.seen: OrderedDict[Any, None] = OrderedDict()
         self.latest: OrderedDict[Any, Any] = OrderedDict()
+        self.failed: OrderedDict[int, None] = OrderedDict()  # ids of cached updates that did not convert
         self.malformed = 0
 
     def items(self, raws: Any) -> list[Any]:
@@ -599,8 +972,13 @@ class _Fresh:
             try:
                 item = self.convert(raw)
             except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count, go on
-                self.malformed += 1
-                logger.warning("{} stream: skipped a malformed update: {}", self.name, e)
+                if id(raw) not in self.failed:  # it stays in ccxt's cache: counted once, not at every sweep
+                    self.failed[id(raw)] = None
+                    if len(self.failed) > SWEEP_TAIL * 4:
+                        self.failed.popitem(last=False)
+                    self.malformed += 1
+                    self.drop("bad_value", f"a {self.name} update ccxt parsed but we could not read: "
+                                           f"{type(e).__name__}: {e}")
                 continue
             if self.key is not None:
                 k = self.key(item)

@@ -130,3 +130,27 @@ class ExchangePort(Protocol):
     def position_updates(self) -> AsyncIterator[PositionSnapshot | Resynced]: ...
     def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]: ...
     def mark_prices(self, symbols: list[str]) -> AsyncIterator[MarkPrice | Resynced]: ...
+
+
+class StreamControl(Protocol):
+    """The streams' supervision as the engine and reconciliation see it (the ccxt adapter implements it).
+
+    `health` and `reconnects` are per stream ("positions", "orders", "marks"); `generation` counts client
+    (re)creations; `doubted` holds, per stream, why REST showed what it did not deliver, until it delivers
+    again or is resubscribed; `auth_failure` is why the venue refused the key on the last private call.
+    """
+
+    health: dict[str, StreamHealth]
+    reconnects: dict[str, int]
+    doubted: dict[str, str]
+    generation: int
+    auth_failure: str | None
+
+    async def recreate(self, seen_generation: int, reason: str) -> None:
+        """Replace the client and resubscribe every stream, once per generation however many ask."""
+        ...
+
+    async def probe_user_stream(self, reason: str) -> bool | None:
+        """Doubt the user streams and keep their listen key alive now: True alive (a wedge is still possible),
+        False expired (marked SILENT and resubscribed with a new key before returning), None unknown."""
+        ...

@@ -36,7 +36,7 @@ from lifecycle.errors import (
     StorageUnavailable,
     UnknownPosition,
 )
-from lifecycle.live import OpenCommand
+from lifecycle.live import UNPROTECTED_GRACE_S, OpenCommand
 from lifecycle.machines.states import PositionState
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ class ControlApi:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> ControlApi:
+        """Listen on host:port. aiohttp's own log records (a request its parser refuses quotes the refused
+        bytes, which may hold the token) go to the service's log through `http_logger`: by kind only."""
+        from lifecycle.http_log import http_logger
+
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/health", self._health)
         app.router.add_get("/positions", self._positions)
@@ -83,7 +87,8 @@ class ControlApi:
         app.router.add_post("/positions", self._open)
         app.router.add_post("/positions/{id}/close", self._close)
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None,
+                               logger=http_logger("lifecycle.api.http", [self.token.reveal()]))
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:
@@ -149,7 +154,7 @@ class ControlApi:
                 "streams_healthy": bool(live and live.stream_healthy()),
                 "streams": {k: v.value for k, v in runtime.exchange.health.items()},
                 "live_positions": sum(1 for p in runtime.engine.positions.values() if p.account == name),
-                "unprotected": len(live.unprotected()) if live is not None else 0,
+                "unprotected": len(live.unprotected_longer_than(UNPROTECTED_GRACE_S)) if live is not None else 0,
                 "storage_backlog": runtime.engine.books.behind,
                 "unsettled": bool(live and live.unsettled()),  # a resync left positions to settle
             }
@@ -258,7 +263,7 @@ def metrics_text(service: Service) -> str:
             unprotected.append(({"account": name}, round(live.stats.unprotected_ms.total, 3)))
             reasons = live.health_reasons()
             degraded.append(({"account": name}, 1 if reasons else 0))
-            unprotected_now.append(({"account": name}, len(live.unprotected())))
+            unprotected_now.append(({"account": name}, len(live.unprotected_longer_than(UNPROTECTED_GRACE_S))))
             repairs += [({"account": name, "repair": k}, n) for k, n in sorted(live.stats.protection_repairs.items())]
             sources += [({"account": name, "source": k}, n) for k, n in sorted(live.stats.cause_sources.items())]
             amended.append(({"account": name}, live.stats.closures_amended))

@@ -25,7 +25,7 @@ from typing import Any
 
 from loguru import logger
 
-from lifecycle.errors import ConcurrentModification
+from lifecycle.errors import ConcurrentModification, StoreRefused
 
 
 @dataclass(slots=True)
@@ -71,8 +71,9 @@ class Books:
 
     async def write(self, what: str, call: Callable[[], Awaitable[Any]],
                     done: Callable[[], Awaitable[bool]] | None = None) -> None:
-        """Write through `call()`; on failure or timeout queue it. ConcurrentModification propagates (a stale
-        writer is refused, never queued); every other failure is the store's and is queued."""
+        """Write through `call()`; on failure or timeout queue it. ConcurrentModification and StoreRefused
+        propagate (a stale writer, a failed constraint: definite answers, never queued); every other failure
+        is the store's and is queued."""
         if self._queue:
             self._enqueue(_Write(what, call, done))
             return
@@ -85,7 +86,7 @@ class Books:
         error = attempt.exception() if not attempt.cancelled() else asyncio.CancelledError()
         if error is None:
             return
-        if isinstance(error, ConcurrentModification):
+        if isinstance(error, (ConcurrentModification, StoreRefused)):
             raise error
         self._failed(what, _describe(error))
         self._enqueue(_Write(what, call, done))
@@ -142,6 +143,9 @@ class Books:
                     await attempt  # the timed-out attempt's own outcome first: it may have landed
                 else:
                     await write.call()
+            except StoreRefused as e:
+                self.stats.lost += 1
+                logger.error("books: {} refused by the database for good: {}; not written", write.what, e)
             except ConcurrentModification:
                 if write.done is None or not await self._written(write):
                     self.stats.lost += 1

@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from loguru import logger
@@ -13,6 +16,7 @@ from loguru import logger
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="position-lifecycle: positions as state machines.")
 
 DEFAULT_DIAGRAMS = Path("diagrams")
+T = TypeVar("T")
 
 
 def _configure_logging(verbose: bool, log_dir: Path | None = None, retention_days: int = 14) -> None:
@@ -49,7 +53,7 @@ def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--ve
     settings = _settings(config)
     service = Service(service_config(settings))
     try:
-        asyncio.run(check_database(settings.database_url))  # before anything else starts (or logs)
+        _run(check_database(settings.database_url))  # before anything else starts (or logs)
         _configure_logging(verbose, settings.log_dir, settings.log_retention_days)
         asyncio.run(service.run())
     except StartError as e:
@@ -142,9 +146,7 @@ def status(
 
     settings = _settings(config, check_secrets=False) if db is None else None
     url = db or settings.database_url  # type: ignore[union-attr]
-    if url.startswith("sqlite") and "///" in url and not Path(url.split("///", 1)[1]).exists():
-        typer.echo(f"error: no database file at {url.split('///', 1)[1]}", err=True)  # never create one here
-        raise typer.Exit(2)
+    _existing_sqlite_file(url)
 
     async def go() -> list:
         repo = await Repository.open(url, run_migrations=False)
@@ -153,7 +155,7 @@ def status(
         finally:
             await repo.close()
 
-    positions = asyncio.run(go())
+    positions = _with_database(url, go, source=None if db else "database_url")
     live = [p for p in positions if not p.state.is_terminal]
     done = sorted((p for p in positions if p.state.is_terminal), key=lambda p: p.updated_at)[-ended:] if ended else []
     marks: dict[str, object] = {}
@@ -177,6 +179,53 @@ def status(
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     if not positions:
         typer.echo("no positions in the database")
+
+
+def _existing_sqlite_file(url: str) -> None:
+    """Reading commands never create a SQLite file: a missing one is exit 2 naming it."""
+    if url.startswith("sqlite") and "///" in url and not Path(url.split("///", 1)[1]).exists():
+        typer.echo(f"error: no database file at {url.split('///', 1)[1]}", err=True)
+        raise typer.Exit(2)
+
+
+def _with_database(url: str, work: Callable[[], Coroutine[Any, Any, T]], *, source: str | None) -> T:
+    """Run `work` (which opens the database at `url`); a database that cannot be used (a bad URL, an
+    unreachable server, a refused login, a file that cannot be created) is one line on stderr naming the
+    database, password hidden, and exit 2 as for any start error, never a traceback. `source` is the
+    configuration key the URL came from (None: the command line's own --db)."""
+    import sqlalchemy.exc
+    from asyncpg import InterfaceError, PostgresError
+
+    from db.engine import DatabaseConfigError, open_error
+
+    prefix = f"{source}: " if source else ""
+    try:
+        return _run(work())
+    except DatabaseConfigError as e:
+        typer.echo(f"error: {prefix}{e}", err=True)
+        raise typer.Exit(2) from None
+    except (OSError, sqlalchemy.exc.SQLAlchemyError, PostgresError, InterfaceError) as e:
+        typer.echo(f"error: {prefix}{open_error(url, e)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, then a wait for aiosqlite's worker threads while the loop is still open.
+
+    After a failed connect aiosqlite 0.22 stops its worker thread without waiting for it, and the thread's
+    answer to a loop that asyncio.run has closed meanwhile prints a traceback on stderr ("Event loop is
+    closed", omnilib/aiosqlite#241): a one-line error would come out as a traceback now and then."""
+
+    async def main() -> T:
+        try:
+            return await coroutine
+        finally:
+            deadline = time.monotonic() + 5
+            for thread in threading.enumerate():
+                if thread.name.endswith("(_connection_worker_thread)"):  # Thread's default name shows the target
+                    await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+
+    return asyncio.run(main())
 
 
 def _base_url(settings) -> str:  # type: ignore[no-untyped-def]
@@ -224,7 +273,6 @@ def demo(
 ) -> None:
     """The service on the embedded simulator: every ending once, live, then a summary (about a minute)."""
     import os
-    import time
 
     from rich.console import Console
     from rich.live import Live
@@ -299,7 +347,7 @@ def demo(
 @app.command()
 def migrate(db: Annotated[str, typer.Option(help="Database URL: sqlite:///file.db or postgresql://...")]) -> None:
     """Bring the database schema to the newest revision."""
-    from db.engine import DatabaseConfigError, create_engine
+    from db.engine import create_engine
     from db.engine import migrate as run_migrate
 
     async def go() -> None:
@@ -309,11 +357,7 @@ def migrate(db: Annotated[str, typer.Option(help="Database URL: sqlite:///file.d
         finally:
             await engine.dispose()
 
-    try:
-        asyncio.run(go())
-    except DatabaseConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    _with_database(db, go, source=None)
     typer.echo("schema is at head")
 
 
@@ -326,20 +370,20 @@ def history(
     """Print one position's journal."""
     from db.repository import Repository
 
+    source = None if db else "database_url"
     if db is None:
         db = _settings(config, check_secrets=False).database_url
-    if db.startswith("sqlite") and "///" in db and not Path(db.split("///", 1)[1]).exists():
-        typer.echo(f"error: no database file at {db.split('///', 1)[1]}", err=True)
-        raise typer.Exit(2)
+    url = db
+    _existing_sqlite_file(url)
 
     async def go() -> list:
-        repo = await Repository.open(db, run_migrations=False)
+        repo = await Repository.open(url, run_migrations=False)
         try:
             return await repo.journal(position_id)
         finally:
             await repo.close()
 
-    entries = asyncio.run(go())
+    entries = _with_database(url, go, source=source)
     if not entries:
         typer.echo(f"no journal for position {position_id}", err=True)
         raise typer.Exit(1)

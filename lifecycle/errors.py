@@ -47,6 +47,11 @@ class ConcurrentModification(LifecycleError):
     """The position's row changed under us (another process or a stale copy); nothing was written."""
 
 
+class StoreRefused(LifecycleError):
+    """The database refused a write for good (a constraint failed): retrying cannot help, so it is not
+    queued (a failure of the database itself is; see `lifecycle.books`)."""
+
+
 class DuplicateLivePosition(LifecycleError):
     """A live position already exists for this account, symbol and side; a new one is not opened."""
 

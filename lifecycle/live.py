@@ -73,6 +73,8 @@ from lifecycle.trailing import trail
 S = PositionState
 PROTECTED = frozenset({S.OPEN, S.TS_ACTIVE})  # must have a live stop on the exchange
 FLATTENABLE = frozenset({S.OPEN, S.TS_ACTIVE, S.CLOSING_BY_BOT})
+# A position without a stop for less than this is one whose stop is being placed right now: not yet an alarm.
+UNPROTECTED_GRACE_S = 1.0
 # Binance codes meaning "no second stop here" (-4045 max stop orders, -4130 a closePosition stop exists).
 TWO_STOPS_REFUSED = frozenset({-4045, -4130})
 
@@ -487,12 +489,12 @@ class LiveEngine:
                                    f"a {command.side.value} cannot be opened until it has ended")
         rules = self.exchange.order_rules(command.symbol)
         quantity = command.quantity
-        if rules.step is not None and rules.step > 0 and quantity % rules.step != 0:
-            raise InvalidEvent(f"quantity {quantity} is not a multiple of {command.symbol}'s step {rules.step}")
-        if rules.min_quantity is not None and quantity < rules.min_quantity:
-            raise InvalidEvent(f"quantity {quantity} is below {command.symbol}'s minimum {rules.min_quantity}")
         if rules.max_quantity is not None and quantity > rules.max_quantity:
             raise InvalidEvent(f"quantity {quantity} is above {command.symbol}'s maximum {rules.max_quantity}")
+        if rules.min_quantity is not None and quantity < rules.min_quantity:
+            raise InvalidEvent(f"quantity {quantity} is below {command.symbol}'s minimum {rules.min_quantity}")
+        if rules.step is not None and rules.step > 0 and not _multiple(quantity, rules.step):
+            raise InvalidEvent(f"quantity {quantity} is not a multiple of {command.symbol}'s step {rules.step}")
         for name in ("entry_price", "take_profit", "trailing_activation"):
             price = getattr(command, name)
             if price is None:
@@ -501,7 +503,7 @@ class LiveEngine:
                 raise InvalidEvent(f"{name} {price} is above {command.symbol}'s maximum price {rules.max_price}")
             if rules.min_price is not None and price < rules.min_price:
                 raise InvalidEvent(f"{name} {price} is below {command.symbol}'s minimum price {rules.min_price}")
-        if command.entry_price is not None and command.entry_price % rules.tick != 0:
+        if command.entry_price is not None and not _multiple(command.entry_price, rules.tick):
             raise InvalidEvent(f"entry_price {command.entry_price} is not a multiple of {command.symbol}'s tick "
                                f"{rules.tick}")
         mark = self.marks.get(command.symbol)
@@ -1044,7 +1046,13 @@ class LiveEngine:
                 source = "algo_update"
             else:
                 found = await self._rest_cause(position)
-                if found is not None:
+                late = self._unused_fill(position, snap) if found is None else None
+                if late is not None:  # the fill update arrived while REST was asked
+                    cause = classify_close(late.client_id, position_id=position_id, trailing_was_active=trailing_active)
+                    source = "fill_update"
+                    exit_price, order_id, realized, fee = late.order.average_price, late.order.exchange_order_id, \
+                        late.order.realized_pnl, late.order.fee
+                elif found is not None:
                     rest_fill, client_id = found
                     cause = classify_close(client_id, position_id=position_id, trailing_was_active=trailing_active)
                     source = "rest"
@@ -1117,18 +1125,25 @@ class LiveEngine:
                            self.account, position.symbol, position_id, cause.value)
             return
 
+    def _unused_fill(self, position: Position, snap: PositionSnapshot) -> _SeenFill | None:
+        """The newest unused fill seen on the closing side of the symbol, no older than the update."""
+        closing = _exit_side(position.side)
+        earliest = snap.at - timedelta(seconds=1)
+        for seen in reversed(self._fills.get(snap.symbol, ())):
+            if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
+                seen.used = True
+                return seen
+        return None
+
     async def _closing_fill(self, position: Position, snap: PositionSnapshot) -> _SeenFill | None:
         """The fill that flattened the position: the newest unused fill on the closing side of the symbol,
         no older than the update, waiting up to `cause_wait_s` for it (the order update may come after)."""
-        closing = _exit_side(position.side)
-        earliest = snap.at - timedelta(seconds=1)
         deadline = self.monotonic() + self.config.cause_wait_s
         signal = self._fill_signal.setdefault(snap.symbol, asyncio.Event())
         while True:
-            for seen in reversed(self._fills.get(snap.symbol, ())):
-                if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
-                    seen.used = True
-                    return seen
+            found = self._unused_fill(position, snap)
+            if found is not None:
+                return found
             remaining = deadline - self.monotonic()
             if remaining <= 0:
                 return None
@@ -1506,19 +1521,23 @@ class LiveEngine:
                 out.append(position)
         return out
 
-    async def check_protection(self, *, grace_s: float = 1.0) -> list[str]:
-        """Every sync tick: a CRITICAL line for each position unprotected longer than `grace_s` (repeated
-        while it lasts), and a repair under the symbol lock. Returns the ids found unprotected."""
+    def unprotected_longer_than(self, grace_s: float) -> list[Position]:
+        """`unprotected()`, less the positions first seen so less than `grace_s` ago (a stop being placed
+        right now, an entry filled a moment ago)."""
         now = self.monotonic()
         found = self.unprotected()
         ids = {p.id for p in found}
         for pid in [pid for pid in self._unprotected_since if pid not in ids]:
             del self._unprotected_since[pid]
+        return [p for p in found if now - self._unprotected_since.setdefault(p.id, now) >= grace_s]
+
+    async def check_protection(self, *, grace_s: float = UNPROTECTED_GRACE_S) -> list[str]:
+        """Every sync tick: a CRITICAL line for each position unprotected longer than `grace_s` (repeated
+        while it lasts), and a repair under the symbol lock. Returns the ids found unprotected."""
+        now = self.monotonic()
         late = []
-        for position in found:
-            since = self._unprotected_since.setdefault(position.id, now)
-            if now - since < grace_s:
-                continue  # a stop being placed right now (an entry fill a moment ago)
+        for position in self.unprotected_longer_than(grace_s):
+            since = self._unprotected_since[position.id]
             late.append(position.id)
             logger.critical("{} {} {}: UNPROTECTED for {:.1f} s: {} {} with no working stop of ours; repairing",
                             self.account, position.symbol, position.id, now - since, position.state.value,
@@ -1702,7 +1721,7 @@ class LiveEngine:
         records_failing = getattr(self.engine.records, "failing", None)
         if records_failing:
             reasons.append(f"records not written: {records_failing}")
-        for position in self.unprotected():
+        for position in self.unprotected_longer_than(UNPROTECTED_GRACE_S):
             reasons.append(f"unprotected: {position.symbol} {position.id} ({position.state.value})")
         health = getattr(self.exchange, "health", {}) or {}
         for name in ("positions", "orders", "marks"):
@@ -1825,6 +1844,14 @@ class LiveEngine:
             await self.engine.track_order(position_id, replace(known, status=status))
         except UnknownPosition:
             pass  # ended meanwhile; its cleanup saw the order
+
+
+def _multiple(value: Decimal, step: Decimal) -> bool:
+    """`value` is a whole number of `step`s (False where the division is out of Decimal's range)."""
+    try:
+        return value % step == 0
+    except ArithmeticError:
+        return False
 
 
 def _entry_side(side: Side) -> str:

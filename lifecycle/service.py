@@ -35,6 +35,7 @@ from loguru import logger
 
 from db.engine import DatabaseConfigError, safe_url
 from db.repository import Repository
+from exchange import errors as xerr
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
 from lifecycle.api import ClosureStats, ControlApi
 from lifecycle.books import Books
@@ -154,6 +155,11 @@ class Service:
     async def _start_account(self, account: AccountConfig) -> None:
         assert self.repo is not None and self.records is not None
         exchange = await CcxtExchange(account.exchange).start()
+        try:
+            await self._check_account(account, exchange)
+        except BaseException:
+            await exchange.close()
+            raise
         engine = Engine(self.repo, canceller=exchange, records=self.records,
                         books=Books(timeout_s=self.config.storage_timeout_s))
         runtime = self.accounts[account.name] = AccountRuntime(account, exchange, engine)
@@ -179,6 +185,23 @@ class Service:
         # Orders of ours left by a crash between a terminal commit and its cancellations (or placed and
         # never recorded) go now, not one orphan interval later.
         await runtime.scheduler.run_now("orphans")
+
+    async def _check_account(self, account: AccountConfig, exchange: CcxtExchange) -> None:
+        """What cannot work stops the start with one line (exit 2): a key the venue refuses, no permission
+        to trade, a hedge-mode account, a symbol the venue does not list. An unreachable venue is waited for."""
+        index = self.config.accounts.index(account)
+        attempt = 0
+        while True:
+            try:
+                await exchange.check_account(list(account.symbols))
+                return
+            except xerr.Fatal as e:
+                raise StartError(f"accounts.{index} ({account.name}): {e}") from None
+            except xerr.Retryable as e:
+                attempt += 1
+                logger.error("{}: cannot check the account on the exchange ({}); retry {} in {} s", account.name,
+                             e, attempt, self.config.recovery_retry_s)
+                await asyncio.sleep(self.config.recovery_retry_s)
 
     async def stop(self) -> None:
         """Graceful stop (see the module docstring); safe to call twice and after a failed start."""

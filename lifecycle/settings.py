@@ -66,6 +66,10 @@ class AccountSettings(_Strict):
     secret_file: Path | None = None
     rate_limit: bool = True  # ccxt's pacing by the venue's request weights; keep it on against a real venue
     reconnect_backoff_max_s: float = Field(default=30.0, gt=0, le=600)  # longest wait between reconnections
+    user_probe_after_s: float = Field(default=30.0, gt=0, le=3600)  # user-data stream idle this long: probe its key
+    # keep the listen key alive this often whatever the traffic (Binance expires a key 60 min after the last one)
+    listen_key_keepalive_s: float = Field(default=1800.0, gt=0, lt=3600)
+    market_silent_after_s: float = Field(default=10.0, gt=0, le=3600)  # no mark price this long: reconnect
 
     @field_validator("exchange")
     @classmethod
@@ -206,7 +210,10 @@ class Settings(BaseSettings):
         secret = _read_secret(f"accounts.{index}.secret", account.secret_env, account.secret_file, environ)
         return ExchangeSettings(exchange_id=account.exchange, api_key=Secret(key), secret=Secret(secret),
                                 sandbox=account.sandbox, urls=dict(account.urls), rate_limit=account.rate_limit,
-                                backoff_max_s=account.reconnect_backoff_max_s)
+                                backoff_max_s=account.reconnect_backoff_max_s,
+                                user_probe_after_s=account.user_probe_after_s,
+                                listen_key_keepalive_s=account.listen_key_keepalive_s,
+                                market_silent_after_s=account.market_silent_after_s)
 
     def api_token(self, environ: dict[str, str] | None = None) -> Secret:
         environ = dict(os.environ) if environ is None else environ
@@ -303,11 +310,18 @@ def _first_problem(error: ValidationError) -> str:
 
 
 def _read_secret(what: str, env: str | None, file: Path | None, environ: dict[str, str]) -> str:
+    """The secret `what` (a key, a secret, the API token) from its file, else from the variable `env`.
+
+    A file that group or others may read is refused, as ssh refuses such a private key: ConfigError
+    naming the key (`accounts.0.secret_file`, `api.token_file`), the file and `chmod 600 FILE` (0400 is
+    fine too; the owner is not checked: a service account reading a file root owns is a normal setup)."""
     if file is not None:
         try:
-            value = Path(file).read_text(encoding="utf-8").strip()
+            value = _read_private_file(f"{what}_file", Path(file)).strip()
         except OSError as e:
             raise ConfigError(f"{what}: cannot read the file {file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what}: the file {file} is not UTF-8 text") from None
         if not value:
             raise ConfigError(f"{what}: the file {file} is empty")
         return value
@@ -317,6 +331,22 @@ def _read_secret(what: str, env: str | None, file: Path | None, environ: dict[st
     if not value:
         raise ConfigError(f"{what}: the environment variable {env} is not set")
     return value
+
+
+def _read_private_file(key: str, path: Path) -> str:
+    """The file's text, checked on the descriptor it is read from (no window for a swap between the check and
+    the read): refused unless only its owner may read it."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, os.strerror(21), str(path))
+        if os.name == "posix" and mode & 0o077:
+            raise ConfigError(f"{key}: {path} is open to group or others (mode {mode & 0o7777:04o}); "
+                              f"chmod 600 {path}")
+        return f.read().decode("utf-8")
 
 
 def _is_loopback(host: str) -> bool:

@@ -146,13 +146,13 @@ class ReconciliationScheduler:
                        f": {detail}" if detail is not None else "")
 
     def audit_due(self) -> bool:
-        """The venue-wide protection audit (two open-order listings) runs every `sync_interval_s`, and on
-        every tick while something is suspect: memory knows an unprotected position, the books are behind,
-        a stop failed since the last audit, or the stream is not healthy or doubted."""
+        """The venue-wide protection audit (two open-order listings, weight 40 each on Binance) runs every
+        `sync_interval_s`, and on every tick while something is suspect: memory knows an unprotected
+        position, the books are behind, or a stop failed since the last audit (rare conditions: a stream
+        that is merely down does not count, it would spend the whole request budget on listings)."""
         live = self.live
         suspect = bool(live.unprotected()) or live.engine.books.behind > 0 or \
-            live.stats.stop_move_failures != self._failures_at_audit or not live.stream_healthy() or \
-            live.stream_doubted() is not None or live.unsettled()
+            live.stats.stop_move_failures != self._failures_at_audit
         due = time.monotonic() - self._last_audit >= self.config.sync_interval_s
         return due or (suspect and time.monotonic() - self._last_audit >= self.config.fast_sync_interval_s)
 

@@ -14,7 +14,7 @@ from db.tables import metadata
 from exchange.paper import PaperExchange
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, Side, TrailingState
 from lifecycle.engine import Engine
-from lifecycle.errors import ConcurrentModification, DuplicateLivePosition
+from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, StoreRefused
 from lifecycle.events import CloseRequested, EntryFilled, Flat, Reduced, StopMoved, TsActivated
 from lifecycle.machines.states import PositionState
 from lifecycle.records import JsonlRecords
@@ -112,7 +112,7 @@ async def test_state_change_and_journal_row_commit_together_or_not_at_all(engine
             position_id=pid, seq=2, event="stop_moved", source="OPEN", dest="OPEN",
             at=datetime(2026, 1, 1, tzinfo=timezone.utc), cause=None, payload={}))
     live_before = engine.positions[pid].clone()
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(StoreRefused):  # a failed constraint is a definite refusal: not queued, not retried
         await engine.fire(pid, Flat(cause=CloseCause.MANUAL))
     stored = await repo.get_position(pid)
     assert stored is not None and stored.state is PositionState.OPEN and stored.seq == 1

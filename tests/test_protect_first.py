@@ -80,6 +80,35 @@ async def test_an_entry_filled_while_the_sqlite_disk_is_full_is_protected_and_bo
         await rig.stop()
 
 
+async def test_a_stop_with_the_books_still_behind_is_recovered_from_the_venue_at_restart(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    """Stopped while the database still cannot be written: the row says OPENING with a resting entry, the
+    venue holds a filled position with its stop. The restart takes the fill in and finds the same stop by
+    its client id: one stop, OPEN, not closed as a resting entry at shutdown."""
+    rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.engine is not None and rig.live is not None
+        pid = await rest_then_fill(rig)
+        small_disk.fill()
+        rig.set_mark("BTCUSDT", "58990")
+        await rig.until(lambda: rig.engine.positions[pid].stop_price is not None, timeout=5,  # type: ignore
+                        what="the stop placed and recorded in memory")
+        [stop] = rig.stop_algos("BTCUSDT")
+        await rig.stop()  # the books cannot catch up: what is unwritten is logged
+        assert (await rig.repo.get_position(pid)).state is S.OPENING  # type: ignore[union-attr]
+        small_disk.free()
+        await rig.restart()
+        await rig.until(lambda: rig.state(pid) is S.OPEN and rig.engine.positions[pid].stop_price is not None,
+                        timeout=10, what="the position taken in after the restart")  # type: ignore[union-attr]
+        await rig.live.idle()  # type: ignore[union-attr]
+        assert [a.client_id for a in rig.stop_algos("BTCUSDT")] == [stop.client_id]  # found by its id, not doubled
+        assert sim.venue.position(rig.account, "BTCUSDT").amount == D("0.010")  # not closed at market
+        await books_caught_up(rig, pid)
+    finally:
+        small_disk.free()
+        await rig.stop()
+
+
 async def test_stops_moved_while_the_database_is_full_never_leak(
         sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
     rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")

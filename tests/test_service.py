@@ -118,6 +118,8 @@ def test_the_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.
 def test_keys_from_a_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "key").write_text("the-key\n")
     (tmp_path / "secret").write_text("the-secret\n")
+    for name in ("key", "secret"):
+        (tmp_path / name).chmod(0o600)  # a secret file others may read is refused
     monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
     config = write_config(tmp_path / "c.toml", f'''
 [[accounts]]
@@ -330,8 +332,11 @@ port = 0
                 trailing = (await r.json())["trailing"]
                 assert (D(trailing["activation_price"]), D(trailing["callback_rate"])) == (D("60300"), D("0.5"))
             async with session.post(base + "/positions", headers=good, json={
-                    "symbol": "ETHUSDT", "side": "long", "quantity": "0.0001"}) as r:  # below the venue's step
-                assert r.status == 502 and "exchange" in (await r.json())["error"]
+                    "symbol": "ETHUSDT", "side": "short", "quantity": "0.0001"}) as r:  # below the venue's step
+                assert r.status == 400 and "minimum" in (await r.json())["error"]  # refused before anything exists
+            async with session.post(base + "/positions", headers=good, json={
+                    "symbol": "ETHUSDT", "side": "long", "quantity": "0.1"}) as r:  # one-way: our short is live
+                assert r.status == 409 and pid in (await r.json())["error"]
             async with session.post(base + f"/positions/{pid}/close", headers=good, json={"reason": "shutdown"}) as r:
                 assert r.status == 400  # an internal reason is not the operator's to give
             async with session.post(base + "/positions", headers=good, json={"symbol": "ETHUSDT"}) as r:
@@ -340,7 +345,8 @@ port = 0
                 assert [e["event"] for e in await r.json()] == ["created", "entry_filled", "stop_moved"]
             async with session.get(base + "/health", headers=good) as r:
                 health = await r.json()
-                assert health["status"] == "ok" and health["accounts"]["sim"]["live_positions"] == 2
+                assert health["status"] == "ok", health
+                assert health["accounts"]["sim"]["live_positions"] == 2
             sim.venue.force_close(account, "ETHUSDT", "liquidation")
             for _ in range(200):
                 if pid not in live.engine.positions:

@@ -170,9 +170,10 @@ async def test_a_bad_payload_or_a_non_json_frame_is_skipped_and_the_stream_goes_
         await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), "lc-after-bad")
         await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == D("0.01"))
         assert venue.health["positions"] is StreamHealth.HEALTHY
-        # ccxt 4.5.90 ignores the non-JSON frame itself; the bad amount would have stopped its receive loop
-        # (every watch hanging) had the adapter not skipped the frame.
-        assert venue.malformed_frames == 1
+        # The bad amount would have stopped ccxt's receive loop (every watch hanging) had the adapter not
+        # skipped the frame; ccxt hands the non-JSON frame on as a string, which the adapter drops and counts.
+        assert venue.malformed_frames == 2
+        assert venue.dropped_frames == {"bad_value": 1, "not_json": 1}
     finally:
         await positions.stop()
 

@@ -27,7 +27,7 @@ async def main() -> None:
         "secret": account.secret,  # a throw-away key of this simulator process, printed on purpose
         "ccxt_url_overrides": sim.ccxt_urls(),
         "control": f"{sim.rest_url}/_sim/<state|mark|faults|liquidation|adl|settlement|manual|drop_streams|"
-                   "expire_listen_keys>",
+                   "expire_listen_keys|revoke_key|account>",
     }, indent=2), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

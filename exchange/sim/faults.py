@@ -7,9 +7,29 @@ from typing import Any
 
 @dataclass
 class Faults:
+    """Switches of the simulator's misbehaviour (`SimServer.set_faults`, `POST /_sim/faults`).
+
+    Four silences of the user-data stream, each reproducible (tests/test_adapter_silence_and_checks.py):
+
+    * expired key, no notice: `SimServer.expire_listen_keys()` (control `expire_listen_keys`): sockets stay
+      open, nothing arrives on them, keepalive answers -1125, a new connection with the old key gets
+      `listenKeyExpired` and is closed;
+    * expired key with notice: `expire_listen_keys(notice=True)` (control `expire_listen_keys` with
+      `{"notice": true}`): `listenKeyExpired` is pushed on every open connection first, which then stays
+      open and silent;
+    * wedged socket: `ws_silent`: connected, the listen key valid (keepalive answers), nothing delivered;
+    * dropped, reconnects refused: `user_stream_down` and `SimServer.drop_streams()`: the sockets are cut
+      and every new one is refused (503) until the fault is off.
+
+    Not faults but account state (`SimServer.set_account`, `revoke_key`, control `account` / `revoke_key`):
+    a revoked key (every keyed request answers -2015), `can_trade` false (shown by accountConfig and
+    account v2 only: what Binance answers to an order then is not documented, so orders still go through),
+    hedge mode (`dual_side_position`: positionSide/dual says so and orders without LONG/SHORT answer -4061).
+    """
+
     rest_latency_ms: int = 0  # added to every REST answer
     stale_positions_s: float = 0  # positionRisk keeps answering the snapshot taken when this was set
-    ws_silent: bool = False  # user-data connections stay open, events are swallowed (an expired listen key)
+    ws_silent: bool = False  # user-data connections stay open, events are swallowed, the key stays valid (a wedge)
     user_stream_down: bool = False  # user-data WebSocket connections are refused (503): the stream is down
     duplicate_events: bool = False  # every user-data event is sent twice
     reorder_events: bool = False  # user-data events are held and sent in pairs, the second first

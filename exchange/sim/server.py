@@ -223,6 +223,8 @@ class SimServer:
         params.update(parse_qsl(body, keep_blank_values=True))
         api_key = request.headers.get("X-MBX-APIKEY")
         account = self.venue.account(api_key) if api_key else None
+        if account is not None and account.revoked:  # as Binance answers a deleted or disabled key
+            raise SimError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
         if not signed:
             if request.match_info["path"] == "listenKey" and account is None:  # keyed, not signed
                 raise SimError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
@@ -249,7 +251,9 @@ class SimServer:
             ("GET", "v3", "positionRisk"): (self._position_risk, True),
             ("GET", "v2", "positionRisk"): (self._position_risk, True),
             ("GET", "v3", "account"): (self._account, True),
-            ("GET", "v2", "account"): (self._account, True),
+            ("GET", "v2", "account"): (self._account_v2, True),
+            ("GET", "v1", "accountConfig"): (self._account_config, True),
+            ("GET", "v1", "positionSide/dual"): (self._position_mode, True),
             ("GET", "v3", "balance"): (self._balance, True),
             ("GET", "v2", "balance"): (self._balance, True),
             ("POST", "v1", "order"): (self._new_order, True),
@@ -360,6 +364,22 @@ class SimServer:
                            "updateTime": r["updateTime"]} for r in self._position_rows(account)],
         }
 
+    async def _account_v2(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
+        """v2 is v3 plus the account's flags (feeTier, canTrade, ...), as Binance documents it."""
+        assert account is not None
+        return {**_account_flags(account), **(await self._account(request, account, p))}
+
+    async def _account_config(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
+        assert account is not None
+        flags = _account_flags(account)
+        return {"feeTier": flags["feeTier"], "canTrade": flags["canTrade"], "canDeposit": True, "canWithdraw": True,
+                "dualSidePosition": account.dual_side_position, "updateTime": 0, "multiAssetsMargin": False,
+                "tradeGroupId": -1}
+
+    async def _position_mode(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
+        assert account is not None
+        return {"dualSidePosition": account.dual_side_position}
+
     async def _balance(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
         wallet = fmt(account.wallet)
@@ -369,6 +389,7 @@ class SimServer:
 
     async def _new_order(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None
+        _refuse_in_hedge_mode(account, p)
         if self.faults.reject_orders > 0:
             self.faults.reject_orders -= 1
             raise SimError(-2019, "Margin is insufficient.")
@@ -399,6 +420,7 @@ class SimServer:
         assert account is not None
         if p.get("algoType") != "CONDITIONAL":
             raise SimError(-1102, "Mandatory parameter 'algoType' was not sent, was empty/null, or malformed.")
+        _refuse_in_hedge_mode(account, p)
         if self.faults.reject_stops > 0:
             self.faults.reject_stops -= 1
             if self.faults.reject_stops_code == -2021:
@@ -546,10 +568,35 @@ class SimServer:
         for ws in [s.ws for subs in self.user_subs.values() for s in subs] + list(self.mark_subs):
             await ws.close(code=1011, message=b"simulated drop")
 
-    def expire_listen_keys(self) -> None:
-        """Expire every listen key: connections stay open but receive nothing; keepalive answers -1125."""
+    def expire_listen_keys(self, *, notice: bool = False) -> None:
+        """Expire every listen key: connections stay open but receive nothing; keepalive answers -1125.
+
+        With `notice`, Binance's `listenKeyExpired` event is pushed first on every open user-data connection
+        (which stays open); without it nothing says so (a key can lapse unnoticed).
+        """
         for key in self.listen_keys.values():
+            if notice and not key.expired and not self.faults.ws_silent:  # a wedged socket delivers nothing
+                text = json.dumps({"e": "listenKeyExpired", "E": now_ms(), "listenKey": key.key})
+                for sub in self.user_subs.get(key.key, []):
+                    asyncio.get_running_loop().create_task(_safe_send(sub.ws, text))
             key.expired = True
+
+    def revoke_key(self, api_key: str, revoked: bool = True) -> None:
+        """The API key stops working (deleted or disabled on the venue): every keyed request answers -2015,
+        streams already open stay open. `revoked=False` restores it."""
+        self.set_account(api_key, revoked=revoked)
+
+    def set_account(self, api_key: str, **flags: Any) -> Account:
+        """Change an account's flags: `can_trade`, `dual_side_position` (hedge mode), `revoked`."""
+        account = self.venue.account(api_key)
+        if account is None:
+            raise KeyError("unknown api_key")
+        known = {"can_trade", "dual_side_position", "revoked"}
+        if set(flags) - known:
+            raise ValueError(f"unknown account flag(s): {sorted(set(flags) - known)}; known: {sorted(known)}")
+        for name, value in flags.items():
+            setattr(account, name, bool(value))
+        return account
 
     def set_faults(self, **changes: Any) -> None:
         """Switch faults on or off (see Faults); stale_positions_s freezes the current snapshot."""
@@ -592,8 +639,12 @@ class SimServer:
                 return web.json_response({"orderId": order.order_id, "clientOrderId": order.client_id})
             elif action == "drop_streams":
                 await self.drop_streams()
-            elif action == "expire_listen_keys":
-                self.expire_listen_keys()
+            elif action == "expire_listen_keys":  # {"notice": true}: push listenKeyExpired first
+                self.expire_listen_keys(notice=bool(data.get("notice", False)))
+            elif action == "revoke_key":  # {"api_key": ..., "revoked": true|false}
+                self.revoke_key(data["api_key"], bool(data.get("revoked", True)))
+            elif action == "account":  # {"api_key": ..., "can_trade": bool, "dual_side_position": bool, ...}
+                self.set_account(data.pop("api_key"), **data)
             else:
                 return web.json_response({"error": f"unknown action {action}"}, status=404)
         except (KeyError, ValueError, SimError) as e:
@@ -649,6 +700,17 @@ def _algo_json(a: SimAlgo, *, listing: bool = False) -> dict[str, Any]:
     else:
         body.update({"activatePrice": "", "callbackRate": ""})
     return body
+
+
+def _account_flags(account: Account) -> dict[str, Any]:
+    return {"feeTier": 0, "feeBurn": True, "canTrade": account.can_trade, "canDeposit": True, "canWithdraw": True,
+            "updateTime": 0, "multiAssetsMargin": False, "tradeGroupId": -1}
+
+
+def _refuse_in_hedge_mode(account: Account, p: dict[str, str]) -> None:
+    """Hedge mode wants LONG or SHORT on every order; the simulator nets one-way only, so it refuses the rest."""
+    if account.dual_side_position and p.get("positionSide", "BOTH") == "BOTH":
+        raise SimError(-4061, "Order's position side does not match user's setting.")
 
 
 def _error(status: int, code: int, msg: str) -> web.Response:

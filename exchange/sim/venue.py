@@ -141,6 +141,9 @@ class Account:
     orders: dict[int, SimOrder] = field(default_factory=dict)
     algos: dict[int, SimAlgo] = field(default_factory=dict)
     trades: list[SimTrade] = field(default_factory=list)
+    can_trade: bool = True  # accountConfig / account v2 `canTrade` (orders are not refused: see Faults)
+    dual_side_position: bool = False  # hedge mode (positionSide/dual); orders without LONG/SHORT answer -4061
+    revoked: bool = False  # the key was deleted or disabled: every keyed request answers -2015
 
 
 def now_ms() -> int:
