@@ -77,6 +77,19 @@ async def test_an_expired_listen_key_without_notice_hides_a_close_no_longer_than
         await scheduler.stop()
 
 
+async def test_a_listen_key_expired_event_gets_a_new_key_at_once_and_the_next_close_comes_through(
+        rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    assert rig.exchange is not None and rig.live is not None
+    generation = rig.exchange.generation
+    rig.sim.expire_listen_keys(notice=True)  # Binance pushes listenKeyExpired, then the socket is silent
+    await rig.until(lambda: rig.exchange.generation > generation and rig.live.stream_healthy(),  # type: ignore
+                    what="a new key and subscription")
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")  # no scheduler running: only the stream sees it
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+
+
 async def test_a_wedged_socket_with_a_live_key_hides_a_close_no_longer_than_the_bound(rig: Rig) -> None:
     p = await rig.open(btc_long())
     scheduler = await scheduled(rig)
@@ -150,21 +163,32 @@ async def test_a_manual_close_whose_fill_update_is_late_takes_its_cause_from_res
     assert closure["cause_source"] in ("rest", "fill_update")
 
 
+async def test_a_fill_update_later_than_cause_wait_s_still_gives_the_exact_cause(rig: Rig) -> None:
+    """The default wait (0.5 s) and a fill update 1.5 s late: the cause comes from REST, exact."""
+    p = await rig.open(btc_long())
+    rig.sim.set_faults(delay_fill_updates_s=1.5)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "adl")
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.ADL)
+    [closure] = [c for c in rig.records.read("closure") if c["position_id"] == p.id]  # type: ignore[union-attr]
+    assert closure["cause_source"] == "rest"
+    rig.sim.set_faults(delay_fill_updates_s=0)
+
+
 async def test_an_unknown_cause_is_amended_by_the_fill_update_that_comes_after(late_rig: Rig) -> None:
     rig = late_rig
     assert rig.live is not None
     p = await rig.open(btc_long())
-    rig.sim.set_faults(http_5xx=10_000)  # REST cannot tell either
+    rig.sim.set_faults(http_5xx=10_000, delay_fill_updates_s=1.0)  # REST cannot tell, the fill update is late
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "liquidation")
     stored = await rig.ended(p.id, timeout=10)
     rig.sim.set_faults(http_5xx=0)
-    assert stored.state is S.CLOSED_EXTERNAL
-    if stored.close_cause is CloseCause.UNKNOWN:  # the fill update came after the close was committed
-        await rig.until(lambda: rig.live.stats.closures_amended == 1, what="the amendment")  # type: ignore
-        [amended] = rig.records.read("closure_amended")  # type: ignore[union-attr]
-        assert (amended["position_id"], amended["cause"], amended["cause_before"]) == (p.id, "liquidation", "unknown")
-    else:  # the fill update won the race: the cause is exact from the start
-        assert stored.close_cause is CloseCause.LIQUIDATION
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.UNKNOWN)
+    await rig.until(lambda: rig.live.stats.closures_amended == 1, what="the amendment")  # type: ignore[union-attr]
+    [amended] = rig.records.read("closure_amended")  # type: ignore[union-attr]
+    assert (amended["position_id"], amended["cause"], amended["cause_before"]) == (p.id, "liquidation", "unknown")
+    assert amended["client_order_id"].startswith("autoclose-")
+    rig.sim.set_faults(delay_fill_updates_s=0)
 
 
 # --- what the venue would refuse or net away ------------------------------------------------------

@@ -33,6 +33,7 @@ class Faults:
     user_stream_down: bool = False  # user-data WebSocket connections are refused (503): the stream is down
     duplicate_events: bool = False  # every user-data event is sent twice
     reorder_events: bool = False  # user-data events are held and sent in pairs, the second first
+    delay_fill_updates_s: float = 0  # fill updates (ORDER_TRADE_UPDATE, x=TRADE) are sent this much later
     http_5xx: int = 0  # the next N REST calls answer 503 (alternating HTML and JSON -1001 bodies)
     timeouts: int = 0  # the next N REST calls hang for timeout_s before answering 503
     timeout_s: float = 15.0

@@ -530,7 +530,14 @@ class SimServer:
         account = next((a for a in self.venue.accounts.values() if a.name == account_name), None)
         if account is None or self.faults.ws_silent:
             return
-        text = json.dumps(event)
+        delay = self.faults.delay_fill_updates_s
+        if delay > 0 and event.get("e") == "ORDER_TRADE_UPDATE" and (event.get("o") or {}).get("x") == "TRADE":
+            # A fill update arriving late (after the position update, and after the engine stopped waiting).
+            asyncio.get_running_loop().call_later(delay, self._deliver, account, json.dumps(event))
+            return
+        self._deliver(account, json.dumps(event))
+
+    def _deliver(self, account: Account, text: str) -> None:
         for key, subs in self.user_subs.items():
             listen = self.listen_keys.get(key)
             if listen is None or listen.expired or listen.account != account.api_key:
