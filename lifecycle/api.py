@@ -252,6 +252,7 @@ def metrics_text(service: Service) -> str:
     sources: list[tuple[dict[str, str], float]] = []
     amended: list[tuple[dict[str, str], float]] = []
     backlog: list[tuple[dict[str, str], float]] = []
+    dropped: list[tuple[dict[str, str], float]] = []
     storage_failures: list[tuple[dict[str, str], float]] = []
     for name, runtime in service.accounts.items():
         counts = Counter(p.state for p in runtime.engine.positions.values() if p.account == name)
@@ -272,6 +273,8 @@ def metrics_text(service: Service) -> str:
         storage_failures.append(({"account": name}, books.stats.failures))
         for stream, count in runtime.exchange.reconnects.items():
             reconnects.append(({"account": name, "stream": stream}, count))
+        for reason, count in sorted(runtime.exchange.dropped_frames.items()):
+            dropped.append(({"account": name, "reason": reason}, count))
         for stream, health in runtime.exchange.health.items():
             healthy.append(({"account": name, "stream": stream}, 1 if health.value == "healthy" else 0))
         if runtime.scheduler is not None:
@@ -303,6 +306,8 @@ def metrics_text(service: Service) -> str:
     metric("lifecycle_records_pending", "gauge", "Record lines waiting to be written.",
            [({}, records.pending if records is not None else 0)])
     metric("lifecycle_stream_reconnects_total", "counter", "Stream reconnections.", reconnects)
+    metric("lifecycle_stream_dropped_frames_total", "counter",
+           "Stream frames dropped, by reason (not_json, unknown_event, unknown_symbol, missing_field, ...).", dropped)
     metric("lifecycle_stream_healthy", "gauge", "1 when the stream is subscribed and live.", healthy)
     metric("lifecycle_job_runs_total", "counter", "Scheduled job runs by outcome.", sync_runs)
     metric("lifecycle_job_duration_ms_total", "counter", "Time spent in scheduled jobs.", sync_ms)

@@ -359,6 +359,9 @@ port = 0
             moves = re.search(r'^lifecycle_stop_moves_total\{account="sim"\} (\d+)$', text, re.M)
             assert moves is not None and int(moves.group(1)) >= 1
             assert 'lifecycle_stream_healthy{account="sim",stream="positions"} 1' in text
+            assert 'lifecycle_degraded{account="sim"} 0' in text and 'lifecycle_storage_backlog{account="sim"} 0' in text
+            assert 'lifecycle_unprotected_positions{account="sim"} 0' in text
+            assert 'lifecycle_closure_cause_sources_total{account="sim",source="fill_update"} 1' in text
             # Not reachable on this machine's other addresses.
             for address in _non_loopback_addresses():
                 with pytest.raises(OSError):
