@@ -3,7 +3,8 @@
 Invariant 8 (protect first, books second): a storage failure must not delay or prevent a stop, a trailing
 move or a close. So a write (a transition's commit, an order row) is tried at once; if the store fails, or
 does not answer within `timeout_s`, the write is queued and the caller goes on as if it had been committed:
-memory runs ahead of the database. While anything is queued, later writes queue behind it (per-position
+memory runs ahead of the database. "Does not answer" means no write at all completed for `timeout_s`: a
+store that is merely busy (a burst queued on SQLite's single writer) is waited for. While anything is queued, later writes queue behind it (per-position
 order, and the journal-sequence guard, stay intact); a background flusher retries the queue, in order,
 until the store takes it. A write that timed out is not repeated while it may still land: the flusher first
 waits for that attempt's own outcome. A retried commit that finds its journal row already there (an answer
@@ -60,6 +61,7 @@ class Books:
         self.failing: str | None = None  # why the store last failed, while writes are queued
         self.failing_since: float | None = None
         self._queue: deque[_Write] = deque()
+        self._progress = monotonic()  # when a write last completed: a store that makes none is stuck
         self._flusher: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         self._drained.set()
@@ -78,13 +80,21 @@ class Books:
             self._enqueue(_Write(what, call, done))
             return
         attempt = asyncio.ensure_future(call())
-        finished, _ = await asyncio.wait({attempt}, timeout=self.timeout_s)
-        if not finished:
-            self._failed(what, f"no answer within {self.timeout_s:g} s")
-            self._enqueue(_Write(what, call, done, inflight=attempt))
-            return
+        while True:
+            finished, _ = await asyncio.wait({attempt}, timeout=self.timeout_s)
+            if finished:
+                break
+            # Busy is not stuck: while other writes complete (a burst queued on SQLite's one writer), wait on.
+            if self.monotonic() - self._progress >= self.timeout_s:
+                self._failed(what, f"no write completed for {self.timeout_s:g} s")
+                self._enqueue(_Write(what, call, done, inflight=attempt))
+                return
+            if self._queue:  # another writer found the store stuck meanwhile: keep the order, queue behind it
+                self._enqueue(_Write(what, call, done, inflight=attempt))
+                return
         error = attempt.exception() if not attempt.cancelled() else asyncio.CancelledError()
         if error is None:
+            self._progress = self.monotonic()
             return
         if isinstance(error, (ConcurrentModification, StoreRefused)):
             raise error
@@ -158,6 +168,7 @@ class Books:
                 delay = min(delay * 2, self.retry_max_s)
                 continue
             self._queue.popleft()
+            self._progress = self.monotonic()
             self.stats.flushed += 1
             delay = self.retry_initial_s
         if self.failing is not None:
