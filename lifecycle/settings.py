@@ -121,7 +121,7 @@ class TrailingSettings(_Strict):
 
 
 class ScheduleSettings(_Strict):
-    sync_interval_s: float = Field(default=15.0, gt=0, le=3600)
+    sync_interval_s: float = Field(default=30.0, gt=0, le=3600)  # the venue-wide protection audit
     fast_sync_interval_s: float = Field(default=2.0, gt=0, le=3600)
     orphan_interval_s: float = Field(default=60.0, gt=0, le=86400)
     aged_interval_s: float = Field(default=60.0, gt=0, le=86400)

@@ -7,8 +7,10 @@ events only on evidence), the orphan sweep cancels orders of ours that belong to
   positions list, weight 5 on Binance: 150 of the 2,400 per minute at 2 s): a stream can go silent without
   a sign (an expired listen key, a wedged socket), and only REST then shows the close, so REST is asked
   on every tick whatever the stream's health. Every tick also checks the positions memory knows to be
-  unprotected (CRITICAL line, repair), and the venue-wide protection audit (open orders and open algo
-  orders) runs every `sync_interval_s` (15 s), or on every tick while something is suspect.
+  unprotected (CRITICAL line, repair).
+* `audit`: the venue-wide protection audit (open orders and open algo orders, weight 40 each on Binance)
+  every `sync_interval_s` (30 s), or on every fast tick while something is suspect; its own job, so its
+  listings (slow under ccxt's rate limiter) never delay a sync tick.
 * `orphans`: every `orphan_interval_s` (60 s): open orders (regular and conditional) whose client id is in
   our namespace (`lc-...`) and whose position is not live here are cancelled and recorded
   (`orphan_cancelled`). Orders that are not ours are never touched.
@@ -37,7 +39,7 @@ from lifecycle.reconcile import Reconciler, SyncReport
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    sync_interval_s: float = 15.0
+    sync_interval_s: float = 30.0  # the venue-wide protection audit (REST positions: every fast tick)
     fast_sync_interval_s: float = 2.0
     orphan_interval_s: float = 60.0
     aged_interval_s: float = 60.0
@@ -81,6 +83,8 @@ class ReconciliationScheduler:
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         scheduler.add_job(self._job, "interval", args=["sync", self._sync_tick], id="sync",
                           seconds=self.config.fast_sync_interval_s, **common)
+        scheduler.add_job(self._job, "interval", args=["audit", self._audit_tick], id="audit",
+                          seconds=self.config.fast_sync_interval_s, **common)
         scheduler.add_job(self._job, "interval", args=["orphans", self.sweep_orphans], id="orphans",
                           seconds=self.config.orphan_interval_s, **common)
         if self.config.max_age_s is not None:
@@ -113,7 +117,8 @@ class ReconciliationScheduler:
 
     async def run_now(self, name: str) -> None:
         """Run one job at once, counted and logged like a scheduled run (e.g. the orphan sweep at start)."""
-        work = {"sync": self.reconciler.sync, "orphans": self.sweep_orphans, "aged": self.check_aged}[name]
+        work = {"sync": self.reconciler.sync, "orphans": self.sweep_orphans, "aged": self.check_aged,
+                "audit": self.live.audit_protection}[name]
         await self._job(name, work)
 
     async def _job(self, name: str, work: Any) -> None:
@@ -141,7 +146,8 @@ class ReconciliationScheduler:
             self.stats.total_duration_ms[name] += ms
         if outcome != "skipped":
             # A quiet sync pass runs every couple of seconds: only what found something is worth a line.
-            quiet = outcome == "ok" and name == "sync" and not _notable(detail)
+            quiet = outcome == "ok" and (name == "sync" and not _notable(detail) or
+                                         name == "audit" and not (detail or {}).get("repaired"))
             logger.log("DEBUG" if quiet else "INFO", "{} job {} {} in {} ms{}", self.live.account, name, outcome, ms,
                        f": {detail}" if detail is not None else "")
 
@@ -158,26 +164,22 @@ class ReconciliationScheduler:
 
     async def _sync_tick(self) -> Any:
         """Every tick: one reconciliation pass (the REST positions list: the watchdog that finds what a
-        silent stream hides), the in-memory protection check, and the venue audit when due."""
+        silent stream hides) and the in-memory protection check."""
         try:
-            report = await self.reconciler.sync()
+            return await self.reconciler.sync()
         finally:
             await self.live.check_protection()
-        if self.audit_due():
-            self._last_audit = time.monotonic()
-            self._failures_at_audit = self.live.stats.stop_move_failures
-            started = time.perf_counter()
-            try:
-                counts = await self.live.audit_protection(report.snapshot)
-                outcome = "ok"
-            except xerr.ExchangeError as e:
-                counts, outcome = None, "exchange_error"
-                logger.warning("{} protection audit failed on the exchange: {}", self.live.account, e)
-            self.stats.runs[("audit", outcome)] += 1
-            self.stats.total_duration_ms["audit"] += round((time.perf_counter() - started) * 1000, 3)
-            if counts and counts["repaired"]:
-                logger.warning("{}: protection audit: {}", self.live.account, counts)
-        return report
+
+    async def _audit_tick(self) -> Any:
+        """The venue-wide protection audit, when due (its own job: its listings never delay a sync tick)."""
+        if not self.audit_due():
+            return None
+        self._last_audit = time.monotonic()
+        self._failures_at_audit = self.live.stats.stop_move_failures
+        counts = await self.live.audit_protection()
+        if counts["repaired"]:
+            logger.warning("{}: protection audit: {}", self.live.account, counts)
+        return counts
 
     async def check_aged(self) -> str | None:
         """Positions older than `max_age_s`: verified on the exchange first (a sync pass: a phantom ends
