@@ -12,6 +12,7 @@ Run: python -m bench.rest_budget [--positions 100] [--minutes 3]
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import tempfile
 import time
@@ -38,6 +39,7 @@ WEIGHT = {
     "POST /fapi/v1/listenKey": 1, "GET /fapi/v1/exchangeInfo": 1, "GET /fapi/v1/leverageBracket": 2,
 }
 ORDERS = {"POST /fapi/v1/order", "POST /fapi/v1/algoOrder"}
+LISTS = {"GET /fapi/v1/openOrders", "GET /fapi/v1/openAlgoOrders"}
 
 
 async def main() -> None:
@@ -47,7 +49,7 @@ async def main() -> None:
     parser.add_argument("--volatility", type=float, default=0.0005, help="random-walk step per second")
     args = parser.parse_args()
     logger.remove()
-    logger.add(lambda m: print(m, end=""), level="ERROR")
+    logger.add(lambda m: print(m, end=""), level=os.environ.get("BENCH_LOG_LEVEL", "ERROR"))
     config = many_symbols(args.positions)
     symbols = [s.symbol for s in config.symbols]
     sim = await SimServer(Venue(config), mark_interval_s=1.0).start()
@@ -67,25 +69,32 @@ async def main() -> None:
     sim.start_random_walk(volatility=args.volatility, seed=11)
     await asyncio.sleep(5)  # past the opening
     before, moves_before = Counter(sim.calls), rig.live.stats.stop_moves
+    symbol_before = Counter(sim.symbol_calls)
     started = time.monotonic()
     await asyncio.sleep(args.minutes * 60)
     minutes = (time.monotonic() - started) / 60
     calls = Counter(sim.calls)
     calls.subtract(before)
+    symbol_calls = Counter(sim.symbol_calls)
+    symbol_calls.subtract(symbol_before)
     moves = rig.live.stats.stop_moves - moves_before
     await scheduler.stop()
     await rig.stop()
     await sim.stop()
 
     total = sum(calls.values())
-    weight = sum(n * WEIGHT.get(k, 1) for k, n in calls.items())
+    def weight_of(key: str, n: int) -> float:  # a list for one symbol weighs 1 (Binance: 40 without a symbol)
+        one = symbol_calls.get(key, 0) if key in LISTS else 0
+        return (n - one) * WEIGHT.get(key, 1) + one
+
+    weight = sum(weight_of(k, n) for k, n in calls.items())
     orders = sum(n for k, n in calls.items() if k in ORDERS)
     print(f"{args.positions} positions, {minutes:.1f} min at steady state, {moves} trailing stop moves "
           f"({moves / minutes:.1f}/min); scheduler: {dict(scheduler.stats.runs)}")
     print(f"{'endpoint':<30} {'calls/min':>10} {'weight/min':>11}")
     for key, n in sorted(calls.items(), key=lambda kv: -kv[1]):
         if n:
-            print(f"{key:<30} {n / minutes:>10.1f} {n * WEIGHT.get(key, 1) / minutes:>11.1f}")
+            print(f"{key:<30} {n / minutes:>10.1f} {weight_of(key, n) / minutes:>11.1f}")
     print(f"{'all':<30} {total / minutes:>10.1f} {weight / minutes:>11.1f}   (budget: 2,400 weight/min per IP)")
     print(f"orders placed: {orders / minutes:.1f}/min (budget: 1,200/min per account); without stop moves the "
           f"reconciliation and stream upkeep cost {(total - 2 * moves) / minutes:.1f} calls/min")

@@ -1561,6 +1561,7 @@ class LiveEngine:
         if not self._recovered.is_set() or self._stopped:
             return counts
         self.stats.audits += 1
+        listed_at = self.engine.clock()
         snapshot = positions if positions is not None else await self.exchange.positions()
         shown = {(s.symbol, s.side) for s in snapshot}
         stops: dict[str, list[OrderSnapshot]] = {}
@@ -1583,6 +1584,11 @@ class LiveEngine:
             if len(mine) == 1 and mine[0].client_id in recorded and position.stop_price is not None and \
                     mine[0].trigger_price == position.stop_price and mine[0].quantity == position.quantity:
                 continue
+            moved = (position.last_activity_at or position.created_at) >= listed_at - timedelta(seconds=1)
+            if mine and recorded and moved and all(o.client_id in recorded or o.client_id in self._own_cancels
+                                                   for o in mine):
+                continue  # a move since the listing began explains it (its stops are ours, known); looked at again
+                # by the next audit. A stop nobody here knows is repaired whatever moved.
             why = (f"{len(mine)} working stop(s) of ours on the venue, recorded {position.stop_price} x "
                    f"{position.quantity}")
             if await self._repair_protection(position.id, why):

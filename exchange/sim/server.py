@@ -58,6 +58,7 @@ class SimServer:
         self.ws_port = 0
         self.requests = 0
         self.calls: Counter[str] = Counter()  # REST requests per "METHOD /path"
+        self.symbol_calls: Counter[str] = Counter()  # the same, for calls naming a symbol
         self.signalled: list[tuple[str, str, str, int]] = []  # (method, path, when, signal) sent
         self.venue.user_listeners.append(self._on_user_event)
         self.venue.mark_listeners.append(self._on_mark)
@@ -154,6 +155,8 @@ class SimServer:
             return await handler(request)
         self.requests += 1
         self.calls[f"{request.method} {request.path}"] += 1
+        if "symbol" in request.query:  # one symbol's list weighs less than every symbol's on Binance
+            self.symbol_calls[f"{request.method} {request.path}"] += 1
         f = self.faults
         if f.signal_on and f.signal_pid and f"{request.method} {request.path}" == f.signal_on:
             if f.signal_skip > 0:
