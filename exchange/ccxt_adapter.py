@@ -324,7 +324,9 @@ class CcxtExchange:
                                    "does not belong to the API key") from e
             raise errors.Fatal(f"the venue refuses the API key ({self.auth_failure}): it is unknown or disabled, "
                                "lacks futures permission, or this IP is not allowed") from e
-        unknown = [s for s in symbols if s not in (client.markets_by_id or {}) and s not in (client.markets or {})]
+        # Only the venue's own ids (BTCUSDT): streams and marks are keyed by them, a unified name
+        # (BTC/USDT:USDT) would quietly never match.
+        unknown = [s for s in symbols if s not in (client.markets_by_id or {})]
         if unknown:
             where = f"{self.settings.exchange_id}{' (testnet)' if self.settings.sandbox else ''}"
             raise errors.Fatal(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not listed on {where}")

@@ -30,7 +30,7 @@ from lifecycle.errors import (
     UndefinedTransition,
     UnknownPosition,
 )
-from lifecycle.events import Event
+from lifecycle.events import EntryFailed, Event
 from lifecycle.guards.stop_lock import StopLockRegistry
 from lifecycle.machines.position import CREATED, JournalEntry, Outcome, PositionMachine
 from lifecycle.machines.states import PositionState
@@ -103,15 +103,33 @@ class Engine:
         if self.books.behind:
             raise StorageUnavailable(f"the database is failing ({self.books.failing}); no new position is opened "
                                      "until it is back")
-        try:
-            await self.store.insert_position(position, creation)
-        except DuplicateLivePosition:
-            raise
-        except Exception as e:  # a new exposure the books cannot record is not taken
-            raise StorageUnavailable(f"the database cannot record a new position: {type(e).__name__}") from e
+        insert = asyncio.ensure_future(self.store.insert_position(position, creation))
+        finished, _ = await asyncio.wait({insert}, timeout=self.books.timeout_s)
+        if not finished:
+            # A stuck database: refuse now rather than send the entry whenever it answers; if the row lands
+            # later it is ended CANCELLED (it would otherwise hold the symbol's live slot in the database).
+            asyncio.ensure_future(self._cancel_late_row(insert, position))
+            raise StorageUnavailable(f"the database did not record the new position within "
+                                     f"{self.books.timeout_s:g} s; nothing was sent")
+        error = insert.exception()
+        if isinstance(error, DuplicateLivePosition):
+            raise error
+        if error is not None:  # a new exposure the books cannot record is not taken
+            raise StorageUnavailable(f"the database cannot record a new position: {type(error).__name__}") from error
         self._add_live(position)
         logger.info("{} {} {} {} created in {}", account, symbol, side, position.id, position.state)
         return position
+
+    async def _cancel_late_row(self, insert: asyncio.Future[None], position: Position) -> None:
+        try:
+            await insert
+        except Exception:  # noqa: BLE001 - never written: nothing to end
+            return
+        self._add_live(position)
+        try:
+            await self.fire(position.id, EntryFailed(reason="not sent: the database recorded it too late"))
+        except Exception as e:  # noqa: BLE001 - restart recovery settles an OPENING row without an entry
+            logger.error("position {} recorded too late could not be ended: {}", position.id, e)
 
     async def fire(self, position_id: str, event: Event) -> Outcome:
         """Apply one event to one live position; raises TransitionRefused (logged, counted) if refused.

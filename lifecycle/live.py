@@ -86,6 +86,7 @@ class LiveConfig:
     trail_min_interval_s: float = 1.0  # at most one trailing move per position per interval
     cause_wait_s: float = 0.5  # how long a flat waits for the fill that explains it
     cause_rest_timeout_s: float = 2.0  # then REST is asked for the fill, at most this long
+    unprotected_close_after_s: float = 10.0  # a position no repair can protect this long is closed at market
     close_retries: int = 3  # a rejected bot close is retried this many times
     stop_retries: int = 3  # a stop placement failing transiently is retried this many times
     retry_backoff_s: float = 0.5
@@ -97,6 +98,7 @@ class LiveConfig:
             "trail_min_interval_s": self.trail_min_interval_s >= 0,
             "cause_wait_s": 0 <= self.cause_wait_s <= 10,
             "cause_rest_timeout_s": 0 < self.cause_rest_timeout_s <= 60,
+            "unprotected_close_after_s": 0 <= self.unprotected_close_after_s <= 3600,
             "close_retries": self.close_retries >= 0,
             "stop_retries": self.stop_retries >= 0,
             "retry_backoff_s": self.retry_backoff_s >= 0,
@@ -214,6 +216,8 @@ class LiveEngine:
         self._entry_tasks: dict[str, asyncio.Task[Any]] = {}  # entry fills being taken in
         self._entry_fills: dict[str, OrderSnapshot] = {}  # the newest fill seen of each entry
         self._unprotected_since: dict[str, float] = {}  # position id -> monotonic time first seen unprotected
+        self._repairs: dict[str, asyncio.Task[Any]] = {}  # protection repairs in flight, by position
+        self._loaded: set[str] = set()  # positions loaded from the database at start (the books may be behind)
         self._doubted: str | None = None  # why REST made the private stream doubted
         self._resubscribed_generation = -1  # the client generation a doubt last recreated
         self._trimming: set[str] = set()  # partly filled entries whose rest is being cancelled
@@ -250,6 +254,7 @@ class LiveEngine:
     async def start(self, *, streams: bool = True) -> LiveEngine:
         """Watch the live positions the engine holds for this account, then subscribe to the streams."""
         loaded = [p for p in self.engine.positions.values() if p.account == self.account]
+        self._loaded = {p.id for p in loaded}
         for position in loaded:
             self._watch_position(position)
         if not loaded:
@@ -508,6 +513,14 @@ class LiveEngine:
                                f"{rules.tick}")
         mark = self.marks.get(command.symbol)
         reference = command.entry_price or mark
+        if reference is not None:
+            pct = command.stop_loss_pct if command.stop_loss_pct is not None else self.config.default_stop_loss_pct
+            factor = 1 - pct / 100 if command.side is Side.LONG else 1 + pct / 100
+            stop = self._round_stop(command.side, command.symbol, reference * factor)
+            if stop <= 0 or (rules.min_price is not None and stop < rules.min_price) or (
+                    rules.max_price is not None and stop > rules.max_price):
+                raise InvalidEvent(f"stop_loss_pct {pct} puts the stop at {stop}, outside {command.symbol}'s price "
+                                   "filter: the position could not be protected")
         if rules.min_notional is not None and reference is not None and quantity * reference < rules.min_notional:
             raise InvalidEvent(f"order value {quantity * reference} is below {command.symbol}'s minimum "
                                f"{rules.min_notional}")
@@ -614,6 +627,9 @@ class LiveEngine:
                 if parsed is not None and parsed.purpose is OrderPurpose.STOP and order.client_id not in position.orders:
                     await self._track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
                                       order.trigger_price or Decimal(0), order)
+            # A tighter stop of ours than the database knows (moved while the books were behind) stays.
+            await self._adopt_venue_stop(position.id, ours_by_position.get(position.id, []))
+            position = self.engine.positions.get(position.id) or position
             if position.stop_price is None:  # crashed between the entry fill and the first stop's record
                 self._spawn(self._protect_initial(position.id, replace_unrecorded=True),
                             f"protection of {position.id}")
@@ -961,6 +977,20 @@ class LiveEngine:
         if position is None or position.entry_price is None or position.stop_price is not None or (
                 not replace_unrecorded and any(o.purpose is OrderPurpose.STOP for o in position.working_orders())):
             return
+        if position_id in self._loaded and not replace_unrecorded:
+            # Loaded from a database that may be behind the venue (a storage outage before a restart): a stop
+            # of ours working there for this position is the truth to start from, not a new one at the
+            # initial distance (which would loosen a stop that had trailed).
+            try:
+                venue = await self.exchange.open_orders(position.symbol)
+            except xerr.ExchangeError as e:
+                logger.warning("{} {} {}: cannot list the venue's stops before protecting ({}); placing one",
+                               self.account, position.symbol, position_id, _short(e))
+                venue = []
+            if await self._adopt_venue_stop(position_id, venue):
+                await self._request_stop(position_id, None, None, "sync")  # and no other stop of ours
+                self._watch_position(self.engine.positions.get(position_id) or position)
+                return
         plan = self._plans.pop(position_id, None)
         target = self._initial_target(position, plan, from_mark_if_crossed=from_mark_if_crossed)
         placed = await self._request_stop(position_id, target, None, "initial")
@@ -986,6 +1016,36 @@ class LiveEngine:
         if from_mark_if_crossed and mark is not None and not is_stop_on_safe_side(position.side, target, mark):
             target = self._round_stop(position.side, position.symbol, mark * factor)
         return target
+
+    async def _adopt_venue_stop(self, position_id: str, orders: list[OrderSnapshot]) -> bool:
+        """Take the tightest working stop of ours for this position that the venue holds (its size, on the
+        safe side of the mark, better than the recorded one) as the position's stop: tracked and recorded
+        (`StopMoved`). Client ids are ours alone, so such a stop was placed by this engine: one whose record
+        was lost (the books behind at a crash or stop). True if one was taken."""
+        position = self.engine.positions.get(position_id)
+        if position is None or position.state not in PROTECTED or position.entry_price is None:
+            return False
+        mark = self.marks.get(position.symbol) or position.entry_price
+        mine = [o for o in orders if (ours := parse_client_id(o.client_id)) is not None
+                and ours.position_id == position_id and ours.purpose is OrderPurpose.STOP
+                and o.trigger_price is not None and o.quantity == position.quantity
+                and is_stop_on_safe_side(position.side, o.trigger_price, mark)
+                and is_stop_improvement(position.side, position.stop_price, o.trigger_price)]
+        if not mine:
+            return False
+        pick = max if position.side is Side.LONG else min
+        best = pick(mine, key=lambda o: o.trigger_price or Decimal(0))
+        assert best.trigger_price is not None
+        if best.client_id not in position.orders:
+            await self._track(position, best.client_id or "", OrderPurpose.STOP, best.quantity, best.trigger_price,
+                              best)
+        outcome = await self.engine.fire_if(position_id, StopMoved(
+            stop_price=best.trigger_price, mark=mark, client_order_id=best.client_id), only_in=PROTECTED)
+        if outcome is not None:
+            logger.warning("{} {} {}: took the stop {} at {} that the venue holds (placed before, its record lost; "
+                           "the database said {})", self.account, position.symbol, position_id, best.client_id,
+                           best.trigger_price, position.stop_price)
+        return outcome is not None
 
     async def _place_take_profit(self, position_id: str, price: Decimal) -> None:
         """Under the symbol lock too: terminal cleanup waits for it, so it cannot outlive the position."""
@@ -1088,7 +1148,10 @@ class LiveEngine:
     async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
         """The newest fill on the closing side since the position was opened, with its order's client id
         (from the stream's memory, else the order by id), from REST; None when there is none."""
-        fills = await self.exchange.fills(position.symbol, position.created_at)
+        # Binance answers at most 7 days per query (ccxt sends endTime = since + 7 days): the closing fill is
+        # recent, so ask for the last 6 days of an older position, not for its first week.
+        since = max(position.created_at, self.engine.clock() - timedelta(days=6))
+        fills = await self.exchange.fills(position.symbol, since)
         closing = _exit_side(position.side)
         candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
         if not candidates:
@@ -1103,9 +1166,12 @@ class LiveEngine:
     def _amend(self, order: OrderSnapshot, client_id: str | None) -> None:
         """A fill that arrives after its position was closed with cause `unknown` explains that close: the
         closure is amended by a `closure_amended` record (the journal stays as it was)."""
+        ours = parse_client_id(client_id)
         for position_id, (position, closed_at) in list(self._unexplained.items()):
             if position.symbol != order.symbol or order.side != _exit_side(position.side):
                 continue
+            if ours is not None and ours.position_id != position_id:
+                continue  # an order of another position of ours (a reversal's entry): it explains nothing here
             if self.monotonic() - closed_at > 600 or order.at < position.created_at:
                 continue
             del self._unexplained[position_id]
@@ -1443,6 +1509,7 @@ class LiveEngine:
         for previous in old:
             calls += 1
             self._cancelling(previous)
+            self._gone[previous.client_id] = None  # from here on it protects nothing: health and audit know
             try:
                 await self.exchange.cancel_order(previous)
             except OrderAlreadyGone:
@@ -1545,12 +1612,25 @@ class LiveEngine:
         if not self._recovered.is_set() or self._stopped:
             return late
         for position_id in late:
-            try:
-                await self._repair_protection(position_id, "no working stop known")
-            except Exception as e:  # noqa: BLE001 - the next tick tries again; the CRITICAL line goes on
-                logger.error("{} {}: protection repair failed: {}: {}", self.account, position_id,
-                             type(e).__name__, _short(e))
+            running = self._repairs.get(position_id)
+            if running is not None and not running.done():
+                continue  # still at it (a placement that hangs, a lock held): never two at once
+            # In the background: a repair waits for the symbol's lock and the venue, and must never hold up
+            # the tick that checks every other position.
+            task = self._spawn(self._repair_quietly(position_id), f"protection repair of {position_id}",
+                               essential=True)
+            if task is not None:
+                self._repairs[position_id] = task
+                task.add_done_callback(lambda t, pid=position_id: self._repairs.pop(pid, None)
+                                       if self._repairs.get(pid) is t else None)
         return late
+
+    async def _repair_quietly(self, position_id: str) -> None:
+        try:
+            await self._repair_protection(position_id, "no working stop known")
+        except Exception as e:  # noqa: BLE001 - the next tick tries again; the CRITICAL line goes on
+            logger.error("{} {}: protection repair failed: {}: {}", self.account, position_id, type(e).__name__,
+                         _short(e))
 
     async def audit_protection(self, positions: list[PositionSnapshot] | None = None) -> dict[str, int]:
         """The protection audit: for every position of ours the venue shows, exactly one working stop of
@@ -1584,7 +1664,7 @@ class LiveEngine:
             if len(mine) == 1 and mine[0].client_id in recorded and position.stop_price is not None and \
                     mine[0].trigger_price == position.stop_price and mine[0].quantity == position.quantity:
                 continue
-            moved = (position.last_activity_at or position.created_at) >= listed_at - timedelta(seconds=1)
+            moved = position.updated_at >= listed_at - timedelta(seconds=1)  # a transition (a move) since
             if mine and recorded and moved and all(o.client_id in recorded or o.client_id in self._own_cancels
                                                    for o in mine):
                 continue  # a move since the listing began explains it (its stops are ours, known); looked at again
@@ -1612,18 +1692,21 @@ class LiveEngine:
             return False  # being taken in, or the stream is about to deliver it
         entry = next((o for o in position.orders.values() if o.purpose is OrderPurpose.ENTRY), None)
         fill = self._entry_fills.get(position.id)
-        if fill is None and entry is not None:
-            try:
+        if entry is not None and (fill is None or not fill.status.is_final):
+            try:  # the venue's word now: a partial fill may have ended meanwhile, or a fill been missed
                 found = await self.exchange.order_by_client_id(position.symbol, entry.client_id)
             except (xerr.ExchangeError, OrderAlreadyGone) as e:
                 logger.warning("{} {} {}: audit: entry lookup failed: {}", self.account, position.symbol,
                                position.id, _short(e))
-                return False
-            if found.filled > 0:
+                found = None
+            if found is not None and found.filled > 0:
                 fill = found
         if fill is None or position.id in self._entry_tasks:
             return False
-        self._repaired(position, "entry_taken_in", f"entry {fill.client_id} filled {fill.filled}, position OPENING")
+        if not fill.status.is_final:
+            self._trimming.discard(position.id)  # a cancel of the rest that failed: send it again
+        kind = "entry_taken_in" if fill.status.is_final else "entry_rest_cancelled"
+        self._repaired(position, kind, f"entry {fill.client_id} filled {fill.filled}, position OPENING")
         self._entries_done.discard(position.id)
         self._handle_entry_update(position.id, fill)
         return True
@@ -1673,8 +1756,23 @@ class LiveEngine:
             else:
                 result = await self._apply_stop(position_id, None, None, "sync")
                 kind = "placed" if not fresh else "synced"
+        if result in ("failed", "skipped"):
+            kind = "failed"
+            self._escalate(position, why)
         self._repaired(position, kind, f"{why}: {result}")
-        return True
+        return kind != "failed"
+
+    def _escalate(self, position: Position, why: str) -> None:
+        """A repair that cannot put a stop back: once the position has been unprotected for
+        `unprotected_close_after_s`, it is closed at market (reason `unprotected`), as an initial stop that
+        cannot be placed is: exposure nobody can protect is not kept."""
+        since = self._unprotected_since.get(position.id)
+        if since is None or self.monotonic() - since < self.config.unprotected_close_after_s:
+            return
+        logger.critical("{} {} {}: UNPROTECTED for {:.0f} s and no stop can be placed ({}); closing at market",
+                        self.account, position.symbol, position.id, self.monotonic() - since, why)
+        self._spawn(self._close(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}",
+                    essential=True)
 
     def _repaired(self, position: Position, kind: str, detail: str) -> None:
         self.stats.protection_repairs[kind] += 1

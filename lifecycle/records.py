@@ -13,6 +13,7 @@ lines wait at once (then the oldest go, counted in `dropped` and logged). `flush
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -46,7 +47,8 @@ class JsonlRecords:
         self.failing: str | None = None  # why the last write failed, while lines wait
         self.written = 0
         self.dropped = 0
-        self._pending: deque[tuple[date, str, str]] = deque()  # (day, kind, line)
+        self._pending: deque[tuple[int, date, str, str]] = deque()  # (sequence, day, kind, line)
+        self._seq = 0
         self._cv = threading.Condition()
         self._writer: threading.Thread | None = None
         self._day: date | None = None
@@ -69,7 +71,8 @@ class JsonlRecords:
                 if self.dropped == 1 or self.dropped % 10_000 == 0:
                     logger.error("records: {} line(s) dropped: {} lines wait for a disk that fails ({})",
                                  self.dropped, self.max_pending, self.failing)
-            self._pending.append((self.today(), str(record["event"]), line))
+            self._seq += 1
+            self._pending.append((self._seq, self.today(), str(record["event"]), line))
             if self._writer is None:
                 self._writer = threading.Thread(target=self._run, name="records-writer", daemon=True)
                 self._writer.start()
@@ -111,10 +114,11 @@ class JsonlRecords:
                     if not self._cv.wait(timeout=2.0) and not self._pending:
                         self._writer = None  # idle: the next emit starts a new writer
                         return
-                batch = list(self._pending)[:1000]
+                batch = list(itertools.islice(self._pending, 1000))  # not a copy of the whole queue
             # Consecutive lines of one file are written together.
-            day, kind = batch[0][0], batch[0][1]
-            group = [line for d, k, line in _prefix(batch, day, kind)]
+            day, kind = batch[0][1], batch[0][2]
+            taken = _prefix(batch, day, kind)
+            group = [line for _, _, _, line in taken]
             try:
                 self._append(day, kind, group)
             except OSError as e:
@@ -129,7 +133,8 @@ class JsonlRecords:
                 continue
             delay = 0.05
             with self._cv:
-                for _ in group:
+                last = taken[-1][0]
+                while self._pending and self._pending[0][0] <= last:  # by sequence: emit() may have dropped some
                     self._pending.popleft()
                 self.written += len(group)
                 if self.failing is not None:
@@ -192,11 +197,11 @@ class JsonlRecords:
                     logger.warning("records: cannot delete {}: {}", path.name, e.strerror)
 
 
-def _prefix(batch: list[tuple[date, str, str]], day: date, kind: str) -> list[tuple[date, str, str]]:
+def _prefix(batch: list[tuple[int, date, str, str]], day: date, kind: str) -> list[tuple[int, date, str, str]]:
     """The leading items of `batch` that go to the same file."""
     out = []
     for item in batch:
-        if item[0] != day or item[1] != kind:
+        if item[1] != day or item[2] != kind:
             break
         out.append(item)
     return out

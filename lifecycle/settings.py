@@ -107,6 +107,7 @@ class LiveSettings(_Strict):
     trail_min_interval_s: float = Field(default=1.0, ge=0, le=3600)
     cause_wait_s: float = Field(default=0.5, ge=0, le=10)
     cause_rest_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    unprotected_close_after_s: float = Field(default=10.0, ge=0, le=3600)  # no stop can be placed: close
     close_retries: int = Field(default=3, ge=0, le=100)
     stop_retries: int = Field(default=3, ge=0, le=100)
     retry_backoff_s: float = Field(default=0.5, ge=0, le=60)

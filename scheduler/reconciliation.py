@@ -9,7 +9,7 @@ events only on evidence), the orphan sweep cancels orders of ours that belong to
   on every tick whatever the stream's health. Every tick also checks the positions memory knows to be
   unprotected (CRITICAL line, repair).
 * `audit`: the venue-wide protection audit (open orders and open algo orders, weight 40 each on Binance)
-  every `sync_interval_s` (30 s), or on every fast tick while something is suspect; its own job, so its
+  every `sync_interval_s` (30 s), or every 10 s while something is suspect; its own job, so its
   listings (slow under ccxt's rate limiter) never delay a sync tick.
 * `orphans`: every `orphan_interval_s` (60 s): open orders (regular and conditional) whose client id is in
   our namespace (`lc-...`) and whose position is not live here are cancelled and recorded
@@ -64,6 +64,9 @@ class JobStats:
     last_duration_ms: dict[str, float] = field(default_factory=dict)
     total_duration_ms: Counter[str] = field(default_factory=Counter)
     orphans_cancelled: int = 0
+
+
+SUSPECT_AUDIT_S = 10.0  # the shortest interval between venue-wide audits while something is suspect
 
 
 class ReconciliationScheduler:
@@ -153,14 +156,16 @@ class ReconciliationScheduler:
 
     def audit_due(self) -> bool:
         """The venue-wide protection audit (two open-order listings, weight 40 each on Binance) runs every
-        `sync_interval_s`, and on every tick while something is suspect: memory knows an unprotected
-        position, the books are behind, or a stop failed since the last audit (rare conditions: a stream
-        that is merely down does not count, it would spend the whole request budget on listings)."""
+        `sync_interval_s`, and every SUSPECT_AUDIT_S while something is suspect: memory knows an unprotected
+        position, or a stop failed since the last audit (a stream that is merely down, or books behind, do
+        not count: they would spend the request budget on listings, and delay the stop moves behind them)."""
         live = self.live
-        suspect = bool(live.unprotected()) or live.engine.books.behind > 0 or \
-            live.stats.stop_move_failures != self._failures_at_audit
-        due = time.monotonic() - self._last_audit >= self.config.sync_interval_s
-        return due or (suspect and time.monotonic() - self._last_audit >= self.config.fast_sync_interval_s)
+        suspect = bool(live.unprotected()) or live.stats.stop_move_failures != self._failures_at_audit
+        since = time.monotonic() - self._last_audit
+        # Suspect: soon, but not on every tick: two weight-40 listings per tick would back ccxt's rate limiter
+        # up behind them, and the stop moves with it. (The books being behind is not suspect: memory is right.)
+        return since >= self.config.sync_interval_s or (
+            suspect and since >= max(self.config.fast_sync_interval_s, SUSPECT_AUDIT_S))
 
     async def _sync_tick(self) -> Any:
         """Every tick: one reconciliation pass (the REST positions list: the watchdog that finds what a

@@ -221,3 +221,35 @@ async def test_bad_input_is_refused_before_any_row_or_order(rig: Rig, command: O
     assert await rig.repo.count_positions() == 0 and not rig.our_open_orders()
     p = await rig.open(btc_long())  # the symbol is not blocked
     assert rig.state(p.id) is S.OPEN
+
+
+async def test_trailing_moves_do_not_hide_a_close_from_rest_while_the_stream_is_silent(sim: SimServer,
+                                                                                      tmp_path: Path) -> None:
+    """A wedged stream, a price that keeps rising (a trailing move every second) and an ADL: stop moves are not
+    "our activity" for the grace window, so REST finds the close within the bound all the same."""
+    account = sim.venue.add_account("carol")
+    settings = replace(settings_for(sim, account), user_probe_after_s=600.0)
+    rig = await Rig(sim, account, f"sqlite:///{tmp_path / 'trail.sqlite'}", tmp_path / "records",
+                    settings=settings, config=replace(FAST, trail_min_interval_s=1.0)).start()
+    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=5000),  # type: ignore
+                                              FAST_SYNC).start()
+    try:
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
+                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        await asyncio.sleep(5.5)  # past the grace window of the open
+        sim.set_faults(ws_silent=True)
+        sim.venue.force_close(rig.account, "BTCUSDT", "adl")
+        closed_at = time.monotonic()
+        price = 60200
+        while p.id in rig.engine.positions:  # type: ignore[union-attr]
+            assert time.monotonic() - closed_at < FAST_SYNC.fast_sync_interval_s + BOUND_SLACK_S + 1.0, \
+                "the close stayed hidden behind the trailing moves"
+            price += 50
+            rig.set_mark("BTCUSDT", price)
+            await asyncio.sleep(0.25)
+        stored = await rig.ended(p.id)
+        assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.ADL)
+    finally:
+        sim.set_faults(ws_silent=False)
+        await scheduler.stop()
+        await rig.stop()

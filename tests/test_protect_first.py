@@ -262,3 +262,63 @@ async def test_the_protection_audit_cancels_an_extra_stop_of_ours(sim: SimServer
         assert leaked not in status or status[leaked] is not OrderStatus.OPEN
     finally:
         await rig.stop()
+
+
+async def test_a_restart_with_the_books_behind_keeps_the_tightest_stop_the_venue_holds(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    """Trailing moves while the database is full, then a stop that cannot write them: at restart the venue's
+    tighter stop is taken as the truth, not moved back to the older price the database recorded."""
+    rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.engine is not None and rig.live is not None
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
+                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        small_disk.fill()
+        for price in (60400, 60800):
+            rig.set_mark("BTCUSDT", price)
+            await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) >= D(price) * D("0.994"),
+                            timeout=5, what=f"the stop following {price}")
+            await rig.live.idle()
+        [tight] = rig.stop_algos("BTCUSDT")
+        await rig.stop()  # the books cannot catch up
+        assert (await rig.repo.get_position(p.id)).stop_price < tight.trigger  # type: ignore[union-attr]
+        small_disk.free()
+        rig.set_mark("BTCUSDT", 60700)  # a little lower: no new move would reach the old height
+        await rig.restart()
+        await rig.live.idle()  # type: ignore[union-attr]
+        [kept] = rig.stop_algos("BTCUSDT")
+        assert kept.trigger == tight.trigger  # never moved back
+        assert rig.engine.positions[p.id].stop_price == tight.trigger  # type: ignore[union-attr]
+        await rig.until(lambda: rig.engine.books.behind == 0, what="books caught up")  # type: ignore[union-attr]
+        assert (await rig.stored(p.id)).stop_price == tight.trigger
+    finally:
+        small_disk.free()
+        await rig.stop()
+
+
+async def test_a_stop_no_repair_can_put_back_ends_in_an_unprotected_close(sim: SimServer, tmp_path: Path) -> None:
+    from dataclasses import replace as _replace
+
+    from lifecycle.domain import CloseReason
+    from tests.livekit import FAST
+    rig = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'live.sqlite'}",
+                    tmp_path / "records", config=_replace(FAST, unprotected_close_after_s=0.5)).start()
+    try:
+        assert rig.live is not None and rig.engine is not None
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1)))
+        sim.set_faults(reject_stops=10_000, reject_stops_code=-1111)  # every new stop refused
+        [stop] = rig.stop_algos("BTCUSDT")
+        sim.venue.cancel_algo(rig.account, stop.algo_id, None)  # removed by someone else
+        deadline = asyncio.get_running_loop().time() + 10
+        while p.id in rig.engine.positions:
+            assert asyncio.get_running_loop().time() < deadline, "the naked position was never closed"
+            await rig.live.check_protection(grace_s=0.1)
+            await asyncio.sleep(0.1)
+        stored = await rig.ended(p.id)
+        assert stored.state is S.CLOSED and stored.close_reason is CloseReason.UNPROTECTED
+        assert sim.venue.position(rig.account, "BTCUSDT").amount == 0
+        repairs = rig.records.read("protection_repair")  # type: ignore[union-attr]
+        assert repairs and all(r["repair"] == "failed" for r in repairs)
+    finally:
+        sim.set_faults(reject_stops=0)
+        await rig.stop()

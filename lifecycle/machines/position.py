@@ -94,7 +94,9 @@ def _ts_activated(p: Position, e: TsActivated, at: datetime) -> None:
 
 def _stop_moved(p: Position, e: StopMoved, at: datetime) -> None:
     p.stop_price = e.stop_price
-    p.last_activity_at = at
+    # Not our "last activity" for the grace window: a stop order does not change what REST says about the
+    # position, and counting it let a trailing position's moves hide its close from REST while the stream
+    # was silent (each move restarted the grace window).
     if p.trailing is not None:
         p.trailing.last_moved_at = at
         if e.watermark is not None:
