@@ -1026,13 +1026,19 @@ class LiveEngine:
         if position is None or position.state not in PROTECTED or position.entry_price is None:
             return False
         mark = self.marks.get(position.symbol) or position.entry_price
-        mine = [o for o in orders if (ours := parse_client_id(o.client_id)) is not None
-                and ours.position_id == position_id and ours.purpose is OrderPurpose.STOP
-                and o.trigger_price is not None and o.quantity == position.quantity
+        every = [o for o in orders if (ours := parse_client_id(o.client_id)) is not None
+                 and ours.position_id == position_id and ours.purpose is OrderPurpose.STOP
+                 and o.trigger_price is not None]
+        mine = [o for o in every if o.quantity == position.quantity and o.trigger_price is not None
                 and is_stop_on_safe_side(position.side, o.trigger_price, mark)
                 and is_stop_improvement(position.side, position.stop_price, o.trigger_price)]
         if not mine:
             return False
+        for order in every:  # all of ours tracked, so the sync that follows cancels all but the one kept
+            if order.client_id not in position.orders:
+                await self._track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
+                                  order.trigger_price or Decimal(0), order)
+        position = self.engine.positions.get(position_id) or position
         pick = max if position.side is Side.LONG else min
         best = pick(mine, key=lambda o: o.trigger_price or Decimal(0))
         assert best.trigger_price is not None
@@ -1150,10 +1156,14 @@ class LiveEngine:
         (from the stream's memory, else the order by id), from REST; None when there is none."""
         # Binance answers at most 7 days per query (ccxt sends endTime = since + 7 days): the closing fill is
         # recent, so ask for the last 6 days of an older position, not for its first week.
-        since = max(position.created_at, self.engine.clock() - timedelta(days=6))
-        fills = await self.exchange.fills(position.symbol, since)
         closing = _exit_side(position.side)
-        candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
+        candidates: list[Fill] = []
+        for back in (timedelta(minutes=10), timedelta(days=6)):  # Binance lists oldest first from the start
+            since = max(position.created_at, self.engine.clock() - back)
+            fills = await self.exchange.fills(position.symbol, since)
+            candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
+            if candidates or since == position.created_at:
+                break
         if not candidates:
             return None
         fill = max(candidates, key=lambda f: f.at)

@@ -253,3 +253,21 @@ async def test_trailing_moves_do_not_hide_a_close_from_rest_while_the_stream_is_
         sim.set_faults(ws_silent=False)
         await scheduler.stop()
         await rig.stop()
+
+
+async def test_a_fill_of_another_position_of_ours_never_amends_an_unknown_close(late_rig: Rig) -> None:
+    """A closes `unknown` (REST fails, its fill update late); a reversal opens B at once: B's entry fill (on
+    A's closing side) arrives first and must not be taken for A's cause; A's own late fill amends it."""
+    rig = late_rig
+    assert rig.live is not None
+    a = await rig.open(btc_long())
+    rig.sim.set_faults(http_5xx=1, delay_fill_updates_s=1.0)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "liquidation")
+    stored = await rig.ended(a.id)
+    assert stored.close_cause is CloseCause.UNKNOWN
+    rig.sim.set_faults(delay_fill_updates_s=0)
+    b = await rig.open(OpenCommand("BTCUSDT", Side.SHORT, D("0.010"), stop_loss_pct=D(1)))
+    await rig.until(lambda: rig.live.stats.closures_amended == 1, what="the amendment")  # type: ignore[union-attr]
+    [amended] = rig.records.read("closure_amended")  # type: ignore[union-attr]
+    assert (amended["position_id"], amended["cause"]) == (a.id, "liquidation")
+    assert rig.state(b.id) is S.OPEN
