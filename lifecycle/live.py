@@ -622,6 +622,7 @@ class LiveEngine:
             for order in position.working_orders():
                 if order.purpose is OrderPurpose.STOP and order.client_id not in open_ids:
                     self._gone[order.client_id] = None  # gone while we were down
+                    await self._set_order_status(position.id, order.client_id, OrderStatus.EXPIRED)
             for order in ours_by_position.get(position.id, []):
                 parsed = parse_client_id(order.client_id)
                 if parsed is not None and parsed.purpose is OrderPurpose.STOP and order.client_id not in position.orders:
@@ -1017,6 +1018,13 @@ class LiveEngine:
             target = self._round_stop(position.side, position.symbol, mark * factor)
         return target
 
+    async def _first_mark(self, symbol: str, wait_s: float = 3.0) -> Decimal | None:
+        """The mark, waiting up to `wait_s` for the stream's first one (Binance pushes every second)."""
+        deadline = self.monotonic() + wait_s
+        while (mark := self.marks.get(symbol)) is None and self.monotonic() < deadline and not self._stopping:
+            await asyncio.sleep(0.05)
+        return mark
+
     async def _adopt_venue_stop(self, position_id: str, orders: list[OrderSnapshot]) -> bool:
         """Take the tightest working stop of ours for this position that the venue holds (its size, on the
         safe side of the mark, better than the recorded one) as the position's stop: tracked and recorded
@@ -1025,12 +1033,14 @@ class LiveEngine:
         position = self.engine.positions.get(position_id)
         if position is None or position.state not in PROTECTED or position.entry_price is None:
             return False
-        mark = self.marks.get(position.symbol) or position.entry_price
+        known_mark = await self._first_mark(position.symbol)
         every = [o for o in orders if (ours := parse_client_id(o.client_id)) is not None
                  and ours.position_id == position_id and ours.purpose is OrderPurpose.STOP
                  and o.trigger_price is not None]
+        # With no mark yet (recovery runs before the first one), a stop still working on the venue has not
+        # triggered: the venue itself says it is on the safe side.
         mine = [o for o in every if o.quantity == position.quantity and o.trigger_price is not None
-                and is_stop_on_safe_side(position.side, o.trigger_price, mark)
+                and (known_mark is None or is_stop_on_safe_side(position.side, o.trigger_price, known_mark))
                 and is_stop_improvement(position.side, position.stop_price, o.trigger_price)]
         if not mine:
             return False
@@ -1045,6 +1055,13 @@ class LiveEngine:
         if best.client_id not in position.orders:
             await self._track(position, best.client_id or "", OrderPurpose.STOP, best.quantity, best.trigger_price,
                               best)
+        if known_mark is None:  # recorded as "one tick beyond the stop": all the venue told us (not triggered)
+            tick = self._tick(position.symbol)
+            mark = best.trigger_price + tick if position.side is Side.LONG else best.trigger_price - tick
+            logger.warning("{} {} {}: no mark price yet; the venue's working stop {} is taken as on the safe side",
+                           self.account, position.symbol, position_id, best.trigger_price)
+        else:
+            mark = known_mark
         outcome = await self.engine.fire_if(position_id, StopMoved(
             stop_price=best.trigger_price, mark=mark, client_order_id=best.client_id), only_in=PROTECTED)
         if outcome is not None:

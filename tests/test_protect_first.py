@@ -322,3 +322,35 @@ async def test_a_stop_no_repair_can_put_back_ends_in_an_unprotected_close(sim: S
     finally:
         sim.set_faults(reject_stops=0)
         await rig.stop()
+
+
+async def test_the_venue_stop_is_kept_at_restart_even_before_the_first_mark(
+        sim: SimServer, small_disk: SmallDisk, tmp_path: Path) -> None:
+    """As above, with no mark price known while recovery decides (a slow mark stream): the working stop on
+    the venue has not triggered, so it is on the safe side; it is kept, not loosened."""
+    rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
+    try:
+        assert rig.engine is not None and rig.live is not None
+        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
+                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        small_disk.fill()
+        rig.set_mark("BTCUSDT", 60800)
+        await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) >= D(60800) * D("0.994"),
+                        timeout=5, what="the stop following")
+        await rig.live.idle()
+        [tight] = rig.stop_algos("BTCUSDT")
+        await rig.stop()
+        small_disk.free()
+        await rig.start()  # a new process, but no mark reaches it before recovery
+        assert rig.live is not None and rig.engine is not None
+        rig.live.marks.clear()
+        task = asyncio.ensure_future(rig.live.recover(retry_s=0.05))
+        await asyncio.sleep(0)
+        rig.live.marks.clear()
+        await task
+        await rig.live.idle()
+        assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [tight.trigger]
+        assert rig.engine.positions[p.id].stop_price == tight.trigger
+    finally:
+        small_disk.free()
+        await rig.stop()
