@@ -116,7 +116,6 @@ async def test_a_silent_stream_while_rest_also_fails_is_caught_up_once_rest_answ
         rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
         await asyncio.sleep(1.0)  # an outage of a second: several sync passes fail meanwhile
         assert rig.state(p.id) is S.OPEN
-        assert rig.live is not None and any(r.startswith("stream") for r in rig.live.health_reasons()) or True
         rig.sim.set_faults(http_5xx=0)
         back_at = time.monotonic()
         stored = await rig.ended(p.id, timeout=FAST_SYNC.fast_sync_interval_s + BOUND_SLACK_S)
