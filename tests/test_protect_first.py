@@ -45,6 +45,19 @@ async def rest_then_fill(rig: Rig) -> str:
     return position.id
 
 
+TRAILING = OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1), trailing_activation=D(60100),
+                       trailing_callback_pct=D("0.5"))
+
+
+async def trail_to(rig: Rig, position_id: str, price: int) -> None:
+    """Move the mark up to `price` and wait until the trailing stop has followed it (0.5 % behind)."""
+    assert rig.engine is not None and rig.live is not None
+    rig.set_mark("BTCUSDT", price)
+    await rig.until(lambda: (rig.engine.positions[position_id].stop_price or 0) >= D(price) * D("0.994"),  # type: ignore
+                    timeout=5, what=f"the stop following {price}")
+    await rig.live.idle()
+
+
 async def books_caught_up(rig: Rig, position_id: str) -> None:
     """After storage is back: nothing waits, the database says what memory says, the venue's books agree."""
     assert rig.engine is not None and rig.repo is not None and rig.live is not None
@@ -116,14 +129,10 @@ async def test_stops_moved_while_the_database_is_full_never_leak(
     rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
     try:
         assert rig.engine is not None and rig.live is not None
-        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
-                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        p = await rig.open(TRAILING)
         small_disk.fill()
         for price in (60200, 60400, 60600, 60800):  # four trailing moves while nothing can be written
-            rig.set_mark("BTCUSDT", price)
-            await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) >= D(price) * D("0.994"),
-                            timeout=5, what=f"the stop following {price}")
-            await rig.live.idle()
+            await trail_to(rig, p.id, price)
             assert len(rig.stop_algos("BTCUSDT")) == 1  # the old stop is gone every time
         assert rig.engine.books.behind > 0
         small_disk.free()
@@ -270,14 +279,10 @@ async def test_a_restart_with_the_books_behind_keeps_the_tightest_stop_the_venue
     rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
     try:
         assert rig.engine is not None and rig.live is not None
-        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
-                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        p = await rig.open(TRAILING)
         small_disk.fill()
         for price in (60400, 60800):
-            rig.set_mark("BTCUSDT", price)
-            await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) >= D(price) * D("0.994"),
-                            timeout=5, what=f"the stop following {price}")
-            await rig.live.idle()
+            await trail_to(rig, p.id, price)
         [tight] = rig.stop_algos("BTCUSDT")
         await rig.stop()  # the books cannot catch up
         assert (await rig.repo.get_position(p.id)).stop_price < tight.trigger  # type: ignore[union-attr]
@@ -330,13 +335,9 @@ async def test_the_venue_stop_is_kept_at_restart_even_before_the_first_mark(
     rig = await rig_on(sim, f"sqlite:///{small_disk.path / 'live.sqlite'}", tmp_path / "records")
     try:
         assert rig.engine is not None and rig.live is not None
-        p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
-                                       trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
+        p = await rig.open(TRAILING)
         small_disk.fill()
-        rig.set_mark("BTCUSDT", 60800)
-        await rig.until(lambda: (rig.engine.positions[p.id].stop_price or 0) >= D(60800) * D("0.994"),
-                        timeout=5, what="the stop following")
-        await rig.live.idle()
+        await trail_to(rig, p.id, 60800)
         [tight] = rig.stop_algos("BTCUSDT")
         await rig.stop()
         small_disk.free()
