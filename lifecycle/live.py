@@ -212,6 +212,9 @@ class LiveEngine:
         self.marks: dict[str, Decimal] = {}
         self._watch: dict[str, dict[str, _Watch]] = {}  # symbol -> position id -> watch
         self._plans: dict[str, OpenCommand] = {}  # open commands whose initial stop is not placed yet
+        self._open_locks: dict[str, asyncio.Lock] = {}  # symbol -> held from an open's checks to its live row
+        self._placing: set[str] = set()  # positions whose entry is being sent (no answer yet)
+        self._entry_lookups: set[str] = set()  # positions whose entry is being looked up by its client id
         self._entries_done: set[str] = set()
         self._entry_tasks: dict[str, asyncio.Task[Any]] = {}  # entry fills being taken in
         self._entry_fills: dict[str, OrderSnapshot] = {}  # the newest fill seen of each entry
@@ -392,6 +395,7 @@ class LiveEngine:
                     self._spawn(hook(), "reconciliation after a resync")
         elif item.stream == "orders":
             open_ids = {o.client_id for o in item.snapshot if isinstance(o, OrderSnapshot)}
+            self._settle_vanished_entries({i for i in open_ids if i}, self.engine.clock() - timedelta(seconds=1))
             for position in tracked:
                 lost = [o for o in position.working_orders()
                         if o.purpose is OrderPurpose.STOP and o.client_id not in open_ids]
@@ -438,9 +442,14 @@ class LiveEngine:
             self._commands -= 1
 
     async def _open(self, command: OpenCommand) -> Position:
-        self._check_open(command)  # before any row: a refused command leaves nothing behind
-        position = await self.engine.open_position(account=self.account, symbol=command.symbol, side=command.side,
-                                                   quantity=command.quantity, trailing=command.trailing())
+        # One open at a time per symbol until its position is live in memory: two concurrent opens (of either
+        # side) must not both pass the checks before either is recorded, and net on the venue.
+        lock = self._open_locks.setdefault(command.symbol, asyncio.Lock())
+        async with lock:
+            self._check_open(command)  # before any row: a refused command leaves nothing behind
+            position = await self.engine.open_position(account=self.account, symbol=command.symbol,
+                                                       side=command.side, quantity=command.quantity,
+                                                       trailing=command.trailing())
         self._plans[position.id] = command
         client_id = make_client_id(position.id, OrderPurpose.ENTRY, 0)
         ref = OrderRef(client_id, position.id, command.symbol, OrderPurpose.ENTRY, _entry_side(command.side),
@@ -449,8 +458,12 @@ class LiveEngine:
             await self.engine.track_order(position.id, ref)  # known before it is sent: a crash can look it up
             if self.engine.books.behind:  # the entry's row is not in the database: take no new exposure
                 raise StorageUnavailable(f"the database is failing ({self.engine.books.failing}); entry not sent")
-            answer = await self.exchange.place_entry(command.symbol, command.side, command.quantity, client_id,
-                                                     command.entry_price)
+            self._placing.add(position.id)
+            try:
+                answer = await self.exchange.place_entry(command.symbol, command.side, command.quantity, client_id,
+                                                         command.entry_price)
+            finally:
+                self._placing.discard(position.id)
         except xerr.Retryable as e:
             self.stats.exchange_errors += 1
             logger.warning("{} {} {} entry not confirmed ({}); looking it up by its client id", self.account,
@@ -545,6 +558,15 @@ class LiveEngine:
         fail go on with a growing delay (capped at 30 s) until the entry is settled: an entry of unknown
         state may be exposure without a stop, so it is never given up on.
         """
+        if position_id in self._entry_lookups:
+            return  # one lookup per entry is enough
+        self._entry_lookups.add(position_id)
+        try:
+            await self._look_up_entry(position_id, ref)
+        finally:
+            self._entry_lookups.discard(position_id)
+
+    async def _look_up_entry(self, position_id: str, ref: OrderRef) -> None:
         not_found, attempt = 0, 0
         while not self._stopping:
             attempt += 1
@@ -782,10 +804,35 @@ class LiveEngine:
             if position is not None else None
         if entry is None:
             return
+        attempt = 0
         try:
-            await self.exchange.cancel_order(entry)
-        except OrderAlreadyGone:  # filled meanwhile: its fill arrives as an update and is closed
-            logger.info("{} {} {} entry already ended; its fill decides", self.account, entry.symbol, position_id)
+            while True:
+                try:
+                    await self.exchange.cancel_order(entry)
+                    return
+                except OrderAlreadyGone:  # filled meanwhile, or never arrived: its own state decides
+                    logger.info("{} {} {} entry already ended; its fill decides", self.account, entry.symbol,
+                                position_id)
+                    return
+                except xerr.Retryable as e:
+                    # Not cancelled as far as we know: a resting entry of a position being closed must not stay
+                    # working (it could fill later, unprotected), so the cancel is sent again, slower and slower.
+                    attempt += 1
+                    self.stats.exchange_errors += 1
+                    delay = min(max(self.config.retry_backoff_s, 0.05) * attempt, 30.0)
+                    logger.warning("{} {} {} entry cancel not confirmed ({}); again in {}s", self.account,
+                                   entry.symbol, position_id, _short(e), delay)
+                    await asyncio.sleep(delay)
+                    current = self.engine.positions.get(position_id)
+                    if current is None or current.state not in (S.OPENING, S.CLOSING_BY_BOT) or \
+                            position_id in self._entries_done:
+                        return
+        finally:
+            # The entry's outcome (cancelled, filled, or never arrived) ends the position or closes what
+            # filled; the stream usually says it, but a stream that is down must not leave it CLOSING_BY_BOT
+            # with nothing known filled: look the entry up until it is settled.
+            if position_id not in self._entries_done:
+                self._spawn(self._find_entry(position_id, entry), f"entry lookup of {position_id}", essential=True)
 
     async def _send_close(self, position_id: str) -> Exception | None:
         """Send the reduce-only close of a CLOSING_BY_BOT position; returns the rejection, else None."""
@@ -1121,8 +1168,9 @@ class LiveEngine:
             order = fill.order
             exit_price, order_id, realized, fee = order.average_price, order.exchange_order_id, order.realized_pnl, \
                 order.fee
-        elif position.state is not S.CLOSING_BY_BOT:
-            # The fill update is late (or lost): our own conditional order saying it fired, then REST.
+        else:
+            # The fill update is late (or lost): our own conditional order saying it fired, then REST. Also
+            # while we close it: a stop or a liquidation may have come first (our close then finds nothing).
             fired = self._fired.get(position_id)
             if fired is not None:
                 cause = classify_close(fired, position_id=position_id, trailing_was_active=trailing_active)
@@ -1142,7 +1190,7 @@ class LiveEngine:
                     exit_price, order_id, realized, fee = rest_fill.price, rest_fill.order_id, \
                         rest_fill.realized_pnl, rest_fill.fee
         if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN:
-            cause, source = None, "none"  # our close is in flight: the state's default (bot) applies
+            cause, source = None, "none"  # our close is in flight, nothing else found: the state's default (bot)
         elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
             cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
         outcome = await self.engine.fire_if(position_id, Flat(
@@ -1222,7 +1270,13 @@ class LiveEngine:
         """The newest unused fill seen on the closing side of the symbol, no older than the update."""
         closing = _exit_side(position.side)
         earliest = snap.at - timedelta(seconds=1)
+        entered = self._entry_at.get(position.id)
+        if entered is not None and entered > earliest:
+            earliest = entered  # a fill before this position's entry is about an earlier position
         for seen in reversed(self._fills.get(snap.symbol, ())):
+            ours = parse_client_id(seen.client_id)
+            if ours is not None and ours.purpose is OrderPurpose.ENTRY:
+                continue  # an entry opens a position, it never flattens one (one way: no flips of ours)
             if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
                 seen.used = True
                 return seen
@@ -1245,6 +1299,10 @@ class LiveEngine:
                 await asyncio.wait_for(signal.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+
+    async def take_reduction(self, position_id: str, snap: PositionSnapshot) -> None:
+        """A reduction seen on REST only (reconciliation): taken in as the stream's would have been."""
+        await self._on_reduced(position_id, snap)
 
     async def _on_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
         position = self.engine.positions.get(position_id)
@@ -1672,10 +1730,12 @@ class LiveEngine:
         snapshot = positions if positions is not None else await self.exchange.positions()
         shown = {(s.symbol, s.side) for s in snapshot}
         stops: dict[str, list[OrderSnapshot]] = {}
-        for order in await self.exchange.open_orders():
+        listing = await self.exchange.open_orders()
+        for order in listing:
             ours = parse_client_id(order.client_id)
             if ours is not None and ours.purpose is OrderPurpose.STOP:
                 stops.setdefault(ours.position_id, []).append(order)
+        self._settle_vanished_entries({o.client_id for o in listing if o.client_id}, listed_at)
         for position in [p for p in list(self.engine.positions.values()) if p.account == self.account]:
             if (position.symbol, position.side) not in shown:
                 continue  # absence is reconciliation's to settle
@@ -1701,6 +1761,22 @@ class LiveEngine:
             if await self._repair_protection(position.id, why):
                 counts["repaired"] += 1
         return counts
+
+    def _settle_vanished_entries(self, working: set[str], listed_at: datetime) -> None:
+        """Entries our books have working that the venue no longer lists (filled or cancelled while the stream
+        was down, or an update lost): their own state, looked up by client id, settles the position. Not an
+        entry being sent, nor one placed after the listing began."""
+        for position in list(self.engine.positions.values()):
+            if position.account != self.account or position.id in self._entries_done or position.id in \
+                    self._placing or position.id in self._entry_lookups or position.quantity > 0 or \
+                    position.state not in (S.OPENING, S.CLOSING_BY_BOT):
+                continue
+            entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None)
+            if entry is None or entry.client_id in working or position.created_at >= listed_at - timedelta(seconds=1):
+                continue
+            logger.info("{} {} {}: entry {} no longer listed by the venue; looking it up", self.account,
+                        position.symbol, position.id, entry.client_id)
+            self._spawn(self._find_entry(position.id, entry), f"entry lookup of {position.id}")
 
     async def _audit_quietly(self, when: str) -> None:
         await self._recovered.wait()

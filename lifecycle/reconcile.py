@@ -6,10 +6,12 @@ proof (DESIGN: seed 000 and 001):
 * A live position that REST still shows is left alone, whatever the stream said; a stale REST answer
   (seed 000) therefore never un-closes or closes anything.
 * A live position REST does not show is absent only when a second, targeted query agrees and our own
-  last order activity on it is older than the grace window (REST lags our orders). Then:
-  in CLOSING_BY_BOT it is our close landing (`vanished` -> CLOSED, never external: seed 001);
-  otherwise the closing fill is looked up in recent trades: found, `flat` with its cause; not found,
-  `vanished` -> PHANTOM.
+  last order activity on it is older than the grace window (REST lags our orders). Then the closing fill
+  is looked up in recent trades: found, `flat` with its cause (in CLOSING_BY_BOT -> CLOSED, and the cause
+  is the order's: our close is `bot`, never external: seed 001; a stop or a liquidation that came first
+  says so); not found, the absence must last `phantom_after_s` before `vanished` -> PHANTOM (CLOSED with
+  cause not_found when we were closing it). A position closed while still opening, with nothing known
+  filled, is left to its entry's outcome (the entry lookup).
 * OPENING positions are left to the order stream (their entry's own updates decide).
 
 The scheduler (issue 5) runs passes on an interval and adds adoption, mismatch and orphan handling.
@@ -45,6 +47,7 @@ class SyncReport:
     stream_disagrees: int = 0  # absent on REST, shown by a healthy private stream
     closed: list[str] = field(default_factory=list)  # position ids that reached a terminal state
     untracked: int = 0  # positions on the exchange nobody here tracks (confirmed twice)
+    reduced: int = 0  # positions REST shows smaller than recorded (confirmed twice), taken in
     adopted: list[str] = field(default_factory=list)
     rest_calls: int = 0
     snapshot: list[PositionSnapshot] = field(default_factory=list, repr=False)  # the pass's REST positions
@@ -135,6 +138,9 @@ class Reconciler:
                     again = await live.exchange.positions([position.symbol])
                     if any(s.symbol == position.symbol and s.side is position.side for s in again):
                         live.settled(position.id)  # REST shows it twice: the resync's absence was stale
+                snap = next(s for s in snapshot if (s.symbol, s.side) == (position.symbol, position.side))
+                if abs(snap.amount) < position.quantity:
+                    await self._smaller(position, report)
                 continue
             current = live.engine.positions.get(position.id)
             if current is None or current.state not in FLATTENABLE:
@@ -158,6 +164,25 @@ class Reconciler:
             if snap.side is not None and live.engine.live_position(live.account, snap.symbol, snap.side) is None:
                 await self._untracked(snap, report)
         return report
+
+    async def _smaller(self, position: Position, report: SyncReport) -> None:
+        """REST shows less than we hold: a reduction the stream did not deliver (another client's partial
+        close while the stream was silent). Outside our grace window and confirmed by a targeted query, it is
+        taken in as the stream would have (`reduced`, the stop resized to what is left)."""
+        live = self.live
+        current = live.engine.positions.get(position.id)
+        if current is None or current.state not in FLATTENABLE or not is_outside_grace_window(
+                current.last_activity_at, live.engine.clock(), self.grace_ms):
+            return
+        report.rest_calls += 1
+        again = [s for s in await live.exchange.positions([position.symbol])
+                 if s.symbol == position.symbol and s.side is position.side]
+        if not again or not 0 < abs(again[0].amount) < current.quantity:
+            return
+        logger.warning("{} {} {}: the exchange holds {}, we recorded {}: a reduction the stream did not deliver",
+                       live.account, position.symbol, position.id, abs(again[0].amount), current.quantity)
+        report.reduced += 1
+        await live.take_reduction(position.id, again[0])
 
     async def _untracked(self, snap: PositionSnapshot, report: SyncReport) -> None:
         """A position on the exchange that nobody here tracks (opened by hand, or before a crash)."""
@@ -210,11 +235,11 @@ class Reconciler:
     async def _absent(self, position: Position, report: SyncReport) -> bool:
         live = self.live
         confirmations = ABSENCE_CONFIRMATIONS_REQUIRED
-        if position.state is PositionState.CLOSING_BY_BOT:
-            outcome = await live.engine.fire_if(position.id, Vanished(confirmations=confirmations,
-                                                                      grace_ms=self.grace_ms),
-                                                only_in={PositionState.CLOSING_BY_BOT})
-            return outcome is not None
+        closing = position.state is PositionState.CLOSING_BY_BOT
+        if closing and position.quantity == 0:
+            return False  # closed while opening, nothing known filled: the entry's own outcome decides
+        # Also while we close it: the order that flattened it says why (our close, or a stop, a liquidation
+        # that came first); an absence that no fill explains is not claimed as our close.
         fill, client_id = await self._closing_fill(position, report)
         shown_by_stream = live.stream_healthy() and live.stream_shows(position) is True
         if fill is not None and shown_by_stream:
@@ -249,7 +274,7 @@ class Reconciler:
             return outcome is not None
         trailing = position.trailing is not None and position.trailing.active
         cause = classify_close(client_id, position_id=position.id, trailing_was_active=trailing)
-        if cause is CloseCause.BOT:
+        if cause is CloseCause.BOT and not closing:
             cause = CloseCause.UNKNOWN  # our close order, though no close is in flight: do not claim it
         logger.info("{} {} {}: closed while the stream did not say so; closing fill {} ({})", position.account,
                     position.symbol, position.id, fill.order_id, cause)

@@ -69,6 +69,7 @@ class ServiceConfig:
     grace_ms: int = 5000  # reconciliation: our own activity on a position this recent defers an absence
     untracked: str = "alert"  # positions nobody tracks: "alert" (record, touch nothing) or "adopt"
     phantom_after_s: float = 60.0  # a REST-only absence (no fill, no live stream for it) this long: PHANTOM
+    stream_doubt_s: float = 30.0  # REST lacks what the live stream shows, no fill: resubscribe after this long
     recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
     ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
     shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
@@ -89,6 +90,8 @@ class ServiceConfig:
             raise ValueError(f"untracked must be 'alert' or 'adopt', got {self.untracked!r}")
         if not self.storage_timeout_s > 0:
             raise ValueError(f"storage_timeout_s must be > 0, got {self.storage_timeout_s}")
+        if not self.stream_doubt_s > 0:
+            raise ValueError(f"stream_doubt_s must be > 0, got {self.stream_doubt_s}")
         for name in ("grace_ms", "recovery_retry_s", "ready_timeout_s", "shutdown_drain_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -178,7 +181,8 @@ class Service:
                              "unreachable; still trying, nothing is sent meanwhile", account.name,
                              self.config.ready_timeout_s, attempt)
         runtime.reconciler = Reconciler(runtime.live, grace_ms=self.config.grace_ms, untracked=self.config.untracked,
-                                        phantom_after_s=self.config.phantom_after_s).attach()
+                                        phantom_after_s=self.config.phantom_after_s,
+                                        stream_doubt_s=self.config.stream_doubt_s).attach()
         await runtime.live.recover(retry_s=self.config.recovery_retry_s)
         runtime.scheduler = await ReconciliationScheduler(runtime.live, runtime.reconciler,
                                                           self.config.schedule).start()

@@ -140,6 +140,9 @@ class ReconcileSettings(_Strict):
     grace_ms: int = Field(default=5000, ge=0, le=600_000)
     untracked: Literal["alert", "adopt"] = "alert"
     phantom_after_s: float = Field(default=60.0, ge=0, le=86400)  # REST-only absence this long: PHANTOM
+    # REST (confirmed) lacks a position the live stream still shows, with no fill to prove a close: after this
+    # long the stream is resubscribed (a silent wedge), and its fresh snapshot decides
+    stream_doubt_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class ApiSettings(_Strict):
@@ -245,6 +248,7 @@ def service_config(settings: Settings) -> ServiceConfig:
                          live=settings.live_config(), schedule=settings.schedule_config(),
                          grace_ms=settings.reconcile.grace_ms, untracked=settings.reconcile.untracked,
                          phantom_after_s=settings.reconcile.phantom_after_s,
+                         stream_doubt_s=settings.reconcile.stream_doubt_s,
                          shutdown_drain_s=settings.shutdown_drain_s, storage_timeout_s=settings.storage_timeout_s,
                          records_retention_days=settings.records.retention_days, api=api,
                          trailing_activation_pct=settings.trailing.activation_pct,

@@ -679,7 +679,7 @@ def _order_json(o: SimOrder, *, listing: bool = False) -> dict[str, Any]:
     """An order as Binance answers it: listings (openOrders, GET order) carry `time` and no `cumQty`;
     new and cancel answers the other way round."""
     body: dict[str, Any] = {
-        "orderId": o.order_id, "symbol": o.symbol, "status": o.status, "clientOrderId": o.client_id,
+        "orderId": o.order_id, "symbol": o.symbol, "status": o.shown_status, "clientOrderId": o.client_id,
         "price": fmt(o.price), "avgPrice": fmt(o.avg), "origQty": fmt(o.qty), "executedQty": fmt(o.filled),
         "cumQuote": fmt(o.filled * o.avg), "timeInForce": "GTC", "type": o.type,
         "reduceOnly": o.reduce_only, "closePosition": False, "side": o.side, "positionSide": "BOTH",

@@ -93,6 +93,12 @@ class SimOrder:
     realized: D = ZERO
     account: str = ""
 
+    @property
+    def shown_status(self) -> str:
+        """`status` as Binance shows it: a working order with fills is PARTIALLY_FILLED (kept NEW here, for
+        the open-order lists and cancels)."""
+        return "PARTIALLY_FILLED" if self.status == "NEW" and self.filled > 0 else self.status
+
 
 @dataclass
 class SimAlgo:
@@ -356,9 +362,24 @@ class Venue:
 
     # --- fills -----------------------------------------------------------------------------------
 
-    def _fill(self, account: Account, order: SimOrder, price: D) -> None:
+    def fill_partially(self, account: Account, order_id: int, quantity: D) -> SimOrder:
+        """Fill part of a resting LIMIT order at its price (another trader took that much of it): the order
+        stays NEW (PARTIALLY_FILLED on Binance) with the rest working, as a fill update with x=TRADE says."""
+        order = account.orders.get(order_id)
+        if order is None or order.status != "NEW" or order.type != "LIMIT":
+            raise SimError(*ERR_UNKNOWN_ORDER)
+        step = self.spec(order.symbol).step
+        quantity = quantity.quantize(step, rounding=ROUND_DOWN)
+        if not ZERO < quantity < order.qty - order.filled:
+            raise SimError(*ERR_BAD_PARAM)
+        self._fill(account, order, order.price, quantity)
+        return order
+
+    def _fill(self, account: Account, order: SimOrder, price: D, quantity: D | None = None) -> None:
+        """Fill `quantity` of the order (all that is left when None) at `price`."""
         pos = self.position(account, order.symbol)
-        signed = order.qty if order.side == "BUY" else -order.qty
+        this = order.qty - order.filled if quantity is None else quantity
+        signed = this if order.side == "BUY" else -this
         realized = ZERO
         if pos.amount == 0 or (pos.amount > 0) == (signed > 0):  # open or add
             new_amount = pos.amount + signed
@@ -374,16 +395,21 @@ class Venue:
                 pos.entry = ZERO
             elif remainder > 0:
                 pos.entry = price
-        fee = (price * order.qty * TAKER_FEE).quantize(D("0.00000001"))
+        fee = (price * this * TAKER_FEE).quantize(D("0.00000001"))
         pos.realized += realized
         pos.updated = now_ms()
         account.wallet += realized - fee
-        order.status, order.filled, order.avg, order.update, order.realized = "FILLED", order.qty, price, now_ms(), realized
+        order.avg = (order.avg * order.filled + price * this) / (order.filled + this)
+        order.filled += this
+        order.realized += realized
+        order.update = now_ms()
+        if order.filled >= order.qty:
+            order.status = "FILLED"
         account.trades.append(SimTrade(next(self._trade_ids), order.order_id, order.symbol, order.side, price,
-                                       order.qty, realized, fee, now_ms()))
+                                       this, realized, fee, now_ms()))
         # Binance order: ACCOUNT_UPDATE with the new position first, then the fill's ORDER_TRADE_UPDATE.
         self._emit(account, self._account_update(account, order.symbol, "ORDER"))
-        self._emit_order(account, order, "TRADE", order.qty, price, fee=fee)
+        self._emit_order(account, order, "TRADE", this, price, fee=fee)
         if pos.amount == 0 and not self.keep_stops_when_flat:
             for algo in [a for a in account.algos.values() if a.symbol == order.symbol and a.status == "NEW"
                          and (a.reduce_only or a.close_position)]:
@@ -421,7 +447,7 @@ class Venue:
             "o": {
                 "s": order.symbol, "c": order.client_id, "S": order.side, "o": order.type, "f": "GTC",
                 "q": fmt(order.qty), "p": fmt(order.price), "ap": fmt(order.avg), "sp": fmt(order.stop_price),
-                "x": execution, "X": order.status, "i": order.order_id, "l": fmt(last_qty), "z": fmt(order.filled),
+                "x": execution, "X": order.shown_status, "i": order.order_id, "l": fmt(last_qty), "z": fmt(order.filled),
                 "L": fmt(last_price), "N": "USDT", "n": fmt(fee), "T": ts, "t": next(self._trade_ids) if last_qty else 0,
                 "b": "0", "a": "0", "m": False, "R": order.reduce_only, "wt": "CONTRACT_PRICE",
                 "ot": order.orig_type or order.type, "ps": "BOTH", "cp": False, "rp": fmt(order.realized),

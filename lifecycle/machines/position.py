@@ -124,7 +124,9 @@ def _close_failed(p: Position, e: Event, at: datetime) -> None:
 
 
 def _vanished(p: Position, e: Vanished, at: datetime) -> None:
-    p.close_cause = None  # decided by the destination: NOT_FOUND for a phantom, BOT for our close
+    # Confirmed absent and no closing fill found: PHANTOM, or CLOSED when we were closing it (our close may
+    # well have done it, but nothing shows it did: not claimed as the bot's).
+    p.close_cause = CloseCause.NOT_FOUND
 
 
 EFFECTS: dict[PositionEvent, Callable[[Position, Any, datetime], None]] = {

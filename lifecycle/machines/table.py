@@ -76,7 +76,7 @@ TABLE: tuple[Edge, ...] = (
     # Our close order may fill in parts.
     Edge(S.CLOSING_BY_BOT, E.REDUCED, S.CLOSING_BY_BOT, (has_remaining_quantity,), "close order partly filled"),
     # Confirmed absence while our close is in flight is our close landing, not a phantom.
-    Edge(S.CLOSING_BY_BOT, E.VANISHED, S.CLOSED, (is_absence_proven,), "our close landed; REST saw it first"),
+    Edge(S.CLOSING_BY_BOT, E.VANISHED, S.CLOSED, (is_absence_proven,), "confirmed absent, no closing fill: cause not_found"),
     # A rejected close returns to where the close was requested from.
     Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.OPEN, (was_open_before_close,), "position still there; retried per policy"),
     Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.TS_ACTIVE, (was_trailing_before_close,), "position still there; retried per policy"),
