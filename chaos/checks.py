@@ -247,6 +247,8 @@ def judge(run: Run) -> Verdict:
         if row is None or not row.get("cause"):
             v.append(Violation(8, f"{p.id} ({p.state.value}) has no closure row with a cause: {row}"))
     checks[8] += 1
+    if run.stored_secret:
+        v.append(Violation(8, "an API key or secret is stored in the database's files"))
     for secret in run.secrets:
         if secret and secret in run.output:
             v.append(Violation(8, "a secret appears in the service's output or records",

@@ -138,6 +138,7 @@ async def run_schedule(schedule: Schedule, env: Env) -> dict[str, Any]:
             unprotected_max=max([(i.end or run.clear_at) - i.start for i in run.ledger.intervals] or [0.0]))
         if verdict.violations:
             result["output_tail"] = run.output[-6000:]
+            result["venue"] = run.venue[-60:]
     except Exception as e:  # the harness itself failed: reported as such, never as a pass
         result.update(violations=[{"invariant": 0, "text": f"harness error: {type(e).__name__}: {e}\n"
                                                               + traceback.format_exc()[-3000:]}],
@@ -296,6 +297,9 @@ def _failure_text(result: dict[str, Any]) -> str:
         lines.append(result["timeline"])
     for v in result.get("violations", []):
         lines.append(v["text"])
+    if result.get("venue"):
+        lines.append("  the venue's orders for the account at the end:")
+        lines += [f"    {line}" for line in result["venue"]]
     if result.get("kept"):
         lines.append(f"  files kept in {result['kept']}")
     return "\n".join(lines)

@@ -107,9 +107,63 @@ class Schedule:
                         self.kill_at_ms, self.length_ms, self.notes)
 
 
-def _weighted(rng: random.Random, table: dict[str, int]) -> str:
+class Chooser:
+    """Where a schedule's choices come from: `random.Random(seed)` (seeded mode) or hypothesis' `draw`."""
+
+    def integer(self, low: int, high: int) -> int: ...
+    def choice(self, options: list[Any]) -> Any: ...
+    def unit(self) -> float: ...  # in [0, 1)
+    def chance(self, p: float) -> bool: ...
+    def many(self, low: int, high: int, make: Any) -> list[Any]: ...
+
+
+class _Seeded(Chooser):
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def integer(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+    def choice(self, options: list[Any]) -> Any:
+        return self.rng.choice(options)
+
+    def unit(self) -> float:
+        return self.rng.random()
+
+    def chance(self, p: float) -> bool:
+        return self.rng.random() < p
+
+    def many(self, low: int, high: int, make: Any) -> list[Any]:
+        return [make(self) for _ in range(self.rng.randint(low, high))]
+
+
+class _Drawn(Chooser):
+    """Every choice a hypothesis draw: integers shrink to their low end, lists to fewer elements, `chance`
+    to False, `choice` to the first option."""
+
+    def __init__(self, draw: Any) -> None:
+        self.draw = draw
+
+    def integer(self, low: int, high: int) -> int:
+        return int(self.draw(st.integers(low, high)))
+
+    def choice(self, options: list[Any]) -> Any:
+        return self.draw(st.sampled_from(options))
+
+    def unit(self) -> float:
+        return int(self.draw(st.integers(0, 999))) / 1000
+
+    def chance(self, p: float) -> bool:
+        return int(self.draw(st.integers(0, 999))) >= round(1000 * (1 - p))
+
+    def many(self, low: int, high: int, make: Any) -> list[Any]:
+        element = st.composite(lambda draw: make(_Drawn(draw)))()
+        return list(self.draw(st.lists(element, min_size=low, max_size=high)))
+
+
+def _weighted(rng: Chooser, table: dict[str, int]) -> str:
     total = sum(table.values())
-    pick = rng.randint(1, total)
+    pick = rng.integer(1, total)
     for kind, weight in table.items():
         pick -= weight
         if pick <= 0:
@@ -117,26 +171,26 @@ def _weighted(rng: random.Random, table: dict[str, int]) -> str:
     raise AssertionError("unreachable")
 
 
-def _pct(rng: random.Random, low: float, high: float) -> str:
+def _pct(rng: Chooser, low: float, high: float) -> str:
     """A percentage as a short decimal string (readable timelines, exact Decimals later)."""
-    return f"{low + (high - low) * rng.random():.2f}"
+    return f"{low + (high - low) * rng.unit():.2f}"
 
 
-def _open_args(rng: random.Random, symbol: str) -> tuple[tuple[str, Any], ...]:
+def _open_args(rng: Chooser, symbol: str) -> tuple[tuple[str, Any], ...]:
     args: list[tuple[str, Any]] = [("symbol", symbol), ("side", rng.choice(["long", "short"])),
                                    ("stop_pct", _pct(rng, 0.3, 2.0))]
     entry = rng.choice(["market", "market", "limit"])
     args.append(("entry", entry))
     if entry == "limit":  # below the mark for a long (rests), or marketable now and then
         args.append(("limit_pct", _pct(rng, -0.2, 0.6)))
-    if rng.random() < 0.5:
+    if rng.chance(0.5):
         args += [("activation_pct", _pct(rng, 0.05, 0.8)), ("callback_pct", _pct(rng, 0.2, 1.0))]
-    if rng.random() < 0.3:
+    if rng.chance(0.3):
         args.append(("tp_pct", _pct(rng, 0.3, 2.0)))
     return tuple(args)
 
 
-def _step_args(rng: random.Random, kind: str, symbols: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+def _step_args(rng: Chooser, kind: str, symbols: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
     symbol = rng.choice(list(symbols))
     if kind in {"open", "open_twice", "reopen"}:
         return _open_args(rng, symbol)
@@ -149,7 +203,7 @@ def _step_args(rng: random.Random, kind: str, symbols: tuple[str, ...]) -> tuple
         return (("symbol", symbol), ("beyond_pct", _pct(rng, 0.0, 0.5)))
     if kind == "spike":
         return (("symbol", symbol), ("pct", rng.choice(["-", ""]) + _pct(rng, 0.5, 3.0)),
-                ("back_ms", rng.randint(20, 300)))
+                ("back_ms", rng.integer(20, 300)))
     if kind == "manual_open":
         return (("symbol", symbol), ("side", rng.choice(["long", "short"])))
     if kind == "flip":
@@ -161,12 +215,12 @@ def _step_args(rng: random.Random, kind: str, symbols: tuple[str, ...]) -> tuple
     if kind == "latency":
         return (("ms", rng.choice([50, 150, 400])),)
     if kind in {"timeouts", "http_5xx", "rate_limit", "ip_ban", "reject_orders"}:
-        return (("n", rng.randint(1, 6)),)
+        return (("n", rng.integer(1, 6)),)
     if kind == "lost_answers":
-        return (("n", rng.randint(1, 3)), ("on", rng.choice(["", "POST /fapi/v1/order", "POST /fapi/v1/algoOrder",
+        return (("n", rng.integer(1, 3)), ("on", rng.choice(["", "POST /fapi/v1/order", "POST /fapi/v1/algoOrder",
                                                              "DELETE /fapi/v1/algoOrder"])))
     if kind == "reject_stops":
-        return (("n", rng.randint(1, 4)),)
+        return (("n", rng.integer(1, 4)),)
     if kind == "delay_fills":
         return (("s", rng.choice(["0.3", "0.8"])),)
     if kind == "bad_frame":
@@ -175,29 +229,36 @@ def _step_args(rng: random.Random, kind: str, symbols: tuple[str, ...]) -> tuple
     return ()
 
 
-def generate(rng: random.Random, *, seed: int | None = None, kill: bool | None = None,
+def generate(rng: random.Random | Chooser, *, seed: int | None = None, kill: bool | None = None,
              database: str | None = None) -> Schedule:
-    """A schedule from a source of choices (`random.Random(seed)`, or hypothesis' recorded Random)."""
-    symbols = tuple(SYMBOLS[:rng.randint(1, len(SYMBOLS))])
-    length = rng.randint(300, 1800)
+    """A schedule from a source of choices (`random.Random(seed)`, or a hypothesis `Chooser`)."""
+    c = _Seeded(rng) if isinstance(rng, random.Random) else rng
+    symbols = tuple(SYMBOLS[:c.integer(1, len(SYMBOLS))])
+    length = c.integer(300, 1800)
     if database is None:
-        database = "postgres" if rng.random() < 0.2 else "sqlite"
+        database = "postgres" if c.chance(0.2) else "sqlite"
     if kill is None:
-        kill = rng.random() < 0.1
-    steps: list[Step] = [Step(rng.randint(0, 150), "open", _open_args(rng, symbol)) for symbol in symbols
-                         if rng.random() < 0.85]
-    weights = {"command": 6, "market": 5, "actor": 4, "venue fault": 5, "storage fault": 1}
-    for _ in range(rng.randint(1, 12)):
-        category = _weighted(rng, weights)
-        table = {k: v for k, v in CATEGORIES[category].items() if not (k == "pg_outage" and database != "postgres")}
-        kind = _weighted(rng, table)
-        at = rng.randint(0, length)
-        dur = rng.randint(100, 1200) if kind in WINDOWED else 0
+        kill = c.chance(0.1)
+    db = database
+    # Most schedules start with an open per symbol.
+    steps: list[Step] = []
+    for symbol in symbols:
+        if c.chance(0.85):
+            steps.append(Step(c.integer(0, 150), "open", _open_args(c, symbol)))
+
+    def one(c: Chooser) -> Step:
+        category = _weighted(c, {"command": 6, "market": 5, "actor": 4, "venue fault": 5, "storage fault": 1})
+        table = {k: v for k, v in CATEGORIES[category].items() if not (k == "pg_outage" and db != "postgres")}
+        kind = _weighted(c, table)
+        at = c.integer(0, length)
+        dur = c.integer(100, 1200) if kind in WINDOWED else 0
         if kind == "timeouts":
             dur = max(dur, 400)
-        steps.append(Step(at, kind, _step_args(rng, kind, symbols), dur))
+        return Step(at, kind, _step_args(c, kind, symbols), dur)
+
+    steps += c.many(1, 12, one)
     steps.sort(key=lambda s: (s.at_ms, s.kind))
-    kill_at = rng.randint(50, length) if kill else None
+    kill_at = c.integer(50, length) if kill else None
     return Schedule(seed, symbols, tuple(steps), database, kill_at, length)
 
 
@@ -211,5 +272,6 @@ def for_seed(seed: int, *, kill_every: int = 10, postgres_every: int = 5) -> Sch
 
 
 def schedules(*, kill: bool | None = False, database: str | None = "sqlite") -> st.SearchStrategy[Schedule]:
-    """Hypothesis strategy: every choice of `generate` is drawn by hypothesis, so failures shrink."""
-    return st.randoms(use_true_random=False).map(lambda rng: generate(rng, kill=kill, database=database))
+    """Hypothesis strategy: every choice of `generate` is a hypothesis draw (steps a list), so failures
+    shrink to fewer steps, smaller numbers and the first option of every choice."""
+    return st.composite(lambda draw: generate(_Drawn(draw), kill=kill, database=database))()

@@ -234,6 +234,8 @@ class Run:
     secrets: tuple[str, ...]
     restarts: int = 0
     notes: list[str] = field(default_factory=list)
+    venue: list[str] = field(default_factory=list)  # the account's orders as the venue ended them (evidence)
+    stored_secret: bool = False  # an API key or secret found in the database's files
 
 
 class WorldError(Exception):
@@ -571,9 +573,20 @@ market_silent_after_s = {t.market_silent_after_s}
         self.ledger.detach()
         records = _read_records(self.workdir / "records")
         output = self.handle.output() + json.dumps(records)
+        stored = b"".join(p.read_bytes() for p in self.workdir.glob("lifecycle.sqlite*"))
         return Run(s, self.tuning, self.ledger, t0, clear_at, self.windows, self.outcomes, self.applied, self.skipped,
                    self.closes, settled_in, problems, positions, journals, closures, trailing_left, records, output,
-                   (account.api_key, account.secret), self.restarts, self.notes)
+                   (account.api_key, account.secret), self.restarts, self.notes, self._venue_dump(),
+                   any(x.encode() in stored for x in (account.api_key, account.secret)))
+
+    def _venue_dump(self) -> list[str]:
+        account = self.account
+        lines = [f"position {symbol}: {p.amount}" for symbol, p in account.positions.items()]
+        lines += [f"order {o.client_id} {o.symbol} {o.side} {o.type} qty {o.qty} filled {o.filled} {o.status}"
+                  for o in account.orders.values()]
+        lines += [f"algo {a.client_id} {a.symbol} {a.side} {a.order_type} trigger {a.trigger} qty {a.qty} {a.status}"
+                  for a in account.algos.values()]
+        return lines
 
     async def _until(self, at: float) -> None:
         delay = at - time.time()

@@ -218,6 +218,13 @@ class Repository:
         async with self.engine.connect() as conn:
             return [_journal_from_row(r) for r in (await conn.execute(query)).all()]
 
+    async def closed_since(self, accounts: Sequence[str], since: datetime) -> list[str]:
+        """Ids of the positions of these accounts that ended at or after `since` (the closures index)."""
+        query = sa.select(closures.c.position_id).where(closures.c.account.in_(list(accounts)),
+                                                        closures.c.closed_at >= since)
+        async with self.engine.connect() as conn:
+            return [r[0] for r in (await conn.execute(query)).all()]
+
     async def closure(self, position_id: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(closures).where(closures.c.position_id == position_id))).first()

@@ -171,6 +171,21 @@ class JsonlRecords:
                  m.group("kind") == kind]
         return sorted(found)
 
+    def read_since(self, kind: str, day: date) -> list[dict[str, Any]]:
+        """The records of a kind in the files of `day` and later (after writing what is queued); a torn or
+        unreadable line is skipped."""
+        out: list[dict[str, Any]] = []
+        for path in self.files(kind):
+            m = _DATED.match(path.name)
+            if m is None or date.fromisoformat(m.group("day")) < day:
+                continue
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
     def read(self, kind: str) -> list[dict[str, Any]]:
         """Every record of a kind still kept, oldest first (after writing what is queued)."""
         out: list[dict[str, Any]] = []

@@ -27,6 +27,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,12 @@ from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
 from lifecycle.api import ClosureStats, ControlApi
 from lifecycle.books import Books
 from lifecycle.engine import Engine
+from lifecycle.events import from_payload
+from lifecycle.guards.cleanup import closure_of
 from lifecycle.live import LiveConfig, LiveEngine
 from lifecycle.reconcile import Reconciler
 from lifecycle.records import JsonlRecords
+from lifecycle.replay import replay
 from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
 
 
@@ -168,6 +172,7 @@ class Service:
         runtime = self.accounts[account.name] = AccountRuntime(account, exchange, engine)
         loaded = await engine.rehydrate([account.name])
         logger.info("{}: {} live position(s) loaded from the database", account.name, loaded)
+        await self._recover_closure_records(account.name)
         runtime.live = await LiveEngine(engine, exchange, account=account.name, symbols=list(account.symbols),
                                         config=self.config.live).start()
         attempt = 0
@@ -189,6 +194,30 @@ class Service:
         # Orders of ours left by a crash between a terminal commit and its cancellations (or placed and
         # never recorded) go now, not one orphan interval later.
         await runtime.scheduler.run_now("orphans")
+
+    async def _recover_closure_records(self, account: str, window: timedelta = timedelta(days=1)) -> int:
+        """A crash (SIGKILL, power) between a terminal commit and the writing of its closure record loses the
+        record, not the closure: the database has it. Closures of the last `window` without a record are
+        written now, rebuilt from the journal, marked `"recovered": true`."""
+        assert self.repo is not None and self.records is not None
+        since = datetime.now(timezone.utc) - window
+        ended = await self.repo.closed_since([account], since)
+        if not ended:
+            return 0
+        records = self.records
+        written = {r.get("position_id") for r in await asyncio.to_thread(records.read_since, "closure", since.date())}
+        missing = [pid for pid in ended if pid not in written]
+        for position_id in missing:
+            journal = await self.repo.journal(position_id)
+            position = await replay(journal)
+            last = journal[-1]
+            record = closure_of(position, from_payload(last.event, last.payload)).as_record()
+            record["recovered"] = True
+            records.emit(record)
+        if missing:
+            logger.warning("{}: {} closure record(s) lost in a crash were written again from the journal: {}",
+                           account, len(missing), missing)
+        return len(missing)
 
     async def _check_account(self, account: AccountConfig, exchange: CcxtExchange) -> None:
         """What cannot work stops the start with one line (exit 2): a key the venue refuses, no permission

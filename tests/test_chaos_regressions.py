@@ -1,0 +1,127 @@
+"""Defects the chaos schedules found: each seed that found one, replayed, and a focused test of each fix
+where the fault can be staged deterministically.
+
+The seeds run the real service through chaos/ (python -m chaos --replay SEED shows one); interleavings vary
+between runs, so a seed reproduces its defect on the unfixed code in a share of runs (README: chaos).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+
+from chaos.runner import _failure_text, run_many
+from exchange.sim.server import SimServer
+from lifecycle.domain import Side
+from lifecycle.errors import PositionConflict
+from lifecycle.live import OpenCommand
+from lifecycle.machines.states import PositionState as S
+from lifecycle.reconcile import Reconciler
+from lifecycle.records import JsonlRecords
+from lifecycle.service import Service
+from tests.crash_child import service_config
+from tests.livekit import Rig
+
+# seed -> the defect it found (fixed in the commit that added it here)
+REGRESSIONS = {
+    9: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
+    19: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
+    24: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
+    32: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
+    14: "a position that vanished while the bot closed it: claimed as the bot's close",
+    16: "a position that vanished while the bot closed it: claimed as the bot's close",
+    35: "two concurrent opens of one symbol (long and short) both passed the checks and netted on the venue",
+    49: "an entry cancel lost in a timeout: CLOSING_BY_BOT forever with the entry still working",
+    55: "a fill older than the position (the previous position's entry) taken as its closing fill",
+    70: "SIGKILL between a terminal commit and its closure record: the record was lost",
+    71: "another client's partial close while the stream was silent: size never reconciled, stop too big",
+    161: "an entry cancelled by the venue while the stream was down: OPENING forever",
+    364: "the stop filled while the bot closed: recorded as the bot's close (cause 'bot')",
+}
+
+
+async def test_the_seeds_that_found_defects_pass(tmp_path: Path) -> None:
+    summary = await run_many(sorted(REGRESSIONS), workers=2, keep=tmp_path / "failures")
+    assert len(summary.results) == len(REGRESSIONS)
+    failures = "\n\n".join(f"{REGRESSIONS.get(f.get('seed'), '?')}\n{_failure_text(f)}" for f in summary.failures)
+    assert not summary.failures, failures
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    r = await Rig(sim, sim.venue.add_account("chaos"), f"sqlite:///{tmp_path / 'live.sqlite'}",
+                  tmp_path / "records").start()
+    yield r
+    await r.stop()
+
+
+def _btc(side: Side) -> OpenCommand:
+    return OpenCommand("BTCUSDT", side, D("0.010"), stop_loss_pct=D(1))
+
+
+async def test_concurrent_opposite_opens_of_one_symbol_cannot_both_pass(rig: Rig) -> None:
+    """Seed 35: a long and a short of one symbol sent at once; one-way mode would net them to nothing."""
+    rig.sim.set_faults(rest_latency_ms=30)  # both are in flight together
+    assert rig.live is not None
+    results = await asyncio.gather(rig.live.open(_btc(Side.LONG)), rig.live.open(_btc(Side.SHORT)),
+                                   return_exceptions=True)
+    refused = [r for r in results if isinstance(r, PositionConflict)]
+    opened = [r for r in results if not isinstance(r, BaseException)]
+    assert len(refused) == 1 and len(opened) == 1, results
+    position = opened[0]
+    await rig.until(lambda: rig.state(position.id) is S.OPEN and rig.engine.positions[position.id].stop_price
+                    is not None)  # type: ignore[union-attr]
+    amount = rig.sim.venue.position(rig.account, "BTCUSDT").amount
+    assert amount == (D("0.010") if position.side is Side.LONG else D("-0.010"))
+
+
+async def test_a_reduction_the_stream_lost_is_taken_in_by_reconciliation(rig: Rig) -> None:
+    """Seed 71: another client closes part of our position while the private stream is silent; REST shows
+    the smaller size, reconciliation takes it in and the stop is resized to what is left."""
+    p = await rig.open(_btc(Side.LONG))
+    rig.sim.set_faults(ws_silent=True)
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.004"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    rig.sim.set_faults(ws_silent=False)
+    assert rig.live is not None and rig.engine is not None
+    assert rig.engine.positions[p.id].quantity == D("0.010")  # the stream said nothing
+    report = await Reconciler(rig.live, grace_ms=0).sync()
+    assert report.reduced == 1
+    await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.006")], what="stop resized")
+    assert rig.engine.positions[p.id].quantity == D("0.006")
+    assert (await rig.stored(p.id)).quantity == D("0.006")
+
+
+async def test_closure_records_lost_in_a_crash_are_written_at_the_next_start(sim: SimServer, tmp_path: Path) -> None:
+    """Seed 70: the terminal commit is in the database, the closure record never reached its file (SIGKILL
+    before the writer thread ran). The next start writes it from the journal, marked recovered."""
+    account = sim.venue.add_account("crash")
+    db, records_dir = f"sqlite:///{tmp_path / 'svc.sqlite'}", tmp_path / "records"
+    rig = await Rig(sim, account, db, records_dir).start()
+    try:
+        p = await rig.open(_btc(Side.LONG))
+        sim.venue.force_close(account, "BTCUSDT", "liquidation")
+        await rig.ended(p.id)
+    finally:
+        await rig.stop()
+    for path in records_dir.glob("closure-*.jsonl"):
+        path.unlink()  # what a SIGKILL before the write leaves
+    service = await Service(service_config(sim.ccxt_urls(), account.api_key, account.secret, db, records_dir,
+                                           ["BTCUSDT"])).start()
+    await service.stop()
+    closures = JsonlRecords(records_dir).read("closure")
+    assert [(c["position_id"], c["cause"], c["recovered"]) for c in closures] == [(p.id, "liquidation", True)]
+    service = await Service(service_config(sim.ccxt_urls(), account.api_key, account.secret, db, records_dir,
+                                           ["BTCUSDT"])).start()
+    await service.stop()
+    assert len(JsonlRecords(records_dir).read("closure")) == 1  # written once, not at every start
