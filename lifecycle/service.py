@@ -161,7 +161,7 @@ class Service:
 
     async def _start_account(self, account: AccountConfig) -> None:
         assert self.repo is not None and self.records is not None
-        exchange = await CcxtExchange(account.exchange).start()
+        exchange = await self._start_exchange(account)
         try:
             await self._check_account(account, exchange)
         except BaseException:
@@ -218,6 +218,22 @@ class Service:
             logger.warning("{}: {} closure record(s) lost in a crash were written again from the journal: {}",
                            account, len(missing), missing)
         return len(missing)
+
+    async def _start_exchange(self, account: AccountConfig) -> CcxtExchange:
+        """The exchange client, its markets loaded. A venue that answers 5xx, 429 or nothing at all is waited
+        for (a service restarted during an outage must come up when the venue does, not exit)."""
+        index = self.config.accounts.index(account)
+        attempt = 0
+        while True:
+            try:
+                return await CcxtExchange(account.exchange).start()
+            except xerr.Fatal as e:
+                raise StartError(f"accounts.{index} ({account.name}): {e}") from None
+            except xerr.Retryable as e:
+                attempt += 1
+                logger.error("{}: cannot load the exchange's markets ({}); retry {} in {} s", account.name, e,
+                             attempt, self.config.recovery_retry_s)
+                await asyncio.sleep(self.config.recovery_retry_s)
 
     async def _check_account(self, account: AccountConfig, exchange: CcxtExchange) -> None:
         """What cannot work stops the start with one line (exit 2): a key the venue refuses, no permission

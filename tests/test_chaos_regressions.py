@@ -40,6 +40,7 @@ REGRESSIONS = {
     71: "another client's partial close while the stream was silent: size never reconciled, stop too big",
     161: "an entry cancelled by the venue while the stream was down: OPENING forever",
     364: "the stop filled while the bot closed: recorded as the bot's close (cause 'bot')",
+    660: "a 429 while the restarted service loaded the markets: it exited with a traceback instead of waiting",
 }
 
 
@@ -125,3 +126,16 @@ async def test_closure_records_lost_in_a_crash_are_written_at_the_next_start(sim
                                            ["BTCUSDT"])).start()
     await service.stop()
     assert len(JsonlRecords(records_dir).read("closure")) == 1  # written once, not at every start
+
+
+async def test_a_venue_answering_429_and_5xx_at_start_is_waited_for(sim: SimServer, tmp_path: Path) -> None:
+    """Seed 660: the service restarted while the venue rate-limits; it must come up when the venue answers."""
+    account = sim.venue.add_account("start")
+    sim.set_faults(rate_limit=2, http_5xx=2)  # the first four calls: loading the markets, then checking
+    service = await Service(service_config(sim.ccxt_urls(), account.api_key, account.secret,
+                                           f"sqlite:///{tmp_path / 'svc.sqlite'}", tmp_path / "records",
+                                           ["BTCUSDT"])).start()
+    try:
+        assert service.started and sim.faults.rate_limit == 0 and sim.faults.http_5xx == 0
+    finally:
+        await service.stop()
