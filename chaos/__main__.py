@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=int, default=10, help="every Nth seed kills the service process")
     parser.add_argument("--report", type=Path, help="write the results and the coverage as JSON here")
     parser.add_argument("--matrix", type=Path, help="write the coverage matrix (Markdown) here")
+    parser.add_argument("--log", type=Path, help="append every result here as a JSON line, as it comes")
     parser.add_argument("--shrink", action="store_true", help="shrink the first failing schedule")
     parser.add_argument("--replay", type=int, help="run the schedule of this seed, print its timeline and verdict")
     parser.add_argument("--times", type=int, default=1, help="with --replay: how many times (reproduction rate)")
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return explore(args.hypothesis)
 
     seeds = list(range(args.seed, args.seed + args.schedules))
-    summary = asyncio.run(run_many(seeds, workers=args.workers, kill_every=args.kill_every, progress=True))
+    summary = asyncio.run(run_many(seeds, workers=args.workers, kill_every=args.kill_every, progress=True,
+                                   log=args.log))
     print(summary.matrix())
     for failure in summary.failures:
         print()

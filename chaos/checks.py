@@ -112,7 +112,11 @@ def judge(run: Run) -> Verdict:
     stored = {p.id: p for p in run.positions}
 
     # --- the books agree with the venue once the faults cleared (tests.invariants) ----------------------
-    checks[3] += 1
+    # What that examined: each order of ours the venue ever had (duplicates, orphans), each venue position
+    # (one stop at the recorded price and size), each stored position against the venue (and its journal).
+    checks[2] += sum(1 for line in run.venue if line.startswith(("order lc-", "algo lc-")))
+    checks[1] += sum(1 for line in run.venue if line.startswith("position ") and not line.endswith(": 0"))
+    checks[3] += 1 + len(run.positions)
     for problem in run.venue_problems:
         invariant = (2 if any(w in problem for w in ("orphan", "still working", "take-profit", "used", "entries"))
                      else 6 if "journal" in problem else 1 if "stop" in problem else 3)

@@ -235,7 +235,9 @@ class Summary:
 
 
 async def run_many(seeds: list[int], *, workers: int = 2, keep: Path | None = None, kill_every: int = 10,
-                   progress: bool = False) -> Summary:
+                   progress: bool = False, log: Path | None = None) -> Summary:
+    """`log`: every result is appended there as one JSON line as it comes (a long soak stopped early keeps
+    what it ran)."""
     keep = keep or Path(tempfile.gettempdir()) / "chaos-failures"
     summary = Summary()
     started = time.monotonic()
@@ -261,6 +263,9 @@ async def run_many(seeds: list[int], *, workers: int = 2, keep: Path | None = No
                 summary.workers.append(item)
                 continue
             summary.results.append(item)
+            if log is not None:
+                with open(log, "a", encoding="utf-8") as out:
+                    out.write(json.dumps(item, default=str) + "\n")
             if progress and (len(summary.results) % 50 == 0 or item.get("violations")):
                 elapsed = time.monotonic() - started
                 print(f"  {len(summary.results)}/{len(seeds)} schedules, {len(summary.failures)} failing, "

@@ -102,6 +102,7 @@ class Ledger:
     anomalies: list[str] = field(default_factory=list)
     _amount: dict[str, D] = field(default_factory=dict)
     _open_interval: dict[str, Interval] = field(default_factory=dict)  # symbol -> its running interval
+    _foreign_by: dict[str, str | None] = field(default_factory=dict)  # symbol -> the order that opened it
 
     def __post_init__(self) -> None:
         self.sim.venue.user_listeners.append(self.on_event)
@@ -146,10 +147,17 @@ class Ledger:
                 self.opened.setdefault(parsed.position_id, now)
             else:
                 self.owner[symbol] = "foreign"
+                self._foreign_by[symbol] = client_id
             return
         if before != 0 and (after == 0 or (after > 0) != (before > 0)):
             if owner not in (None, "foreign"):
                 self.flattened[owner] = Flatten(owner, symbol, now, client_id, flipped=after != 0)
+            elif owner == "foreign" and parsed is not None and parsed.purpose is OrderPurpose.ENTRY:
+                # Our entry met someone else's opposite position (opened while ours was on its way): netted,
+                # ours never stood alone; it ended by that order, as far as anyone can tell.
+                self.opened.setdefault(parsed.position_id, now)
+                self.flattened[parsed.position_id] = Flatten(parsed.position_id, symbol, now,
+                                                             self._foreign_by.get(symbol))
             if after == 0:
                 self.owner[symbol] = None
             elif parsed is not None and parsed.purpose is OrderPurpose.ENTRY:

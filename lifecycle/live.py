@@ -1300,9 +1300,10 @@ class LiveEngine:
             except asyncio.TimeoutError:
                 pass
 
-    async def take_reduction(self, position_id: str, snap: PositionSnapshot) -> None:
-        """A reduction seen on REST only (reconciliation): taken in as the stream's would have been."""
-        await self._on_reduced(position_id, snap)
+    def take_reduction(self, position_id: str, snap: PositionSnapshot) -> None:
+        """A reduction seen on REST only (reconciliation): taken in as the stream's would have been, in the
+        background (its cause wait must not hold up the reconciliation pass)."""
+        self._spawn(self._on_reduced(position_id, snap), f"reduction of {position_id}")
 
     async def _on_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
         position = self.engine.positions.get(position_id)
@@ -1534,6 +1535,20 @@ class LiveEngine:
                         self._spawn(self._request_stop(position_id, None, None, "sync"), f"stop check of {position_id}")
                     return self._stop_failed(position, target, mode, e)
                 await asyncio.sleep(self.config.retry_backoff_s * (attempt + 1))
+                # The attempt may have landed (a lost answer): that is the answer, never a second order.
+                found = await self._open_order_by_client_id(symbol, client_id)
+                current = self.engine.positions.get(position_id)
+                if current is None or current.state not in PROTECTED or self._is_flat(current):
+                    # Ended (or closing, or flat) during the wait: no stop for it now; one that landed is
+                    # cancelled rather than left to act on the symbol's next position.
+                    if found is not None:
+                        await self._cancel_quietly(OrderRef(client_id, position_id, symbol, OrderPurpose.STOP,
+                                                            _exit_side(side), quantity, OrderStatus.OPEN, target,
+                                                            found.exchange_order_id, found.algo_id))
+                    return "skipped"
+                if found is not None and found.trigger_price == target and found.quantity == quantity:
+                    answer = found
+                    break
             except xerr.ExchangeError as e:
                 return self._stop_failed(position, target, mode, e)
         if fallback:

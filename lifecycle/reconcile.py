@@ -182,7 +182,7 @@ class Reconciler:
         logger.warning("{} {} {}: the exchange holds {}, we recorded {}: a reduction the stream did not deliver",
                        live.account, position.symbol, position.id, abs(again[0].amount), current.quantity)
         report.reduced += 1
-        await live.take_reduction(position.id, again[0])
+        live.take_reduction(position.id, again[0])
 
     async def _untracked(self, snap: PositionSnapshot, report: SyncReport) -> None:
         """A position on the exchange that nobody here tracks (opened by hand, or before a crash)."""

@@ -41,6 +41,8 @@ REGRESSIONS = {
     161: "an entry cancelled by the venue while the stream was down: OPENING forever",
     364: "the stop filled while the bot closed: recorded as the bot's close (cause 'bot')",
     660: "a 429 while the restarted service loaded the markets: it exited with a traceback instead of waiting",
+    100094: "a stop placement whose answer was lost was sent again after the position had ended: a second stop "
+            "under the same client id, working on the symbol's next position until the cleanup caught it",
 }
 
 
