@@ -1016,6 +1016,19 @@ class LiveEngine:
                     await self._close(position_id, reason)
             return
         await self._protect_initial(position_id)
+        self._flat_while_opening(position_id)
+
+    def _flat_while_opening(self, position_id: str) -> None:
+        """A flat the stream showed while the position was still OPENING (a liquidation right at the fill)
+        was not acted on then: once the fill is taken in, the newest position update decides."""
+        position = self.engine.positions.get(position_id)
+        entered = self._entry_at.get(position_id)
+        latest = self.live.get(position.symbol) if position is not None else None
+        if position is None or position.state not in FLATTENABLE or entered is None or latest is None or \
+                latest.at < entered:
+            return
+        if latest.amount == 0 or latest.side is not position.side:
+            self._spawn(self._on_flat(position_id, latest), f"flat of {position_id}")
 
     async def _protect_initial(self, position_id: str, *, close_if_unprotected: bool = True,
                                from_mark_if_crossed: bool = False, replace_unrecorded: bool = False) -> None:
@@ -1313,6 +1326,9 @@ class LiveEngine:
         remaining = abs(snap.amount)
         fill = await self._closing_fill(position, snap)
         order = fill.order if fill is not None else None
+        current = self.engine.positions.get(position_id)
+        if current is None or not 0 < remaining < current.quantity:
+            return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
         outcome = await self.engine.fire_if(position_id, Reduced(
             remaining=remaining, price=order.average_price if order else None,
             realized_pnl=order.realized_pnl if order else None, fee=order.fee if order else None),

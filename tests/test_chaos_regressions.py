@@ -15,7 +15,7 @@ import pytest
 
 from chaos.runner import _failure_text, run_many
 from exchange.sim.server import SimServer
-from lifecycle.domain import Side
+from lifecycle.domain import CloseCause, Side
 from lifecycle.errors import PositionConflict
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
@@ -41,6 +41,8 @@ REGRESSIONS = {
     161: "an entry cancelled by the venue while the stream was down: OPENING forever",
     364: "the stop filled while the bot closed: recorded as the bot's close (cause 'bot')",
     660: "a 429 while the restarted service loaded the markets: it exited with a traceback instead of waiting",
+    100396: "a reduction seen by the stream and by reconciliation: the second was refused by the guard (a crash)",
+    100607: "liquidated right at the entry fill, before the engine took the fill in: noticed only by REST (2.4 s)",
     100094: "a stop placement whose answer was lost was sent again after the position had ended: a second stop "
             "under the same client id, working on the symbol's next position until the cleanup caught it",
 }
@@ -141,3 +143,17 @@ async def test_a_venue_answering_429_and_5xx_at_start_is_waited_for(sim: SimServ
         assert service.started and sim.faults.rate_limit == 0 and sim.faults.http_5xx == 0
     finally:
         await service.stop()
+
+
+async def test_a_flat_before_the_entry_fill_was_taken_in_ends_the_position_from_the_stream(rig: Rig) -> None:
+    """Seed 100607: the entry's answer is lost and its fill update late; the position is liquidated before
+    the engine knows it is open. The stream showed the flat while it was OPENING; once the fill is taken
+    in, that flat ends it (no REST pass runs here: without the fix nothing would)."""
+    rig.sim.set_faults(lost_answers=1, lost_answers_on="POST /fapi/v1/order", delay_fill_updates_s=0.4)
+    assert rig.live is not None and rig.engine is not None
+    p = await rig.live.open(_btc(Side.LONG))
+    assert rig.state(p.id) is S.OPENING
+    await rig.until(lambda: rig.sim.venue.position(rig.account, "BTCUSDT").amount != 0)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "liquidation")
+    stored = await rig.ended(p.id, timeout=3.0)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.LIQUIDATION)
