@@ -19,6 +19,9 @@ from chaos.schedule import Schedule, schedules
 
 
 def explore(max_examples: int, *, kill: bool | None = False) -> int:
+    from loguru import logger
+
+    logger.remove()  # a failure's text carries the service's output
     scratch = Path(tempfile.mkdtemp(prefix="chaos-hyp-"))
     disk, why = mount_small_disk(scratch / "disk")
     base = scratch / "disk" if disk is not None else scratch

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -352,6 +353,8 @@ def _worker_main() -> None:
     parser.add_argument("--kill-every", type=int, default=10)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    # Stopped from outside (a soak cut short): unwind, so the tmpfs is unmounted and the database dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     asyncio.run(_worker(args.worker, seeds, args.keep, args.kill_every))
 
 
