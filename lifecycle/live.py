@@ -214,6 +214,7 @@ class LiveEngine:
         self._plans: dict[str, OpenCommand] = {}  # open commands whose initial stop is not placed yet
         self._open_locks: dict[str, asyncio.Lock] = {}  # symbol -> held from an open's checks to its live row
         self._placing: set[str] = set()  # positions whose entry is being sent (no answer yet)
+        self._reducing: dict[str, int] = {}  # positions with a reduction being taken in (how many)
         self._entry_lookups: set[str] = set()  # positions whose entry is being looked up by its client id
         self._entries_done: set[str] = set()
         self._entry_tasks: dict[str, asyncio.Task[Any]] = {}  # entry fills being taken in
@@ -573,6 +574,8 @@ class LiveEngine:
             await asyncio.sleep(min(max(self.config.retry_backoff_s, 0.05) * attempt, 30.0))
             if position_id in self._entries_done or position_id not in self.engine.positions:
                 return
+            if position_id in self._placing:
+                continue  # still being sent: "not found" now says nothing (its answer settles it)
             try:
                 found = await self.exchange.order_by_client_id(ref.symbol, ref.client_id)
             except OrderAlreadyGone:
@@ -602,6 +605,7 @@ class LiveEngine:
         * not on the exchange: marked missing; the attached Reconciler settles it with evidence (a closing
           fill ends it with its cause; REST alone never ends it);
         * CLOSING_BY_BOT: the close is resumed with the same client id (a duplicate is refused by the venue);
+          closed while still opening (nothing filled): its entry is cancelled, then looked up;
         * OPEN / TS_ACTIVE: stops of ours for the position that the database does not know (placed just
           before a crash) are taken into tracking, then a stop `sync` leaves exactly one working stop at
           the recorded price and size: a missing stop is placed again, duplicates are cancelled.
@@ -624,7 +628,11 @@ class LiveEngine:
             entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None)
             if position.state is S.OPENING or (position.state is S.CLOSING_BY_BOT and position.quantity == 0):
                 counts["opening"] += 1
-                if entry is not None:
+                if entry is not None and position.state is S.CLOSING_BY_BOT:
+                    # A close was asked for while it opened: its entry must not stay working (cancelled, then
+                    # looked up; what filled is closed).
+                    self._spawn(self._cancel_entry(position.id), f"entry cancel of {position.id}")
+                elif entry is not None:
                     self._spawn(self._find_entry(position.id, entry), f"entry lookup of {position.id}")
                 else:  # crashed between creating the position and recording its entry (or adopting it)
                     snap = next((p for p in positions if p.symbol == position.symbol and p.side is position.side),
@@ -799,40 +807,60 @@ class LiveEngine:
             allowed = PROTECTED
 
     async def _cancel_entry(self, position_id: str) -> None:
+        """Cancel the entry of a position being closed (or trimmed). An entry still on its way is waited for
+        first (a cancel that overtakes it finds nothing, and the entry lands afterwards). A cancel that is not
+        confirmed is sent again in the background (the caller, an API request or a stop, does not wait for
+        an outage); the entry is then looked up until its outcome is known."""
         position = self.engine.positions.get(position_id)
         entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None) \
             if position is not None else None
         if entry is None:
             return
-        attempt = 0
+        while position_id in self._placing and not self._stopped:
+            await asyncio.sleep(0.02)  # the send's own answer (or its timeout) comes first
         try:
-            while True:
-                try:
-                    await self.exchange.cancel_order(entry)
-                    return
-                except OrderAlreadyGone:  # filled meanwhile, or never arrived: its own state decides
-                    logger.info("{} {} {} entry already ended; its fill decides", self.account, entry.symbol,
-                                position_id)
-                    return
-                except xerr.Retryable as e:
-                    # Not cancelled as far as we know: a resting entry of a position being closed must not stay
-                    # working (it could fill later, unprotected), so the cancel is sent again, slower and slower.
-                    attempt += 1
-                    self.stats.exchange_errors += 1
-                    delay = min(max(self.config.retry_backoff_s, 0.05) * attempt, 30.0)
-                    logger.warning("{} {} {} entry cancel not confirmed ({}); again in {}s", self.account,
-                                   entry.symbol, position_id, _short(e), delay)
-                    await asyncio.sleep(delay)
-                    current = self.engine.positions.get(position_id)
-                    if current is None or current.state not in (S.OPENING, S.CLOSING_BY_BOT) or \
-                            position_id in self._entries_done:
-                        return
-        finally:
-            # The entry's outcome (cancelled, filled, or never arrived) ends the position or closes what
-            # filled; the stream usually says it, but a stream that is down must not leave it CLOSING_BY_BOT
-            # with nothing known filled: look the entry up until it is settled.
-            if position_id not in self._entries_done:
-                self._spawn(self._find_entry(position_id, entry), f"entry lookup of {position_id}", essential=True)
+            await self.exchange.cancel_order(entry)
+        except OrderAlreadyGone:  # filled meanwhile, or never arrived: its own state decides
+            logger.info("{} {} {} entry already ended; its fill decides", self.account, entry.symbol, position_id)
+        except xerr.Retryable as e:
+            self.stats.exchange_errors += 1
+            logger.warning("{} {} {} entry cancel not confirmed ({}); sending it again in the background",
+                           self.account, entry.symbol, position_id, _short(e))
+            self._spawn(self._cancel_entry_again(position_id, entry), f"entry cancel of {position_id}",
+                        essential=True)
+            return
+        self._settle_entry(position_id, entry)
+
+    async def _cancel_entry_again(self, position_id: str, entry: OrderRef) -> None:
+        """A resting entry of a position being closed must not stay working (it could fill later, without a
+        stop): the cancel is sent again, slower and slower, until it is confirmed or the entry has ended.
+        A stopping engine leaves it to restart recovery (which cancels the entry of a closing position)."""
+        attempt = 0
+        while not self._stopping:
+            attempt += 1
+            await asyncio.sleep(min(max(self.config.retry_backoff_s, 0.05) * attempt, 30.0))
+            current = self.engine.positions.get(position_id)
+            if current is None or current.state not in (S.OPENING, S.CLOSING_BY_BOT) or \
+                    position_id in self._entries_done:
+                return
+            try:
+                await self.exchange.cancel_order(entry)
+            except OrderAlreadyGone:
+                pass
+            except xerr.Retryable as e:
+                self.stats.exchange_errors += 1
+                logger.warning("{} {} {} entry cancel not confirmed ({}); again", self.account, entry.symbol,
+                               position_id, _short(e))
+                continue
+            self._settle_entry(position_id, entry)
+            return
+
+    def _settle_entry(self, position_id: str, entry: OrderRef) -> None:
+        """The entry's outcome (cancelled, filled, or never arrived) ends the position or closes what filled;
+        the stream usually says it, but a stream that is down must not leave it CLOSING_BY_BOT with nothing
+        known filled: look the entry up until it is settled."""
+        if position_id not in self._entries_done:
+            self._spawn(self._find_entry(position_id, entry), f"entry lookup of {position_id}", essential=True)
 
     async def _send_close(self, position_id: str) -> Exception | None:
         """Send the reduce-only close of a CLOSING_BY_BOT position; returns the rejection, else None."""
@@ -1313,12 +1341,32 @@ class LiveEngine:
             except asyncio.TimeoutError:
                 pass
 
-    def take_reduction(self, position_id: str, snap: PositionSnapshot) -> None:
+    def take_reduction(self, position_id: str, snap: PositionSnapshot) -> bool:
         """A reduction seen on REST only (reconciliation): taken in as the stream's would have been, in the
-        background (its cause wait must not hold up the reconciliation pass)."""
-        self._spawn(self._on_reduced(position_id, snap), f"reduction of {position_id}")
+        background (its cause wait must not hold up the reconciliation pass); not while one is being taken
+        (False then)."""
+        if position_id in self._reducing:
+            return False
+        self._reducing[position_id] = 0  # pending from now, not from when the task starts
+        if self._spawn(self._on_reduced(position_id, snap), f"reduction of {position_id}") is None:
+            del self._reducing[position_id]
+            return False
+        return True
+
+    def entry_time(self, position_id: str) -> datetime | None:
+        """When this position's entry filled, by the venue's clock (None: not known in this process)."""
+        return self._entry_at.get(position_id)
 
     async def _on_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
+        self._reducing[position_id] = self._reducing.get(position_id, 0) + 1
+        try:
+            await self._take_reduced(position_id, snap)
+        finally:
+            self._reducing[position_id] -= 1
+            if not self._reducing[position_id]:
+                del self._reducing[position_id]
+
+    async def _take_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
         position = self.engine.positions.get(position_id)
         if position is None:
             return

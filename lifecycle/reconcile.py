@@ -179,10 +179,16 @@ class Reconciler:
                  if s.symbol == position.symbol and s.side is position.side]
         if not again or not 0 < abs(again[0].amount) < current.quantity:
             return
-        logger.warning("{} {} {}: the exchange holds {}, we recorded {}: a reduction the stream did not deliver",
-                       live.account, position.symbol, position.id, abs(again[0].amount), current.quantity)
-        report.reduced += 1
-        live.take_reduction(position.id, again[0])
+        # REST may lag or answer a stale snapshot (seed 000): only an answer newer than what this position's
+        # entry and the stream have shown is a reduction they missed.
+        shown, entered, streamed = again[0].at, live.entry_time(position.id), live.live.get(position.symbol)
+        if (entered is not None and shown <= entered) or (streamed is not None and shown <= streamed.at):
+            return
+        if live.take_reduction(position.id, again[0]):
+            report.reduced += 1
+            logger.warning("{} {} {}: the exchange holds {}, we recorded {}: a reduction the stream did not "
+                           "deliver", live.account, position.symbol, position.id, abs(again[0].amount),
+                           current.quantity)
 
     async def _untracked(self, snap: PositionSnapshot, report: SyncReport) -> None:
         """A position on the exchange that nobody here tracks (opened by hand, or before a crash)."""

@@ -200,20 +200,32 @@ class Service:
         record, not the closure: the database has it. Closures of the last `window` without a record are
         written now, rebuilt from the journal, marked `"recovered": true`."""
         assert self.repo is not None and self.records is not None
-        since = datetime.now(timezone.utc) - window
-        ended = await self.repo.closed_since([account], since)
-        if not ended:
-            return 0
+        now = datetime.now(timezone.utc)
+        since = now - window
+        retention = self.config.records_retention_days
+        if retention is not None:  # files older than that are deleted: their closures are not "lost"
+            kept_from = datetime.combine(now.date() - timedelta(days=retention - 1), datetime.min.time(),
+                                         tzinfo=timezone.utc)
+            since = max(since, kept_from)
         records = self.records
-        written = {r.get("position_id") for r in await asyncio.to_thread(records.read_since, "closure", since.date())}
-        missing = [pid for pid in ended if pid not in written]
-        for position_id in missing:
-            journal = await self.repo.journal(position_id)
-            position = await replay(journal)
-            last = journal[-1]
-            record = closure_of(position, from_payload(last.event, last.payload)).as_record()
-            record["recovered"] = True
-            records.emit(record)
+        try:  # books, not protection: whatever fails here is said and the start goes on
+            ended = await self.repo.closed_since([account], since)
+            if not ended:
+                return 0
+            written = {r.get("position_id")
+                       for r in await asyncio.to_thread(records.read_since, "closure", since.date())}
+            missing = [pid for pid in ended if pid not in written]
+            for position_id in missing:
+                journal = await self.repo.journal(position_id)
+                position = await replay(journal)
+                last = journal[-1]
+                record = closure_of(position, from_payload(last.event, last.payload)).as_record()
+                record["recovered"] = True
+                records.emit(record)
+        except Exception as e:  # noqa: BLE001
+            logger.error("{}: closure records lost in a crash could not be checked: {}: {}", account,
+                         type(e).__name__, e)
+            return 0
         if missing:
             logger.warning("{}: {} closure record(s) lost in a crash were written again from the journal: {}",
                            account, len(missing), missing)

@@ -19,7 +19,7 @@ async def violations(sim: SimServer, account: Account, repo: Repository,
                      ignore_symbols: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Everything that is wrong, as sentences; an empty list when
 
-    * no order was duplicated: per position at most one entry filled, and no client id used twice;
+    * no order was duplicated: per position at most one entry filled, and no client id acted twice;
     * every position open on the venue is live in the database, in OPEN or TS_ACTIVE, with the venue's
       size, and has exactly one working stop of ours on the venue for that size, on the closing side, at
       the price the database records, and the database tracks exactly that stop;
@@ -37,18 +37,21 @@ async def violations(sim: SimServer, account: Account, repo: Repository,
     stored = {p.id: p for p in await repo.list_positions([account.name])}
     live = {p.id: p for p in await repo.load_live([account.name])}
 
+    # A client id names one logical order (derived from the position's journal sequence), so placing it
+    # again after a crash or a lost answer is how duplicates are refused. Sent again after its earlier order
+    # ended without acting (cancelled or expired by someone else) is fine; two that acted are a duplicate.
     uses: Counter[str] = Counter()
     entries_filled: Counter[str] = Counter()
     for order in account.orders.values():
         parsed = parse_client_id(order.client_id)
         if parsed is None:
             continue
-        if order.orig_type is None:  # placed by us, not by one of our stops triggering
+        if order.orig_type is None and order.filled > 0:  # placed by us (not a stop triggering), and it acted
             uses[order.client_id] += 1
         if parsed.purpose is OrderPurpose.ENTRY and order.filled > 0:
             entries_filled[parsed.position_id] += 1
     for algo in account.algos.values():
-        if parse_client_id(algo.client_id) is not None:
+        if parse_client_id(algo.client_id) is not None and algo.status in ("TRIGGERING", "TRIGGERED", "FINISHED"):
             uses[algo.client_id] += 1
     problems += [f"client id {cid} used {n} times" for cid, n in uses.items() if n > 1]
     problems += [f"position {pid}: {n} entries filled" for pid, n in entries_filled.items() if n > 1]
