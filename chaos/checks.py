@@ -143,6 +143,18 @@ def judge(run: Run) -> Verdict:
                                   f"(+{interval.start - run.t0:.3f}s..+{end - run.t0:.3f}s, {interval.reason}, "
                                   f"{what}); bound {allowed:.3f} s"))
 
+    # --- 2: no conditional order of ours for another position while one of ours holds the symbol ------------
+    for stray in ledger.strays:
+        checks[2] += 1
+        end = stray.end if stray.end is not None else run.clear_at + run.tuning.settle_s
+        fault_end = _fault_end(run, stray.start, end, bounds.lookback_s)
+        allowed = bounds.healthy_s if fault_end is None else (
+            max(fault_end, stray.start) + bounds.unprotected_after_fault_s - stray.start)
+        if stray.end is None or end - stray.start > allowed + 1e-3:
+            v.append(Violation(2, f"{stray.symbol}: {stray.reason} (not of {stray.position_id}, which holds the "
+                                  f"symbol) working from +{stray.start - run.t0:.3f}s for "
+                                  f"{end - stray.start:.3f} s; bound {allowed:.3f} s"))
+
     # --- 4 and 5: how each position ended ----------------------------------------------------------------
     for p in run.positions:
         truth = ledger.flattened.get(p.id)
@@ -210,7 +222,7 @@ def judge(run: Run) -> Verdict:
         if owner == "foreign":
             checks[4] += 1
             live = [p for p in run.positions if p.symbol == symbol and not p.state.is_terminal
-                    and p.id not in ledger.opened]
+                    and p.state is not S.OPENING and p.id not in ledger.opened]  # OPENING: its entry decides
             if live:
                 v.append(Violation(4, f"someone else's position on {symbol} is tracked as ours: "
                                       f"{[p.id for p in live]}"))

@@ -103,6 +103,8 @@ class Ledger:
     _amount: dict[str, D] = field(default_factory=dict)
     _open_interval: dict[str, Interval] = field(default_factory=dict)  # symbol -> its running interval
     _foreign_by: dict[str, str | None] = field(default_factory=dict)  # symbol -> the order that opened it
+    strays: list[Interval] = field(default_factory=list)  # stops of ours for another position than the holder
+    _stray_open: dict[str, Interval] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sim.venue.user_listeners.append(self.on_event)
@@ -110,10 +112,8 @@ class Ledger:
     def detach(self) -> None:
         with contextlib.suppress(ValueError):
             self.sim.venue.user_listeners.remove(self.on_event)
-        now = time.time()
         for interval in self._open_interval.values():
             interval.end = None  # still unprotected when the run ended: the checks say so
-        del now
 
     def on_event(self, account_name: str, event: dict[str, Any]) -> None:
         if account_name != self.account.name:
@@ -130,6 +130,7 @@ class Ledger:
                       "EXPIRED": "expired", "TRIGGERING": "triggered"}.get(status, "other")
         for symbol in self.symbols:
             self._check_protection(symbol, now, reason)
+            self._check_strays(symbol, now)
 
     def _on_trade(self, order: dict[str, Any], now: float) -> None:
         symbol = order["s"]
@@ -189,6 +190,23 @@ class Ledger:
     def our_stops(self, symbol: str, position_id: str) -> list[Any]:
         return [a for a in self.sim.venue.open_algos(self.account, symbol) if a.order_type == "STOP_MARKET"
                 and (p := parse_client_id(a.client_id)) is not None and p.position_id == position_id]
+
+    def _check_strays(self, symbol: str, now: float) -> None:
+        """A conditional order of ours for another position, working while a position of ours holds the
+        symbol: it could close the wrong position (interval, judged like an unprotected one)."""
+        owner = self.ours(symbol)
+        working = set()
+        if owner is not None:
+            for algo in self.sim.venue.open_algos(self.account, symbol):
+                parsed = parse_client_id(algo.client_id)
+                if parsed is not None and parsed.position_id != owner:
+                    working.add(algo.client_id)
+        for client_id in working - set(self._stray_open):
+            interval = Interval(owner or "", symbol, now, f"stray {client_id}")
+            self.strays.append(interval)
+            self._stray_open[client_id] = interval
+        for client_id in set(self._stray_open) - working:
+            self._stray_open.pop(client_id).end = now
 
     def _check_protection(self, symbol: str, now: float, reason: str) -> None:
         position_id = self.ours(symbol)

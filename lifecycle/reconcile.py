@@ -179,12 +179,13 @@ class Reconciler:
                  if s.symbol == position.symbol and s.side is position.side]
         if not again or not 0 < abs(again[0].amount) < current.quantity:
             return
-        # REST may lag or answer a stale snapshot (seed 000): only an answer newer than what this position's
-        # entry and the stream have shown is a reduction they missed.
-        shown, entered, streamed = again[0].at, live.entry_time(position.id), live.live.get(position.symbol)
-        if (entered is not None and shown <= entered) or (streamed is not None and shown <= streamed.at):
+        # REST may lag or answer a stale snapshot (seed 000): an answer older than this position's entry, or
+        # than a stream update showing another size, is not a reduction the stream missed.
+        snap, entered, streamed = again[0], live.entry_time(position.id), live.live.get(position.symbol)
+        if (entered is not None and snap.at <= entered) or (
+                streamed is not None and snap.at <= streamed.at and streamed.amount != snap.amount):
             return
-        if live.take_reduction(position.id, again[0]):
+        if live.take_reduction(position.id, snap):
             report.reduced += 1
             logger.warning("{} {} {}: the exchange holds {}, we recorded {}: a reduction the stream did not "
                            "deliver", live.account, position.symbol, position.id, abs(again[0].amount),

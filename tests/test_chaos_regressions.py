@@ -42,6 +42,9 @@ REGRESSIONS = {
     364: "the stop filled while the bot closed: recorded as the bot's close (cause 'bot')",
     660: "a 429 while the restarted service loaded the markets: it exited with a traceback instead of waiting",
     100396: "a reduction seen by the stream and by reconciliation: the second was refused by the guard (a crash)",
+    100450: "another client's partial close while the service was down (killed): after the restart the size "
+            "was never reconciled (the stale-snapshot guard compared with the resync's own REST snapshot)",
+    100510: "the same as 100450, on a short",
     100607: "liquidated right at the entry fill, before the engine took the fill in: noticed only by REST (2.4 s)",
     100094: "a stop placement whose answer was lost was sent again after the position had ended: a second stop "
             "under the same client id, working on the symbol's next position until the cleanup caught it",
