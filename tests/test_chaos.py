@@ -72,6 +72,8 @@ async def test_ci_schedules_break_no_invariant(tmp_path: Path, capsys: pytest.Ca
     assert len(summary.results) == SCHEDULES
     coverage = summary.coverage()
     assert coverage["killed"] >= SCHEDULES // 10
+    if os.environ.get("LIFECYCLE_REQUIRE_POSTGRES") == "1":  # CI: the PostgreSQL schedules must not fall back
+        assert coverage["databases"].get("postgres", 0) >= SCHEDULES // 5, summary.workers
     failures = "\n\n".join(_failure_text(f) for f in summary.failures)
     shrunk = ""
     first = next((f for f in summary.failures if f.get("seed") is not None), None)
