@@ -2,8 +2,8 @@
 
 1. protection: every position of ours on the venue has exactly one working stop of ours at the recorded
    price and size (after the settle period), and no position stays without a stop longer than its bound:
-   0 s after a cancel of ours (a move places first); `healthy_s` after an entry fill or a removal by the
-   venue while no fault is on; after a fault, the protection audit's bound from the moment the faults cleared;
+   0 s after a cancel of ours (a move places first); `unprotected_healthy_s` (2 s) after an entry fill or a
+   removal by the venue while no fault is on; after a fault, the protection audit's bound from the moment the faults cleared;
 2. orders: no working order of ours for a position that is terminal or gone, no order duplicated;
 3. books: every venue position of ours is a live row and every live row a venue position (after settling);
 4. causes: a bot close ends CLOSED, never CLOSED_EXTERNAL; an external close carries the true cause (the
@@ -49,7 +49,12 @@ STOP_CAUSES = {CloseCause.STOP_LOSS.value, CloseCause.TRAILING_STOP.value}
 
 @dataclass
 class Bounds:
-    healthy_s: float  # a close noticed, a stop put back, with nothing failing
+    healthy_s: float  # a close noticed and committed, with nothing failing
+    # A position without a stop, nothing failing: from the entry fill (its commit, up to the storage timeout,
+    # then the stop's round trip) or a removal by the venue (noticed, then put back). Typically 20 ms (p50)
+    # and 60 ms (p90) in the soak; 2 s leaves room for a loaded 2-core machine (a SQLite stall of a second
+    # was seen there with no fault on).
+    unprotected_healthy_s: float
     unprotected_after_fault_s: float  # the protection audit's bound, from the faults clearing
     close_after_fault_s: float  # fast sync + confirmation + cause lookup, from the faults clearing
     lookback_s: float = 1.0  # a fault that ended this recently still counts
@@ -61,6 +66,7 @@ class Bounds:
         audit = t.schedule.sync_interval_s
         return cls(
             healthy_s=1.0,
+            unprotected_healthy_s=2.0,
             # seen by the audit (every sync_interval_s), 1 s of grace, a repair; no repair for
             # unprotected_close_after_s: closed at market (a second or so with retries)
             unprotected_after_fault_s=audit + 1.0 + t.live.unprotected_close_after_s + 2.0,
@@ -133,7 +139,7 @@ def judge(run: Run) -> Verdict:
         length = end - interval.start
         fault_end = _fault_end(run, interval.start, end, bounds.lookback_s)
         if fault_end is None:
-            allowed = 0.0 if interval.reason == "own_cancel" else bounds.healthy_s
+            allowed = 0.0 if interval.reason == "own_cancel" else bounds.unprotected_healthy_s
             what = "no fault on"
         else:
             allowed = max(fault_end, interval.start) + bounds.unprotected_after_fault_s - interval.start
@@ -148,7 +154,7 @@ def judge(run: Run) -> Verdict:
         checks[2] += 1
         end = stray.end if stray.end is not None else run.clear_at + run.tuning.settle_s
         fault_end = _fault_end(run, stray.start, end, bounds.lookback_s)
-        allowed = bounds.healthy_s if fault_end is None else (
+        allowed = bounds.unprotected_healthy_s if fault_end is None else (
             max(fault_end, stray.start) + bounds.unprotected_after_fault_s - stray.start)
         if stray.end is None or end - stray.start > allowed + 1e-3:
             v.append(Violation(2, f"{stray.symbol}: {stray.reason} (not of {stray.position_id}, which holds the "
