@@ -136,6 +136,7 @@ async def run_schedule(schedule: Schedule, env: Env) -> dict[str, Any]:
             checks={str(k): n for k, n in verdict.checks.items()},
             applied=run.applied, skipped=run.skipped, settled_in=run.settled_in, restarts=run.restarts,
             commands={o.error_type or "ok": 1 for o in run.outcomes}, notes=notes + run.notes,
+            stalls=sum(1 for w in run.windows if w[2] == "stall"),
             unprotected_max=max([(i.end or run.clear_at) - i.start for i in run.ledger.intervals] or [0.0]))
         if verdict.violations:
             result["output_tail"] = run.output[-6000:]

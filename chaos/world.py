@@ -486,6 +486,7 @@ class World:
         self._activation: dict[str, D] = {}
         self._db_hook: Callable[..., None] | None = None
         self.restarts = 0
+        self.stalls = 0
 
     # --- setting up -------------------------------------------------------------------------------
 
@@ -578,6 +579,7 @@ market_silent_after_s = {t.market_silent_after_s}
         self.ledger = Ledger(self.sim, account, s.symbols)
         await self.handle.start()
         t0 = self.t0 = time.time()
+        stalls = asyncio.ensure_future(self._watch_stalls())
         try:
             driver = asyncio.ensure_future(self._drive())
             kill = asyncio.ensure_future(self._kill_later()) if s.kill_at_ms is not None else None
@@ -593,12 +595,15 @@ market_silent_after_s = {t.market_silent_after_s}
             settled_in, problems, repo = await self._settle(clear_at)
             positions, journals, closures, trailing_left = await self._books(repo)
         finally:
+            stalls.cancel()
             await self.handle.stop()
         if s.kill_at_ms is not None and repo is not None:
             await repo.close()
         self.ledger.detach()
         records = _read_records(self.workdir / "records")
         output = self.handle.output() + json.dumps(records)
+        if self.stalls:
+            self.notes.append(f"{self.stalls} stall(s) of this process over 0.25 s (counted as fault windows)")
         stored = b"".join(p.read_bytes() for p in self.workdir.glob("lifecycle.sqlite*"))
         return Run(s, self.tuning, self.ledger, t0, clear_at, self.windows, self.outcomes, self.applied, self.skipped,
                    self.closes, settled_in, problems, positions, journals, closures, trailing_left, records, output,
@@ -613,6 +618,18 @@ market_silent_after_s = {t.market_silent_after_s}
         lines += [f"algo {a.client_id} {a.symbol} {a.side} {a.order_type} trigger {a.trigger} qty {a.qty} {a.status}"
                   for a in account.algos.values()]
         return lines
+
+    async def _watch_stalls(self, tick_s: float = 0.05, stalled_s: float = 0.25) -> None:
+        """The machine itself stalling (a 2-core machine saturated by workers and service processes): a tick
+        this late means nobody in this process could act meanwhile. Such a stretch counts as a fault window
+        ("stall"): the bounds judge the engine's logic, not the machine's load."""
+        while True:
+            before = time.time()
+            await asyncio.sleep(tick_s)
+            late = time.time() - before - tick_s
+            if late > stalled_s:
+                self.windows.append((before, time.time(), "stall"))
+                self.stalls += 1
 
     async def _until(self, at: float) -> None:
         delay = at - time.time()

@@ -215,6 +215,7 @@ class LiveEngine:
         self._open_locks: dict[str, asyncio.Lock] = {}  # symbol -> held from an open's checks to its live row
         self._placing: set[str] = set()  # positions whose entry is being sent (no answer yet)
         self._reducing: dict[str, int] = {}  # positions with a reduction being taken in (how many)
+        self._close_found_flat: set[str] = set()  # our close refused as reduce-only: the position was already flat
         self._entry_lookups: set[str] = set()  # positions whose entry is being looked up by its client id
         self._entries_done: set[str] = set()
         self._entry_tasks: dict[str, asyncio.Task[Any]] = {}  # entry fills being taken in
@@ -881,6 +882,8 @@ class LiveEngine:
             except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
                 # The first try arrived, or the position is already gone: the stream's flat ends it.
                 logger.info("{} {} {} close {}: {}", self.account, position.symbol, position_id, client_id, _short(e))
+                if isinstance(e, xerr.ReduceOnlyRejected):
+                    self._close_found_flat.add(position_id)  # whatever flattened it, it was not this close
                 return None
             except xerr.Retryable as e:
                 # The order may have landed: never "failed", stay CLOSING_BY_BOT (the stop stays too) and
@@ -1230,7 +1233,9 @@ class LiveEngine:
                     source = "rest"
                     exit_price, order_id, realized, fee = rest_fill.price, rest_fill.order_id, \
                         rest_fill.realized_pnl, rest_fill.fee
-        if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN:
+        refused_flat = position_id in self._close_found_flat
+        self._close_found_flat.discard(position_id)
+        if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN and not refused_flat:
             cause, source = None, "none"  # our close is in flight, nothing else found: the state's default (bot)
         elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
             cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it

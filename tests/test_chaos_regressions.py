@@ -46,6 +46,8 @@ REGRESSIONS = {
             "was never reconciled (the stale-snapshot guard compared with the resync's own REST snapshot)",
     100510: "the same as 100450, on a short",
     100607: "liquidated right at the entry fill, before the engine took the fill in: noticed only by REST (2.4 s)",
+    102899: "a settlement flattened the position just before the bot asked to close it; our close was refused as "
+            "reduce-only (already flat) and REST was rate-limited: recorded as the bot's close",
     100094: "a stop placement whose answer was lost was sent again after the position had ended: a second stop "
             "under the same client id, working on the symbol's next position until the cleanup caught it",
 }
