@@ -115,7 +115,6 @@ def judge(run: Run) -> Verdict:
     checks: Counter[int] = Counter()
     bounds = Bounds.of(run)
     ledger = run.ledger
-    stored = {p.id: p for p in run.positions}
 
     # --- the books agree with the venue once the faults cleared (tests.invariants) ----------------------
     # What that examined: each order of ours the venue ever had (duplicates, orphans), each venue position

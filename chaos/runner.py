@@ -26,7 +26,7 @@ from typing import Any
 
 from loguru import logger
 
-from chaos.schedule import CATEGORY_OF, Schedule, for_seed
+from chaos.schedule import Schedule, for_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_DSN = os.environ.get("LIFECYCLE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -340,10 +340,6 @@ async def shrink(schedule: Schedule, *, budget_s: float = 120.0, tries: int = 2)
                     break
             index -= 1
     return current
-
-
-def category_of(kind: str) -> str:
-    return CATEGORY_OF.get(kind, "?")
 
 
 def _worker_main() -> None:

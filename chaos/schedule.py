@@ -40,7 +40,6 @@ VENUE = {"latency": 2, "timeouts": 2, "http_5xx": 3, "rate_limit": 2, "ip_ban": 
 STORAGE = {"disk_full": 2, "db_error": 3, "pg_outage": 2}
 CATEGORIES = {"command": COMMANDS, "market": MARKET, "actor": ACTORS, "venue fault": VENUE,
               "storage fault": STORAGE, "process fault": {"kill": 0}}
-CATEGORY_OF = {kind: category for category, kinds in CATEGORIES.items() for kind in kinds}
 WINDOWED = {"latency", "timeouts", "http_5xx", "rate_limit", "ip_ban", "lost_answers", "stale_positions",
             "ws_silent", "stream_down", "duplicate_events", "reorder_events", "delay_fills", "reject_stops",
             "single_stop", "reject_orders", "disk_full", "db_error", "pg_outage"}

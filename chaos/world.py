@@ -111,9 +111,7 @@ class Ledger:
 
     def detach(self) -> None:
         with contextlib.suppress(ValueError):
-            self.sim.venue.user_listeners.remove(self.on_event)
-        for interval in self._open_interval.values():
-            interval.end = None  # still unprotected when the run ended: the checks say so
+            self.sim.venue.user_listeners.remove(self.on_event)  # intervals still open keep end=None: judged
 
     def on_event(self, account_name: str, event: dict[str, Any]) -> None:
         if account_name != self.account.name:
@@ -248,7 +246,6 @@ class Run:
     outcomes: list[Outcome]
     applied: dict[str, int]  # kind -> how many steps had an effect
     skipped: dict[str, int]  # kind -> how many steps found nothing to act on
-    closes: dict[str, float]  # position id -> when a bot close was asked for
     settled_in: float | None  # seconds from clear to agreement (None: never agreed)
     venue_problems: list[str]  # tests.invariants.violations at the end
     positions: list[Any]  # every stored position of the account
@@ -282,9 +279,6 @@ class _Handle:
     def output(self) -> str: ...
 
     def repo(self) -> Repository | None:
-        return None
-
-    def engine_repo_hook(self) -> Any:
         return None
 
 
@@ -479,7 +473,6 @@ class World:
         self.outcomes: list[Outcome] = []
         self.applied: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
-        self.closes: dict[str, float] = {}
         self.windows: list[tuple[float, float, str]] = []
         self.notes: list[str] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -606,7 +599,7 @@ market_silent_after_s = {t.market_silent_after_s}
             self.notes.append(f"{self.stalls} stall(s) of this process over 0.25 s (counted as fault windows)")
         stored = b"".join(p.read_bytes() for p in self.workdir.glob("lifecycle.sqlite*"))
         return Run(s, self.tuning, self.ledger, t0, clear_at, self.windows, self.outcomes, self.applied, self.skipped,
-                   self.closes, settled_in, problems, positions, journals, closures, trailing_left, records, output,
+                   settled_in, problems, positions, journals, closures, trailing_left, records, output,
                    (account.api_key, account.secret), self.restarts, self.notes, self._venue_dump(),
                    any(x.encode() in stored for x in (account.api_key, account.secret)))
 
@@ -755,7 +748,6 @@ market_silent_after_s = {t.market_silent_after_s}
         if not ids:
             raise KeyError("no live position")
         for position_id in ids:
-            self.closes.setdefault(position_id, time.time())
             for _ in range(copies):
                 self._command(step, lambda pid=position_id: self.handle.close(pid))
         self._count(step.kind)

@@ -14,8 +14,10 @@ from loguru import logger
 from db.engine import create_engine, migrate
 from db.repository import Repository
 from exchange.paper import PaperExchange
+from exchange.sim.server import SimServer
 from lifecycle.engine import Engine
 from lifecycle.records import JsonlRecords
+from tests.livekit import Rig
 
 PG_ADMIN_URL = os.environ.get("LIFECYCLE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -129,3 +131,20 @@ def records(tmp_path: Path) -> JsonlRecords:
 @pytest.fixture
 def engine(repo: Repository, exchange: PaperExchange, records: JsonlRecords, clock: FakeClock) -> Engine:
     return Engine(repo, canceller=exchange, records=records, clock=clock)
+
+
+# The venue simulator (marks every 0.2 s) and a live engine wired to it on a SQLite file (tests.livekit.Rig):
+# the shared world of the live-engine tests; a file that needs other settings defines its own.
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    server = await SimServer(mark_interval_s=0.2).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
+    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'live.sqlite'}",
+                  tmp_path / "records").start()
+    yield r
+    await r.stop()

@@ -7,11 +7,8 @@ between runs, so a seed reproduces its defect on the unfixed code in a share of 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from decimal import Decimal as D
 from pathlib import Path
-
-import pytest
 
 from chaos.runner import _failure_text, run_many
 from exchange.sim.server import SimServer
@@ -58,21 +55,6 @@ async def test_the_seeds_that_found_defects_pass(tmp_path: Path) -> None:
     assert len(summary.results) == len(REGRESSIONS)
     failures = "\n\n".join(f"{REGRESSIONS.get(f.get('seed'), '?')}\n{_failure_text(f)}" for f in summary.failures)
     assert not summary.failures, failures
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
-    r = await Rig(sim, sim.venue.add_account("chaos"), f"sqlite:///{tmp_path / 'live.sqlite'}",
-                  tmp_path / "records").start()
-    yield r
-    await r.stop()
 
 
 def _btc(side: Side) -> OpenCommand:

@@ -38,13 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTIVATION = D(60300)  # BTCUSDT starts at 60,000 on the simulator
 
 
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
 @dataclass
 class World:
     sim: SimServer

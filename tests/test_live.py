@@ -3,37 +3,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR
 from decimal import Decimal as D
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from exchange.sim.server import SimServer
 from lifecycle.domain import CloseCause, CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.reconcile import Reconciler
 from tests.livekit import FAST, Rig
 from tests.simclient import signed
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
-    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'live.sqlite'}",
-                  tmp_path / "records").start()
-    yield r
-    await r.stop()
 
 
 def btc_long(**kw: object) -> OpenCommand:

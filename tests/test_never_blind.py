@@ -27,13 +27,6 @@ BOUND_SLACK_S = 2.0  # the confirming queries and the commit, generously (the be
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
     account = sim.venue.add_account("alice")
     # The idle probe is far away: only REST can find a silent stream within the bound here.

@@ -4,7 +4,6 @@ up once storage is back, in order, without duplicates. Real failures: a small fi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal as D
 from pathlib import Path
@@ -23,13 +22,6 @@ from tests.livekit import Rig
 from tests.storage_faults import SmallDisk, postgres, postgres_cluster, small_disk  # noqa: F401 - fixture
 
 LIMIT_ENTRY = OpenCommand("BTCUSDT", Side.LONG, D("0.010"), entry_price=D("59000.0"), stop_loss_pct=D(1))
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
 
 
 async def rig_on(sim: SimServer, db_url: str, records_dir: Path) -> Rig:

@@ -1,13 +1,8 @@
 """Restart recovery: a new engine process (new client, state from the database only) against the simulator."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal as D
-from pathlib import Path
 
-import pytest
-
-from exchange.sim.server import SimServer
 from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, Side
 from lifecycle.events import CloseRequested
@@ -15,21 +10,6 @@ from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.reconcile import Reconciler
 from tests.livekit import Rig
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
-    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'recovery.sqlite'}",
-                  tmp_path / "records").start()
-    yield r
-    await r.stop()
 
 
 def btc_long() -> OpenCommand:

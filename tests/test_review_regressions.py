@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal as D
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from exchange.ccxt_adapter import Secret
 from exchange.sim.server import SimServer
@@ -27,21 +25,6 @@ from lifecycle.reconcile import Reconciler
 from lifecycle.service import ApiBinding, Service
 from tests.crash_child import service_config
 from tests.livekit import Rig
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
-    r = await Rig(sim, sim.venue.add_account("review"), f"sqlite:///{tmp_path / 'live.sqlite'}",
-                  tmp_path / "records").start()
-    yield r
-    await r.stop()
 
 
 def _btc(quantity: str = "0.010", **kw: object) -> OpenCommand:

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal as D
 from pathlib import Path
 
 import pytest
 
-from exchange.sim.server import SimServer
 from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, Side
 from lifecycle.live import OpenCommand
@@ -17,21 +15,6 @@ from lifecycle.machines.states import PositionState as S
 from lifecycle.reconcile import Reconciler
 from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import Rig
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def rig(sim: SimServer, tmp_path: Path) -> AsyncIterator[Rig]:
-    r = await Rig(sim, sim.venue.add_account("alice"), f"sqlite:///{tmp_path / 'sched.sqlite'}",
-                  tmp_path / "records").start()
-    yield r
-    await r.stop()
 
 
 async def test_a_close_is_found_while_the_listen_key_is_expired(rig: Rig) -> None:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -207,13 +206,6 @@ def test_the_testnet_example_configuration_loads(monkeypatch: pytest.MonkeyPatch
 
 
 # --- the running service ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
 
 
 async def test_lifecycle_run_serves_open_status_close_and_stops_on_sigterm(sim: SimServer, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from exchange.sim.server import SimServer
 from lifecycle.settings import ConfigError, load
 from tests.conftest import PG_ADMIN_URL, _pg_admin, _pg_dsn
-from tests.test_service import ROOT, TOKEN, account_block, sim, write_config  # noqa: F401 - `sim` is a fixture
+from tests.test_service import ROOT, TOKEN, account_block, write_config
 
 CLI = [sys.executable, "-m", "lifecycle.cli"]
 

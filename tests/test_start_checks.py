@@ -10,7 +10,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -18,13 +17,6 @@ import pytest
 
 from exchange.sim.server import SimServer
 from tests.test_service import ROOT, TOKEN, account_block, write_config
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimServer]:
-    server = await SimServer(mark_interval_s=0.2).start()
-    yield server
-    await server.stop()
 
 
 def _config(sim: SimServer, tmp_path: Path, *, symbols: str = '["BTCUSDT", "ETHUSDT"]', port: int = 0) -> Path:
