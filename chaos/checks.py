@@ -185,6 +185,17 @@ def judge(run: Run) -> Verdict:
                 v.append(Violation(4, f"{p.id} ended {p.state.value} (not_found) but the venue never dropped a "
                                       f"position of it", evidence))
             continue
+        if p.id in ledger.joined:  # one venue position, two holders: any order that reduced it may be ours
+            cause = p.close_cause.value if p.close_cause is not None else None
+            seen = [*ledger.reduced.get(p.id, []), *([truth.client_id] if truth is not None else [])]
+            allowed = {classify_close(c or None, position_id=p.id, trailing_was_active=False).value for c in seen}
+            if truth is not None and truth.client_id is None:
+                allowed.add(CloseCause.NOT_FOUND.value)
+            if not (cause in allowed or (cause in STOP_CAUSES and allowed & STOP_CAUSES)):
+                v.append(Violation(4, f"{p.id} (its entry joined someone else's position on {p.symbol}) ended "
+                                      f"{p.state.value} with cause {cause}; the orders that reduced the shared "
+                                      f"position say {sorted(allowed)}", evidence))
+            continue
         if truth is None:
             v.append(Violation(4, f"{p.id} ended {p.state.value} ({p.close_cause}) but the venue never flattened a "
                                   f"position of it" + (" (its entry never filled)" if p.id not in ledger.entry_filled

@@ -39,6 +39,7 @@ from lifecycle.domain import CloseReason, OrderPurpose, Side
 from lifecycle.live import LiveConfig, OpenCommand
 from lifecycle.service import AccountConfig, Service, ServiceConfig
 from scheduler.reconciliation import ScheduleConfig
+from tests.storage_faults import DriverErrors
 
 from chaos.schedule import BLINDING, QTY, Schedule, Step
 
@@ -96,6 +97,10 @@ class Ledger:
     opened: dict[str, float] = field(default_factory=dict)  # our position id -> when its entry first filled
     entry_filled: set[str] = field(default_factory=set)
     flattened: dict[str, Flatten] = field(default_factory=dict)  # our position id -> how it ended on the venue
+    # Our entry that landed on someone else's same-side position (opened while ours was on its way): one
+    # venue position, two holders. Not judged for protection or settling (the symbol stays "foreign"); the
+    # position's end must match one of the orders that reduced or flattened the shared position.
+    joined: dict[str, str] = field(default_factory=dict)  # our position id -> symbol
     reduced: dict[str, list[str]] = field(default_factory=dict)  # our position id -> reducing client ids
     intervals: list[Interval] = field(default_factory=list)
     venue_cancelled: set[str] = field(default_factory=set)  # client ids the venue (a step) cancelled
@@ -157,6 +162,8 @@ class Ledger:
                 self.opened.setdefault(parsed.position_id, now)
                 self.flattened[parsed.position_id] = Flatten(parsed.position_id, symbol, now,
                                                              self._foreign_by.get(symbol))
+            for position_id in self._joined_on(symbol):
+                self.flattened[position_id] = Flatten(position_id, symbol, now, client_id, flipped=after != 0)
             if after == 0:
                 self.owner[symbol] = None
             elif parsed is not None and parsed.purpose is OrderPurpose.ENTRY:
@@ -169,14 +176,28 @@ class Ledger:
             if parsed is None or parsed.purpose is not OrderPurpose.ENTRY or parsed.position_id != owner:
                 if owner not in (None, "foreign"):
                     self.anomalies.append(f"order {client_id} added to the venue position of {owner} on {symbol}")
+                elif owner == "foreign" and parsed is not None and parsed.purpose is OrderPurpose.ENTRY:
+                    self.joined[parsed.position_id] = symbol
+                    self.opened.setdefault(parsed.position_id, now)
         elif owner not in (None, "foreign"):
             self.reduced.setdefault(owner, []).append(client_id or "")
+        else:
+            if owner == "foreign" and parsed is not None and parsed.purpose is OrderPurpose.ENTRY:
+                # Our entry (part of it) met someone else's larger opposite position: netted, never stood alone.
+                self.opened.setdefault(parsed.position_id, now)
+                self.flattened.setdefault(parsed.position_id, Flatten(parsed.position_id, symbol, now,
+                                                                      self._foreign_by.get(symbol)))
+            for position_id in self._joined_on(symbol):
+                self.reduced.setdefault(position_id, []).append(client_id or "")
+
+    def _joined_on(self, symbol: str) -> list[str]:
+        return [p for p, s in self.joined.items() if s == symbol and p not in self.flattened]
 
     def vanished(self, symbol: str) -> None:
         """The `vanish` actor: no event, no fill; the position is simply gone."""
         owner = self.owner.get(symbol)
-        if owner not in (None, "foreign"):
-            self.flattened[owner] = Flatten(owner, symbol, time.time(), None)
+        for position_id in [owner] if owner not in (None, "foreign") else self._joined_on(symbol):
+            self.flattened[position_id] = Flatten(position_id, symbol, time.time(), None)
         self.owner[symbol] = None
         self._amount[symbol] = D(0)
         self._check_protection(symbol, time.time(), "other")
@@ -477,7 +498,7 @@ class World:
         self.notes: list[str] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._activation: dict[str, D] = {}
-        self._db_hook: Callable[..., None] | None = None
+        self._db_hook: DriverErrors | None = None
         self.restarts = 0
         self.stalls = 0
 
@@ -932,23 +953,15 @@ market_silent_after_s = {t.market_silent_after_s}
 
     async def _db_errors(self, on: bool) -> None:
         """The database driver's own error, raised at the connection level for every statement."""
-        from sqlalchemy import event
-
         handle = getattr(self, "handle", None)
         repo = handle.repo() if handle is not None else None
         if repo is None:
             return
-        sync_engine = repo.engine.sync_engine
         if on and self._db_hook is None:
-            dbapi = sync_engine.dialect.dbapi
-
-            def fail(*_: Any) -> None:
-                raise dbapi.OperationalError("chaos: disk I/O error (connection lost)")
-
-            self._db_hook = fail
-            event.listen(sync_engine, "before_cursor_execute", fail)
+            self._db_hook = DriverErrors(repo.engine)
+            self._db_hook.on()
         elif not on and self._db_hook is not None:
-            event.remove(sync_engine, "before_cursor_execute", self._db_hook)
+            self._db_hook.off()
             self._db_hook = None
 
     async def _do_pg_outage(self, step: Step, a: dict[str, Any]) -> None:

@@ -227,6 +227,7 @@ class LiveEngine:
         self._resubscribed_generation = -1  # the client generation a doubt last recreated
         self._trimming: set[str] = set()  # partly filled entries whose rest is being cancelled
         self._entry_at: dict[str, datetime] = {}  # exchange time of the entry fill, per position
+        self._reduced_by: dict[str, set[str]] = {}  # position -> exchange order ids taken in as reductions
         self._fills: dict[str, deque[_SeenFill]] = {}
         self._fill_signal: dict[str, asyncio.Event] = {}
         self._triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
@@ -1264,7 +1265,11 @@ class LiveEngine:
 
     async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
         """The newest fill on the closing side since the position was opened, with its order's client id
-        (from the stream's memory, else the order by id), from REST; None when there is none."""
+        (from the stream's memory, else the order by id), from REST; None when there is none. A fill this
+        process took in as a reduction of the position is not its closing fill (chaos seed 300809: another
+        client's partial close, then the rest vanished; the partial close was claimed as the flattening).
+        Known only by order id, and only in this process: an order that reduced and later flattened the
+        same position is then not found here (the flat's cause stays with the stream's fill, or unknown)."""
         # Binance answers at most 7 days per query (ccxt sends endTime = since + 7 days): the closing fill is
         # recent, so ask for the last 6 days of an older position, not for its first week.
         closing = _exit_side(position.side)
@@ -1272,7 +1277,9 @@ class LiveEngine:
         for back in (timedelta(minutes=10), timedelta(days=6)):  # Binance lists oldest first from the start
             since = max(position.created_at, self.engine.clock() - back)
             fills = await self.exchange.fills(position.symbol, since)
-            candidates = [f for f in fills if f.side == closing and f.at >= position.created_at]
+            reductions = self._reduced_by.get(position.id, ())  # a fill taken in as a reduction flattened nothing
+            candidates = [f for f in fills if f.side == closing and f.at >= position.created_at
+                          and f.order_id not in reductions]
             if candidates or since == position.created_at:
                 break
         if not candidates:
@@ -1388,6 +1395,8 @@ class LiveEngine:
             only_in=FLATTENABLE)
         if outcome is None:
             return
+        if order is not None and order.exchange_order_id:
+            self._reduced_by.setdefault(position_id, set()).add(order.exchange_order_id)
         now = self.engine.clock()
         self.engine.records.emit({
             "event": "reduced", "account": self.account, "symbol": position.symbol, "position_id": position_id,
@@ -1442,6 +1451,7 @@ class LiveEngine:
             self._entries_done.discard(position.id)
             self._trimming.discard(position.id)
             self._entry_at.pop(position.id, None)
+            self._reduced_by.pop(position.id, None)
             self._missing.pop(position.id, None)
             self._fired.pop(position.id, None)
             self._entry_fills.pop(position.id, None)

@@ -220,7 +220,7 @@ class ReconciliationScheduler:
     async def sweep_orphans(self) -> str:
         """Cancel working orders of ours whose position is not live here; never touch anyone else's."""
         live = self.live
-        cancelled, foreign = 0, 0
+        cancelled, foreign, undecided = 0, 0, 0
         for order in await live.exchange.open_orders():
             ours = parse_client_id(order.client_id)
             if ours is None:
@@ -229,7 +229,15 @@ class ReconciliationScheduler:
             position = live.engine.positions.get(ours.position_id)
             if position is not None and position.account == live.account and not position.is_terminal:
                 continue
-            stored = await live.engine.store.get_position(ours.position_id)
+            try:  # the books only decide here: a store that fails or hangs leaves the order for the next sweep
+                stored = await asyncio.wait_for(live.engine.store.get_position(ours.position_id),
+                                                live.engine.books.timeout_s)
+            except Exception as e:
+                undecided += 1
+                logger.warning("{} {}: orphan sweep left order {} alone: the database could not say whether "
+                               "position {} is live ({}: {})", live.account, order.symbol, order.client_id,
+                               ours.position_id, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                continue
             if stored is not None and not stored.is_terminal:
                 continue  # live in the database: another engine process holds it (or is about to)
             ref = OrderRef(order.client_id or "", ours.position_id, order.symbol, ours.purpose, order.side,
@@ -249,7 +257,8 @@ class ReconciliationScheduler:
             })
             logger.warning("{} {}: cancelled orphan {} order {} (position {} is not live)", live.account,
                            order.symbol, ours.purpose.value, order.client_id, ours.position_id)
-        return f"{cancelled} orphan(s) cancelled, {foreign} order(s) not ours left alone"
+        return (f"{cancelled} orphan(s) cancelled, {foreign} order(s) not ours left alone"
+                + (f", {undecided} left for the next sweep (database failing)" if undecided else ""))
 
 
 def _notable(report: Any) -> bool:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,32 @@ def postgres(action: str) -> None:
                 return
             time.sleep(0.1)
         raise RuntimeError("PostgreSQL did not accept connections within 30 s of its start")
+
+
+class DriverErrors:
+    """The database driver's own error (its DBAPI `OperationalError`, "disk I/O error"), raised at the
+    connection level for every statement of `engine` (a SQLAlchemy AsyncEngine) while switched on: what a
+    lost connection or a failing disk looks like to the code above the driver."""
+
+    def __init__(self, engine: Any) -> None:
+        self._sync = engine.sync_engine
+        self._hook: Any = None
+
+    def on(self) -> None:
+        from sqlalchemy import event
+
+        if self._hook is None:
+            dbapi = self._sync.dialect.dbapi
+
+            def fail(*_: Any) -> None:
+                raise dbapi.OperationalError("chaos: disk I/O error (connection lost)")
+
+            self._hook = fail
+            event.listen(self._sync, "before_cursor_execute", fail)
+
+    def off(self) -> None:
+        from sqlalchemy import event
+
+        if self._hook is not None:
+            event.remove(self._sync, "before_cursor_execute", self._hook)
+            self._hook = None

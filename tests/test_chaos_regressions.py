@@ -47,6 +47,16 @@ REGRESSIONS = {
             "reduce-only (already flat) and REST was rate-limited: recorded as the bot's close",
     100094: "a stop placement whose answer was lost was sent again after the position had ended: a second stop "
             "under the same client id, working on the symbol's next position until the cleanup caught it",
+    300596: "the database failing while the orphan sweep asked whether an order's position was live: the job "
+            "crashed with a traceback (now: the order is left for the next sweep)",
+    300176: "(the ledger's) our entry landed on another client's same-side position opened a moment before: "
+            "its end was judged as 'never flattened' (now: judged against the orders that reduced the shared "
+            "position)",
+    300318: "the same as 300176, closed by the bot",
+    300764: "(the ledger's) part of our entry netted against another client's larger opposite position opened "
+            "a moment before: judged as 'never flattened' (now: netted, ended by that client's order)",
+    300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
+            "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
 
 
@@ -144,3 +154,67 @@ async def test_a_flat_before_the_entry_fill_was_taken_in_ends_the_position_from_
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "liquidation")
     stored = await rig.ended(p.id, timeout=3.0)
     assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.LIQUIDATION)
+
+
+def test_the_ledger_follows_an_entry_that_joined_someone_elses_position(sim: SimServer) -> None:
+    """Seeds 300176, 300318: a manual open landed just before our entry, on the same side: one venue
+    position, two holders. Our position's end is judged against the orders that reduced the shared one."""
+    from chaos.world import Ledger
+    from lifecycle.client_ids import make_client_id
+    from lifecycle.domain import OrderPurpose
+
+    account = sim.venue.add_account("joined")
+    ledger = Ledger(sim, account, ("BTCUSDT",))
+    pid = "0123456789abcdef0123"
+
+    def order(side: str, client_id: str, reduce_only: bool = False) -> None:
+        sim.venue.new_order(account, symbol="BTCUSDT", side=side, type_="MARKET", quantity=D("0.01"), price=None,
+                            client_id=client_id, reduce_only=reduce_only)
+
+    order("BUY", "web_by_hand")
+    order("BUY", make_client_id(pid, OrderPurpose.ENTRY, 0))
+    stop, close = make_client_id(pid, OrderPurpose.STOP, 1), make_client_id(pid, OrderPurpose.CLOSE, 2)
+    order("SELL", stop, reduce_only=True)
+    order("SELL", close, reduce_only=True)
+    ledger.detach()
+    assert ledger.joined == {pid: "BTCUSDT"} and pid in ledger.opened
+    assert ledger.reduced[pid] == [stop] and ledger.flattened[pid].client_id == close
+    assert ledger.owner["BTCUSDT"] is None and not ledger.anomalies
+
+
+def test_the_ledger_nets_a_partial_entry_against_someone_elses_larger_position(sim: SimServer) -> None:
+    """Seed 300764: a manual long of 0.010 landed just before our short entry, which filled 0.005 only."""
+    from chaos.world import Ledger
+    from lifecycle.client_ids import make_client_id
+    from lifecycle.domain import OrderPurpose
+
+    account = sim.venue.add_account("netted")
+    ledger = Ledger(sim, account, ("BTCUSDT",))
+    pid = "0123456789abcdef0123"
+    sim.venue.new_order(account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D("0.010"), price=None,
+                        client_id="web_by_hand", reduce_only=False)
+    sim.venue.new_order(account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.005"), price=None,
+                        client_id=make_client_id(pid, OrderPurpose.ENTRY, 0), reduce_only=False)
+    ledger.detach()
+    assert ledger.flattened[pid].client_id == "web_by_hand" and ledger.owner["BTCUSDT"] == "foreign"
+
+
+async def test_a_fill_taken_in_as_a_reduction_is_not_the_closing_fill_of_a_vanished_rest(rig: Rig) -> None:
+    """Seed 300809: another client closed half of our position (taken in as a reduction), then the rest
+    vanished with no fill; REST's newest closing-side fill was that partial close, and reconciliation
+    claimed it as the flattening (CLOSED, cause manual). The rest vanished: PHANTOM (not_found)."""
+    p = await rig.open(_btc(Side.LONG))
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.005"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    assert rig.live is not None and rig.engine is not None
+    await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.005"), what="the reduction taken in")  # type: ignore[union-attr]
+    rig.sim.venue.vanish(rig.account, "BTCUSDT")
+    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
+    rig.sim.set_faults(ws_silent=True)  # nothing comes from the stream: only REST sees the rest gone
+    deadline = asyncio.get_running_loop().time() + 10
+    while (state := rig.state(p.id)) is not None and not state.is_terminal:
+        assert asyncio.get_running_loop().time() < deadline, "the vanished position never ended"
+        await reconciler.sync()
+        await asyncio.sleep(0.05)
+    stored = await rig.stored(p.id)
+    assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND), (stored.state, stored.close_cause)

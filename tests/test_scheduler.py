@@ -15,6 +15,7 @@ from lifecycle.machines.states import PositionState as S
 from lifecycle.reconcile import Reconciler
 from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import Rig
+from tests.storage_faults import DriverErrors
 
 
 async def test_a_close_is_found_while_the_listen_key_is_expired(rig: Rig) -> None:
@@ -87,6 +88,25 @@ async def test_the_orphan_sweep_cancels_ours_only(rig: Rig) -> None:
     assert any(cid.startswith(f"lc-{p.id}-s") for cid in left)  # the live position's stop stays
     [record] = rig.records.read("orphan_cancelled")  # type: ignore[union-attr]
     assert (record["client_order_id"], record["position_id"]) == (orphan, "0123456789abcdef0123")
+
+
+async def test_the_orphan_sweep_leaves_an_order_alone_while_the_database_cannot_say(rig: Rig) -> None:
+    """Chaos seed 300596: the database failing while the sweep asks whether an order's position is live
+    crashed the job with a traceback; it must leave the order for the next sweep and say why."""
+    await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.5"), stop_loss_pct=D(1)))
+    assert rig.live is not None and rig.exchange is not None and rig.repo is not None
+    orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
+    await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
+    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig())
+    failing = DriverErrors(rig.repo.engine)
+    failing.on()
+    try:
+        summary = await scheduler.sweep_orphans()
+    finally:
+        failing.off()
+    assert summary.startswith("0 orphan(s) cancelled") and "1 left for the next sweep" in summary
+    assert orphan in {a.client_id for a in rig.sim.venue.open_algos(rig.account, "ETHUSDT")}
+    assert (await scheduler.sweep_orphans()).startswith("1 orphan(s) cancelled")  # the database is back
 
 
 def test_schedule_config_refuses_impossible_intervals() -> None:
