@@ -81,7 +81,7 @@ async def run(n: int, case: str, updates: int) -> None:
         on_mark(m)
     elapsed = time.perf_counter() - started
     moved = sum(1 for p in engine.positions.values() if p.stop_price != D("110.21"))
-    assert moved == 0 and not live._tasks, "the no-move path moved a stop"
+    assert moved == 0 and not live.ctx.tasks, "the no-move path moved a stop"
     await live.stop()
     await repo.close()
     print(f"{case:>6}: {n} trailing positions, {updates:,} marks: {updates / elapsed:,.0f} updates/s through the "

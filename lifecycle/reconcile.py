@@ -231,7 +231,7 @@ class Reconciler:
         """REST (confirmed) lacks a position a healthy stream shows, with no fill to prove a close: probe the
         stream at once; resubscribe only if the disagreement outlasts `stream_doubt_s` (REST may lag)."""
         live = self.live
-        generation = getattr(live.exchange, "generation", 0)
+        generation = live.exchange.generation
         since, seen = self._doubt_since.setdefault(position.id, (time.monotonic(), generation))
         lasted = time.monotonic() - since >= self.stream_doubt_s
         await live.doubt_stream(f"REST does not show {position.symbol} {position.side.value}, the stream does",

@@ -510,4 +510,4 @@ async def test_stop_leaves_no_background_work_running(rig: Rig) -> None:
     rig.set_mark("BTCUSDT", 60800)
     await asyncio.sleep(0.1)
     await rig.live.stop(timeout=5)
-    assert [t for t in rig.live._tasks if not t.done()] == []
+    assert [t for t in rig.live.ctx.tasks if not t.done()] == []

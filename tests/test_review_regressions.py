@@ -36,8 +36,8 @@ async def _entry_in_flight(rig: Rig) -> tuple[asyncio.Future[object], str]:
     assert rig.live is not None
     rig.sim.set_faults(rest_latency_ms=1500)
     opening = asyncio.ensure_future(rig.live.open(_btc()))
-    await rig.until(lambda: bool(rig.live._placing))  # type: ignore[union-attr]
-    position_id = next(iter(rig.live._placing))
+    await rig.until(lambda: bool(rig.live.ctx.placing))  # type: ignore[union-attr]
+    position_id = next(iter(rig.live.ctx.placing))
     await asyncio.sleep(0.1)
     rig.sim.set_faults(rest_latency_ms=0)
     return opening, position_id

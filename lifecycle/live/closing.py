@@ -1,0 +1,332 @@
+"""Closes: the bot's close, the entry cancel of a position closed while opening, and what the venue's flats
+and reductions mean for a position.
+
+A bot close sends a reduce-only market order with an idempotent client id; a rejected close returns the
+position to its previous state and is retried. A flat (quantity 0 on the stream) ends the position with
+the cause of the fill that flattened it (`StreamView.closing_fill`, then the algo order that fired, then
+REST). A reduction resizes the stop. `after_stop` is where a stop that could not be placed becomes a close
+(wired into `Stops` by the engine). Two callbacks into the opening side are wired by the engine too
+(`protect_initial`, `find_entry`), so this module imports nothing of it.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from loguru import logger
+
+from exchange import errors as xerr
+from exchange.port import PositionSnapshot
+from lifecycle.causes import classify_close
+from lifecycle.client_ids import make_client_id
+from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
+from lifecycle.errors import OrderAlreadyGone, UnknownPosition
+from lifecycle.events import CloseFailed, CloseRequested, Flat, Reduced
+from lifecycle.live.context import FLATTENABLE, PROTECTED, LiveContext, S, exit_side, short, text
+from lifecycle.live.stops import StopResult, Stops
+from lifecycle.live.stream_view import StreamView
+
+
+class Closing:
+    """One account's closes, flats and reductions (see the module docstring)."""
+
+    def __init__(self, ctx: LiveContext, view: StreamView, stops: Stops) -> None:
+        self.ctx = ctx
+        self.view = view
+        self.stops = stops
+        self.close_found_flat: set[str] = set()  # our close refused as reduce-only: the position was already flat
+        self.reducing: dict[str, int] = {}  # positions with a reduction being taken in (how many)
+        # Wired by the engine (the opening side): protect a position's first stop; look its entry up.
+        self.protect_initial: Callable[..., Awaitable[None]] = _unwired
+        self.find_entry: Callable[..., Awaitable[None]] = _unwired
+
+    def after_stop(self, position_id: str, result: StopResult) -> None:
+        """A stop that could not be sent (the mark is beyond it), or a position left with no stop at all:
+        closed at market, whatever else is in flight (essential: also while stopping)."""
+        reason = CloseReason.STOP_CROSSED if result is StopResult.CROSSED else CloseReason.UNPROTECTED
+        what = "stop-crossed" if result is StopResult.CROSSED else "unprotected"
+        self.ctx.spawn(self.close_now(position_id, reason), f"{what} close of {position_id}", essential=True)
+
+    async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
+        """Close a position at market with a reduce-only order; False if it had already moved on.
+
+        A position still OPENING goes to CLOSING_BY_BOT and its entry is cancelled: nothing filled ends it
+        CANCELLED, a fill (late or partial) is closed at once. A rejected close returns the position to
+        its previous state and is retried `close_retries` times, and for as long as it takes while the
+        position has no stop on the exchange (a loop, with a delay floor: it cannot spin or recurse).
+        Refused while stopping (the engine's own safety closes are not).
+        """
+        self.ctx.command(f"closing {position_id}")
+        self.ctx.commands += 1
+        try:
+            return await self.close_now(position_id, reason)
+        finally:
+            self.ctx.commands -= 1
+
+    async def close_now(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
+        position = self.ctx.engine.positions.get(position_id)
+        if position is None:
+            raise UnknownPosition(f"no live position {position_id}")
+        allowed = PROTECTED | {S.OPENING}
+        retry = 0
+        while True:
+            outcome = await self.ctx.engine.fire_if(position_id, CloseRequested(reason=reason), only_in=allowed)
+            if outcome is None:
+                return retry > 0
+            if outcome.source is S.OPENING:
+                await self.cancel_entry(position_id)
+            error = await self.send_close(position_id)
+            if error is None:
+                return True
+            failed = await self.ctx.engine.fire_if(position_id, CloseFailed(error=short(error)),
+                                               only_in={S.CLOSING_BY_BOT})
+            if failed is None:
+                return True  # ended meanwhile (the flat came first)
+            current = self.ctx.engine.positions.get(position_id)
+            if current is None:
+                return True
+            stop = next((o for o in current.working_orders() if o.purpose is OrderPurpose.STOP), None)
+            if failed.dest in PROTECTED and stop is None and current.quantity > 0:
+                # Filled, no stop (a late fill of an entry being closed, or the stop failed): protect it
+                # while the close is retried.
+                self.ctx.spawn(self.protect_initial(position_id, close_if_unprotected=False),
+                            f"protection of {position_id}", essential=True)
+            retry += 1
+            unprotected = failed.dest in PROTECTED and stop is None
+            if retry > self.ctx.config.close_retries and not unprotected:
+                logger.error("{} {} close rejected {} times; the position stays {} with its stop at {}",
+                             self.ctx.account, position_id, retry, failed.dest, stop.trigger_price if stop else None)
+                return False
+            delay = min(max(self.ctx.config.retry_backoff_s, 0.05) * max(1, retry - self.ctx.config.close_retries), 30.0)
+            if retry <= self.ctx.config.close_retries:
+                logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.ctx.account, position_id,
+                               short(error), retry, self.ctx.config.close_retries, delay)
+            else:
+                logger.critical("{} {} UNPROTECTED: no stop on the exchange and the close was rejected {} times "
+                                "({}); retrying in {}s", self.ctx.account, position_id, retry, short(error), delay)
+            await asyncio.sleep(delay)
+            allowed = PROTECTED
+
+    async def cancel_entry(self, position_id: str) -> None:
+        """Cancel the entry of a position being closed (or trimmed). An entry still on its way is waited for
+        first (a cancel that overtakes it finds nothing, and the entry lands afterwards). A cancel that is not
+        confirmed is sent again in the background (the caller, an API request or a stop, does not wait for
+        an outage); the entry is then looked up until its outcome is known."""
+        position = self.ctx.engine.positions.get(position_id)
+        entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None) \
+            if position is not None else None
+        if entry is None:
+            return
+        while position_id in self.ctx.placing and not self.ctx.stopped:
+            await asyncio.sleep(0.02)  # the send's own answer (or its timeout) comes first
+        try:
+            await self.ctx.exchange.cancel_order(entry)
+        except OrderAlreadyGone:  # filled meanwhile, or never arrived: its own state decides
+            logger.info("{} {} {} entry already ended; its fill decides", self.ctx.account, entry.symbol, position_id)
+        except xerr.Retryable as e:
+            self.ctx.stats.exchange_errors += 1
+            logger.warning("{} {} {} entry cancel not confirmed ({}); sending it again in the background",
+                           self.ctx.account, entry.symbol, position_id, short(e))
+            self.ctx.spawn(self.cancel_entry_again(position_id, entry), f"entry cancel of {position_id}",
+                        essential=True)
+            return
+        self.settle_entry(position_id, entry)
+
+    async def cancel_entry_again(self, position_id: str, entry: OrderRef) -> None:
+        """A resting entry of a position being closed must not stay working (it could fill later, without a
+        stop): the cancel is sent again, slower and slower, until it is confirmed or the entry has ended.
+        A stopping engine leaves it to restart recovery (which cancels the entry of a closing position)."""
+        attempt = 0
+        while not self.ctx.stopping:
+            attempt += 1
+            await asyncio.sleep(min(max(self.ctx.config.retry_backoff_s, 0.05) * attempt, 30.0))
+            current = self.ctx.engine.positions.get(position_id)
+            if current is None or current.state not in (S.OPENING, S.CLOSING_BY_BOT) or \
+                    self.ctx.entry_done(position_id):
+                return
+            try:
+                await self.ctx.exchange.cancel_order(entry)
+            except OrderAlreadyGone:
+                pass
+            except xerr.Retryable as e:
+                self.ctx.stats.exchange_errors += 1
+                logger.warning("{} {} {} entry cancel not confirmed ({}); again", self.ctx.account, entry.symbol,
+                               position_id, short(e))
+                continue
+            self.settle_entry(position_id, entry)
+            return
+
+    def settle_entry(self, position_id: str, entry: OrderRef) -> None:
+        """The entry's outcome (cancelled, filled, or never arrived) ends the position or closes what filled;
+        the stream usually says it, but a stream that is down must not leave it CLOSING_BY_BOT with nothing
+        known filled: look the entry up until it is settled."""
+        if not self.ctx.entry_done(position_id):
+            self.ctx.spawn(self.find_entry(position_id, entry), f"entry lookup of {position_id}", essential=True)
+
+    async def send_close(self, position_id: str) -> Exception | None:
+        """Send the reduce-only close of a CLOSING_BY_BOT position; returns the rejection, else None."""
+        position = self.ctx.engine.positions.get(position_id)
+        if position is None or position.state is not S.CLOSING_BY_BOT:
+            return None
+        quantity = position.quantity
+        if quantity <= 0:
+            return None  # nothing filled yet: a late entry fill sends the close
+        client_id = make_client_id(position_id, OrderPurpose.CLOSE, position.seq)
+        if client_id not in position.orders:
+            await self.ctx.engine.track_order(position_id, OrderRef(
+                client_id, position_id, position.symbol, OrderPurpose.CLOSE, exit_side(position.side), quantity))
+        attempt = 0
+        while True:
+            try:
+                answer = await self.ctx.exchange.close_position(position.symbol, position.side, quantity, client_id)
+            except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
+                # The first try arrived, or the position is already gone: the stream's flat ends it.
+                logger.info("{} {} {} close {}: {}", self.ctx.account, position.symbol, position_id, client_id, short(e))
+                if isinstance(e, xerr.ReduceOnlyRejected):
+                    self.close_found_flat.add(position_id)  # whatever flattened it, it was not this close
+                return None
+            except xerr.Retryable as e:
+                # The order may have landed: never "failed", stay CLOSING_BY_BOT (the stop stays too) and
+                # resend the same id (reduce-only, so a repeat can never over-close), slower and slower.
+                self.ctx.stats.exchange_errors += 1
+                attempt += 1
+                delay = min(max(self.ctx.config.retry_backoff_s, 0.05) * attempt, 30.0)
+                log = logger.warning if attempt <= self.ctx.config.close_retries else logger.error
+                log("{} {} {} close {} not confirmed ({}); resending the same id in {}s", self.ctx.account,
+                    position.symbol, position_id, client_id, short(e), delay)
+                await asyncio.sleep(delay)
+                current = self.ctx.engine.positions.get(position_id)
+                if current is None or current.state is not S.CLOSING_BY_BOT or self.ctx.stopping:
+                    return None
+                continue
+            except xerr.ExchangeError as e:
+                self.ctx.stats.exchange_errors += 1
+                await self.ctx.set_order_status(position_id, client_id, OrderStatus.REJECTED)
+                return e
+            await self.ctx.set_order_status(position_id, client_id, answer.status)
+            return None
+
+    async def resume_close(self, position_id: str) -> None:
+        position = self.ctx.engine.positions.get(position_id)
+        reason = position.close_reason if position is not None and position.close_reason else CloseReason.OPERATOR
+        error = await self.send_close(position_id)
+        if error is None:
+            return
+        outcome = await self.ctx.engine.fire_if(position_id, CloseFailed(error=short(error)), only_in={S.CLOSING_BY_BOT})
+        if outcome is not None and outcome.dest in PROTECTED:
+            await self.stops.request(position_id, None, None, "sync")
+            await self.close_now(position_id, reason)
+
+    async def on_flat(self, position_id: str, snap: PositionSnapshot) -> None:
+        position = self.ctx.engine.positions.get(position_id)
+        if position is None:
+            return
+        fill = await self.view.closing_fill(position, snap)
+        current = self.view.live.get(snap.symbol)
+        if current is not None and current.side is position.side and current.at > snap.at:
+            return  # a newer update shows the position again: that flat was stale
+        position = self.ctx.engine.positions.get(position_id)  # as it is now, after the wait
+        if position is None:
+            return
+        trailing_active = position.trailing is not None and position.trailing.active
+        cause: CloseCause | None = CloseCause.UNKNOWN
+        source = "none"
+        exit_price = order_id = realized = fee = None
+        if fill is not None:
+            cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
+            source = "fill_update"
+            order = fill.order
+            exit_price, order_id, realized, fee = order.average_price, order.exchange_order_id, order.realized_pnl, \
+                order.fee
+        else:
+            # The fill update is late (or lost): our own conditional order saying it fired, then REST. Also
+            # while we close it: a stop or a liquidation may have come first (our close then finds nothing).
+            runtime = self.ctx.peek(position_id)
+            fired = runtime.fired if runtime is not None else None
+            if fired is not None:
+                cause = classify_close(fired, position_id=position_id, trailing_was_active=trailing_active)
+                source = "algo_update"
+            else:
+                found = await self.view.rest_cause(position)
+                late = self.view.unused_fill(position, snap) if found is None else None
+                if late is not None:  # the fill update arrived while REST was asked
+                    cause = classify_close(late.client_id, position_id=position_id, trailing_was_active=trailing_active)
+                    source = "fill_update"
+                    exit_price, order_id, realized, fee = late.order.average_price, late.order.exchange_order_id, \
+                        late.order.realized_pnl, late.order.fee
+                elif found is not None:
+                    rest_fill, client_id = found
+                    cause = classify_close(client_id, position_id=position_id, trailing_was_active=trailing_active)
+                    source = "rest"
+                    exit_price, order_id, realized, fee = rest_fill.price, rest_fill.order_id, \
+                        rest_fill.realized_pnl, rest_fill.fee
+        refused_flat = position_id in self.close_found_flat
+        self.close_found_flat.discard(position_id)
+        if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN and not refused_flat:
+            cause, source = None, "none"  # our close is in flight, nothing else found: the state's default (bot)
+        elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
+            cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
+        outcome = await self.ctx.engine.fire_if(position_id, Flat(
+            cause=cause, exit_price=exit_price, exchange_order_id=order_id, realized_pnl=realized, fee=fee,
+            exchange_ts_ms=int(snap.at.timestamp() * 1000), cause_source=source), only_in=FLATTENABLE)
+        if outcome is not None:
+            self.view.closed_with_cause(position, cause, source)
+
+    def take_reduction(self, position_id: str, snap: PositionSnapshot) -> bool:
+        """A reduction seen on REST only (reconciliation): taken in as the stream's would have been, in the
+        background (its cause wait must not hold up the reconciliation pass); not while one is being taken
+        (False then)."""
+        if position_id in self.reducing:
+            return False
+        self.reducing[position_id] = 0  # pending from now, not from when the task starts
+        if self.ctx.spawn(self.on_reduced(position_id, snap), f"reduction of {position_id}") is None:
+            del self.reducing[position_id]
+            return False
+        return True
+
+    async def on_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
+        self.reducing[position_id] = self.reducing.get(position_id, 0) + 1
+        try:
+            await self.take_reduced(position_id, snap)
+        finally:
+            self.reducing[position_id] -= 1
+            if not self.reducing[position_id]:
+                del self.reducing[position_id]
+
+    async def take_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
+        position = self.ctx.engine.positions.get(position_id)
+        if position is None:
+            return
+        before = position.quantity
+        remaining = abs(snap.amount)
+        fill = await self.view.closing_fill(position, snap)
+        order = fill.order if fill is not None else None
+        current = self.ctx.engine.positions.get(position_id)
+        if current is None or not 0 < remaining < current.quantity:
+            return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
+        outcome = await self.ctx.engine.fire_if(position_id, Reduced(
+            remaining=remaining, price=order.average_price if order else None,
+            realized_pnl=order.realized_pnl if order else None, fee=order.fee if order else None),
+            only_in=FLATTENABLE)
+        if outcome is None:
+            return
+        if order is not None and order.exchange_order_id:
+            self.ctx.runtime(position_id).reduced_by.add(order.exchange_order_id)
+        now = self.ctx.engine.clock()
+        self.ctx.engine.records.emit({
+            "event": "reduced", "account": self.ctx.account, "symbol": position.symbol, "position_id": position_id,
+            "at": now.isoformat(), "side": position.side.value, "closed_quantity": str(before - remaining),
+            "remaining": str(remaining), "price": text(order.average_price if order else None),
+            "realized_pnl": text(order.realized_pnl if order else None), "fee": text(order.fee if order else None),
+            "cause": classify_close(fill.client_id if fill else None, position_id=position_id,
+                                    trailing_was_active=False).value,
+            "duration_s": round((now - position.created_at).total_seconds(), 3),
+        })
+        logger.info("{} {} {} reduced {} -> {}", self.ctx.account, position.symbol, position_id, before, remaining)
+        if outcome.dest in PROTECTED:
+            await self.stops.request(position_id, None, None, "sync")
+
+
+async def _unwired(*_: Any, **__: Any) -> None:
+    raise RuntimeError("Closing is not wired to the opening side (LiveEngine does it)")

@@ -1,0 +1,252 @@
+"""What the private stream has shown, and the one place where fills are joined to flats.
+
+The stream's newest position update per symbol, the fills it delivered (newest 64 per symbol), the
+algo orders that placed each triggered order, and the closes left unexplained (a late fill amends them).
+`closing_fill` (the stream's fill that flattened a position, waited for) and `rest_closing_fill` (the same
+from REST) are the two halves of the fill/flat join that closes and reconciliation both use. The stream's
+health comes from the exchange port (`StreamControl`); a doubt raised by REST lives here until the
+stream speaks again.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from datetime import timedelta
+
+from loguru import logger
+
+from exchange import errors as xerr
+from exchange.port import Fill, OrderSnapshot, PositionSnapshot, StreamHealth
+from lifecycle.causes import classify_close
+from lifecycle.client_ids import parse_client_id
+from lifecycle.domain import CloseCause, OrderPurpose, Position
+from lifecycle.live.context import LiveContext, exit_side, short, text
+
+
+@dataclass(slots=True)
+class SeenFill:
+    client_id: str | None
+    order: OrderSnapshot
+    used: bool = False
+
+
+class StreamView:
+    """One account's private stream as seen so far (see the module docstring)."""
+
+    def __init__(self, ctx: LiveContext) -> None:
+        self.ctx = ctx
+        self.live: dict[str, PositionSnapshot] = {}  # the private stream's latest position per symbol
+        self.fills: dict[str, deque[SeenFill]] = {}
+        self.fill_signal: dict[str, asyncio.Event] = {}
+        self.triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
+        # Closed with cause unknown, recently: a late fill amends them (position, monotonic time of the close).
+        self.unexplained: OrderedDict[str, tuple[Position, float]] = OrderedDict()
+        self.doubted: str | None = None  # why REST made the private stream doubted
+        self._resubscribed_generation = -1  # the client generation a doubt last recreated
+
+    def record_order(self, order: OrderSnapshot) -> str | None:
+        """Take in an order update: remember which order each algo order placed, and every fill (a waiting
+        flat is woken; a close left unexplained may be amended). Returns the order's client id (for an
+        order placed by one of our algo orders: that algo order's)."""
+        self.spoke()
+        client_id = order.client_id
+        if order.algo_id is not None and order.exchange_order_id and client_id:
+            self.triggered[order.exchange_order_id] = client_id
+            while len(self.triggered) > 10_000:
+                self.triggered.popitem(last=False)
+        elif order.exchange_order_id in self.triggered:
+            client_id = self.triggered[order.exchange_order_id]
+        if order.algo_id is None and order.filled > 0:
+            fills = self.fills.setdefault(order.symbol, deque(maxlen=64))
+            fills.append(SeenFill(client_id, order))
+            self.fill_signal.setdefault(order.symbol, asyncio.Event()).set()
+            if self.unexplained:
+                self.amend(order, client_id)
+        return client_id
+
+    def spoke(self) -> None:
+        """The private stream delivered something: it is not silent (any doubt is lifted)."""
+        if self.doubted is not None:
+            logger.info("{}: the private stream delivers again; no longer doubted", self.ctx.account)
+            self.doubted = None
+
+    def client_id_of(self, exchange_order_id: str) -> str | None:
+        """The client id of an order seen on the stream (or placed by one of our conditional orders)."""
+        if exchange_order_id in self.triggered:
+            return self.triggered[exchange_order_id]
+        for fills in self.fills.values():
+            for seen in fills:
+                if seen.order.exchange_order_id == exchange_order_id:
+                    return seen.client_id
+        return None
+
+    def closed_with_cause(self, position: Position, cause: CloseCause | None, source: str) -> None:
+        """Count where causes come from; remember an unexplained close, so a late fill can amend it."""
+        self.ctx.stats.cause_sources[source if cause is not None else "state"] += 1
+        if cause is CloseCause.UNKNOWN:
+            self.unexplained[position.id] = (position, self.ctx.monotonic())
+            while len(self.unexplained) > 1000:
+                self.unexplained.popitem(last=False)
+
+    async def rest_cause(self, position: Position) -> tuple[Fill, str | None] | None:
+        """The flattening fill from REST, bounded in time: a REST outage must not hold up the close."""
+        try:
+            return await asyncio.wait_for(self.rest_closing_fill(position), self.ctx.config.cause_rest_timeout_s)
+        except (xerr.ExchangeError, asyncio.TimeoutError) as e:
+            logger.warning("{} {} {}: the closing fill could not be read from REST ({}); cause unknown for now",
+                           self.ctx.account, position.symbol, position.id, short(e) or "timeout")
+            return None
+
+    async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
+        """The newest fill on the closing side since the position was opened, with its order's client id
+        (from the stream's memory, else the order by id), from REST; None when there is none. A fill this
+        process took in as a reduction of the position is not its closing fill (chaos seed 300809: another
+        client's partial close, then the rest vanished; the partial close was claimed as the flattening).
+        Known only by order id, and only in this process: an order that reduced and later flattened the
+        same position is then not found here (the flat's cause stays with the stream's fill, or unknown)."""
+        # Binance answers at most 7 days per query (ccxt sends endTime = since + 7 days): the closing fill is
+        # recent, so ask for the last 6 days of an older position, not for its first week.
+        closing = exit_side(position.side)
+        candidates: list[Fill] = []
+        for back in (timedelta(minutes=10), timedelta(days=6)):  # Binance lists oldest first from the start
+            since = max(position.created_at, self.ctx.engine.clock() - back)
+            fills = await self.ctx.exchange.fills(position.symbol, since)
+            runtime = self.ctx.peek(position.id)  # a fill taken in as a reduction flattened nothing
+            reductions = runtime.reduced_by if runtime is not None else set()
+            candidates = [f for f in fills if f.side == closing and f.at >= position.created_at
+                          and f.order_id not in reductions]
+            if candidates or since == position.created_at:
+                break
+        if not candidates:
+            return None
+        fill = max(candidates, key=lambda f: f.at)
+        known = self.client_id_of(fill.order_id)
+        if known is not None:
+            return fill, known
+        order = await self.ctx.exchange.order(position.symbol, fill.order_id)
+        return fill, order.client_id
+
+    def amend(self, order: OrderSnapshot, client_id: str | None) -> None:
+        """A fill that arrives after its position was closed with cause `unknown` explains that close: the
+        closure is amended by a `closure_amended` record (the journal stays as it was)."""
+        ours = parse_client_id(client_id)
+        for position_id, (position, closed_at) in list(self.unexplained.items()):
+            if position.symbol != order.symbol or order.side != exit_side(position.side):
+                continue
+            if ours is not None and ours.position_id != position_id:
+                continue  # an order of another position of ours (a reversal's entry): it explains nothing here
+            if self.ctx.monotonic() - closed_at > 600 or order.at < position.created_at:
+                continue
+            del self.unexplained[position_id]
+            cause = classify_close(client_id, position_id=position_id,
+                                   trailing_was_active=position.trailing is not None and position.trailing.active)
+            if cause in (CloseCause.BOT, CloseCause.UNKNOWN):
+                return
+            self.ctx.stats.closures_amended += 1
+            self.ctx.engine.records.emit({
+                "event": "closure_amended", "account": self.ctx.account, "symbol": position.symbol,
+                "position_id": position_id, "at": self.ctx.engine.clock().isoformat(), "cause_before": "unknown",
+                "cause": cause.value, "cause_source": "late_fill_update", "exchange_order_id": order.exchange_order_id,
+                "client_order_id": client_id, "exit_price": text(order.average_price),
+                "realized_pnl": text(order.realized_pnl), "fee": text(order.fee),
+            })
+            logger.warning("{} {} {}: closure cause amended: unknown -> {} (the fill update came late)",
+                           self.ctx.account, position.symbol, position_id, cause.value)
+            return
+
+    def unused_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
+        """The newest unused fill seen on the closing side of the symbol, no older than the update."""
+        closing = exit_side(position.side)
+        earliest = snap.at - timedelta(seconds=1)
+        entered = self.ctx.entry_at(position.id)
+        if entered is not None and entered > earliest:
+            earliest = entered  # a fill before this position's entry is about an earlier position
+        for seen in reversed(self.fills.get(snap.symbol, ())):
+            ours = parse_client_id(seen.client_id)
+            if ours is not None and ours.purpose is OrderPurpose.ENTRY:
+                continue  # an entry opens a position, it never flattens one (one way: no flips of ours)
+            if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
+                seen.used = True
+                return seen
+        return None
+
+    async def closing_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
+        """The fill that flattened the position: the newest unused fill on the closing side of the symbol,
+        no older than the update, waiting up to `cause_wait_s` for it (the order update may come after)."""
+        deadline = self.ctx.monotonic() + self.ctx.config.cause_wait_s
+        signal = self.fill_signal.setdefault(snap.symbol, asyncio.Event())
+        while True:
+            found = self.unused_fill(position, snap)
+            if found is not None:
+                return found
+            remaining = deadline - self.ctx.monotonic()
+            if remaining <= 0:
+                return None
+            signal.clear()
+            try:
+                await asyncio.wait_for(signal.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def doubt_stream(self, reason: str, *, resubscribe: bool) -> None:
+        """REST showed what the private stream did not: doubt it at once (health says so until it speaks
+        again), probe its listen key (an expired key: new key and reconnect), and with `resubscribe`
+        (the change is proven) resubscribe even when the key is alive: the socket may be wedged."""
+        first = self.doubted is None
+        self.doubted = reason
+        if first:
+            logger.warning("{}: the private stream is doubted: {}", self.ctx.account, reason)
+        alive: bool | None
+        try:
+            alive = await self.ctx.exchange.probe_user_stream(reason)
+        except xerr.ExchangeError as e:
+            logger.warning("{}: probing the private stream failed: {}", self.ctx.account, short(e))
+            alive = None
+        if resubscribe and alive is not False:  # an expired key is reconnected by the adapter itself
+            generation = self.ctx.exchange.generation
+            if self._resubscribed_generation != generation:
+                self._resubscribed_generation = generation
+                logger.warning("{}: the private stream may be wedged ({}); recreating the exchange client",
+                               self.ctx.account, reason)
+                try:
+                    await self.ctx.exchange.recreate(generation, reason)
+                except xerr.ExchangeError as e:
+                    logger.error("{}: could not recreate the exchange client: {}", self.ctx.account, short(e))
+
+    def stream_doubted(self) -> str | None:
+        """Why the private stream is doubted (REST showed what it did not deliver), or None."""
+        return self.doubted
+
+    def stream_healthy(self) -> bool:
+        """The private position stream is connected and not known to be silent (adapter's health)."""
+        return self.ctx.exchange.health.get("positions") is StreamHealth.HEALTHY
+
+    def stream_shows(self, position: Position) -> bool | None:
+        """Whether the private stream's newest update (newer than the entry) shows the position: True,
+        False (flat or the other side), or None when the stream said nothing about it since."""
+        live = self.live.get(position.symbol)
+        entered = self.ctx.entry_at(position.id)
+        if live is None or (entered is not None and live.at < entered) or self.ctx.missing(position.id):
+            return None
+        return live.side is position.side
+
+    def unsettled(self) -> bool:
+        """Some tracked position is known to the REST snapshot of a resync only as missing (see below)."""
+        return any(r.missing is not None and pid in self.ctx.engine.positions for pid, r in self.ctx.positions.items())
+
+    def settled(self, position_id: str) -> None:
+        """Reconciliation saw the position on REST (twice): it is no longer only known as missing."""
+        runtime = self.ctx.peek(position_id)
+        if runtime is not None:
+            runtime.missing = None
+
+    def missing_after_resync(self, position_id: str) -> bool:
+        """A resync's REST snapshot lacked this position and the stream has said nothing about it since."""
+        return self.ctx.missing(position_id)
+
+    def is_flat(self, position: Position) -> bool:
+        """The private stream's newest update (newer than the entry) shows no position on this side."""
+        live = self.live.get(position.symbol)
+        entered = self.ctx.entry_at(position.id)
+        return live is not None and live.side is not position.side and (entered is None or live.at >= entered)
