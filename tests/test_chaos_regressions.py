@@ -10,6 +10,8 @@ import asyncio
 from decimal import Decimal as D
 from pathlib import Path
 
+import pytest
+
 from chaos.runner import _failure_text, run_many
 from exchange.sim.server import SimServer
 from lifecycle.domain import CloseCause, Side
@@ -55,6 +57,8 @@ REGRESSIONS = {
     300318: "the same as 300176, closed by the bot",
     300764: "(the ledger's) part of our entry netted against another client's larger opposite position opened "
             "a moment before: judged as 'never flattened' (now: netted, ended by that client's order)",
+    301378: "a partial close by another client and a liquidation within one millisecond, the stream down: REST's "
+            "tie for the newest fill went to the partial close (cause manual instead of liquidation)",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -218,3 +222,30 @@ async def test_a_fill_taken_in_as_a_reduction_is_not_the_closing_fill_of_a_vanis
         await asyncio.sleep(0.05)
     stored = await rig.stored(p.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND), (stored.state, stored.close_cause)
+
+
+async def test_of_two_fills_in_one_millisecond_the_last_listed_is_the_closing_fill(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 301378: another client closed part of our position and a liquidation took the rest within the same
+    millisecond, while the stream was down; REST's "newest" fill was a tie and the first listed (the partial
+    close) was taken as the flattening: cause manual instead of liquidation."""
+    from exchange.sim import venue as sim_venue
+
+    p = await rig.open(_btc(Side.LONG))
+    rig.sim.set_faults(ws_silent=True)
+    frozen = sim_venue.now_ms()
+    monkeypatch.setattr(sim_venue, "now_ms", lambda: frozen)  # both fills in one millisecond
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.004"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "liquidation")
+    monkeypatch.undo()
+    assert rig.live is not None
+    reconciler = Reconciler(rig.live, grace_ms=0, stream_doubt_s=0.2)
+    deadline = asyncio.get_running_loop().time() + 10
+    while (state := rig.state(p.id)) is not None and not state.is_terminal:
+        assert asyncio.get_running_loop().time() < deadline, "the liquidated position never ended"
+        await reconciler.sync()
+        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
+    stored = await rig.stored(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.LIQUIDATION), \
+        (stored.state, stored.close_cause)

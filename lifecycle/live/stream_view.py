@@ -120,7 +120,10 @@ class StreamView:
                 break
         if not candidates:
             return None
-        fill = max(candidates, key=lambda f: f.at)
+        fill = candidates[0]  # the newest; the venue lists oldest first, so of fills within one millisecond
+        for later in candidates[1:]:  # the last listed (chaos seed 301378: a partial close and a liquidation)
+            if later.at >= fill.at:
+                fill = later
         known = self.client_id_of(fill.order_id)
         if known is not None:
             return fill, known
