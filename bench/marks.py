@@ -25,11 +25,10 @@ from exchange.paper import PaperExchange
 from exchange.port import MarkPrice
 from lifecycle.domain import Position, Side, TrailingState, new_position_id, utcnow
 from lifecycle.engine import Engine
+from lifecycle.journal import CREATED, JournalEntry, creation_payload
 from lifecycle.live import LiveConfig, LiveEngine
-from lifecycle.machines.position import CREATED, JournalEntry
 from lifecycle.machines.states import PositionState
 from lifecycle.records import JsonlRecords
-from lifecycle.replay import creation_payload
 
 
 class _Ticks:

@@ -13,10 +13,9 @@ from db.repository import Repository, orders
 from exchange.paper import PaperExchange
 from lifecycle.domain import OrderStatus, Position, Side, TrailingState, new_position_id, utcnow
 from lifecycle.engine import Engine
-from lifecycle.machines.position import CREATED, JournalEntry
+from lifecycle.journal import CREATED, JournalEntry, creation_payload
 from lifecycle.machines.states import PositionState
 from lifecycle.records import JsonlRecords
-from lifecycle.replay import creation_payload
 
 
 def _positions(n: int) -> list[tuple[Position, JournalEntry]]:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from db.engine import create_engine, migrate
 from db.tables import ClosureRow, JournalRow, OrderRow, PositionRow, TrailingStateRow
-from lifecycle.actions import ClosureRecord, EmitClosure
+from lifecycle.actions import ClosureRecord
 from lifecycle.domain import (
     CloseCause,
     CloseReason,
@@ -30,7 +30,7 @@ from lifecycle.domain import (
     TrailingState,
 )
 from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, StoreRefused
-from lifecycle.machines.position import JournalEntry, Outcome
+from lifecycle.journal import JournalEntry, Outcome
 from lifecycle.machines.states import TERMINAL_STATES, PositionState
 
 positions = PositionRow.__table__
@@ -135,9 +135,8 @@ class Repository:
                 values = _trailing_values(position)
                 values["_id"] = values.pop("position_id")
                 await conn.execute(_UPDATE_TRAILING, values)
-            for action in outcome.actions:
-                if isinstance(action, EmitClosure):
-                    await conn.execute(closures.insert(), _closure_values(action.closure))
+            if outcome.closure is not None:
+                await conn.execute(closures.insert(), _closure_values(outcome.closure))
 
     async def save_order(self, order: OrderRef, now: datetime) -> None:
         """Insert or update one order of ours."""

@@ -32,12 +32,12 @@ from lifecycle.errors import (
 )
 from lifecycle.events import EntryFailed, Event
 from lifecycle.guards.stop_lock import StopLockRegistry
-from lifecycle.machines.position import CREATED, JournalEntry, Outcome, PositionMachine
+from lifecycle.journal import Outcome, creation_entry
+from lifecycle.machines.position import PositionMachine
 from lifecycle.machines.states import PositionState
 from lifecycle.machines.table import INITIAL_STATE
 from lifecycle.metrics import Metrics
 from lifecycle.ports import OrderCanceller, PositionStore, RecordSink
-from lifecycle.replay import creation_payload
 
 
 class Engine:
@@ -99,7 +99,7 @@ class Engine:
             updated_at=now,
             trailing=trailing,
         )
-        creation = JournalEntry(position.id, 0, CREATED, None, position.state, now, None, creation_payload(position))
+        creation = creation_entry(position, now)
         if self.books.behind:
             raise StorageUnavailable(f"the database is failing ({self.books.failing}); no new position is opened "
                                      "until it is back")

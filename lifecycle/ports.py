@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from lifecycle.domain import OrderRef, Position
-from lifecycle.machines.position import JournalEntry, Outcome
+from lifecycle.journal import JournalEntry, Outcome
 
 
 class PositionStore(Protocol):

@@ -42,6 +42,7 @@ from exchange.port import ExchangePort, Fill, MarkPrice, OrderSnapshot, Position
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, OrderStatus, Position, Side
 from lifecycle.engine import Engine
+from lifecycle.journal import Outcome
 from lifecycle.live.closing import Closing
 from lifecycle.live.config import LiveConfig, LiveStats, OpenCommand
 from lifecycle.live.context import FLATTENABLE, PROTECTED, UNPROTECTED_GRACE_S, LiveContext, S
@@ -51,7 +52,6 @@ from lifecycle.live.recovery import Recovery
 from lifecycle.live.stops import Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
-from lifecycle.machines.position import Outcome
 
 
 class LiveEngine:

@@ -15,7 +15,7 @@ from typing import Any
 
 from transitions.extensions.asyncio import AsyncMachine, AsyncState
 
-from lifecycle.actions import Action
+from lifecycle.actions import Action, ClosureRecord, EmitClosure
 from lifecycle.domain import CloseCause, Position, require_utc
 from lifecycle.errors import GuardRefused, UndefinedTransition
 from lifecycle.events import (
@@ -32,6 +32,7 @@ from lifecycle.events import (
     to_payload,
 )
 from lifecycle.guards.cleanup import terminal_cleanup
+from lifecycle.journal import JournalEntry, Outcome
 from lifecycle.machines.states import PositionState
 from lifecycle.machines.table import INITIAL_STATE, TABLE, Edge
 
@@ -43,32 +44,7 @@ class _Context:
     event: Event
     at: datetime
     actions: list[Action] = field(default_factory=list)
-
-
-CREATED = "created"  # the journal's row 0: the position as it was opened
-
-
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
-    position_id: str
-    seq: int
-    event: str  # a PositionEvent value, or CREATED for row 0
-    source: PositionState | None  # None for the creation row
-    dest: PositionState
-    at: datetime
-    cause: str | None
-    payload: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """An accepted transition: what it was, its journal row, and the actions it asks for."""
-
-    source: PositionState
-    dest: PositionState
-    event: Event
-    journal: JournalEntry
-    actions: tuple[Action, ...]
+    closure: ClosureRecord | None = None  # set by the terminal-cleanup hook
 
 
 # --- effects: how each accepted event changes the position's data (not its state) ---------------
@@ -163,7 +139,10 @@ def _apply_effect(event_data: Any) -> None:
 
 def _on_enter_terminal(event_data: Any) -> None:
     ctx = _ctx(event_data)
-    ctx.actions.extend(terminal_cleanup(event_data.model, ctx.at, ctx.event))
+    actions = terminal_cleanup(event_data.model, ctx.at, ctx.event)
+    ctx.actions.extend(actions)
+    # The hook's own closure becomes the outcome's (the store writes it with the journal row).
+    ctx.closure = next((a.closure for a in actions if isinstance(a, EmitClosure)), None)
 
 
 class PositionMachine:
@@ -226,4 +205,4 @@ class PositionMachine:
             cause=position.close_cause.value if position.state.is_terminal and position.close_cause else None,
             payload=to_payload(event),
         )
-        return Outcome(source, position.state, event, journal, tuple(ctx.actions))
+        return Outcome(source, position.state, event, journal, tuple(ctx.actions), ctx.closure)
