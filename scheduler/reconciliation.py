@@ -243,10 +243,16 @@ class ReconciliationScheduler:
             ref = OrderRef(order.client_id or "", ours.position_id, order.symbol, ours.purpose, order.side,
                            order.quantity, OrderStatus.OPEN, order.trigger_price, order.exchange_order_id,
                            order.algo_id)
-            try:
-                await live.exchange.cancel_order(ref)
-            except OrderAlreadyGone:
-                continue
+            # Under the symbol's stop lock, like every other stop mutation: a move or a terminal cleanup in
+            # flight finishes first, and a position that came alive meanwhile keeps its order.
+            async with live.engine.locks.exclusive(live.account, order.symbol):
+                position = live.engine.positions.get(ours.position_id)
+                if position is not None and position.account == live.account and not position.is_terminal:
+                    continue
+                try:
+                    await live.exchange.cancel_order(ref)
+                except OrderAlreadyGone:
+                    continue
             cancelled += 1
             self.stats.orphans_cancelled += 1
             live.engine.records.emit({

@@ -59,6 +59,8 @@ REGRESSIONS = {
             "a moment before: judged as 'never flattened' (now: netted, ended by that client's order)",
     301378: "a partial close by another client and a liquidation within one millisecond, the stream down: REST's "
             "tie for the newest fill went to the partial close (cause manual instead of liquidation)",
+    400097: "a reduction between a partial entry fill and the cancel of the entry's rest, the stream silent: "
+            "REST's smaller size looked older than the position (its start taken from the cancel): never taken in",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -249,3 +251,38 @@ async def test_of_two_fills_in_one_millisecond_the_last_listed_is_the_closing_fi
     stored = await rig.stored(p.id)
     assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.LIQUIDATION), \
         (stored.state, stored.close_cause)
+
+
+async def test_a_reduction_between_a_partial_entry_fill_and_its_trim_is_taken_in(rig: Rig) -> None:
+    """Seed 400097: the stream silent, a limit entry filled in part, another client closed part of that,
+    and only then was the rest of the entry cancelled. The position's start was taken from the entry's final
+    update (the cancel), so REST's smaller size looked older than the position and was never taken in:
+    the stop kept the old size."""
+    from exchange.sim import venue as sim_venue
+
+    assert rig.live is not None and rig.engine is not None
+    rig.set_mark("BTCUSDT", 60000)
+    position = await rig.live.open(OpenCommand("BTCUSDT", Side.SHORT, D("0.010"), entry_price=D("60300"),
+                                               stop_loss_pct=D(1)))
+    await rig.until(lambda: any(o.client_id and o.client_id.endswith("-e0")
+                                for o in rig.sim.venue.open_orders(rig.account, "BTCUSDT")), what="entry resting")
+    entry = next(o for o in rig.sim.venue.open_orders(rig.account, "BTCUSDT") if o.client_id.endswith("-e0"))
+    rig.sim.set_faults(ws_silent=True)
+    rig.sim.venue.fill_partially(rig.account, entry.order_id, D("0.005"))
+    await rig.until(lambda: rig.sim.venue.position(rig.account, "BTCUSDT").amount == D("-0.005"))
+    filled_at = rig.sim.venue.position(rig.account, "BTCUSDT").updated
+    await rig.until(lambda: sim_venue.now_ms() > filled_at, what="the venue's clock past the fill's millisecond")
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D("0.001"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    created = rig.engine.positions[position.id].created_at
+    await rig.until(lambda: (rig.engine.clock() - created).total_seconds() >= 2.1,  # type: ignore[union-attr]
+                    what="the audit's two-second grace for an opening position")
+    await rig.live.audit_protection()  # finds the partial fill, cancels the rest, takes the fill in
+    await rig.until(lambda: rig.state(position.id) is S.OPEN, what="the partial fill taken in")
+    reconciler = Reconciler(rig.live, grace_ms=0)
+    deadline = asyncio.get_running_loop().time() + 10
+    while rig.engine.positions[position.id].quantity != D("0.004"):
+        assert asyncio.get_running_loop().time() < deadline, "the reduction was never taken in"
+        await reconciler.sync()
+        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
+    await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.004")], what="stop resized")

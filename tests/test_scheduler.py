@@ -109,6 +109,36 @@ async def test_the_orphan_sweep_leaves_an_order_alone_while_the_database_cannot_
     assert (await scheduler.sweep_orphans()).startswith("1 orphan(s) cancelled")  # the database is back
 
 
+async def test_the_orphan_sweep_waits_for_the_symbols_stop_lock(rig: Rig) -> None:
+    """Every stop mutation holds the symbol's lock; the orphan sweep's cancel too (a move or a terminal
+    cleanup in flight finishes first)."""
+    await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.5"), stop_loss_pct=D(1)))
+    assert rig.live is not None and rig.exchange is not None and rig.engine is not None
+    orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
+    await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
+    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig())
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with rig.engine.locks.exclusive(rig.account.name, "ETHUSDT"):  # type: ignore[union-attr]
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.ensure_future(hold())
+    await holding.wait()
+    listed = rig.sim.calls["GET /fapi/v1/openAlgoOrders"]
+    sweep = asyncio.ensure_future(scheduler.sweep_orphans())
+    await rig.until(lambda: rig.sim.calls["GET /fapi/v1/openAlgoOrders"] > listed, what="the sweep's listing")
+    await rig.until(lambda: rig.engine.locks.users(rig.account.name, "ETHUSDT") == 2,  # type: ignore[union-attr]
+                    what="the sweep waiting for the lock")
+    assert orphan in {a.client_id for a in rig.sim.venue.open_algos(rig.account, "ETHUSDT")}  # still waiting
+    assert not sweep.done()
+    release.set()
+    assert (await sweep).startswith("1 orphan(s) cancelled")
+    await holder
+    assert orphan not in {a.client_id for a in rig.sim.venue.open_algos(rig.account, "ETHUSDT")}
+
+
 def test_schedule_config_refuses_impossible_intervals() -> None:
     with pytest.raises(ValueError, match="sync_interval_s"):
         ScheduleConfig(sync_interval_s=0)

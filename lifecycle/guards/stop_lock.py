@@ -61,6 +61,11 @@ class StopLockRegistry:
             slot = self._slots[key] = _Slot()
         return slot
 
+    def users(self, account: str, symbol: str) -> int:
+        """How many callers hold or wait for the symbol's lock (0: free)."""
+        slot = self._slots.get((account, symbol))
+        return slot.users if slot is not None else 0
+
     def _done(self, key: tuple[str, str], slot: _Slot) -> None:
         slot.users -= 1
         if slot.users == 0 and self._slots.get(key) is slot:

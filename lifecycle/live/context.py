@@ -44,6 +44,7 @@ class PositionRuntime:
     trimming: bool = False  # partly filled entry: the rest is being cancelled
     entry_at: datetime | None = None  # exchange time of the entry fill
     entry_fill: OrderSnapshot | None = None  # the newest fill seen of the entry
+    last_fill_at: datetime | None = None  # exchange time of the update that showed the entry's last fill
     missing: datetime | None = None  # when a resync's REST snapshot lacked it (the stream said nothing since)
     fired: str | None = None  # client id of our stop / take-profit that fired
     unprotected_since: float | None = None  # monotonic time first seen without a working stop

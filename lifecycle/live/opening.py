@@ -224,10 +224,16 @@ class Opening:
         if runtime.entry_done:
             return
         if order.filled > 0:
+            if runtime.entry_fill is None or order.filled > runtime.entry_fill.filled:
+                # The entry's last fill: when the position took its size on the venue. Not the final update's
+                # time: for a partly filled entry whose rest is cancelled that is the cancel's, and a reduction
+                # between the fill and the cancel would look older than the position (chaos seed 400097:
+                # never taken in, the stop kept the old size).
+                runtime.last_fill_at = order.at
             runtime.entry_fill = order
         if order.status is OrderStatus.FILLED or (order.status.is_final and order.filled > 0):
             runtime.entry_done = True
-            runtime.entry_at = order.at
+            runtime.entry_at = runtime.last_fill_at or order.at
             task = self.ctx.spawn(self.entry_filled(position_id, order), f"entry fill of {position_id}",
                                essential=True)
             if task is not None:
