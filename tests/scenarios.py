@@ -1,10 +1,18 @@
 """Reach any state of the table by firing real events, and build events that pass or fail guards."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from decimal import Decimal as D
 
-from lifecycle.domain import CloseCause, CloseReason, Position, Side, TrailingState, new_position_id
+from lifecycle.domain import (
+    CloseCause,
+    CloseReason,
+    Position,
+    Side,
+    TrailingState,
+    new_position_id,
+)
 from lifecycle.events import (
     CloseFailed,
     CloseRequested,
@@ -19,7 +27,6 @@ from lifecycle.events import (
     Vanished,
 )
 from lifecycle.machines.states import PositionState
-from lifecycle.machines.table import TABLE, Edge
 
 S, E = PositionState, PositionEvent
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -68,12 +75,17 @@ def good_event(name: PositionEvent, p: Position) -> Event:
     raise AssertionError(name)
 
 
-# Event sequences from OPENING to each source state. CLOSING_BY_BOT has one path per state the close
-# can be requested from, because close_failed must return there.
+# Event sequences from OPENING to each state, written out (not looked up in the table, which the tests
+# check). CLOSING_BY_BOT has one path per state the close can be requested from, because close_failed must
+# return there.
 _TO = {
     S.OPENING: [],
     S.OPEN: [E.ENTRY_FILLED, E.STOP_MOVED],
     S.TS_ACTIVE: [E.ENTRY_FILLED, E.STOP_MOVED, E.TS_ACTIVATED],
+    S.CLOSED: [E.ENTRY_FILLED, E.STOP_MOVED, E.CLOSE_REQUESTED, E.FLAT],
+    S.CLOSED_EXTERNAL: [E.ENTRY_FILLED, E.STOP_MOVED, E.FLAT],
+    S.PHANTOM: [E.ENTRY_FILLED, E.STOP_MOVED, E.VANISHED],
+    S.CANCELLED: [E.ENTRY_FAILED],
 }
 _CLOSE_FROM_GUARD = {"was_open_before_close": S.OPEN, "was_trailing_before_close": S.TS_ACTIVE,
                      "was_opening_before_close": S.OPENING}
@@ -82,15 +94,13 @@ _CLOSE_FROM_GUARD = {"was_open_before_close": S.OPEN, "was_trailing_before_close
 def path_to(state: PositionState, via: PositionState = S.OPEN) -> list[PositionEvent]:
     if state is S.CLOSING_BY_BOT:
         return [*_TO[via], E.CLOSE_REQUESTED]
-    if state in _TO:
-        return list(_TO[state])
-    edge = next(e for e in TABLE if e.dest is state and not e.internal)  # a terminal state
-    return [*path_to(edge.source), edge.event]
+    return list(_TO[state])
 
 
-def path_for_edge(edge: Edge) -> list[PositionEvent]:
-    via = next((_CLOSE_FROM_GUARD[g] for g in edge.guard_names if g in _CLOSE_FROM_GUARD), S.OPEN)
-    return path_to(edge.source, via)
+def path_for_edge(source: PositionState | str, guard_names: Iterable[str]) -> list[PositionEvent]:
+    """The path to an edge's source; into CLOSING_BY_BOT from the state its was_* guard names (else OPEN)."""
+    via = next((_CLOSE_FROM_GUARD[g] for g in guard_names if g in _CLOSE_FROM_GUARD), S.OPEN)
+    return path_to(PositionState(source), via)
 
 
 def bad_events(guard: str, p: Position) -> list[Event]:

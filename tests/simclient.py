@@ -13,6 +13,7 @@ import aiohttp
 
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
+from tests.waiting import until
 
 
 async def signed(session: aiohttp.ClientSession, sim: SimServer, account: Account, method: str, path: str,
@@ -22,6 +23,18 @@ async def signed(session: aiohttp.ClientSession, sim: SimServer, account: Accoun
     url = f"{sim.rest_url}{path}?{query}&signature={signature}"
     async with session.request(method, url, headers={"X-MBX-APIKEY": account.api_key}) as response:
         return response.status, await response.json(content_type=None)
+
+
+def user_connections(sim: SimServer) -> list[Any]:
+    """The user-data WebSocket connections the simulator delivers to now (their listen key is valid): one is
+    listed once the simulator has registered it, which is later than the client sees itself connected."""
+    return [sub for key, subs in sim.user_subs.items() if (listen := sim.listen_keys.get(key)) is not None
+            and not listen.expired for sub in subs]
+
+
+def new_user_connection(sim: SimServer, before: list[Any]) -> bool:
+    """A user-data connection the simulator delivers to that was not there `before` (user_connections())."""
+    return any(all(sub is not old for old in before) for sub in user_connections(sim))
 
 
 async def keyed(session: aiohttp.ClientSession, sim: SimServer, account: Account, method: str,
@@ -39,6 +52,7 @@ class UserStream:
 
     async def open(self, session: aiohttp.ClientSession, sim: SimServer, account: Account) -> UserStream:
         _, body = await keyed(session, sim, account, "POST", "/fapi/v1/listenKey")
+        before = user_connections(sim)
         ws = await session.ws_connect(f"ws://127.0.0.1:{sim.ws_port}/private/ws?listenKey={body['listenKey']}")
 
         async def read() -> None:
@@ -46,7 +60,7 @@ class UserStream:
                 self.events.append(json.loads(msg.data))
 
         self._task = asyncio.create_task(read())
-        await asyncio.sleep(0.05)
+        await until(lambda: new_user_connection(sim, before), timeout=2.0, what="the stream registered")
         return self
 
     async def wait_for(self, predicate: Any, timeout: float = 2.0) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class FakeStore:
             self.calls.append(n)
             await self.hang.wait()
             if self.write_s:
-                await asyncio.sleep(self.write_s)
+                await asyncio.sleep(self.write_s)  # a slow database write
             if self.refuse:
                 raise StoreRefused("constraint")
             if self.failing:

@@ -1,11 +1,18 @@
-"""The committed diagrams and transition table are exactly what the code generates."""
+"""The committed diagrams are exactly what the code generates, and every view draws the expected table."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from lifecycle.machines.diagrams import dot, markdown, mermaid, render_all, stale, write_all
-from lifecycle.machines.states import PositionState
-from lifecycle.machines.table import TABLE
+from lifecycle.machines.diagrams import (
+    dot,
+    markdown,
+    mermaid,
+    render_all,
+    stale,
+    write_all,
+)
+from tests.test_transition_table import EXPECTED, EXPECTED_EVENTS, EXPECTED_STATES
 
 REPO_DIAGRAMS = Path(__file__).resolve().parent.parent / "diagrams"
 
@@ -22,15 +29,29 @@ def test_a_changed_or_missing_file_is_reported_stale(tmp_path: Path) -> None:
     assert stale(tmp_path) == ["position.mmd", "transitions.md"]
 
 
-def test_every_edge_and_guard_appears_in_every_view() -> None:
-    views = {"mermaid": mermaid(), "dot": dot(), "markdown": markdown()}
-    for edge in TABLE:
-        for name, text in views.items():
-            line = next((l for l in text.splitlines() if edge.source.value in l and edge.event.value in l
-                         and edge.dest.value in l), None)
-            assert line is not None, f"{name} lacks {edge}"
-            for guard in edge.guard_names:
-                assert guard in line, f"{name}: guard {guard} missing on {edge.source}-{edge.event}"
-    for state in PositionState:
-        assert all(state.value in text for text in views.values())
+_STATE = re.compile(r"\b(" + "|".join(sorted(EXPECTED_STATES, key=len, reverse=True)) + r")\b")
+
+
+def _edge_lines(text: str) -> list[tuple[list[str], str]]:
+    """(the two states named, in order; the line) for every line that draws an edge."""
+    out = []
+    for line in text.splitlines():
+        states = _STATE.findall(line)
+        if len(states) == 2 and any(re.search(rf"\b{e}\b", line) for e in EXPECTED_EVENTS):
+            out.append((states, line))
+    return out
+
+
+def test_every_expected_edge_and_guard_appears_in_every_view_and_no_other() -> None:
+    views = {"mermaid": (mermaid(), 1), "dot": (dot(), 1), "markdown": (markdown(), 2)}  # markdown: diagram + table
+    for name, (text, copies) in views.items():
+        edges = _edge_lines(text)
+        for row in EXPECTED:
+            lines = [line for states, line in edges
+                     if states == [row.source, row.dest] and re.search(rf"\b{row.event}\b", line)
+                     and all(re.search(rf"\b{g}\b", line) for g in row.guards)]
+            assert len(lines) == copies, f"{name}: {row.source} -{row.event}-> {row.dest} {row.guards} drawn {len(lines)}x"
+        assert len(edges) == copies * len(EXPECTED), f"{name} draws {len(edges)} edges, expected {len(EXPECTED)}"
+        for state in EXPECTED_STATES:
+            assert re.search(rf"\b{state}\b", text), f"{name} lacks state {state}"
     assert set(render_all()) == {"position.mmd", "position.dot", "transitions.md"}

@@ -10,6 +10,7 @@ from decimal import Decimal as D
 import aiohttp
 import pytest
 
+from exchange.port import StreamHealth
 from lifecycle.domain import CloseCause, CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
 from lifecycle.machines.states import PositionState as S
@@ -45,10 +46,10 @@ async def test_our_stop_fills_closed_external_stop_loss(rig: Rig) -> None:
 
 async def test_trailing_stop_activates_follows_and_fills(rig: Rig) -> None:
     p = await rig.open(btc_long(trailing_activation=D(60300), trailing_callback_pct=D("0.5")))
+    assert rig.live is not None
     for mark in (60200, 60400, 60800, 60700, 61000, 60900):
         rig.set_mark("BTCUSDT", mark)
-        await asyncio.sleep(0.02)
-    assert rig.live is not None
+        await rig.until(lambda m=D(mark): rig.live.marks.get("BTCUSDT") == m, what=f"mark {mark} seen")  # type: ignore[union-attr]
     await rig.live.idle()
     live = rig.engine.positions[p.id]  # type: ignore[union-attr]
     assert live.state is S.TS_ACTIVE and live.stop_price == D("60695.0")  # 61000 * (1 - 0.5%)
@@ -162,17 +163,18 @@ async def test_seed_001_bot_close_with_reconciliation_during_and_after(rig: Rig)
     assert rig.live is not None
     reconciler = Reconciler(rig.live, grace_ms=0)  # no grace: only the state protects the bot's close
     stop = asyncio.Event()
+    passes = 0
 
     async def keep_syncing() -> int:
-        passes = 0
+        nonlocal passes
         while not stop.is_set():
             await reconciler.sync()
             passes += 1
-            await asyncio.sleep(0.005)  # a pass with nothing to check does not yield by itself
+            await asyncio.sleep(0.005)  # paces the passes: one with nothing to check does not yield by itself
         return passes
 
     syncing = asyncio.create_task(keep_syncing())
-    await asyncio.sleep(0.05)
+    await rig.until(lambda: passes >= 1, what="a first reconciliation pass")
     assert await rig.live.close(p.id, CloseReason.SIGNAL)
     await rig.ended(p.id)
     for _ in range(3):
@@ -191,7 +193,7 @@ async def test_seed_002_activation_while_rest_lags_uses_live_state(rig: Rig) -> 
     rig.sim.set_faults(rest_latency_ms=30)
     for mark in (60300, 60650, 60900, 61300, 61250):  # a fast run through the activation, 10 ms apart
         rig.set_mark("BTCUSDT", mark)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # paces the market
     assert rig.live is not None
     await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("61116.1"), what="trailed stop")  # type: ignore[union-attr]
     await rig.live.idle()
@@ -223,7 +225,7 @@ async def test_seed_003_bursts_of_marks_never_overlap_stop_moves(rig: Rig) -> No
     for burst in range(0, len(marks), 30):  # bursts of 30 marks with no pause between them
         for mark in marks[burst:burst + 30]:
             rig.set_mark("BTCUSDT", mark)
-        await asyncio.sleep(0.03)
+        await asyncio.sleep(0.03)  # paces the market: a pause between bursts
     await rig.live.idle()
     newest = (marks[-1] * D("0.998") / D("0.1")).to_integral_value(rounding=ROUND_FLOOR) * D("0.1")
     assert rig.engine.positions[p.id].stop_price == newest  # type: ignore[union-attr]
@@ -262,7 +264,8 @@ async def test_restart_continues_an_active_trailing_stop(rig: Rig) -> None:
     assert resumed.state is S.TS_ACTIVE and resumed.trailing is not None
     assert resumed.trailing.watermark == D("60500.0") and resumed.stop_price == D("59895.0")
     rig.set_mark("BTCUSDT", 60400)  # below the persisted watermark: nothing moves
-    await asyncio.sleep(0.05)
+    await rig.until(lambda: rig.live.marks.get("BTCUSDT") == D(60400), what="mark 60400 seen")  # type: ignore[union-attr]
+    await rig.live.idle()
     assert rig.engine.positions[p.id].stop_price == D("59895.0")
     rig.set_mark("BTCUSDT", 61000)
     await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60390.0"))
@@ -333,8 +336,9 @@ async def test_a_reduction_during_a_trailing_move_never_puts_the_stop_back(rig: 
     assert rig.live is not None
     await rig.live.idle()
     rig.sim.set_faults(rest_latency_ms=200)
+    placed = rig.sim.calls["POST /fapi/v1/algoOrder"]
     rig.set_mark("BTCUSDT", 60800)  # a move to 60496.0 starts, slowly
-    await asyncio.sleep(0.1)
+    await rig.until(lambda: rig.sim.calls["POST /fapi/v1/algoOrder"] > placed, what="the move's new stop on its way")
     rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.004"),
                             price=None, client_id="web_partial", reduce_only=True)  # reduced meanwhile
     await rig.until(lambda: [(a.trigger, a.qty) for a in rig.stop_algos("BTCUSDT")] == [(D("60496.0"), D("0.006"))],
@@ -349,13 +353,15 @@ async def test_a_reduction_during_a_trailing_move_never_puts_the_stop_back(rig: 
 async def test_a_take_profit_in_flight_does_not_outlive_its_position(rig: Rig) -> None:
     rig.sim.set_faults(rest_latency_ms=100)
     assert rig.live is not None
+    placed = rig.sim.calls["POST /fapi/v1/algoOrder"]
     p = await rig.live.open(btc_long(take_profit=D(61000)))
     await rig.until(lambda: p.id in rig.engine.positions  # type: ignore[union-attr]
                     and rig.engine.positions[p.id].stop_price is not None)  # type: ignore[union-attr]
-    await asyncio.sleep(0.03)  # the take-profit request is on its way
+    await rig.until(lambda: rig.sim.calls["POST /fapi/v1/algoOrder"] >= placed + 2,  # the stop, then this one
+                    what="the take-profit request on its way")
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
     await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # time passes: the late take-profit lands meanwhile and must NOT stay
     assert rig.our_open_orders() == []
 
 
@@ -393,8 +399,9 @@ async def test_a_stop_whose_answer_was_lost_is_found_not_placed_twice(rig: Rig) 
 async def test_reconciliation_trusts_a_healthy_stream_over_lagging_rest(rig: Rig) -> None:
     rig.sim.set_faults(stale_positions_s=300)  # REST frozen before the entry
     p = await rig.open(btc_long())
-    await asyncio.sleep(0.05)
     assert rig.live is not None
+    await rig.until(lambda: rig.live.stream_shows(rig.engine.positions[p.id]) is True,  # type: ignore[union-attr]
+                    what="the stream showing the position")
     report = await Reconciler(rig.live, grace_ms=0).sync()
     assert report.closed == [] and report.stream_disagrees == 1
     assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
@@ -427,8 +434,7 @@ async def test_a_close_missed_while_the_stream_was_down_is_found_after_the_resyn
     p = await rig.open(btc_long())
     assert rig.live is not None and rig.exchange is not None
     Reconciler(rig.live, grace_ms=0).attach()  # its pass runs after a resync
-    rig.sim.expire_listen_keys()  # connections stay open, nothing arrives
-    await asyncio.sleep(0.05)
+    rig.sim.expire_listen_keys()  # connections stay open, nothing arrives (from now on: nothing to wait for)
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
     await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
     assert rig.exchange.reconnects.get("positions", 0) >= 1
@@ -445,12 +451,24 @@ async def test_closing_an_opening_position_cancels_its_entry(rig: Rig) -> None:
 
 
 async def _reconnect(rig: Rig) -> None:
-    assert rig.exchange is not None
-    before = rig.exchange.reconnects.get("positions", 0)
-    await rig.sim.drop_streams()
-    await rig.until(lambda: rig.exchange.reconnects.get("positions", 0) > before,  # type: ignore[union-attr]
-                    timeout=10, what="reconnect")
-    await asyncio.sleep(0.5)  # both resyncs handled
+    """Drop the streams; back once both are subscribed anew and the positions resync (whose snapshot lacks a
+    tracked position) has started its reconciliation hooks."""
+    assert rig.exchange is not None and rig.live is not None
+    before = dict(rig.exchange.reconnects)
+    resynced = asyncio.Event()
+
+    async def seen() -> None:
+        resynced.set()
+
+    rig.live.after_resync.append(seen)
+    try:
+        await rig.sim.drop_streams()
+        await rig.until(lambda: all(rig.exchange.reconnects.get(s, 0) > before.get(s, 0)  # type: ignore[union-attr]
+                                    and rig.exchange.health.get(s) is StreamHealth.HEALTHY  # type: ignore[union-attr]
+                                    for s in ("positions", "orders")), timeout=10, what="both streams back")
+        await rig.until(resynced.is_set, timeout=10, what="the positions resync handled")
+    finally:
+        rig.live.after_resync.remove(seen)
 
 
 async def test_a_stale_snapshot_at_a_reconnect_never_ends_an_open_position(rig: Rig) -> None:
@@ -472,8 +490,7 @@ async def test_a_missed_close_inside_the_grace_window_is_found_once_it_passes(ri
     p = await rig.open(btc_long())
     assert rig.live is not None
     Reconciler(rig.live, grace_ms=1500).attach()
-    rig.sim.expire_listen_keys()
-    await asyncio.sleep(0.05)
+    rig.sim.expire_listen_keys()  # from now on nothing arrives: nothing to wait for
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")  # right after our last activity
     await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
     assert [a for a in rig.alarms() if "placed again" in a[1]] == []  # no stop put on the flat position
@@ -486,7 +503,8 @@ async def test_an_entry_filling_while_its_close_is_rejected_is_protected(rig: Ri
     async def fill_first(order):  # type: ignore[no-untyped-def]
         if order.purpose.value == "entry":
             rig.set_mark("BTCUSDT", 59800)  # the limit entry fills just before our cancel lands
-            await asyncio.sleep(0.1)
+            await rig.until(lambda: rig.engine.positions[order.position_id].quantity is not None,  # type: ignore[union-attr]
+                            what="the entry's fill taken in")
         return await original(order)
 
     rig.exchange.cancel_order = fill_first  # type: ignore[method-assign]
@@ -507,7 +525,8 @@ async def test_stop_leaves_no_background_work_running(rig: Rig) -> None:
     assert rig.live is not None
     await rig.live.idle()
     rig.sim.set_faults(rest_latency_ms=300, reject_stops=1)  # a slow move that will be answered -2021
+    placed = rig.sim.calls["POST /fapi/v1/algoOrder"]
     rig.set_mark("BTCUSDT", 60800)
-    await asyncio.sleep(0.1)
+    await rig.until(lambda: rig.sim.calls["POST /fapi/v1/algoOrder"] > placed, what="the slow move on its way")
     await rig.live.stop(timeout=5)
     assert [t for t in rig.live.ctx.tasks if not t.done()] == []

@@ -238,7 +238,7 @@ async def test_trailing_moves_do_not_hide_a_close_from_rest_while_the_stream_is_
                 "the close stayed hidden behind the trailing moves"
             price += 50
             rig.set_mark("BTCUSDT", price)
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # paces the market: a rising mark, a trailing move each second
         stored = await rig.ended(p.id)
         assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.ADL)
     finally:

@@ -337,7 +337,7 @@ async def test_the_venue_stop_is_kept_at_restart_even_before_the_first_mark(
         assert rig.live is not None and rig.engine is not None
         rig.live.marks.clear()
         task = asyncio.ensure_future(rig.live.recover(retry_s=0.05))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop step: recovery has begun
         rig.live.marks.clear()
         await task
         await rig.live.idle()

@@ -25,6 +25,7 @@ from lifecycle.reconcile import Reconciler
 from lifecycle.service import ApiBinding, Service
 from tests.crash_child import service_config
 from tests.livekit import Rig
+from tests.waiting import until
 
 
 def _btc(quantity: str = "0.010", **kw: object) -> OpenCommand:
@@ -35,10 +36,11 @@ async def _entry_in_flight(rig: Rig) -> tuple[asyncio.Future[object], str]:
     """An open whose entry sits at the venue for 1.5 s; later requests are answered at once."""
     assert rig.live is not None
     rig.sim.set_faults(rest_latency_ms=1500)
+    sent = rig.sim.calls["POST /fapi/v1/order"]
     opening = asyncio.ensure_future(rig.live.open(_btc()))
     await rig.until(lambda: bool(rig.live.ctx.placing))  # type: ignore[union-attr]
     position_id = next(iter(rig.live.ctx.placing))
-    await asyncio.sleep(0.1)
+    await rig.until(lambda: rig.sim.calls["POST /fapi/v1/order"] > sent, what="the entry at the venue")
     rig.sim.set_faults(rest_latency_ms=0)
     return opening, position_id
 
@@ -84,11 +86,12 @@ async def test_an_entry_cancel_retried_in_an_outage_stops_with_the_engine(rig: R
     assert rig.live is not None
     p = await rig.open(_btc(entry_price=D(50000)), expect=S.OPENING)  # a resting limit entry
     rig.sim.set_faults(http_5xx=10**6)
+    cancels = rig.sim.calls["DELETE /fapi/v1/order"]
     closing = asyncio.ensure_future(rig.live.close(p.id))
-    await asyncio.sleep(0.3)
+    await rig.until(lambda: rig.sim.calls["DELETE /fapi/v1/order"] >= cancels + 2, what="the entry cancel retried")
     await rig.live.stop(timeout=0.5, drain_s=0.5)
     before = rig.sim.calls["DELETE /fapi/v1/order"]
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # time passes: no cancel may be sent once the engine has stopped
     assert rig.sim.calls["DELETE /fapi/v1/order"] == before, "cancels still sent after the engine stopped"
     rig.sim.set_faults(http_5xx=0)
     await asyncio.wait_for(closing, 2.0)
@@ -112,8 +115,9 @@ async def test_the_service_stops_promptly_while_a_close_retries_an_entry_cancel(
                                                         headers={"Authorization": "Bearer tok"}) as r:
             return r.status
 
+    cancels = sim.calls["DELETE /fapi/v1/order"]
     request = asyncio.ensure_future(close_through_the_api())
-    await asyncio.sleep(0.5)
+    await until(lambda: sim.calls["DELETE /fapi/v1/order"] >= cancels + 2, what="the entry cancel retried")
     started = time.monotonic()
     await asyncio.wait_for(service.stop(), 60)
     took = time.monotonic() - started

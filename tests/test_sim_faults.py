@@ -15,8 +15,9 @@ from exchange.port import OrderSnapshot, PositionSnapshot, Resynced, StreamHealt
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
 from lifecycle.domain import OrderStatus, Side
-from tests.simclient import UserStream, signed
+from tests.simclient import UserStream, new_user_connection, signed, user_connections
 from tests.test_ccxt_adapter import Collector, account, sim, venue  # noqa: F401  (fixtures)
+from tests.waiting import until
 
 
 def orders_of(c: Collector) -> list[OrderSnapshot]:
@@ -40,8 +41,11 @@ async def test_a_stale_position_snapshot_keeps_a_closed_position_for_n_seconds(v
     sim.set_faults(stale_positions_s=0.6)
     sim.venue.force_close(account, "ETHUSDT", "manual")
     assert [p.amount for p in await venue.positions()] == [D(1)]  # REST still shows it (seed 000)
-    await asyncio.sleep(0.7)
-    assert await venue.positions() == []
+
+    async def rest_shows_nothing() -> bool:
+        return await venue.positions() == []
+
+    await until(rest_shows_nothing, timeout=5, what="REST no longer showing the closed position", interval=0.05)
 
 
 async def test_timeouts_and_5xx_and_rate_limits_then_normal_service(venue: CcxtExchange, sim: SimServer) -> None:
@@ -76,7 +80,7 @@ async def test_forced_closes_flatten_and_name_themselves_like_binance(venue: Ccx
     try:
         await positions.wait_for(lambda i: isinstance(i, Resynced))
         await orders.wait_for(lambda i: isinstance(i, Resynced))
-        await asyncio.sleep(0.3)  # subscribed
+        await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the stream")
         await venue.place_entry("SOLUSDT", Side.SHORT, D(2), "lc-e")
         await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == D(-2))
         async with aiohttp.ClientSession() as session:  # the control API, as the demo uses it
@@ -96,11 +100,12 @@ async def test_dropped_streams_reconnect_and_say_so(venue: CcxtExchange, sim: Si
     orders = Collector(venue.order_updates())
     try:
         await orders.wait_for(lambda i: isinstance(i, Resynced))
-        await asyncio.sleep(0.3)
+        await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the stream")
+        before = user_connections(sim)
         await sim.drop_streams()
         await orders.wait_for(lambda i: isinstance(i, Resynced) and i.reason == "reconnected")
         assert venue.reconnects["orders"] >= 1
-        await asyncio.sleep(0.3)
+        await until(lambda: new_user_connection(sim, before), what="the simulator delivering to the new stream")
         await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), "lc-after-drop")
         await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.client_id == "lc-after-drop")
         assert venue.health["orders"] is StreamHealth.HEALTHY
@@ -112,10 +117,10 @@ async def test_an_expired_listen_key_is_noticed_and_the_stream_comes_back(venue:
     orders = Collector(venue.order_updates())
     try:
         await orders.wait_for(lambda i: isinstance(i, Resynced))
-        await asyncio.sleep(0.3)
+        await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the stream")
         sim.expire_listen_keys()  # the connection stays open; nothing will arrive on it any more
         await orders.wait_for(lambda i: isinstance(i, Resynced) and i.reason == "reconnected", timeout=5)
-        await asyncio.sleep(0.3)
+        await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the new stream")
         await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), "lc-after-expiry")
         await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.client_id == "lc-after-expiry")
     finally:
@@ -128,7 +133,7 @@ async def test_a_silent_stream_delivers_nothing_until_the_fault_is_off(sim: SimS
         sim.set_faults(ws_silent=True)
         await signed(session, sim, account, "POST", "/fapi/v1/order", symbol="BTCUSDT", side="BUY", type="MARKET",
                      quantity="0.01")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # time passes: nothing may arrive while the stream is silent
         assert stream.events == []
         sim.set_faults(ws_silent=False)
         await signed(session, sim, account, "POST", "/fapi/v1/order", symbol="BTCUSDT", side="SELL", type="MARKET",
@@ -143,12 +148,12 @@ async def test_duplicated_and_reordered_events_reach_the_engine_once(
     orders = Collector(venue.order_updates())
     try:
         await orders.wait_for(lambda i: isinstance(i, Resynced))
-        await asyncio.sleep(0.3)
+        await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the stream")
         sim.set_faults(duplicate_events=True, reorder_events=True)
         await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), "lc-dup")
         await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.client_id == "lc-dup"
                               and o.status is OrderStatus.FILLED)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # time passes: a duplicate, were it let through, would arrive meanwhile
         seen = [(o.status, o.filled) for o in orders_of(orders) if o.client_id == "lc-dup"]
         assert seen.count((OrderStatus.FILLED, D("0.01"))) == 1  # each state once, despite duplicates
         sim.set_faults(duplicate_events=False, reorder_events=False)
@@ -161,12 +166,12 @@ async def test_a_bad_payload_or_a_non_json_frame_is_skipped_and_the_stream_goes_
     positions = Collector(venue.position_updates())
     try:
         await positions.wait_for(lambda i: isinstance(i, Resynced))
-        await asyncio.sleep(0.3)
+        await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the stream")
         bad = {"e": "ACCOUNT_UPDATE", "E": int(time.time() * 1000), "T": 0,
                "a": {"m": "ORDER", "B": [], "P": [{"s": "BTCUSDT", "pa": "lots", "ep": "x", "ps": "BOTH"}]}}
         sim.inject_user_text(account.api_key, json.dumps(bad))
         sim.inject_user_text(account.api_key, "<html>502 Bad Gateway</html>")
-        await asyncio.sleep(0.3)
+        await until(lambda: venue.malformed_frames >= 2, what="both bad frames received")
         await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), "lc-after-bad")
         await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == D("0.01"))
         assert venue.health["positions"] is StreamHealth.HEALTHY
@@ -216,7 +221,7 @@ async def test_an_older_update_of_an_order_arriving_after_a_newer_one_is_dropped
         await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.status is OrderStatus.FILLED)
         sim.inject_user_text(account.api_key, frame("NEW", "0"))  # the NEW that was overtaken in transit
         sim.inject_user_text(account.api_key, frame("PARTIALLY_FILLED", "0.01"))  # and a duplicate
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # time passes: the stale updates, were they let through, would arrive meanwhile
         seen = [(o.status, o.filled) for o in orders_of(orders) if o.client_id == "lc-late"]
         assert seen == [(OrderStatus.OPEN, D("0.01")), (OrderStatus.FILLED, D("0.02"))]
     finally:

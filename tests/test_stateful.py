@@ -127,12 +127,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         p = self.engine.positions[data.draw(st.sampled_from(sorted(self.engine.positions)))]
 
         async def slow(target: D) -> D:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # a slow exchange call
             return target
 
         for target in (D(1), D(2)):
             self.lock_tasks.append(self.loop.create_task(self.engine.locks.submit(p.account, p.symbol, p.id, target, slow)))
-        self.run(asyncio.sleep(0))
+        self.run(asyncio.sleep(0))  # one loop step: the first is in flight, the second waits
 
     @invariant()
     def terminal_positions_leave_nothing_behind(self) -> None:

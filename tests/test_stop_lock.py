@@ -20,7 +20,7 @@ class RecordingVenue:
         async def apply(target: int) -> int:
             self.running[symbol] = self.running.get(symbol, 0) + 1
             self.max_running[symbol] = max(self.max_running.get(symbol, 0), self.running[symbol])
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # a slow exchange call
             self.running[symbol] -= 1
             self.applied.append((symbol, target))
             return target
@@ -51,7 +51,7 @@ async def test_different_symbols_move_concurrently() -> None:
 async def test_two_positions_on_one_symbol_share_the_lock_but_never_drop_each_others_requests() -> None:
     locks, venue = StopLockRegistry(), RecordingVenue()
     blocker = asyncio.create_task(locks.submit("a", "BTC", "long", 1, venue.mover("BTC")))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: the blocker is in flight
     short = asyncio.create_task(locks.submit("a", "BTC", "short", 10, venue.mover("BTC")))
     long_newer = asyncio.create_task(locks.submit("a", "BTC", "long", 2, venue.mover("BTC")))
     results = await asyncio.gather(blocker, short, long_newer)
@@ -76,10 +76,10 @@ async def test_a_failed_exchange_call_propagates_and_is_never_reported_applied()
 async def test_release_drops_waiting_requests_and_refuses_new_ones_for_that_position() -> None:
     locks, venue = StopLockRegistry(), RecordingVenue()
     in_flight = asyncio.create_task(locks.submit("a", "BTC", "p1", 1, venue.mover("BTC", 0.02)))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: in flight
     waiting = asyncio.create_task(locks.submit("a", "BTC", "p1", 2, venue.mover("BTC")))
     other = asyncio.create_task(locks.submit("a", "BTC", "p2", 7, venue.mover("BTC")))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: both are waiting
     assert locks.is_held("a", "BTC", "p1")
     locks.release("a", "BTC", "p1")
     assert not locks.is_held("a", "BTC", "p1")
@@ -99,10 +99,10 @@ async def test_a_released_position_is_refused_even_when_its_symbol_is_idle() -> 
 async def test_if_the_newest_waiter_is_cancelled_the_next_newest_still_runs() -> None:
     locks, venue = StopLockRegistry(), RecordingVenue()
     first = asyncio.create_task(locks.submit("a", "BTC", "p1", 1, venue.mover("BTC", 0.02)))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: first is in flight
     older = asyncio.create_task(locks.submit("a", "BTC", "p1", 2, venue.mover("BTC")))
     newest = asyncio.create_task(locks.submit("a", "BTC", "p1", 3, venue.mover("BTC")))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: both are waiting
     newest.cancel()
     assert [(await first).status, (await older).status] == [MutationStatus.APPLIED, MutationStatus.APPLIED]
     assert venue.applied == [("BTC", 1), ("BTC", 2)]
@@ -112,7 +112,7 @@ async def test_if_the_newest_waiter_is_cancelled_the_next_newest_still_runs() ->
 async def test_exclusive_work_waits_for_the_move_in_flight() -> None:
     locks, venue = StopLockRegistry(), RecordingVenue()
     move = asyncio.create_task(locks.submit("a", "BTC", "p1", 1, venue.mover("BTC", 0.03)))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop step: the move is in flight
     async with locks.exclusive("a", "BTC"):
         assert venue.applied == [("BTC", 1)]  # the move finished before the exclusive section began
     assert (await move).applied and locks.held_keys() == set()

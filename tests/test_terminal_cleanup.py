@@ -14,14 +14,15 @@ from lifecycle.engine import Engine
 from lifecycle.events import PositionEvent
 from lifecycle.guards.stop_lock import MutationStatus
 from lifecycle.machines.states import PositionState
-from lifecycle.machines.table import TABLE
 from lifecycle.records import JsonlRecords
 from tests.conftest import FakeClock
-from tests.scenarios import good_event, path_to
+from tests.scenarios import good_event, path_for_edge
+from tests.test_transition_table import EXPECTED, Row
+from tests.waiting import until
 
 TERMINAL = [s for s in PositionState if s.is_terminal]
-# Every edge into a terminal state, so each path into each terminal state is exercised.
-INTO_TERMINAL = [e for e in TABLE if e.dest.is_terminal]
+# Every edge of the expected table into a terminal state, so each path into each terminal state is exercised.
+INTO_TERMINAL = [row for row in EXPECTED if PositionState(row.dest).is_terminal]
 
 
 async def _order(engine: Engine, exchange: PaperExchange, pid: str, purpose: OrderPurpose, n: int) -> OrderRef:
@@ -35,14 +36,13 @@ async def _order(engine: Engine, exchange: PaperExchange, pid: str, purpose: Ord
 
 @pytest.mark.parametrize("edge", INTO_TERMINAL, ids=lambda e: f"{e.source}-{e.event}-{e.dest}")
 async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
-    edge, engine: Engine, repo: Repository, exchange: PaperExchange, records: JsonlRecords, clock: FakeClock
+    edge: Row, engine: Engine, repo: Repository, exchange: PaperExchange, records: JsonlRecords, clock: FakeClock
 ) -> None:
     p = await engine.open_position(account="acct", symbol="BTCUSDT", side=Side.LONG, quantity=D(1),
                                    trailing=TrailingState(activation_price=D(110), callback_rate=D(1)))
     ours = [await _order(engine, exchange, p.id, OrderPurpose.ENTRY, 0)]
-    via = {"was_trailing_before_close": PositionState.TS_ACTIVE,
-           "was_opening_before_close": PositionState.OPENING}.get(next(iter(edge.guard_names), ""), PositionState.OPEN)
-    for name in path_to(edge.source, via):
+    event, dest = PositionEvent(edge.event), PositionState(edge.dest)
+    for name in path_for_edge(edge.source, edge.guards):
         clock.advance(seconds=1)
         await engine.fire(p.id, good_event(name, engine.positions[p.id]))
         if name is PositionEvent.ENTRY_FILLED:
@@ -67,16 +67,20 @@ async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
     in_flight = asyncio.create_task(engine.locks.submit("acct", "BTCUSDT", p.id, D(96), slow_move))
     await running.wait()
     waiting = asyncio.create_task(engine.locks.submit("acct", "BTCUSDT", p.id, D(97), must_not_run))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one step of the loop: the newer request is queued behind the one in flight
 
     clock.advance(hours=1)
-    closing = asyncio.create_task(engine.fire(p.id, good_event(edge.event, engine.positions[p.id])))
-    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(engine.fire(p.id, good_event(event, engine.positions[p.id])))
+
+    async def committed() -> bool:
+        return (await repo.get_position(p.id)).state is dest
+
+    await until(committed, what=f"{dest} committed")
+    await asyncio.sleep(0.05)  # time passes: the cleanup must NOT finish while the move is in flight
     assert not closing.done()  # committed, and its cleanup waits for the move in flight
-    assert (await repo.get_position(p.id)).state is edge.dest
     proceed.set()
     outcome = await closing
-    assert outcome.dest is edge.dest
+    assert outcome.dest is dest
 
     assert (await in_flight).status is MutationStatus.APPLIED
     assert (await waiting).status is MutationStatus.RELEASED
@@ -87,10 +91,10 @@ async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
     assert sorted(exchange.cancel_calls) == sorted(o.client_id for o in ours)
     assert exchange.open_orders(p.id) == []
     stored = await repo.get_position(p.id)
-    assert stored is not None and stored.state is edge.dest and stored.trailing is None
+    assert stored is not None and stored.state is dest and stored.trailing is None
     assert stored.orders == {}  # every order of ours is final in the database too
     closure = await repo.closure(p.id)
-    assert closure is not None and closure["state"] == edge.dest.value
+    assert closure is not None and closure["state"] == edge.dest
     assert [r["position_id"] for r in records.read("closure")] == [p.id]
     assert p.id not in engine.positions and engine.live_position("acct", "BTCUSDT", Side.LONG) is None
 
@@ -100,7 +104,7 @@ def test_every_terminal_state_from_the_enum_has_a_path_and_the_hook(terminal: Po
     from lifecycle.machines.position import PositionMachine
 
     machine = PositionMachine()._machine
-    assert [e for e in INTO_TERMINAL if e.dest is terminal], f"no edge leads into {terminal}"
+    assert [e for e in INTO_TERMINAL if e.dest == terminal.value], f"no edge leads into {terminal}"
     on_enter = machine.get_state(terminal).on_enter
     assert [cb.__name__ for cb in on_enter] == ["_on_enter_terminal"]
 
