@@ -36,6 +36,7 @@ from lifecycle.journal import Outcome, creation_entry
 from lifecycle.machines.position import PositionMachine
 from lifecycle.machines.states import PositionState
 from lifecycle.machines.table import INITIAL_STATE
+from lifecycle.record_kinds import TransitionRecord
 from lifecycle.metrics import Metrics
 from lifecycle.ports import OrderCanceller, PositionStore, RecordSink
 
@@ -194,12 +195,10 @@ class Engine:
             raise
         self.positions[draft.id] = draft
         self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
-        self.records.emit({
-            "event": "transition", "account": draft.account, "symbol": draft.symbol, "position_id": draft.id,
-            "at": outcome.journal.at.isoformat(), "seq": outcome.journal.seq, "source": outcome.source.value,
-            "trigger": outcome.journal.event, "dest": outcome.dest.value, "cause": outcome.journal.cause,
-            "payload": outcome.journal.payload,
-        })
+        self.records.emit(TransitionRecord(
+            account=draft.account, symbol=draft.symbol, position_id=draft.id, at=outcome.journal.at,
+            seq=outcome.journal.seq, source=outcome.source.value, trigger=outcome.journal.event,
+            dest=outcome.dest.value, cause=outcome.journal.cause, payload=outcome.journal.payload))
         for listener in self.listeners:
             try:
                 listener(draft, outcome)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from lifecycle.domain import OrderRef, Position
 from lifecycle.journal import JournalEntry, Outcome
+from lifecycle.record_kinds import Record
 
 
 class PositionStore(Protocol):
@@ -27,4 +29,4 @@ class OrderCanceller(Protocol):
 class RecordSink(Protocol):
     """Structured records (closures, ...); one JSON object per record."""
 
-    def emit(self, record: dict[str, Any]) -> None: ...
+    def emit(self, record: Record | Mapping[str, Any]) -> None: ...

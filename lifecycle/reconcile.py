@@ -34,6 +34,7 @@ from lifecycle.events import Flat, Vanished
 from lifecycle.guards.predicates import ABSENCE_CONFIRMATIONS_REQUIRED, is_outside_grace_window
 from lifecycle.live import FLATTENABLE, LiveEngine
 from lifecycle.machines.states import PositionState
+from lifecycle.record_kinds import UntrackedPosition
 
 UNTRACKED_POLICIES = ("alert", "adopt")  # alert: record and report, touch nothing (the default)
 
@@ -218,11 +219,9 @@ class Reconciler:
         if key in self._alerted:
             return
         self._alerted.add(key)
-        live.engine.records.emit({
-            "event": "untracked_position", "account": live.account, "symbol": snap.symbol, "position_id": None,
-            "at": live.engine.clock().isoformat(), "side": snap.side.value, "quantity": str(abs(snap.amount)),
-            "entry_price": str(snap.entry_price), "policy": self.untracked,
-        })
+        live.engine.records.emit(UntrackedPosition(
+            account=live.account, symbol=snap.symbol, position_id=None, at=live.engine.clock(),
+            side=snap.side.value, quantity=abs(snap.amount), entry_price=snap.entry_price, policy=self.untracked))
         logger.warning("{} {}: an untracked {} position of {} (entry {}) is on the exchange; policy 'alert': "
                        "reported, not touched", live.account, snap.symbol, snap.side, abs(snap.amount),
                        snap.entry_price)

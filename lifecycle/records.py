@@ -20,12 +20,14 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
+
+from lifecycle.record_kinds import Record
 
 REQUIRED = ("event", "account", "position_id", "symbol", "at")
 _DATED = re.compile(r"^(?P<kind>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl$")
@@ -54,9 +56,9 @@ class JsonlRecords:
         self._day: date | None = None
         self._expire(self.today())  # at start too, not only when a new day's first record comes
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, record: Record | Mapping[str, Any]) -> None:
         """Queue one record (never blocks on the disk, never raises for it) and tell the listeners."""
-        record = dict(record)
+        record = record.as_record() if isinstance(record, Record) else dict(record)
         for key in REQUIRED:
             record.setdefault(key, None)
         if record["event"] is None:

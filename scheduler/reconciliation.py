@@ -34,6 +34,7 @@ from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live import PROTECTED, LiveEngine
+from lifecycle.record_kinds import AgedPosition, OrphanCancelled
 from lifecycle.reconcile import Reconciler, SyncReport
 
 
@@ -208,11 +209,9 @@ class ReconciliationScheduler:
                     closed += 1
             elif position.id not in self._aged_reported:
                 self._aged_reported.add(position.id)
-                live.engine.records.emit({
-                    "event": "aged_position", "account": live.account, "symbol": position.symbol,
-                    "position_id": position.id, "at": now.isoformat(), "age_s": age_s, "max_age_s": max_age,
-                    "state": position.state.value,
-                })
+                live.engine.records.emit(AgedPosition(
+                    account=live.account, symbol=position.symbol, position_id=position.id, at=now, age_s=age_s,
+                    max_age_s=max_age, state=position.state.value))
                 logger.warning("{} {} {}: {} s old (max {} s); policy 'report': left open", live.account,
                                position.symbol, position.id, age_s, max_age)
         return f"{len(aged)} aged, {closed} closed"
@@ -255,12 +254,10 @@ class ReconciliationScheduler:
                     continue
             cancelled += 1
             self.stats.orphans_cancelled += 1
-            live.engine.records.emit({
-                "event": "orphan_cancelled", "account": live.account, "symbol": order.symbol,
-                "position_id": ours.position_id, "at": live.engine.clock().isoformat(),
-                "client_order_id": order.client_id, "purpose": ours.purpose.value, "type": order.type,
-                "trigger_price": str(order.trigger_price) if order.trigger_price is not None else None,
-            })
+            live.engine.records.emit(OrphanCancelled(
+                account=live.account, symbol=order.symbol, position_id=ours.position_id, at=live.engine.clock(),
+                client_order_id=order.client_id, purpose=ours.purpose.value, type=order.type,
+                trigger_price=order.trigger_price))
             logger.warning("{} {}: cancelled orphan {} order {} (position {} is not live)", live.account,
                            order.symbol, ours.purpose.value, order.client_id, ours.position_id)
         return (f"{cancelled} orphan(s) cancelled, {foreign} order(s) not ours left alone"

@@ -288,3 +288,24 @@ async def test_a_reduction_between_a_partial_entry_fill_and_its_trim_is_taken_in
         await reconciler.sync()
         await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
     await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.004")], what="stop resized")
+
+
+async def test_a_partial_close_not_yet_taken_in_is_not_the_closing_fill_of_a_vanished_rest(rig: Rig) -> None:
+    """Seed 300809, another interleaving: the partial close was not taken in (the stream silent) before the
+    rest vanished; REST's only closing-side fill (half the position) was claimed as the flattening. Fills
+    that do not add up to the position flattened nothing: PHANTOM (not_found)."""
+    p = await rig.open(_btc(Side.LONG))
+    rig.sim.set_faults(ws_silent=True)
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.005"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    rig.sim.venue.vanish(rig.account, "BTCUSDT")
+    assert rig.live is not None and rig.engine is not None
+    assert rig.engine.positions[p.id].quantity == D("0.010")  # nothing taken in
+    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
+    deadline = asyncio.get_running_loop().time() + 10
+    while (state := rig.state(p.id)) is not None and not state.is_terminal:
+        assert asyncio.get_running_loop().time() < deadline, "the vanished position never ended"
+        await reconciler.sync()
+        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
+    stored = await rig.stored(p.id)
+    assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND), (stored.state, stored.close_cause)

@@ -34,6 +34,7 @@ CORE_MODULES = (
     "lifecycle.metrics",
     "lifecycle.ports",  # the storage and canceller protocols the engine is given
     "lifecycle.journal",  # the journal's rows, the outcome of a transition, the creation payload
+    "lifecycle.record_kinds",  # the structured records, one dataclass per kind
     "lifecycle.replay",  # rebuilds a position from its journal through the machine
 )
 

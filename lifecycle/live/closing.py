@@ -23,9 +23,10 @@ from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone, UnknownPosition
 from lifecycle.events import CloseFailed, CloseRequested, Flat, Reduced
-from lifecycle.live.context import FLATTENABLE, PROTECTED, LiveContext, S, exit_side, short, text
+from lifecycle.live.context import FLATTENABLE, PROTECTED, LiveContext, S, exit_side, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
+from lifecycle.record_kinds import Reduction
 
 
 class Closing:
@@ -314,15 +315,14 @@ class Closing:
         if order is not None and order.exchange_order_id:
             self.ctx.runtime(position_id).reduced_by.add(order.exchange_order_id)
         now = self.ctx.engine.clock()
-        self.ctx.engine.records.emit({
-            "event": "reduced", "account": self.ctx.account, "symbol": position.symbol, "position_id": position_id,
-            "at": now.isoformat(), "side": position.side.value, "closed_quantity": str(before - remaining),
-            "remaining": str(remaining), "price": text(order.average_price if order else None),
-            "realized_pnl": text(order.realized_pnl if order else None), "fee": text(order.fee if order else None),
-            "cause": classify_close(fill.client_id if fill else None, position_id=position_id,
-                                    trailing_was_active=False).value,
-            "duration_s": round((now - position.created_at).total_seconds(), 3),
-        })
+        self.ctx.engine.records.emit(Reduction(
+            account=self.ctx.account, symbol=position.symbol, position_id=position_id, at=now,
+            side=position.side.value, closed_quantity=before - remaining, remaining=remaining,
+            price=order.average_price if order else None, realized_pnl=order.realized_pnl if order else None,
+            fee=order.fee if order else None,
+            cause=classify_close(fill.client_id if fill else None, position_id=position_id,
+                                 trailing_was_active=False).value,
+            duration_s=round((now - position.created_at).total_seconds(), 3)))
         logger.info("{} {} {} reduced {} -> {}", self.ctx.account, position.symbol, position_id, before, remaining)
         if outcome.dest in PROTECTED:
             await self.stops.request(position_id, None, None, "sync")

@@ -257,7 +257,3 @@ def short(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
-
-def text(value: Decimal | None) -> str | None:
-    """A decimal as the records write it (None stays None)."""
-    return str(value) if value is not None else None

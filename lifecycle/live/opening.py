@@ -27,6 +27,7 @@ from lifecycle.live.context import FLATTENABLE, PROTECTED, LiveContext, S, entry
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
+from lifecycle.record_kinds import Adopted
 
 
 class Opening:
@@ -354,11 +355,9 @@ class Opening:
         await self.ctx.engine.fire(position.id, EntryFilled(quantity=quantity, price=snap.entry_price))
         logger.warning("{} {} {}: adopted an untracked {} position of {} (entry {})", self.ctx.account, snap.symbol,
                        position.id, snap.side, quantity, snap.entry_price)
-        self.ctx.engine.records.emit({
-            "event": "adopted", "account": self.ctx.account, "symbol": snap.symbol, "position_id": position.id,
-            "at": self.ctx.engine.clock().isoformat(), "side": snap.side.value, "quantity": str(quantity),
-            "entry_price": str(snap.entry_price),
-        })
+        self.ctx.engine.records.emit(Adopted(
+            account=self.ctx.account, symbol=snap.symbol, position_id=position.id, at=self.ctx.engine.clock(),
+            side=snap.side.value, quantity=quantity, entry_price=snap.entry_price))
         await self.protect_initial(position.id, from_mark_if_crossed=True)
         return self.ctx.engine.positions.get(position.id) or position
 

@@ -21,10 +21,11 @@ from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, OrderStatus, Position
 from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live.closing import Closing
-from lifecycle.live.context import PROTECTED, UNPROTECTED_GRACE_S, LiveContext, S, short, text
+from lifecycle.live.context import PROTECTED, UNPROTECTED_GRACE_S, LiveContext, S, short
 from lifecycle.live.opening import Opening
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
+from lifecycle.record_kinds import ProtectionRepair
 
 
 class Protection:
@@ -274,11 +275,10 @@ class Protection:
         self.ctx.stats.protection_repairs[kind] += 1
         logger.warning("{} {} {}: protection audit repaired: {} ({})", self.ctx.account, position.symbol, position.id,
                        kind, detail)
-        self.ctx.engine.records.emit({
-            "event": "protection_repair", "account": self.ctx.account, "symbol": position.symbol,
-            "position_id": position.id, "at": self.ctx.engine.clock().isoformat(), "repair": kind, "detail": detail,
-            "state": position.state.value, "stop_price": text(position.stop_price), "quantity": str(position.quantity),
-        })
+        self.ctx.engine.records.emit(ProtectionRepair(
+            account=self.ctx.account, symbol=position.symbol, position_id=position.id, at=self.ctx.engine.clock(),
+            repair=kind, detail=detail, state=position.state.value, stop_price=position.stop_price,
+            quantity=position.quantity))
 
     def health_reasons(self) -> list[str]:
         """Why this account is not `ok` (empty when it is): storage, records, protection, streams, key."""

@@ -16,6 +16,7 @@ from lifecycle.live.closing import Closing
 from lifecycle.live.context import LiveContext, S, short
 from lifecycle.live.opening import Opening
 from lifecycle.live.stops import Stops
+from lifecycle.record_kinds import Recovery as RecoveryRecord
 
 
 class Recovery:
@@ -100,8 +101,8 @@ class Recovery:
             for hook in list(self.ctx.after_resync):
                 self.ctx.spawn(hook(), "reconciliation after recovery")
         self.ctx.recovered.set()
-        self.ctx.engine.records.emit({"event": "recovery", "account": self.ctx.account, "symbol": None, "position_id": None,
-                                  "at": self.ctx.engine.clock().isoformat(), **counts})
+        self.ctx.engine.records.emit(RecoveryRecord(account=self.ctx.account, symbol=None, position_id=None,
+                                              at=self.ctx.engine.clock(), **counts))
         logger.info("{}: recovery: {}", self.ctx.account, counts)
         return counts
 

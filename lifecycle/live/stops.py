@@ -25,8 +25,9 @@ from lifecycle.errors import OrderAlreadyGone, TransitionRefused, UnknownPositio
 from lifecycle.events import StopMoved
 from lifecycle.guards.predicates import is_stop_improvement, is_stop_on_safe_side
 from lifecycle.live.config import OpenCommand
-from lifecycle.live.context import PROTECTED, LiveContext, exit_side, short, text
+from lifecycle.live.context import PROTECTED, LiveContext, exit_side, short
 from lifecycle.live.stream_view import StreamView
+from lifecycle.record_kinds import StopMove
 
 # Binance codes meaning "no second stop here" (-4045 max stop orders, -4130 a closePosition stop exists).
 TWO_STOPS_REFUSED = frozenset({-4045, -4130})
@@ -214,13 +215,11 @@ class Stops:
         self.ctx.stats.calls_per_move.add(calls)
         if how == "cancel_then_place":
             self.ctx.stats.unprotected_ms.add(window_ms)
-        self.ctx.engine.records.emit({
-            "event": "stop_move", "account": self.ctx.account, "symbol": symbol, "position_id": position_id,
-            "at": self.ctx.engine.clock().isoformat(), "mode": mode, "how": how, "side": side.value,
-            "old_price": text(position.stop_price), "new_price": str(target), "quantity": str(quantity),
-            "mark": str(mark), "watermark": text(watermark), "client_order_id": client_id,
-            "unprotected_ms": window_ms, "exchange_calls": calls, "latency_ms": latency_ms,
-        })
+        self.ctx.engine.records.emit(StopMove(
+            account=self.ctx.account, symbol=symbol, position_id=position_id, at=self.ctx.engine.clock(), mode=mode,
+            how=how, side=side.value, old_price=position.stop_price, new_price=target, quantity=quantity, mark=mark,
+            watermark=watermark, client_order_id=client_id, unprotected_ms=window_ms, exchange_calls=calls,
+            latency_ms=latency_ms))
         logger.info("{} {} {} stop {} {} -> {} ({}, {} calls, {} ms)", self.ctx.account, symbol, position_id, mode,
                     position.stop_price, target, how, calls, latency_ms)
         return StopResult.PLACED
