@@ -22,29 +22,10 @@ from loguru import logger
 
 from exchange import errors
 from exchange.port import Fill, MarkPrice, OrderRules, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.secret import Secret as Secret  # re-exported: chaos/world.py, bench/ and a test import it from here
 from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
 
 T = TypeVar("T")
-
-
-class Secret:
-    """A credential that never shows itself in repr, str, logs or tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,15 @@ import hmac
 import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from loguru import logger
 
-from exchange.ccxt_adapter import Secret
 from exchange.errors import ExchangeError
+from exchange.secret import Secret
 from lifecycle.domain import CloseReason, Position, Side
 from lifecycle.errors import (
     EngineStopping,
@@ -39,8 +40,13 @@ from lifecycle.errors import (
 from lifecycle.live import UNPROTECTED_GRACE_S, OpenCommand
 from lifecycle.machines.states import PositionState
 
-if TYPE_CHECKING:
-    from lifecycle.service import AccountRuntime, Service
+if TYPE_CHECKING:  # types of the parts the API reads; none of them imports the service
+    from db.repository import Repository
+    from exchange.port import StreamHealth
+    from lifecycle.engine import Engine
+    from lifecycle.live import LiveEngine
+    from lifecycle.records import JsonlRecords
+    from scheduler.reconciliation import ReconciliationScheduler
 
 
 OPERATOR_REASONS = (CloseReason.SIGNAL, CloseReason.TAKE_PROFIT, CloseReason.MAX_AGE, CloseReason.OPERATOR)
@@ -64,8 +70,63 @@ class ClosureStats:
             del self.latencies_ms[:-self.keep]
 
 
+# --- what the API needs of the service -------------------------------------------------------------------
+# The API depends on these protocols, not on lifecycle.service: the service imports the API and passes itself
+# (`ControlApi(self, ...)`), so the import runs one way. Read-only properties: a plain attribute satisfies one.
+
+
+class StreamCounters(Protocol):
+    """An account's exchange client as the API reads it: stream health and counters."""
+
+    @property
+    def health(self) -> Mapping[str, StreamHealth]: ...
+    @property
+    def reconnects(self) -> Mapping[str, int]: ...
+    @property
+    def dropped_frames(self) -> Mapping[str, int]: ...
+
+
+class AccountView(Protocol):
+    """One account's runtime (lifecycle.service.AccountRuntime)."""
+
+    @property
+    def exchange(self) -> StreamCounters: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def live(self) -> LiveEngine | None: ...
+    @property
+    def scheduler(self) -> ReconciliationScheduler | None: ...
+
+
+class TrailingDefaults(Protocol):
+    """The configured defaults of an open command asking for a trailing stop (lifecycle.service.ServiceConfig)."""
+
+    @property
+    def trailing_activation_pct(self) -> Decimal: ...
+    @property
+    def trailing_callback_pct(self) -> Decimal: ...
+
+
+class ServiceView(Protocol):
+    """The running service (lifecycle.service.Service) as the control API and the metrics read it."""
+
+    @property
+    def started(self) -> bool: ...
+    @property
+    def accounts(self) -> Mapping[str, AccountView]: ...
+    @property
+    def config(self) -> TrailingDefaults: ...
+    @property
+    def repo(self) -> Repository | None: ...
+    @property
+    def records(self) -> JsonlRecords | None: ...
+    @property
+    def closures(self) -> ClosureStats: ...
+
+
 class ControlApi:
-    def __init__(self, service: Service, token: Secret, host: str = "127.0.0.1", port: int = 8780) -> None:
+    def __init__(self, service: ServiceView, token: Secret, host: str = "127.0.0.1", port: int = 8780) -> None:
         if not token:
             raise ValueError("the control API needs a token")
         self.service = service
@@ -223,7 +284,7 @@ class ControlApi:
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=metrics_text(self.service), content_type="text/plain")
 
-    def _account(self, name: Any) -> AccountRuntime:
+    def _account(self, name: Any) -> AccountView:
         if name is None:
             if len(self.service.accounts) != 1:
                 raise ValueError(f"give an account: one of {sorted(self.service.accounts)}")
@@ -233,7 +294,7 @@ class ControlApi:
         return self.service.accounts[name]
 
 
-def metrics_text(service: Service) -> str:
+def metrics_text(service: ServiceView) -> str:
     """Prometheus text exposition of the service's counters and gauges."""
     lines: list[str] = []
 

@@ -37,14 +37,15 @@ from loguru import logger
 from db.engine import DatabaseConfigError, safe_url
 from db.repository import Repository
 from exchange import errors as xerr
-from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
+from exchange.secret import Secret
 from lifecycle.api import ClosureStats, ControlApi
 from lifecycle.books import Books
 from lifecycle.engine import Engine
 from lifecycle.events import from_payload
 from lifecycle.guards.cleanup import closure_of
 from lifecycle.live import LiveConfig, LiveEngine
-from lifecycle.reconcile import Reconciler
+from lifecycle.reconcile import UNTRACKED_POLICIES, Reconciler
 from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay
 from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
@@ -71,7 +72,7 @@ class ServiceConfig:
     live: LiveConfig = field(default_factory=LiveConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grace_ms: int = 5000  # reconciliation: our own activity on a position this recent defers an absence
-    untracked: str = "alert"  # positions nobody tracks: "alert" (record, touch nothing) or "adopt"
+    untracked: str = "alert"  # positions nobody tracks: one of UNTRACKED_POLICIES ("alert": record, touch nothing)
     phantom_after_s: float = 60.0  # a REST-only absence (no fill, no live stream for it) this long: PHANTOM
     stream_doubt_s: float = 30.0  # REST lacks what the live stream shows, no fill: resubscribe after this long
     recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
@@ -90,8 +91,8 @@ class ServiceConfig:
         names = [a.name for a in self.accounts]
         if len(set(names)) != len(names):
             raise ValueError(f"accounts: names must be unique, got {names}")
-        if self.untracked not in ("alert", "adopt"):
-            raise ValueError(f"untracked must be 'alert' or 'adopt', got {self.untracked!r}")
+        if self.untracked not in UNTRACKED_POLICIES:
+            raise ValueError(f"untracked must be one of {', '.join(UNTRACKED_POLICIES)}, got {self.untracked!r}")
         if not self.storage_timeout_s > 0:
             raise ValueError(f"storage_timeout_s must be > 0, got {self.storage_timeout_s}")
         if not self.stream_doubt_s > 0:

@@ -32,8 +32,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from exchange.ccxt_adapter import ExchangeSettings, Secret
+from exchange.ccxt_adapter import ExchangeSettings
+from exchange.secret import Secret
 from lifecycle.live import LiveConfig
+from lifecycle.reconcile import UNTRACKED_POLICIES
 from lifecycle.service import AccountConfig, ApiBinding, ServiceConfig
 from scheduler.reconciliation import ScheduleConfig
 
@@ -101,16 +103,10 @@ class AccountSettings(_Strict):
         return self
 
 
-class LiveSettings(_Strict):
-    default_stop_loss_pct: Decimal = Field(default=Decimal(1), gt=0, lt=100)
-    trail_min_step_pct: Decimal = Field(default=Decimal("0.02"), ge=0, lt=100)
-    trail_min_interval_s: float = Field(default=1.0, ge=0, le=3600)
-    cause_wait_s: float = Field(default=0.5, ge=0, le=10)
-    cause_rest_timeout_s: float = Field(default=2.0, gt=0, le=60)
-    unprotected_close_after_s: float = Field(default=10.0, ge=0, le=3600)  # no stop can be placed: close
-    close_retries: int = Field(default=3, ge=0, le=100)
-    stop_retries: int = Field(default=3, ge=0, le=100)
-    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
+# The [live] section is the live engine's own LiveConfig (lifecycle/live/config.py), the one home of its keys,
+# defaults and limits: pydantic validates the section into a LiveConfig from its fields, their types and the
+# limits in their metadata (with the same messages as any other section). The old name stays for callers.
+LiveSettings = LiveConfig
 
 
 class TrailingSettings(_Strict):
@@ -138,11 +134,19 @@ class ScheduleSettings(_Strict):
 
 class ReconcileSettings(_Strict):
     grace_ms: int = Field(default=5000, ge=0, le=600_000)
-    untracked: Literal["alert", "adopt"] = "alert"
+    untracked: str = "alert"  # one of lifecycle.reconcile.UNTRACKED_POLICIES
     phantom_after_s: float = Field(default=60.0, ge=0, le=86400)  # REST-only absence this long: PHANTOM
     # REST (confirmed) lacks a position the live stream still shows, with no fill to prove a close: after this
     # long the stream is resubscribed (a silent wedge), and its fresh snapshot decides
     stream_doubt_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("untracked", mode="before")
+    @classmethod
+    def _known_policy(cls, value: Any) -> Any:
+        if value not in UNTRACKED_POLICIES:  # worded as pydantic words a Literal it refuses
+            *first, last = (repr(policy) for policy in UNTRACKED_POLICIES)
+            raise ValueError(f"Input should be {', '.join(first)} or {last}" if first else f"Input should be {last}")
+        return value
 
 
 class ApiSettings(_Strict):
@@ -176,7 +180,7 @@ class Settings(BaseSettings):
     shutdown_drain_s: float = Field(default=10.0, ge=0, le=3600)
     storage_timeout_s: float = Field(default=0.5, gt=0, le=60)  # a slower database write is queued, not awaited
     accounts: list[AccountSettings] = Field(min_length=1)
-    live: LiveSettings = Field(default_factory=LiveSettings)
+    live: LiveConfig = Field(default_factory=LiveConfig)
     trailing: TrailingSettings = Field(default_factory=TrailingSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
@@ -225,7 +229,7 @@ class Settings(BaseSettings):
         return Secret(_read_secret("api.token", env, self.api.token_file, environ))
 
     def live_config(self) -> LiveConfig:
-        return LiveConfig(**self.live.model_dump())
+        return self.live  # validated as a LiveConfig already
 
     def schedule_config(self) -> ScheduleConfig:
         return ScheduleConfig(**self.schedule.model_dump())
@@ -305,6 +309,8 @@ def _first_problem(error: ValidationError) -> str:
     first = problems[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "unexpected_keyword_argument":  # an unknown key in a section that is a dataclass ([live])
+        message = "Extra inputs are not permitted"  # as in every other section
     given = first.get("input")
     # Only numbers are echoed: a string may be a secret pasted into the wrong key or variable.
     shown = f" (got {given!r})" if isinstance(given, (int, float)) and not isinstance(given, bool) else ""

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from exchange.ccxt_adapter import ExchangeSettings, Secret
+from exchange.ccxt_adapter import ExchangeSettings
+from exchange.secret import Secret
 from lifecycle.domain import CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
 from lifecycle.service import AccountConfig, Service, ServiceConfig

@@ -13,7 +13,8 @@ from typing import Any
 from loguru import logger
 
 from db.repository import Repository
-from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
+from exchange.secret import Secret
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account, SymbolSpec, VenueConfig
 from lifecycle.client_ids import parse_client_id

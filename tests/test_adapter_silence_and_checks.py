@@ -18,8 +18,9 @@ import pytest
 from loguru import logger
 
 from exchange import errors
-from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret, _FrameDrops
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, _FrameDrops
 from exchange.port import PositionSnapshot, Resynced, StreamControl, StreamHealth
+from exchange.secret import Secret
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
 from lifecycle.domain import Side

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from exchange import errors
-from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, Secret
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
 from exchange.port import OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.secret import Secret
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
 from lifecycle.client_ids import make_client_id

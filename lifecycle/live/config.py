@@ -1,39 +1,54 @@
 """The live engine's configuration, the open command, and its counters."""
 from __future__ import annotations
 
+import operator
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
+from typing import TypeVar
 
 from lifecycle.domain import Side, TrailingState
 from lifecycle.errors import InvalidEvent
 
+T = TypeVar("T")
+
+_LIMITS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+
+
+def _setting(default: T, **limits: float) -> T:
+    """A setting with its default and its limits, named as pydantic's `Field` names them (gt, ge, lt, le).
+
+    The one statement of both: `LiveConfig.__post_init__` checks the limits, and the service's settings
+    validate the `[live]` section of the configuration into a `LiveConfig` directly, pydantic reading these
+    limits from the field's metadata (so its messages name the key and the bound)."""
+    unknown = set(limits) - set(_LIMITS)
+    if unknown:
+        raise TypeError(f"unknown limit(s): {', '.join(sorted(unknown))}")
+    return field(default=default, metadata=limits)
+
 
 @dataclass(frozen=True)
 class LiveConfig:
-    default_stop_loss_pct: Decimal = Decimal("1")  # when an open command gives none (and after a restart)
-    trail_min_step_pct: Decimal = Decimal("0.02")  # a trailing move must improve the stop by this % of it
-    trail_min_interval_s: float = 1.0  # at most one trailing move per position per interval
-    cause_wait_s: float = 0.5  # how long a flat waits for the fill that explains it
-    cause_rest_timeout_s: float = 2.0  # then REST is asked for the fill, at most this long
-    unprotected_close_after_s: float = 10.0  # a position no repair can protect this long is closed at market
-    close_retries: int = 3  # a rejected bot close is retried this many times
-    stop_retries: int = 3  # a stop placement failing transiently is retried this many times
-    retry_backoff_s: float = 0.5
+    """The live engine's configuration; also the `[live]` section of the service's settings (its keys are
+    these fields' names)."""
+
+    # when an open command gives none (and after a restart)
+    default_stop_loss_pct: Decimal = _setting(Decimal("1"), gt=0, lt=100)
+    # a trailing move must improve the stop by this % of it
+    trail_min_step_pct: Decimal = _setting(Decimal("0.02"), ge=0, lt=100)
+    # at most one trailing move per position per interval
+    trail_min_interval_s: float = _setting(1.0, ge=0, le=3600)
+    cause_wait_s: float = _setting(0.5, ge=0, le=10)  # how long a flat waits for the fill that explains it
+    cause_rest_timeout_s: float = _setting(2.0, gt=0, le=60)  # then REST is asked for the fill, at most this long
+    # a position no repair can protect this long is closed at market
+    unprotected_close_after_s: float = _setting(10.0, ge=0, le=3600)
+    close_retries: int = _setting(3, ge=0, le=100)  # a rejected bot close is retried this many times
+    stop_retries: int = _setting(3, ge=0, le=100)  # a stop placement failing transiently is retried this many times
+    retry_backoff_s: float = _setting(0.5, ge=0, le=60)
 
     def __post_init__(self) -> None:
-        checks = {
-            "default_stop_loss_pct": Decimal(0) < self.default_stop_loss_pct < Decimal(100),
-            "trail_min_step_pct": Decimal(0) <= self.trail_min_step_pct < Decimal(100),
-            "trail_min_interval_s": self.trail_min_interval_s >= 0,
-            "cause_wait_s": 0 <= self.cause_wait_s <= 10,
-            "cause_rest_timeout_s": 0 < self.cause_rest_timeout_s <= 60,
-            "unprotected_close_after_s": 0 <= self.unprotected_close_after_s <= 3600,
-            "close_retries": self.close_retries >= 0,
-            "stop_retries": self.stop_retries >= 0,
-            "retry_backoff_s": self.retry_backoff_s >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [f.name for f in fields(self)
+               if not all(_LIMITS[kind](getattr(self, f.name), bound) for kind, bound in f.metadata.items())]
         if bad:
             raise ValueError(f"invalid live engine setting(s): {', '.join(bad)} (see LiveConfig)")
 
