@@ -161,6 +161,7 @@ def judge(run: Run) -> Verdict:
                                   f"{end - stray.start:.3f} s; bound {allowed:.3f} s"))
 
     # --- 4 and 5: how each position ended ----------------------------------------------------------------
+    amended = {r.get("position_id"): r.get("cause") for r in run.records if r.get("event") == "closure_amended"}
     for p in run.positions:
         truth = ledger.flattened.get(p.id)
         journal = run.journals.get(p.id, [])
@@ -202,6 +203,8 @@ def judge(run: Run) -> Verdict:
                                                        else ""), evidence))
             continue
         cause = p.close_cause.value if p.close_cause is not None else None
+        if cause == CloseCause.UNKNOWN.value and p.id in amended:
+            cause = amended[p.id]  # unknown when it ended, explained later by a closure_amended record
         expected = classify_close(truth.client_id, position_id=p.id, trailing_was_active=False).value
         if truth.client_id is None:
             expected = CloseCause.NOT_FOUND.value

@@ -63,6 +63,9 @@ REGRESSIONS = {
             "REST's smaller size looked older than the position (its start taken from the cancel): never taken in",
     400656: "(the checks') a position that vanished while the bot closed it, then shown flat by an account update: "
             "the engine's 'unknown' (no fill anywhere) was judged a false cause; unknown is allowed there",
+    501078: "REST did not answer in time when the flat came, and the fill that flattened it came before the entry "
+            "was taken in (no later fill update to amend it): cause unknown for good (now: asked again, amended)",
+    501455: "the same as 300809's second interleaving (a partial close not taken in, then the rest vanished)",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -309,3 +312,30 @@ async def test_a_partial_close_not_yet_taken_in_is_not_the_closing_fill_of_a_van
         await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
     stored = await rig.stored(p.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND), (stored.state, stored.close_cause)
+
+
+async def test_a_cause_rest_could_not_read_at_the_close_is_amended_when_it_can(sim: SimServer, tmp_path: Path) -> None:
+    """Seed 501078: REST did not answer in time when the flat came, and no fill update would ever come to
+    explain it (here: delayed beyond the test); the close is recorded `unknown`, then REST is asked again in
+    the background and the closure amended with the true cause."""
+    from dataclasses import replace
+
+    from tests.livekit import FAST
+
+    config = replace(FAST, cause_wait_s=0.05, cause_rest_timeout_s=0.3)
+    rig = await Rig(sim, sim.venue.add_account("amended"), f"sqlite:///{tmp_path / 'live.sqlite'}",
+                    tmp_path / "records", config=config).start()
+    try:
+        p = await rig.open(_btc(Side.LONG))
+        sim.set_faults(delay_fill_updates_s=60, timeouts=1, timeout_s=2)  # no fill update; the next REST call hangs
+        sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+        stored = await rig.ended(p.id, timeout=10)
+        assert stored.close_cause is CloseCause.UNKNOWN
+        assert rig.records is not None
+        await rig.until(lambda: bool(rig.records.read("closure_amended")), timeout=10,  # type: ignore[union-attr]
+                        what="the closure amended")
+        [amended] = rig.records.read("closure_amended")
+        assert (amended["position_id"], amended["cause"], amended["cause_source"]) == (p.id, "manual", "rest_retry")
+    finally:
+        sim.set_faults(delay_fill_updates_s=0, timeouts=0)
+        await rig.stop()

@@ -13,6 +13,7 @@ import asyncio
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 
 from loguru import logger
 
@@ -97,7 +98,30 @@ class StreamView:
         except (xerr.ExchangeError, asyncio.TimeoutError) as e:
             logger.warning("{} {} {}: the closing fill could not be read from REST ({}); cause unknown for now",
                            self.ctx.account, position.symbol, position.id, short(e) or "timeout")
+            self.ctx.spawn(self.explain_later(position), f"closing fill lookup of {position.id}")
             return None
+
+    async def explain_later(self, position: Position, tries: int = 4) -> None:
+        """REST could not say what flattened the position: ask again in the background, slower and slower,
+        and amend the closure (`closure_amended`) if it was recorded with cause `unknown` (chaos seed 501078:
+        REST timed out under load; the fill that flattened it came before the entry was taken in, so no later
+        fill update would ever amend it)."""
+        for attempt in range(tries):
+            await asyncio.sleep(min(self.ctx.config.cause_rest_timeout_s * 2 ** attempt, 30.0))
+            if position.id in self.ctx.engine.positions and not self.ctx.engine.positions[position.id].is_terminal:
+                continue  # not ended yet (the flat is being committed)
+            if position.id not in self.unexplained:
+                return  # ended with a known cause, or amended meanwhile
+            try:
+                found = await asyncio.wait_for(self.rest_closing_fill(position),
+                                               self.ctx.config.cause_rest_timeout_s)
+            except (xerr.ExchangeError, asyncio.TimeoutError):
+                continue
+            if found is None or position.id not in self.unexplained:
+                return
+            fill, client_id = found
+            self._amended(position, client_id, "rest_retry", fill.order_id, fill.price, fill.realized_pnl, fill.fee)
+            return
 
     async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
         """The newest fill on the closing side since the position was opened, with its order's client id
@@ -149,21 +173,26 @@ class StreamView:
                 continue  # an order of another position of ours (a reversal's entry): it explains nothing here
             if self.ctx.monotonic() - closed_at > 600 or order.at < position.created_at:
                 continue
-            del self.unexplained[position_id]
-            cause = classify_close(client_id, position_id=position_id,
-                                   trailing_was_active=position.trailing is not None and position.trailing.active)
-            if cause in (CloseCause.BOT, CloseCause.UNKNOWN):
-                return
-            self.ctx.stats.closures_amended += 1
-            self.ctx.engine.records.emit(ClosureAmended(
-                account=self.ctx.account, symbol=position.symbol, position_id=position_id,
-                at=self.ctx.engine.clock(), cause_before="unknown", cause=cause.value,
-                cause_source="late_fill_update", exchange_order_id=order.exchange_order_id,
-                client_order_id=client_id, exit_price=order.average_price, realized_pnl=order.realized_pnl,
-                fee=order.fee))
-            logger.warning("{} {} {}: closure cause amended: unknown -> {} (the fill update came late)",
-                           self.ctx.account, position.symbol, position_id, cause.value)
+            self._amended(position, client_id, "late_fill_update", order.exchange_order_id, order.average_price,
+                          order.realized_pnl, order.fee)
             return
+
+    def _amended(self, position: Position, client_id: str | None, source: str, exchange_order_id: str | None,
+                 exit_price: Decimal | None, realized_pnl: Decimal | None, fee: Decimal | None) -> None:
+        """A close recorded with cause `unknown` is explained by this order: a `closure_amended` record (the
+        journal stays as it was). Our own close, or an order that explains nothing, amends nothing."""
+        self.unexplained.pop(position.id, None)
+        cause = classify_close(client_id, position_id=position.id,
+                               trailing_was_active=position.trailing is not None and position.trailing.active)
+        if cause in (CloseCause.BOT, CloseCause.UNKNOWN):
+            return
+        self.ctx.stats.closures_amended += 1
+        self.ctx.engine.records.emit(ClosureAmended(
+            account=self.ctx.account, symbol=position.symbol, position_id=position.id, at=self.ctx.engine.clock(),
+            cause_before="unknown", cause=cause.value, cause_source=source, exchange_order_id=exchange_order_id,
+            client_order_id=client_id, exit_price=exit_price, realized_pnl=realized_pnl, fee=fee))
+        logger.warning("{} {} {}: closure cause amended: unknown -> {} ({})", self.ctx.account, position.symbol,
+                       position.id, cause.value, source)
 
     def unused_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
         """The newest unused fill seen on the closing side of the symbol, no older than the update."""
