@@ -27,7 +27,7 @@ from exchange.sim.venue import Venue
 from lifecycle.domain import Side
 from lifecycle.engine import Engine
 from lifecycle.live import LiveEngine, OpenCommand
-from lifecycle.reconcile import Reconciler
+from lifecycle.reconciler import Reconciler
 from tests.invariants import violations
 from tests.livekit import FAST, Rig, many_symbols, settings_for
 

@@ -27,8 +27,8 @@ from exchange.sim.server import SimServer
 from exchange.sim.venue import Venue
 from lifecycle.domain import Side
 from lifecycle.live import LiveConfig, OpenCommand
-from lifecycle.reconcile import Reconciler
-from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+from lifecycle.reconciler import Reconciler
+from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import Rig, many_symbols
 
 # ccxt 4.5.90 binance.py costs (fapiPrivate / V3 sections); calls without a symbol use the noSymbol cost.

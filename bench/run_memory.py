@@ -66,7 +66,7 @@ rate_limit = false
 ''')
     env = {**os.environ, "BENCH_KEY": account.api_key, "BENCH_SECRET": account.secret, "LIFECYCLE_API_TOKEN": TOKEN,
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.cli", "run", "--config",
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.app.cli", "run", "--config",
                                                 str(directory / "lifecycle.toml"), env=env,
                                                 stderr=asyncio.subprocess.DEVNULL)
     base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}

@@ -39,8 +39,8 @@ from exchange.sim.venue import Venue
 from lifecycle.domain import CloseCause, Side
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
-from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+from lifecycle.reconciler import Reconciler
+from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import Rig, many_symbols, settings_for
 
 

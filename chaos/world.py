@@ -37,8 +37,8 @@ from exchange.sim.venue import Account, SimError
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, Side
 from lifecycle.live import LiveConfig, OpenCommand
-from lifecycle.service import AccountConfig, Service, ServiceConfig
-from scheduler.reconciliation import ScheduleConfig
+from lifecycle.app.service import AccountConfig, Service, ServiceConfig
+from scheduler.jobs import ScheduleConfig
 from tests.storage_faults import DriverErrors
 
 from chaos.schedule import BLINDING, QTY, Schedule, Step
@@ -348,7 +348,7 @@ class InProcess(_Handle):
 
 
 class Child(_Handle):
-    """`python -m lifecycle.cli run --config ...`: a real service process, commanded over its control API."""
+    """`python -m lifecycle.app.cli run --config ...`: a real service process, commanded over its control API."""
 
     def __init__(self, workdir: Path, toml: str, env: dict[str, str], port: int, token: str, account: str) -> None:
         self.workdir = workdir
@@ -370,7 +370,7 @@ class Child(_Handle):
         self.logs.append(log)
         with open(log, "wb") as sink:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "lifecycle.cli", "run", "--config", str(self.config_path), cwd=ROOT,
+                sys.executable, "-m", "lifecycle.app.cli", "run", "--config", str(self.config_path), cwd=ROOT,
                 env=self.env, stdout=sink, stderr=sink)
         deadline = time.monotonic() + 30
         while True:

@@ -24,8 +24,8 @@ from exchange.ccxt_adapter import ExchangeSettings
 from exchange.secret import Secret
 from lifecycle.domain import CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
-from lifecycle.service import AccountConfig, Service, ServiceConfig
-from scheduler.reconciliation import ScheduleConfig
+from lifecycle.app.service import AccountConfig, Service, ServiceConfig
+from scheduler.jobs import ScheduleConfig
 
 # Quick retries so that a test does not wait; trailing moves at once.
 LIVE = LiveConfig(trail_min_interval_s=0, retry_backoff_s=0.05, cause_wait_s=0.3)

@@ -24,7 +24,7 @@ from exchange.secret import Secret
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
 from lifecycle.domain import Side
-from lifecycle.settings import ConfigError, load
+from lifecycle.app.settings import ConfigError, load
 from tests.simclient import keyed, signed
 from tests.test_ccxt_adapter import Collector, account, settings_for, sim, venue  # noqa: F401  (fixtures)
 from tests.test_sim_payload_shapes import assert_like

@@ -18,9 +18,9 @@ from lifecycle.domain import CloseCause, Side
 from lifecycle.errors import PositionConflict
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
+from lifecycle.reconciler import Reconciler
 from lifecycle.records import JsonlRecords
-from lifecycle.service import Service
+from lifecycle.app.service import Service
 from tests.crash_child import service_config
 from tests.livekit import Rig
 

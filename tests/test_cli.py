@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def lifecycle(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lifecycle.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lifecycle.app.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -20,7 +20,7 @@ def test_demo_history_and_status_show_what_happened(tmp_path: Path) -> None:
     """The demo on the simulator (fast pace), then `history` and `status` read its database."""
     import os
 
-    result = subprocess.run([sys.executable, "-m", "lifecycle.cli", "demo", "--workdir", str(tmp_path), "-v"],
+    result = subprocess.run([sys.executable, "-m", "lifecycle.app.cli", "demo", "--workdir", str(tmp_path), "-v"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "LIFECYCLE_DEMO_PACE": "0.2"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

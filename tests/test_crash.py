@@ -29,7 +29,7 @@ from exchange.sim.venue import Account
 from lifecycle.domain import CloseCause, Side
 from lifecycle.machines.states import PositionState as S
 from lifecycle.records import JsonlRecords
-from lifecycle.service import Service
+from lifecycle.app.service import Service
 from tests.crash_child import LIVE, open_command, service_config
 from tests.invariants import violations
 from tests.livekit import Rig

@@ -40,14 +40,12 @@ CORE_MODULES = (
 
 IO_LIBRARIES = ("ccxt", "sqlalchemy", "sqlmodel", "aiosqlite", "asyncpg", "psycopg", "psycopg2", "alembic",
                 "aiohttp", "websockets")
-OUTER_LAYERS = ("db", "exchange", "scheduler", "lifecycle.service", "lifecycle.api", "lifecycle.cli",
-                "lifecycle.settings", "lifecycle.demo", "lifecycle.live", "lifecycle.engine", "lifecycle.books",
-                "lifecycle.reconcile")
+OUTER_LAYERS = ("db", "exchange", "scheduler", "lifecycle.app", "lifecycle.live", "lifecycle.engine", "lifecycle.books",
+                "lifecycle.reconciler")
 CORE_FORBIDDEN = IO_LIBRARIES + OUTER_LAYERS
 
-ENGINE_MODULES = ("lifecycle.engine", "lifecycle.live", "lifecycle.reconcile")  # with a package's submodules
-ENGINE_FORBIDDEN = IO_LIBRARIES + ("db", "scheduler", "exchange.ccxt_adapter", "exchange.sim", "lifecycle.service",
-                                   "lifecycle.api", "lifecycle.cli", "lifecycle.settings", "lifecycle.demo")
+ENGINE_MODULES = ("lifecycle.engine", "lifecycle.live", "lifecycle.reconciler")  # with a package's submodules
+ENGINE_FORBIDDEN = IO_LIBRARIES + ("db", "scheduler", "exchange.ccxt_adapter", "exchange.sim", "lifecycle.app")
 
 # Run in the fresh interpreter: import one module and report every module it brought in, with the module
 # whose import statement asked for it first (so a failure can show the chain).
@@ -128,10 +126,10 @@ def test_the_engine_layer_reaches_the_exchange_only_through_its_port(module: str
 
 def test_the_check_sees_a_forbidden_import_and_names_its_chain() -> None:
     """The probe is not blind: reconciliation (an outer layer) fails the core rule, and says why."""
-    problems = _violations("lifecycle.reconcile", CORE_FORBIDDEN)
-    assert any(p.startswith("lifecycle.reconcile imports lifecycle.live (via lifecycle.live <- lifecycle.reconcile")
+    problems = _violations("lifecycle.reconciler", CORE_FORBIDDEN)
+    assert any(p.startswith("lifecycle.reconciler imports lifecycle.live (via lifecycle.live <- lifecycle.reconciler")
                for p in problems), problems
-    assert any(p.startswith("lifecycle.reconcile imports exchange.port ") for p in problems), problems
+    assert any(p.startswith("lifecycle.reconciler imports exchange.port ") for p in problems), problems
 
 
 def test_every_core_package_module_is_listed() -> None:

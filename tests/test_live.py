@@ -14,7 +14,7 @@ from exchange.port import StreamHealth
 from lifecycle.domain import CloseCause, CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
+from lifecycle.reconciler import Reconciler
 from tests.livekit import FAST, Rig
 from tests.simclient import signed
 

@@ -18,8 +18,8 @@ from lifecycle.domain import CloseCause, Side
 from lifecycle.errors import InvalidEvent, PositionConflict
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
-from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+from lifecycle.reconciler import Reconciler
+from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import FAST, Rig, settings_for
 
 FAST_SYNC = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.3, orphan_interval_s=60)

@@ -8,7 +8,7 @@ from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, Side
 from lifecycle.events import CloseRequested
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
+from lifecycle.reconciler import Reconciler
 from tests.livekit import Rig
 
 

@@ -21,8 +21,8 @@ from exchange.sim.server import SimServer
 from lifecycle.domain import Side
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
-from lifecycle.service import ApiBinding, Service
+from lifecycle.reconciler import Reconciler
+from lifecycle.app.service import ApiBinding, Service
 from tests.crash_child import service_config
 from tests.livekit import Rig
 from tests.waiting import until

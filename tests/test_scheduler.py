@@ -12,8 +12,8 @@ from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, Side
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
-from lifecycle.reconcile import Reconciler
-from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+from lifecycle.reconciler import Reconciler
+from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import Rig
 from tests.storage_faults import DriverErrors
 

@@ -19,11 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 from exchange.sim.server import SimServer
-from lifecycle.cli import app
+from lifecycle.app.cli import app
 from lifecycle.domain import Side
 from lifecycle.machines.states import PositionState as S
-from lifecycle.service import Service
-from lifecycle.settings import ConfigError, load, service_config
+from lifecycle.app.service import Service
+from lifecycle.app.settings import ConfigError, load, service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-4b1d"
@@ -166,7 +166,7 @@ def test_environment_typos_and_pasted_secrets_are_refused_without_echoing_them(
 
 
 def test_the_demo_settings_ignore_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lifecycle.settings import Settings
+    from lifecycle.app.settings import Settings
 
     monkeypatch.setenv("LIFECYCLE_DATABASE_URL", "postgresql://prod@db.example/prod")
     settings = Settings.without_environment(database_url=f"sqlite:///{tmp_path / 'demo.sqlite'}", accounts=[
@@ -186,7 +186,7 @@ def test_a_taken_api_port_stops_the_start_with_one_line(tmp_path: Path, monkeypa
         config = write_config(tmp_path / "lifecycle.toml", f"[api]\nport = {port}\n" + account_block(),
                               {"fapiPrivate": "http://127.0.0.1:9/fapi/v1"})
         # A process of its own: `run` configures the global logger.
-        result = subprocess.run([sys.executable, "-m", "lifecycle.cli", "run", "--config", str(config)], cwd=tmp_path,
+        result = subprocess.run([sys.executable, "-m", "lifecycle.app.cli", "run", "--config", str(config)], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
@@ -223,7 +223,7 @@ port = {port}
 ''' + account_block(), sim.ccxt_urls())
     env = {**os.environ, "SIM_KEY": account.api_key, "SIM_SECRET": account.secret, "LIFECYCLE_API_TOKEN": TOKEN,
            "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "lifecycle.cli"]
+    cli = [sys.executable, "-m", "lifecycle.app.cli"]
     proc = await asyncio.create_subprocess_exec(*cli, "run", "--config", str(config), env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 

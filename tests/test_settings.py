@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.settings import ConfigError, Settings, load
+from lifecycle.app.settings import ConfigError, Settings, load
 
 TOKEN = "t" * 32
 

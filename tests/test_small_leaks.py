@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 
 from exchange.sim.server import SimServer
-from lifecycle.settings import ConfigError, load
+from lifecycle.app.settings import ConfigError, load
 from tests.conftest import PG_ADMIN_URL, _pg_admin, _pg_dsn
 from tests.test_service import ROOT, TOKEN, account_block, write_config
 
-CLI = [sys.executable, "-m", "lifecycle.cli"]
+CLI = [sys.executable, "-m", "lifecycle.app.cli"]
 
 
 def lifecycle(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -135,7 +135,7 @@ def test_an_error_of_our_own_handler_keeps_its_traceback_but_not_the_token() -> 
     """Not a refused request but an error of ours (a handler raising): the traceback stays, the token not."""
     from loguru import logger
 
-    from lifecycle.http_log import http_logger
+    from lifecycle.app.http_log import http_logger
 
     token = "tok-" + secrets.token_hex(16)
     lines: list[str] = []

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # types of the parts the API reads; none of them imports the 
     from lifecycle.engine import Engine
     from lifecycle.live import LiveEngine
     from lifecycle.records import JsonlRecords
-    from scheduler.reconciliation import ReconciliationScheduler
+    from scheduler.jobs import ReconciliationScheduler
 
 
 OPERATOR_REASONS = (CloseReason.SIGNAL, CloseReason.TAKE_PROFIT, CloseReason.MAX_AGE, CloseReason.OPERATOR)
@@ -71,7 +71,7 @@ class ClosureStats:
 
 
 # --- what the API needs of the service -------------------------------------------------------------------
-# The API depends on these protocols, not on lifecycle.service: the service imports the API and passes itself
+# The API depends on these protocols, not on lifecycle.app.service: the service imports the API and passes itself
 # (`ControlApi(self, ...)`), so the import runs one way. Read-only properties: a plain attribute satisfies one.
 
 
@@ -87,7 +87,7 @@ class StreamCounters(Protocol):
 
 
 class AccountView(Protocol):
-    """One account's runtime (lifecycle.service.AccountRuntime)."""
+    """One account's runtime (lifecycle.app.service.AccountRuntime)."""
 
     @property
     def exchange(self) -> StreamCounters: ...
@@ -100,7 +100,7 @@ class AccountView(Protocol):
 
 
 class TrailingDefaults(Protocol):
-    """The configured defaults of an open command asking for a trailing stop (lifecycle.service.ServiceConfig)."""
+    """The configured defaults of an open command asking for a trailing stop (lifecycle.app.service.ServiceConfig)."""
 
     @property
     def trailing_activation_pct(self) -> Decimal: ...
@@ -109,7 +109,7 @@ class TrailingDefaults(Protocol):
 
 
 class ServiceView(Protocol):
-    """The running service (lifecycle.service.Service) as the control API and the metrics read it."""
+    """The running service (lifecycle.app.service.Service) as the control API and the metrics read it."""
 
     @property
     def started(self) -> bool: ...
@@ -139,7 +139,7 @@ class ControlApi:
     async def start(self) -> ControlApi:
         """Listen on host:port. aiohttp's own log records (a request its parser refuses quotes the refused
         bytes, which may hold the token) go to the service's log through `http_logger`: by kind only."""
-        from lifecycle.http_log import http_logger
+        from lifecycle.app.http_log import http_logger
 
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/health", self._health)
@@ -149,7 +149,7 @@ class ControlApi:
         app.router.add_post("/positions/{id}/close", self._close)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None,
-                               logger=http_logger("lifecycle.api.http", [self.token.reveal()]))
+                               logger=http_logger("lifecycle.app.api.http", [self.token.reveal()]))
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:

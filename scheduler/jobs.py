@@ -35,7 +35,7 @@ from lifecycle.domain import CloseReason, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live import PROTECTED, LiveEngine
 from lifecycle.record_kinds import AgedPosition, OrphanCancelled
-from lifecycle.reconcile import Reconciler, SyncReport
+from lifecycle.reconciler import Reconciler, SyncReport
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from lifecycle.domain import CloseCause, CloseReason, Side
 from lifecycle.live import LiveEngine, OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.replay import replay
-from lifecycle.service import Service
-from lifecycle.settings import Settings, service_config
+from lifecycle.app.service import Service
+from lifecycle.app.settings import Settings, service_config
 
 KEY_ENV, SECRET_ENV = "LIFECYCLE_DEMO_API_KEY", "LIFECYCLE_DEMO_SECRET"
 ACCOUNT = "demo"

@@ -35,7 +35,7 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", envvar="LIF
 
 
 def _settings(config: Path | None, *, check_secrets: bool = True):  # type: ignore[no-untyped-def]
-    from lifecycle.settings import ConfigError, load
+    from lifecycle.app.settings import ConfigError, load
 
     try:
         return load(config, check_secrets=check_secrets)
@@ -47,8 +47,8 @@ def _settings(config: Path | None, *, check_secrets: bool = True):  # type: igno
 @app.command()
 def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the service for the configured accounts until SIGINT/SIGTERM."""
-    from lifecycle.service import Service, StartError, check_database
-    from lifecycle.settings import service_config
+    from lifecycle.app.service import Service, StartError, check_database
+    from lifecycle.app.settings import service_config
 
     settings = _settings(config)
     service = Service(service_config(settings))
@@ -69,7 +69,7 @@ def _api_call(settings, method: str, path: str, body: dict | None = None) -> obj
     if not settings.api.enabled:
         typer.echo("error: the control API is disabled in the configuration (api.enabled)", err=True)
         raise typer.Exit(2)
-    from lifecycle.settings import ConfigError
+    from lifecycle.app.settings import ConfigError
 
     try:
         token = settings.api_token().reveal()
@@ -278,7 +278,7 @@ def demo(
     from rich.live import Live
     from rich.table import Table
 
-    from lifecycle.demo import COLUMNS, run_demo
+    from lifecycle.app.demo import COLUMNS, run_demo
 
     directory = workdir or Path(tempfile.mkdtemp(prefix="lifecycle-demo-"))
     pace = float(os.environ.get("LIFECYCLE_DEMO_PACE", "3.0"))  # seconds per beat (about a minute); tests go faster

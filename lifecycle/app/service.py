@@ -1,7 +1,7 @@
 """The background service: for each configured account, the live engine, its reconciliation and its
 schedule, started in the order that makes a restart safe and stopped in the order that loses nothing.
 
-This is a composition root (like `lifecycle.cli`): it wires the pure domain to the database, the ccxt
+This is a composition root (like `lifecycle.app.cli`): it wires the pure domain to the database, the ccxt
 adapter and the scheduler, so unlike the domain modules it imports them.
 
 Start, per account: open the database (migrations applied), rehydrate that account's live positions,
@@ -39,16 +39,16 @@ from db.repository import Repository
 from exchange import errors as xerr
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
 from exchange.secret import Secret
-from lifecycle.api import ClosureStats, ControlApi
+from lifecycle.app.api import ClosureStats, ControlApi
 from lifecycle.books import Books
 from lifecycle.engine import Engine
 from lifecycle.events import from_payload
 from lifecycle.guards.cleanup import closure_of
 from lifecycle.live import LiveConfig, LiveEngine
-from lifecycle.reconcile import UNTRACKED_POLICIES, Reconciler
+from lifecycle.reconciler import UNTRACKED_POLICIES, Reconciler
 from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay
-from scheduler.reconciliation import ReconciliationScheduler, ScheduleConfig
+from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
 
 
 @dataclass(frozen=True)

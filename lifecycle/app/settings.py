@@ -35,9 +35,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from exchange.ccxt_adapter import ExchangeSettings
 from exchange.secret import Secret
 from lifecycle.live import LiveConfig
-from lifecycle.reconcile import UNTRACKED_POLICIES
-from lifecycle.service import AccountConfig, ApiBinding, ServiceConfig
-from scheduler.reconciliation import ScheduleConfig
+from lifecycle.reconciler import UNTRACKED_POLICIES
+from lifecycle.app.service import AccountConfig, ApiBinding, ServiceConfig
+from scheduler.jobs import ScheduleConfig
 
 DEFAULT_DATABASE_URL = "sqlite:///lifecycle.sqlite"  # a file in the working directory
 
@@ -134,7 +134,7 @@ class ScheduleSettings(_Strict):
 
 class ReconcileSettings(_Strict):
     grace_ms: int = Field(default=5000, ge=0, le=600_000)
-    untracked: str = "alert"  # one of lifecycle.reconcile.UNTRACKED_POLICIES
+    untracked: str = "alert"  # one of lifecycle.reconciler.UNTRACKED_POLICIES
     phantom_after_s: float = Field(default=60.0, ge=0, le=86400)  # REST-only absence this long: PHANTOM
     # REST (confirmed) lacks a position the live stream still shows, with no fill to prove a close: after this
     # long the stream is resubscribed (a silent wedge), and its fresh snapshot decides
