@@ -66,6 +66,10 @@ REGRESSIONS = {
     501078: "REST did not answer in time when the flat came, and the fill that flattened it came before the entry "
             "was taken in (no later fill update to amend it): cause unknown for good (now: asked again, amended)",
     501455: "the same as 300809's second interleaving (a partial close not taken in, then the rest vanished)",
+    502732: "a partial close by another client, then a settlement of the rest, their fill updates late: the flat "
+            "took the first fill to arrive (manual) instead of the one that flattened it (settlement)",
+    503700: "a service restarted while its disk was full: the refusal could not be written to stderr (on the same "
+            "disk) and became a traceback, exit 1 (now: exit 2 whatever stderr does)",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -339,3 +343,17 @@ async def test_a_cause_rest_could_not_read_at_the_close_is_amended_when_it_can(s
     finally:
         sim.set_faults(delay_fill_updates_s=0, timeouts=0)
         await rig.stop()
+
+
+async def test_a_partial_close_is_not_the_flattening_fill_when_the_rests_fill_update_is_late(rig: Rig) -> None:
+    """Soak seed 502732: another client closed part of the position and a settlement took the rest; the fill
+    updates came after the position updates, and the flat took the first fill to arrive (the partial close,
+    cause manual). The fills that explain a flat must add up to what it took off: settlement."""
+    p = await rig.open(_btc(Side.LONG))
+    rig.sim.set_faults(delay_fill_updates_s=0.2)  # both fill updates come after both position updates
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.004"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "settlement")
+    stored = await rig.ended(p.id, timeout=10)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.SETTLEMENT), \
+        (stored.state, stored.close_cause)

@@ -125,3 +125,20 @@ async def test_a_key_refused_after_the_start_degrades_health_and_leaves_the_stop
     assert proc.returncode == 0, log
     assert "CRITICAL" in log and account.api_key not in log and account.secret not in log
     assert [a.order_type for a in sim.venue.open_algos(account, "BTCUSDT")] == ["STOP_MARKET"]  # left on the venue
+
+
+async def test_a_refused_start_exits_2_even_when_stderr_cannot_be_written(sim: SimServer, tmp_path: Path) -> None:
+    """Soak seed 503700: a service restarted while its disk was full could not open its database, and the
+    one-line refusal could not be written either (stderr on the same full disk): the OSError became a
+    traceback and exit code 1. /dev/full refuses every write, as a full disk does."""
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full is not available on this machine")
+    account = sim.venue.add_account("sim")
+    sim.revoke_key(account.api_key)  # the start is refused (exit 2, one line on stderr)
+    config = _config(sim, tmp_path)
+    with open("/dev/full", "w") as full:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.app.cli", "run", "--config",
+                                                    str(config), env=_env(account.api_key, account.secret),
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=full)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 2

@@ -57,8 +57,17 @@ def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--ve
         _configure_logging(verbose, settings.log_dir, settings.log_retention_days)
         asyncio.run(service.run())
     except StartError as e:
-        typer.echo(f"error: {e}", err=True)
+        _say_error(f"error: {e}")
         raise typer.Exit(2) from None
+
+
+def _say_error(text: str) -> None:
+    """One line on stderr; a stderr that cannot be written (a full disk under a redirected log) must not turn
+    a clear refusal into a traceback (chaos soak seed 503700): the exit code still says it."""
+    try:
+        typer.echo(text, err=True)
+    except OSError:
+        pass
 
 
 def _api_call(settings, method: str, path: str, body: dict | None = None) -> object:  # type: ignore[no-untyped-def]

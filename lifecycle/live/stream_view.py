@@ -195,20 +195,35 @@ class StreamView:
                        position.id, cause.value, source)
 
     def unused_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
-        """The newest unused fill seen on the closing side of the symbol, no older than the update."""
+        """The newest unused fill seen on the closing side of the symbol, no older than the update, once the
+        unused fills there add up to what the update took off the position: a partial close by someone else
+        is not what flattened it when another fill (a settlement, a liquidation) took the rest and its update
+        has not come yet (chaos soak seed 502732). Of several, the one whose order took exactly that much."""
         closing = exit_side(position.side)
         earliest = snap.at - timedelta(seconds=1)
         entered = self.ctx.entry_at(position.id)
         if entered is not None and entered > earliest:
             earliest = entered  # a fill before this position's entry is about an earlier position
+        current = self.ctx.engine.positions.get(position.id) or position  # a reduction may have been taken in
+        need = current.quantity - (abs(snap.amount) if snap.side is position.side else 0)
+        found: list[SeenFill] = []
         for seen in reversed(self.fills.get(snap.symbol, ())):
             ours = parse_client_id(seen.client_id)
             if ours is not None and ours.purpose is OrderPurpose.ENTRY:
                 continue  # an entry opens a position, it never flattens one (one way: no flips of ours)
             if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
-                seen.used = True
-                return seen
-        return None
+                found.append(seen)
+        by_order: dict[str, Decimal] = {}  # an order's updates carry its cumulative fill: count the largest
+        for seen in found:
+            key = seen.order.exchange_order_id or seen.client_id or str(id(seen))
+            by_order[key] = max(by_order.get(key, Decimal(0)), seen.order.filled)
+        if not found or sum(by_order.values()) < need:
+            return None
+        # The newest fill of an order that took exactly what the update took off, else the newest: of a partial
+        # close and a settlement that arrive together, each update gets its own.
+        pick = next((f for f in found if f.order.filled == need), found[0])
+        pick.used = True
+        return pick
 
     async def closing_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
         """The fill that flattened the position: the newest unused fill on the closing side of the symbol,
