@@ -178,6 +178,17 @@ def judge(run: Run) -> Verdict:
             if p.id in ledger.entry_filled:
                 v.append(Violation(4, f"{p.id} ended CANCELLED but its entry filled on the venue", evidence))
             continue
+        if truth is not None and truth.netted:
+            # Our entry met someone else's opposite position (placed a moment before, or while ours was on its
+            # way): the venue's position went flat with our own entry fill, and no fill after it explains the
+            # flat. That other order's cause, unknown, or not found (PHANTOM) are all true (seed 506007).
+            cause = p.close_cause.value if p.close_cause is not None else None
+            allowed = {classify_close(truth.client_id, position_id=p.id, trailing_was_active=False).value,
+                       CloseCause.UNKNOWN.value, CloseCause.NOT_FOUND.value}
+            if p.state is S.CLOSED and not any(e.event == "close_requested" for e in journal) or cause not in allowed:
+                v.append(Violation(4, f"{p.id} (its entry netted against {truth.client_id}) ended {p.state.value} "
+                                      f"with cause {cause}; allowed {sorted(allowed)}", evidence))
+            continue
         if p.state is S.PHANTOM or p.close_cause is CloseCause.NOT_FOUND:
             if truth is not None and truth.client_id is not None:
                 v.append(Violation(4, f"{p.id} ended {p.state.value} (not_found) but was flattened by "

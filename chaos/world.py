@@ -85,6 +85,7 @@ class Flatten:
     at: float
     client_id: str | None  # the flattening order's; None: it vanished without a fill
     flipped: bool = False
+    netted: bool = False  # our entry met someone else's opposite position: no fill after our entry explains it
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Ledger:
                 # ours never stood alone; it ended by that order, as far as anyone can tell.
                 self.opened.setdefault(parsed.position_id, now)
                 self.flattened[parsed.position_id] = Flatten(parsed.position_id, symbol, now,
-                                                             self._foreign_by.get(symbol))
+                                                             self._foreign_by.get(symbol), netted=True)
             for position_id in self._joined_on(symbol):
                 self.flattened[position_id] = Flatten(position_id, symbol, now, client_id, flipped=after != 0)
             if after == 0:
@@ -186,7 +187,7 @@ class Ledger:
                 # Our entry (part of it) met someone else's larger opposite position: netted, never stood alone.
                 self.opened.setdefault(parsed.position_id, now)
                 self.flattened.setdefault(parsed.position_id, Flatten(parsed.position_id, symbol, now,
-                                                                      self._foreign_by.get(symbol)))
+                                                                      self._foreign_by.get(symbol), netted=True))
             for position_id in self._joined_on(symbol):
                 self.reduced.setdefault(position_id, []).append(client_id or "")
 

@@ -70,6 +70,13 @@ REGRESSIONS = {
             "took the first fill to arrive (manual) instead of the one that flattened it (settlement)",
     503700: "a service restarted while its disk was full: the refusal could not be written to stderr (on the same "
             "disk) and became a traceback, exit 1 (now: exit 2 whatever stderr does)",
+    504964: "a partial close by another client and our stop for the rest, the same size, fill updates late: the "
+            "reduction took the stop's fill and the flat the partial close's (cause manual instead of stop_loss)",
+    505423: "closed while opening with nothing filled, then an account update listed the symbol at 0: it ended "
+            "CLOSED (bot) though its entry never filled (now: the entry's outcome decides, CANCELLED)",
+    506007: "(the checks') our entry netted against another client's opposite position placed a moment before: "
+            "PHANTOM is a true answer (no fill after our entry explains the flat)",
+    504763: "the same as 300809's second interleaving",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -357,3 +364,37 @@ async def test_a_partial_close_is_not_the_flattening_fill_when_the_rests_fill_up
     stored = await rig.ended(p.id, timeout=10)
     assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.SETTLEMENT), \
         (stored.state, stored.close_cause)
+
+
+async def test_a_reduction_and_a_stop_of_one_size_each_get_their_own_fill(rig: Rig) -> None:
+    """Soak seed 504964: another client closed half, then our stop took the other half (the same size), the
+    fill updates late: the reduction took the stop's fill and the flat the partial close's (cause manual).
+    A reduction takes the oldest fill that explains it, a flat the newest: stop_loss."""
+    p = await rig.open(_btc(Side.LONG))
+    stop = rig.stop_algos("BTCUSDT")[0]
+    rig.sim.set_faults(delay_fill_updates_s=0.2)  # both fill updates come after both position updates
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.005"),
+                            price=None, client_id="web_partial", reduce_only=True)
+    rig.set_mark("BTCUSDT", stop.trigger - 10)  # the stop fires and fills what is left (reduce-only)
+    stored = await rig.ended(p.id, timeout=10)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS), \
+        (stored.state, stored.close_cause)
+
+
+async def test_a_flat_while_closing_before_anything_filled_leaves_it_to_the_entry(rig: Rig) -> None:
+    """Soak seed 505423: a position closed while opening, nothing filled, and an account update (funding)
+    listed its symbol at 0 before the entry's cancel was settled: it ended CLOSED (bot) though its entry never
+    filled. The entry's own outcome decides: CANCELLED."""
+    assert rig.live is not None and rig.engine is not None
+    rig.set_mark("BTCUSDT", 60000)
+    position = await rig.live.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), entry_price=D("59000"),
+                                               stop_loss_pct=D(1)))
+    await rig.until(lambda: any(o.client_id.endswith("-e0") for o in rig.sim.venue.open_orders(rig.account, None)),
+                    what="the entry resting")
+    rig.sim.set_faults(timeouts=1, timeout_s=2)  # the entry's cancel hangs, then answers 503 (sent again later)
+    closing = asyncio.ensure_future(rig.live.close(position.id))
+    await rig.until(lambda: rig.state(position.id) is S.CLOSING_BY_BOT, what="closing")
+    rig.sim.venue.funding(rig.account, "BTCUSDT")  # an account update that lists BTCUSDT at 0
+    await closing
+    stored = await rig.ended(position.id, timeout=10)
+    assert stored.state is S.CANCELLED, stored.state

@@ -237,8 +237,8 @@ class LiveEngine:
         self.view.live[snap.symbol] = snap
         for side in (Side.LONG, Side.SHORT):
             position = self.engine.live_position(self.account, snap.symbol, side)
-            if position is None or position.state not in FLATTENABLE:
-                continue
+            if position is None or position.state not in FLATTENABLE or position.quantity == 0:
+                continue  # nothing known filled (closed while opening): its entry's own outcome decides
             runtime = self.ctx.peek(position.id)
             if runtime is not None:
                 runtime.missing = None  # the stream speaks for it again

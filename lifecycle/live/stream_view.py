@@ -198,7 +198,7 @@ class StreamView:
         """The newest unused fill seen on the closing side of the symbol, no older than the update, once the
         unused fills there add up to what the update took off the position: a partial close by someone else
         is not what flattened it when another fill (a settlement, a liquidation) took the rest and its update
-        has not come yet (chaos soak seed 502732). Of several, the one whose order took exactly that much."""
+        has not come yet (chaos soak seed 502732). Of several, one whose order took exactly that much."""
         closing = exit_side(position.side)
         earliest = snap.at - timedelta(seconds=1)
         entered = self.ctx.entry_at(position.id)
@@ -219,9 +219,11 @@ class StreamView:
             by_order[key] = max(by_order.get(key, Decimal(0)), seen.order.filled)
         if not found or sum(by_order.values()) < need:
             return None
-        # The newest fill of an order that took exactly what the update took off, else the newest: of a partial
-        # close and a settlement that arrive together, each update gets its own.
-        pick = next((f for f in found if f.order.filled == need), found[0])
+        # A fill of an order that took exactly what the update took off, else any: the oldest for a reduction
+        # (it came first), the newest for a flat. Of a partial close and a stop or settlement that arrive
+        # together, each update gets its own (soak seeds 502732, 504964).
+        order = found if snap.amount == 0 or snap.side is not position.side else found[::-1]
+        pick = next((f for f in order if f.order.filled == need), order[0])
         pick.used = True
         return pick
 
