@@ -14,7 +14,7 @@ import pytest
 
 from chaos.runner import _failure_text, run_many
 from exchange.sim.server import SimServer
-from lifecycle.domain import CloseCause, Side
+from lifecycle.domain import CloseCause, OrderPurpose, OrderRef, OrderStatus, Side
 from lifecycle.errors import PositionConflict
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
@@ -77,6 +77,10 @@ REGRESSIONS = {
     506007: "(the checks') our entry netted against another client's opposite position placed a moment before: "
             "PHANTOM is a true answer (no fill after our entry explains the flat)",
     504763: "the same as 300809's second interleaving",
+    506514: "the venue cancelled our stop while the streams were down, a new one was put in place, and the cancel "
+            "of the old one failed in an outage: the books tracked both as working for good",
+    506782: "the same as 300809's second interleaving", 506792: "the same as 400656",
+    507129: "the same as 504964",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -398,3 +402,26 @@ async def test_a_flat_while_closing_before_anything_filled_leaves_it_to_the_entr
     await closing
     stored = await rig.ended(position.id, timeout=10)
     assert stored.state is S.CANCELLED, stored.state
+
+
+async def test_the_audit_repairs_books_that_call_a_gone_stop_working(rig: Rig) -> None:
+    """Soak seed 506514: the venue cancelled our stop while the streams were down; the resync put a new one
+    in place, and the cancel of the old one (already gone) failed in an outage: the books tracked both as
+    working for good. The audit, seeing the venue hold exactly the right one, left the books as they were."""
+    p = await rig.open(_btc(Side.LONG))
+    assert rig.live is not None and rig.engine is not None
+    [old] = rig.stop_algos("BTCUSDT")
+    rig.sim.venue.cancel_algo(rig.account, old.algo_id, None)  # the venue cancels it, the stream says so
+    await rig.until(lambda: [a.client_id for a in rig.stop_algos("BTCUSDT")] not in ([], [old.client_id]),
+                    what="the stop put back")
+    # The books of the seed: the old stop still called working beside the new one.
+    await rig.engine.track_order(p.id, OrderRef(old.client_id, p.id, "BTCUSDT", OrderPurpose.STOP, "sell", old.qty,
+                                                OrderStatus.OPEN, old.trigger, None, str(old.algo_id)))
+    assert len([o for o in rig.engine.positions[p.id].working_orders() if o.purpose is OrderPurpose.STOP]) == 2
+    created = rig.engine.positions[p.id].updated_at
+    await rig.until(lambda: (rig.engine.clock() - created).total_seconds() > 1.1,  # type: ignore[union-attr]
+                    what="the audit's one-second allowance for a move in flight")
+    await rig.live.audit_protection()
+    working = [o.client_id for o in rig.engine.positions[p.id].working_orders() if o.purpose is OrderPurpose.STOP]
+    assert working == [a.client_id for a in rig.stop_algos("BTCUSDT")], working
+    assert old.client_id not in {o.client_id for o in (await rig.stored(p.id)).working_orders()}
