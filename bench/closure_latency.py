@@ -27,7 +27,7 @@ SIZES = {"BTCUSDT": D("0.01"), "ETHUSDT": D("0.1"), "SOLUSDT": D("1")}
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def run(closes: int, db_url: str) -> None:

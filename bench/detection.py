@@ -34,7 +34,7 @@ from tests.livekit import Rig, many_symbols
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def one_interval(interval: float, positions: int, seed: int) -> dict[str, float]:

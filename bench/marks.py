@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -61,7 +61,7 @@ async def run(n: int, case: str, updates: int) -> None:
     config = LiveConfig(trail_min_interval_s=3600)  # the stops moved "just now": every move is held back
     live = await LiveEngine(engine, _Ticks(), account="bench", symbols=symbols,  # type: ignore[arg-type]
                             config=config).start(streams=False)
-    at = datetime.now(timezone.utc)
+    at = datetime.now(UTC)
     if case == "below":  # 110.50..110.99: under the watermark 111.1
         marks = [MarkPrice(symbols[i % len(symbols)], D("110.5") + D(i % 50) / 100, at) for i in range(updates)]
     else:  # each symbol's mark one cent higher every round: a new watermark on every update

@@ -54,7 +54,7 @@ async def main() -> None:
     print(f"opened and protected {len(symbols)} positions in {time.perf_counter() - started:.1f} s")
     await rig.stop()
 
-    stops = [a for a in sim.venue.open_algos(account, None)]
+    stops = list(sim.venue.open_algos(account, None))
     lost = random.Random(7).sample(stops, int(len(stops) * args.lose_stops))
     for algo in lost:
         sim.venue.cancel_algo(account, algo.algo_id, None)
@@ -76,7 +76,7 @@ async def main() -> None:
     await live.idle(timeout=120)
     t4 = time.perf_counter()
     calls = sim.requests - requests
-    restored = sum(1 for s in symbols if len([a for a in sim.venue.open_algos(account, s)]) == 1)
+    restored = sum(1 for s in symbols if len(list(sim.venue.open_algos(account, s))) == 1)
     problems = await violations(sim, account, repo)
     print(f"restart with {loaded} live positions in the database: {counts}")
     print(f"  database open + rehydrate      {t1 - t0:7.2f} s")

@@ -41,9 +41,9 @@ async def seed(url: str, n: int) -> None:
         await repo.insert_positions(chunk)
         async with repo.engine.begin() as conn:
             await conn.execute(orders.insert(), [
-                dict(client_id=f"b{p.id}", position_id=p.id, symbol=p.symbol, purpose="stop", side="sell", quantity=p.quantity,
-                     status=OrderStatus.OPEN.value, trigger_price=p.stop_price, algo_id=str(i),
-                     created_at=p.created_at, updated_at=p.created_at)
+                {"client_id": f"b{p.id}", "position_id": p.id, "symbol": p.symbol, "purpose": "stop", "side": "sell",
+                 "quantity": p.quantity, "status": OrderStatus.OPEN.value, "trigger_price": p.stop_price,
+                 "algo_id": str(i), "created_at": p.created_at, "updated_at": p.created_at}
                 for i, (p, _) in enumerate(chunk)])
     await repo.close()
 

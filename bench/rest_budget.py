@@ -12,8 +12,8 @@ Run: python -m bench.rest_budget [--positions 100] [--minutes 3]
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
+import os
 import tempfile
 import time
 from collections import Counter

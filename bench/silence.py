@@ -46,7 +46,7 @@ from tests.livekit import Rig, many_symbols, settings_for
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def _user_stream_down(sim: SimServer) -> None:
@@ -121,7 +121,7 @@ async def one_silence(name: str, start: Fault, heal: Fault, closes: int, fast: f
             await rig.until(lambda: pid in ended, timeout=60, what=f"the close of {symbol}")  # noqa: B023
             took.append(ended[pid] - closed_at)
             await heal(sim)
-            await rig.until(lambda: rig.live.stream_healthy() and rig.live.stream_doubted() is None,  # type: ignore
+            await rig.until(lambda: rig.live.stream_healthy() and rig.live.stream_doubted() is None,  # type: ignore[union-attr]
                             timeout=30, what="the stream healthy again")
         states = {(await rig.stored(pid)).state for pid in ids}
         wrong = [pid for pid in ids if causes[pid] is not CloseCause.MANUAL]
@@ -139,9 +139,9 @@ async def one_silence(name: str, start: Fault, heal: Fault, closes: int, fast: f
 
 async def fill_during_outage(fills: int) -> list[float] | str:
     """Fill -> stop on the venue while the database's disk is full; a reason string when it cannot run."""
-    from tests.storage_faults import SmallDisk
-
     import pytest
+
+    from tests.storage_faults import SmallDisk
 
     disk = SmallDisk(Path(tempfile.mkdtemp()) / "small")
     try:

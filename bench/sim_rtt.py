@@ -74,7 +74,8 @@ async def main() -> None:
             await venue.place_entry("BTCUSDT", side, D("0.001"), client_id)
             while True:
                 item = await anext(orders)
-                if isinstance(item, OrderSnapshot) and item.client_id == client_id and item.status is OrderStatus.FILLED:
+                if (isinstance(item, OrderSnapshot) and item.client_id == client_id
+                        and item.status is OrderStatus.FILLED):
                     break
             fills.append(time.perf_counter() - started)
         print(summary("market order placed -> fill on user stream", fills))

@@ -63,7 +63,7 @@ async def scenario(moves: int, single_stop: bool) -> None:
         before = rig.live.stats.stop_moves
         mark += D(20)
         rig.set_mark("BTCUSDT", mark)
-        await rig.until(lambda: rig.live.stats.stop_moves > before, timeout=5)  # type: ignore[union-attr]
+        await rig.until(lambda: rig.live.stats.stop_moves > before, timeout=5)  # type: ignore[union-attr]  # noqa: B023 - awaited in this iteration
         await rig.live.idle()
     requests = sim.requests - requests_before
     records = [r for r in rig.records.read("stop_move") if r["mode"] == "trail"]  # type: ignore[union-attr]

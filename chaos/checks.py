@@ -3,7 +3,8 @@
 1. protection: every position of ours on the venue has exactly one working stop of ours at the recorded
    price and size (after the settle period), and no position stays without a stop longer than its bound:
    0 s after a cancel of ours (a move places first); `unprotected_healthy_s` (2 s) after an entry fill or a
-   removal by the venue while no fault is on; after a fault, the protection audit's bound from the moment the faults cleared;
+   removal by the venue while no fault is on; after a fault, the protection audit's bound from the moment the
+   faults cleared;
 2. orders: no working order of ours for a position that is terminal or gone, no order duplicated;
 3. books: every venue position of ours is a live row and every live row a venue position (after settling);
 4. causes: a bot close ends CLOSED, never CLOSED_EXTERNAL; an external close carries the true cause (the
@@ -22,11 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from chaos.world import Run
 from lifecycle.causes import classify_close
 from lifecycle.domain import CloseCause
 from lifecycle.machines.states import PositionState as S
-
-from chaos.world import Run
 
 INVARIANTS = {
     1: "protection: one stop each, never unprotected past the bound",
@@ -185,7 +185,7 @@ def judge(run: Run) -> Verdict:
             cause = p.close_cause.value if p.close_cause is not None else None
             allowed = {classify_close(truth.client_id, position_id=p.id, trailing_was_active=False).value,
                        CloseCause.UNKNOWN.value, CloseCause.NOT_FOUND.value}
-            if p.state is S.CLOSED and not any(e.event == "close_requested" for e in journal) or cause not in allowed:
+            if (p.state is S.CLOSED and not any(e.event == "close_requested" for e in journal)) or cause not in allowed:
                 v.append(Violation(4, f"{p.id} (its entry netted against {truth.client_id}) ended {p.state.value} "
                                       f"with cause {cause}; allowed {sorted(allowed)}", evidence))
             continue

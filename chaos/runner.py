@@ -80,7 +80,7 @@ class PgAdmin:
     async def create(self) -> str | None:
         try:
             await self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)', f'CREATE DATABASE "{self.name}"')
-        except Exception as e:  # absent server: postgres schedules run on SQLite, and the report says why
+        except Exception as e:  # noqa: BLE001 - absent server: postgres schedules run on SQLite, the report says why
             return f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {type(e).__name__}: {e}"
         return None
 
@@ -141,7 +141,7 @@ async def run_schedule(schedule: Schedule, env: Env) -> dict[str, Any]:
         if verdict.violations:
             result["output_tail"] = run.output[-6000:]
             result["venue"] = run.venue[-60:]
-    except Exception as e:  # the harness itself failed: reported as such, never as a pass
+    except Exception as e:  # noqa: BLE001 - the harness itself failed: reported as such, never as a pass
         result.update(violations=[{"invariant": 0, "text": f"harness error: {type(e).__name__}: {e}\n"
                                                               + traceback.format_exc()[-3000:]}],
                       checks={}, applied={}, skipped={})
@@ -280,7 +280,7 @@ async def run_many(seeds: list[int], *, workers: int = 2, keep: Path | None = No
         return await proc.stderr.read()
 
     outcomes = await asyncio.gather(*(read(p) for p in procs), *(drain_err(p) for p in procs))
-    for proc, err in zip(procs, outcomes[len(procs):]):
+    for proc, err in zip(procs, outcomes[len(procs):], strict=True):
         code = await proc.wait()
         if code != 0:
             summary.results.append({"seed": None, "violations": [{"invariant": 0, "text":

@@ -30,18 +30,17 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
+from chaos.schedule import BLINDING, QTY, Schedule, Step
 from db.repository import Repository
 from exchange.ccxt_adapter import ExchangeSettings, Secret
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account, SimError
+from lifecycle.app.service import AccountConfig, Service, ServiceConfig
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, Side
 from lifecycle.live import LiveConfig, OpenCommand
-from lifecycle.app.service import AccountConfig, Service, ServiceConfig
 from scheduler.jobs import ScheduleConfig
 from tests.storage_faults import DriverErrors
-
-from chaos.schedule import BLINDING, QTY, Schedule, Step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -407,7 +406,7 @@ class Child(_Handle):
         """A command while the process is down (killed, restarting) is refused, as a bot would see it."""
         try:
             yield
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
             raise CommandRefused(0, f"service unreachable: {type(e).__name__}") from None
 
     async def _open(self, command: OpenCommand) -> str:
@@ -450,7 +449,7 @@ class Child(_Handle):
                 self.proc.send_signal(signal.SIGTERM)
                 try:
                     await asyncio.wait_for(self.proc.wait(), 20)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self.proc.kill()
                     await self.proc.wait()
                     raise WorldError("the service did not stop within 20 s of SIGTERM") from None
@@ -729,7 +728,7 @@ market_silent_after_s = {t.market_silent_after_s}
                 result = await work()
                 if isinstance(result, str):
                     outcome.position_id = result
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a command's failure is its outcome, recorded for the checks
                 outcome.error_type, outcome.error = type(e).__name__, str(e)[:300]
 
         self._tasks.append(asyncio.ensure_future(run()))
@@ -996,7 +995,7 @@ market_silent_after_s = {t.market_silent_after_s}
         while True:
             try:
                 problems = await violations(self.sim, self.account, repo, ignore_symbols=foreign())
-            except Exception as e:  # the database may still be coming back
+            except Exception as e:  # noqa: BLE001 - the database may still be coming back
                 problems = [f"books unreadable: {type(e).__name__}: {e}"]
             if not problems:
                 return time.time() - clear_at, [], repo

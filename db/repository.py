@@ -324,8 +324,8 @@ _POSITION_SELECT = sa.select(*_POSITION_COLUMNS).select_from(
     positions.outerjoin(trailing_states, trailing_states.c.position_id == positions.c.id)
 )
 _ORDER_COLUMNS = (
-    orders.c.client_id, orders.c.position_id, orders.c.symbol, orders.c.purpose, orders.c.side, orders.c.quantity, orders.c.status,
-    orders.c.trigger_price, orders.c.exchange_order_id, orders.c.algo_id, orders.c.created_at,
+    orders.c.client_id, orders.c.position_id, orders.c.symbol, orders.c.purpose, orders.c.side, orders.c.quantity,
+    orders.c.status, orders.c.trigger_price, orders.c.exchange_order_id, orders.c.algo_id, orders.c.created_at,
 )
 _SIDES = {m.value: m for m in Side}
 _STATES = {m.value: m for m in PositionState}

@@ -1,7 +1,7 @@
 """Column types that keep money exact and time unambiguous on SQLite and PostgreSQL alike."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -31,7 +31,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"naive datetime {value.isoformat()} refused: store timezone-aware UTC")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         if dialect.name == "sqlite":
             return f"{value:%Y-%m-%d %H:%M:%S.%f}+00:00"
         return value
@@ -41,7 +41,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if isinstance(value, str):
             return datetime.fromisoformat(value)
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         if dialect.name == "sqlite":  # skip the impl's own processing: the text is parsed once, here

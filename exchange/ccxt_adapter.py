@@ -12,7 +12,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -126,7 +126,7 @@ def _dec(value: Any) -> Decimal | None:
 
 def _ms(value: Any) -> datetime:
     ms = int(value) if value else int(time.time() * 1000)
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 # TRIGGERED means the algo placed its order, not that anything filled: still working until FINISHED.
@@ -524,7 +524,7 @@ class CcxtExchange:
                     await asyncio.sleep(min(period, KEEPALIVE_RETRY_S))
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the schedule must outlive any surprise
+            except Exception as e:  # noqa: BLE001 - the schedule must outlive any surprise
                 logger.exception("listen key keepalive schedule: {}: {}", type(e).__name__, e)
                 await asyncio.sleep(min(period, 1.0))
 
@@ -668,7 +668,7 @@ class CcxtExchange:
                     continue
                 try:
                     batch = task.result()
-                except (ccxt.BaseError, OSError, asyncio.TimeoutError) as e:
+                except (TimeoutError, ccxt.BaseError, OSError) as e:
                     self.health[name] = StreamHealth.RECONNECTING
                     self.reconnects[name] += 1
                     shown = translate(e, hide=self._hide) if isinstance(e, ccxt.BaseError) else repr(e)
@@ -768,7 +768,7 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
                     if not _binance_frame_ok(body, self.markets_by_id or {}, owner._drops.note):
                         return None
                 return super().handle_message(client, message)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a frame ccxt cannot handle is dropped and counted
                 kind = _event_of(message)
                 owner._drops.note("handler_error", f"{kind}: ccxt could not handle it: {type(e).__name__}: {e}")
                 return None
@@ -1009,7 +1009,7 @@ async def _close_quietly(client: Any) -> None:
         return
     try:
         await client.close()
-    except Exception as e:  # a wedged client may not close cleanly; it is dropped anyway
+    except Exception as e:  # noqa: BLE001 - a wedged client may not close cleanly; it is dropped anyway
         logger.debug("closing an exchange client failed: {}", e)
 
 

@@ -4,11 +4,12 @@ Invariant 8 (protect first, books second): a storage failure must not delay or p
 move or a close. So a write (a transition's commit, an order row) is tried at once; if the store fails, or
 does not answer within `timeout_s`, the write is queued and the caller goes on as if it had been committed:
 memory runs ahead of the database. "Does not answer" means no write at all completed for `timeout_s`: a
-store that is merely busy (a burst queued on SQLite's single writer) is waited for. While anything is queued, later writes queue behind it (per-position
-order, and the journal-sequence guard, stay intact); a background flusher retries the queue, in order,
-until the store takes it. A write that timed out is not repeated while it may still land: the flusher first
-waits for that attempt's own outcome. A retried commit that finds its journal row already there (an answer
-lost after the database committed) counts as written: nothing is written twice.
+store that is merely busy (a burst queued on SQLite's single writer) is waited for. While anything is
+queued, later writes queue behind it (per-position order, and the journal-sequence guard, stay intact); a
+background flusher retries the queue, in order, until the store takes it. A write that timed out is not
+repeated while it may still land: the flusher first waits for that attempt's own outcome. A retried commit
+that finds its journal row already there (an answer lost after the database committed) counts as written:
+nothing is written twice.
 
 What is not written when the process dies is rebuilt by restart recovery from the venue: client ids are
 deterministic, so the orders placed meanwhile are found again by id.
@@ -107,7 +108,7 @@ class Books:
             return True
         try:
             await asyncio.wait_for(self._drained.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -162,7 +163,7 @@ class Books:
                     logger.error("books: {} refused by the database (a newer row is there); not written", write.what)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the store is still failing: try again, slower
+            except Exception as e:  # noqa: BLE001 - the store is still failing: try again, slower
                 self._failed(write.what, _describe(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 
@@ -65,14 +65,14 @@ class OrderStatus(StrEnum):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def require_utc(value: datetime, name: str) -> datetime:
     """Refuse naive datetimes: every time in this project is timezone-aware UTC."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def new_position_id() -> str:

@@ -10,8 +10,8 @@ commit leaves the live position exactly as it was.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -36,9 +36,9 @@ from lifecycle.journal import Outcome, creation_entry
 from lifecycle.machines.position import PositionMachine
 from lifecycle.machines.states import PositionState
 from lifecycle.machines.table import INITIAL_STATE
-from lifecycle.record_kinds import TransitionRecord
 from lifecycle.metrics import Metrics
 from lifecycle.ports import OrderCanceller, PositionStore, RecordSink
+from lifecycle.record_kinds import TransitionRecord
 
 
 class Engine:
@@ -87,7 +87,8 @@ class Engine:
             raise InvalidEvent(f"quantity must be > 0, got {quantity}")
         key = (account, symbol, side)
         if key in self._live_keys:
-            raise DuplicateLivePosition(f"a live {side} position on {account}/{symbol} already exists: {self._live_keys[key]}")
+            raise DuplicateLivePosition(f"a live {side} position on {account}/{symbol} already exists: "
+                                        f"{self._live_keys[key]}")
         now = self.clock()
         position = Position(
             id=new_position_id(),
@@ -109,7 +110,7 @@ class Engine:
         if not finished:
             # A stuck database: refuse now rather than send the entry whenever it answers; if the row lands
             # later it is ended CANCELLED (it would otherwise hold the symbol's live slot in the database).
-            asyncio.ensure_future(self._cancel_late_row(insert, position))
+            asyncio.ensure_future(self._cancel_late_row(insert, position))  # noqa: RUF006 - fire and forget; what it awaits keeps it alive
             raise StorageUnavailable(f"the database did not record the new position within "
                                      f"{self.books.timeout_s:g} s; nothing was sent")
         error = insert.exception()
@@ -202,7 +203,7 @@ class Engine:
         for listener in self.listeners:
             try:
                 listener(draft, outcome)
-            except Exception as e:  # a listener must not undo a committed transition
+            except Exception as e:  # noqa: BLE001 - a listener must not undo a committed transition
                 logger.error("transition listener failed: {}: {}", type(e).__name__, e)
         logger.info(
             "{} {} {} {} --{}--> {}{}",
@@ -289,7 +290,7 @@ class Engine:
         for action in actions:
             try:
                 await self._run_one(action)
-            except Exception as e:  # the transition is committed; an action failure must not undo it
+            except Exception as e:  # noqa: BLE001 - the transition is committed; an action failure must not undo it
                 self.metrics.action_failures[type(action).__name__] += 1
                 logger.error("action {} failed: {}: {}", type(action).__name__, type(e).__name__, e)
 
@@ -308,7 +309,7 @@ class Engine:
                         logger.info("leftover {} order {} of {} was already gone", order.purpose, order.client_id,
                                     order.position_id)
                         continue
-                    except Exception as e:  # one failed cancel must not keep the others open
+                    except Exception as e:  # noqa: BLE001 - one failed cancel must not keep the others open
                         self.metrics.action_failures["cancel_order"] += 1
                         logger.error("could not cancel leftover {} order {} of {}: {}: {}", order.purpose,
                                      order.client_id, order.position_id, type(e).__name__, e)

@@ -11,7 +11,6 @@ from typing import Any, ClassVar, TypeVar
 from lifecycle.domain import CloseCause, CloseReason
 from lifecycle.errors import InvalidEvent
 
-
 E_ = TypeVar("E_", bound=Enum)
 
 

@@ -1,8 +1,8 @@
 """What the engine needs from the outside world, as protocols (the domain imports no db, no ccxt)."""
 from __future__ import annotations
 
-from datetime import datetime
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 from lifecycle.domain import OrderRef, Position

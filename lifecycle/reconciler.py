@@ -21,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from loguru import logger
-
-from decimal import Decimal
 
 from exchange.port import Fill, PositionSnapshot
 from lifecycle.causes import classify_close
@@ -102,7 +101,7 @@ class Reconciler:
             self.live.after_resync.remove(self._settle)
 
     async def _settle(self, passes: int = 10) -> None:
-        for attempt in range(passes):
+        for _ in range(passes):
             await self.sync()
             unsettled = [pid for pid, p in self.live.engine.positions.items()
                          if p.account == self.live.account and self.live.missing_after_resync(pid)]

@@ -24,8 +24,10 @@ async def replay(entries: Sequence[JournalEntry], machine: PositionMachine | Non
         if entry.seq != position.seq + 1:
             raise ReplayMismatch(f"position {position.id}: journal jumps from seq {position.seq} to {entry.seq}")
         if entry.source is not position.state:
-            raise ReplayMismatch(f"position {position.id} seq {entry.seq}: source {entry.source}, replayed {position.state}")
+            raise ReplayMismatch(f"position {position.id} seq {entry.seq}: source {entry.source}, "
+                                 f"replayed {position.state}")
         await machine.apply(position, from_payload(entry.event, entry.payload), entry.at)
         if position.state is not entry.dest:
-            raise ReplayMismatch(f"position {position.id} seq {entry.seq}: dest {entry.dest}, replayed {position.state}")
+            raise ReplayMismatch(f"position {position.id} seq {entry.seq}: dest {entry.dest}, "
+                                 f"replayed {position.state}")
     return position

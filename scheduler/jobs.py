@@ -34,8 +34,8 @@ from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live import PROTECTED, LiveEngine
-from lifecycle.record_kinds import AgedPosition, OrphanCancelled
 from lifecycle.reconciler import Reconciler, SyncReport
+from lifecycle.record_kinds import AgedPosition, OrphanCancelled
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ReconciliationScheduler:
             return
         scheduler.pause()
         if self._running:
-            done, pending = await asyncio.wait(set(self._running), timeout=timeout)
+            _, pending = await asyncio.wait(set(self._running), timeout=timeout)
             if pending:
                 logger.warning("{}: {} reconciliation job(s) still running at stop; cancelled", self.live.account,
                                len(pending))
@@ -139,7 +139,7 @@ class ReconciliationScheduler:
         except xerr.ExchangeError as e:
             outcome = "exchange_error"
             logger.warning("{} job {} failed on the exchange: {}", self.live.account, name, e)
-        except Exception as e:  # a job must never stop the scheduler
+        except Exception as e:  # noqa: BLE001 - a job must never stop the scheduler
             outcome = "error"
             logger.exception("{} job {} failed: {}: {}", self.live.account, name, type(e).__name__, e)
         finally:
@@ -150,8 +150,8 @@ class ReconciliationScheduler:
             self.stats.total_duration_ms[name] += ms
         if outcome != "skipped":
             # A quiet sync pass runs every couple of seconds: only what found something is worth a line.
-            quiet = outcome == "ok" and (name == "sync" and not _notable(detail) or
-                                         name == "audit" and not (detail or {}).get("repaired"))
+            quiet = outcome == "ok" and ((name == "sync" and not _notable(detail)) or
+                                         (name == "audit" and not (detail or {}).get("repaired")))
             logger.log("DEBUG" if quiet else "INFO", "{} job {} {} in {} ms{}", self.live.account, name, outcome, ms,
                        f": {detail}" if detail is not None else "")
 
@@ -231,7 +231,7 @@ class ReconciliationScheduler:
             try:  # the books only decide here: a store that fails or hangs leaves the order for the next sweep
                 stored = await asyncio.wait_for(live.engine.store.get_position(ours.position_id),
                                                 live.engine.books.timeout_s)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - undecided: the order stays for the next sweep
                 undecided += 1
                 logger.warning("{} {}: orphan sweep left order {} alone: the database could not say whether "
                                "position {} is live ({}: {})", live.account, order.symbol, order.client_id,

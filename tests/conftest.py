@@ -5,7 +5,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ class FakeClock:
     """A controllable clock: starts at a fixed UTC instant, moves only when told to."""
 
     def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -68,7 +68,7 @@ def pg_template() -> Iterator[str]:
     name = f"lc_tmpl_{uuid.uuid4().hex[:10]}"
     try:
         asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         reason = (f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({type(e).__name__}: {e}); start it with "
                   "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
         if os.environ.get("LIFECYCLE_REQUIRE_POSTGRES") == "1":  # CI: a skipped backend is a failure

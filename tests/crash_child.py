@@ -22,9 +22,9 @@ from loguru import logger
 
 from exchange.ccxt_adapter import ExchangeSettings
 from exchange.secret import Secret
+from lifecycle.app.service import AccountConfig, Service, ServiceConfig
 from lifecycle.domain import CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
-from lifecycle.app.service import AccountConfig, Service, ServiceConfig
 from scheduler.jobs import ScheduleConfig
 
 # Quick retries so that a test does not wait; trailing moves at once.

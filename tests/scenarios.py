@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal as D
 
 from lifecycle.domain import (
@@ -29,24 +29,24 @@ from lifecycle.events import (
 from lifecycle.machines.states import PositionState
 
 S, E = PositionState, PositionEvent
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 ENTRY = D(100)
 ACTIVATION = D(110)
 
 
 def new_position(**overrides: object) -> Position:
-    fields: dict[str, object] = dict(
-        id=new_position_id(),
-        account="acct",
-        symbol="BTCUSDT",
-        side=Side.LONG,
-        state=S.OPENING,
-        requested_quantity=D(1),
-        created_at=T0,
-        updated_at=T0,
-        trailing=TrailingState(activation_price=ACTIVATION, callback_rate=D(1)),
-    )
+    fields: dict[str, object] = {
+        "id": new_position_id(),
+        "account": "acct",
+        "symbol": "BTCUSDT",
+        "side": Side.LONG,
+        "state": S.OPENING,
+        "requested_quantity": D(1),
+        "created_at": T0,
+        "updated_at": T0,
+        "trailing": TrailingState(activation_price=ACTIVATION, callback_rate=D(1)),
+    }
     fields.update(overrides)
     return Position(**fields)  # type: ignore[arg-type]
 

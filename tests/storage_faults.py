@@ -102,7 +102,7 @@ def postgres(action: str) -> None:
     """Stop (fast: connections cut, as a crash or restart does) or start the local PostgreSQL cluster; a
     start waits until it accepts connections. Doing what is already done is fine."""
     cluster = postgres_cluster()
-    running = subprocess.run(cluster + ["status"], capture_output=True).returncode == 0
+    running = subprocess.run([*cluster, "status"], capture_output=True).returncode == 0
     if running is (action == "start"):
         return
     command = cluster + [action] + (["-m", "fast"] if action == "stop" else [])

@@ -23,8 +23,8 @@ from exchange.port import PositionSnapshot, Resynced, StreamControl, StreamHealt
 from exchange.secret import Secret
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
-from lifecycle.domain import Side
 from lifecycle.app.settings import ConfigError, load
+from lifecycle.domain import Side
 from tests.simclient import keyed, signed
 from tests.test_ccxt_adapter import Collector, account, settings_for, sim, venue  # noqa: F401  (fixtures)
 from tests.test_sim_payload_shapes import assert_like
@@ -471,9 +471,9 @@ async def test_account_config_and_position_mode_have_binances_documented_shapes(
 async def test_a_key_revoked_after_the_start_is_reported_until_it_works_again(
         venue: CcxtExchange, sim: SimServer, account: Account, log: list[tuple[str, str]]) -> None:
     assert await venue.positions() == [] and venue.auth_failure is None
-    async with aiohttp.ClientSession() as session:  # the control action, as a test of another process would
-        async with session.post(f"{sim.rest_url}/_sim/revoke_key", json={"api_key": account.api_key}) as r:
-            assert r.status == 200
+    async with (aiohttp.ClientSession() as session,  # the control action, as a test of another process would
+                session.post(f"{sim.rest_url}/_sim/revoke_key", json={"api_key": account.api_key}) as r):
+        assert r.status == 200
     for _ in range(3):
         with pytest.raises(errors.Fatal):
             await venue.positions()

@@ -1,7 +1,7 @@
 """Close-cause classification and the trailing-stop rule (pure domain, used by the live engine)."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 
 import pytest
@@ -35,8 +35,8 @@ def test_the_flattening_order_names_the_cause(client_id: str | None, trailing: b
     assert classify_close(client_id, position_id=PID, trailing_was_active=trailing) is cause
 
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-RULES = dict(tick=D("0.1"), min_step=D("0.5"), min_interval=timedelta(seconds=2))
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+RULES = {"tick": D("0.1"), "min_step": D("0.5"), "min_interval": timedelta(seconds=2)}
 
 
 def active(watermark: str, last_moved: datetime | None = None) -> TrailingState:

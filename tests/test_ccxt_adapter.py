@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
 
@@ -80,7 +80,8 @@ async def test_opens_protects_lists_and_cancels_through_the_algo_endpoints(venue
                                                                             account: Account) -> None:
     entry = await venue.place_entry("BTCUSDT", Side.LONG, D("0.01"), make_client_id(PID, OrderPurpose.ENTRY))
     assert (entry.status, entry.filled, entry.client_id) == (OrderStatus.FILLED, D("0.01"), f"lc-{PID}-e0")
-    assert await venue.positions() == [PositionSnapshot("BTCUSDT", D("0.01"), D(60000), (await venue.positions())[0].at)]
+    at = (await venue.positions())[0].at
+    assert await venue.positions() == [PositionSnapshot("BTCUSDT", D("0.01"), D(60000), at)]
     stop_id = make_client_id(PID, OrderPurpose.STOP)
     stop = await venue.place_stop("BTCUSDT", Side.LONG, D("0.01"), D(58000), stop_id)
     assert stop.is_conditional and stop.client_id == stop_id and stop.trigger_price == D(58000)
@@ -92,12 +93,12 @@ async def test_opens_protects_lists_and_cancels_through_the_algo_endpoints(venue
                                       purpose=OrderPurpose.STOP, side="sell", quantity=D("0.01"),
                                       algo_id=stop.algo_id))
     assert await venue.open_orders("BTCUSDT") == []
-    tp = await venue.place_stop("BTCUSDT", Side.LONG, D("0.01"), D(65000), make_client_id(PID, OrderPurpose.TAKE_PROFIT),
-                                purpose=OrderPurpose.TAKE_PROFIT)
+    tp = await venue.place_stop("BTCUSDT", Side.LONG, D("0.01"), D(65000),
+                                make_client_id(PID, OrderPurpose.TAKE_PROFIT), purpose=OrderPurpose.TAKE_PROFIT)
     assert sim.venue.open_algos(account, "BTCUSDT")[0].order_type == "TAKE_PROFIT_MARKET" and tp.is_conditional
     close = await venue.close_position("BTCUSDT", Side.LONG, D("0.01"), make_client_id(PID, OrderPurpose.CLOSE))
     assert close.status is OrderStatus.FILLED and await venue.positions() == []
-    fills = await venue.fills("BTCUSDT", datetime.now(timezone.utc) - timedelta(minutes=5))
+    fills = await venue.fills("BTCUSDT", datetime.now(UTC) - timedelta(minutes=5))
     assert [(f.side, f.quantity) for f in fills] == [("buy", D("0.01")), ("sell", D("0.01"))]
 
 
@@ -122,7 +123,9 @@ async def test_streams_deliver_account_order_and_algo_updates(venue: CcxtExchang
                                       and o.status is OrderStatus.FILLED)
         assert (fired.client_id, fired.filled, fired.exchange_order_id) == (f"lc-{PID}-s0", D("0.02"),
                                                                             triggered.exchange_order_id)
-        assert sim.venue.open_algos(account, "BTCUSDT") == [] and account.algos[int(stop.algo_id)].working_type == "MARK_PRICE"
+        assert stop.algo_id is not None
+        assert sim.venue.open_algos(account, "BTCUSDT") == []
+        assert account.algos[int(stop.algo_id)].working_type == "MARK_PRICE"
         fill = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.algo_id is None
                                      and o.client_id == f"lc-{PID}-s0" and o.status is OrderStatus.FILLED)
         assert fill.average_price == D(58900) and fill.type == "MARKET"
@@ -205,7 +208,8 @@ def test_client_ids_encode_position_and_purpose_and_refuse_what_is_not_ours() ->
     cid = make_client_id(PID, OrderPurpose.TAKE_PROFIT, 12)
     assert cid == f"lc-{PID}-t12" and len(cid) <= 36
     parsed = parse_client_id(cid)
-    assert parsed is not None and (parsed.position_id, parsed.purpose, parsed.attempt) == (PID, OrderPurpose.TAKE_PROFIT, 12)
+    assert parsed is not None
+    assert (parsed.position_id, parsed.purpose, parsed.attempt) == (PID, OrderPurpose.TAKE_PROFIT, 12)
     for foreign in ("autoclose-1700000000000", "adl_autoclose", "web_abc", "x-cvBPrNm9", None, f"lc-{PID}-z1"):
         assert parse_client_id(foreign) is None
     with pytest.raises(ValueError):

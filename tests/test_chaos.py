@@ -1,10 +1,10 @@
 """Chaos in every CI run: hundreds of seeded schedules through the real service (chaos/), zero violations.
 
 `CHAOS_SCHEDULES` (default 500), `CHAOS_SEED` (default 1, the first seed) and `CHAOS_WORKERS` (default 3;
-more would load the 2-core machine, and the timing bounds with it) change the run; every 10th seed kills the service process (a real `lifecycle run`) and restarts it. A failure
-prints, per failing schedule, the seed, the one-line replay command, the timeline and the broken invariant
-with its evidence. The coverage matrix is printed to the terminal (the CI log), and the whole report is
-written to `$CHAOS_REPORT` when set.
+more would load the 2-core machine, and the timing bounds with it) change the run; every 10th seed kills the
+service process (a real `lifecycle run`) and restarts it. A failure prints, per failing schedule, the seed,
+the one-line replay command, the timeline and the broken invariant with its evidence. The coverage matrix is
+printed to the terminal (the CI log), and the whole report is written to `$CHAOS_REPORT` when set.
 """
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ import pytest
 
 from chaos.runner import _failure_text, run_many
 from exchange.sim.server import SimServer
+from lifecycle.app.service import Service
 from lifecycle.domain import CloseCause, OrderPurpose, OrderRef, OrderStatus, Side
 from lifecycle.errors import PositionConflict
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.reconciler import Reconciler
 from lifecycle.records import JsonlRecords
-from lifecycle.app.service import Service
 from tests.crash_child import service_config
 from tests.livekit import Rig
 

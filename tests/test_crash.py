@@ -26,10 +26,10 @@ import pytest
 from db.repository import Repository
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
+from lifecycle.app.service import Service
 from lifecycle.domain import CloseCause, Side
 from lifecycle.machines.states import PositionState as S
 from lifecycle.records import JsonlRecords
-from lifecycle.app.service import Service
 from tests.crash_child import LIVE, open_command, service_config
 from tests.invariants import violations
 from tests.livekit import Rig

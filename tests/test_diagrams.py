@@ -50,7 +50,8 @@ def test_every_expected_edge_and_guard_appears_in_every_view_and_no_other() -> N
             lines = [line for states, line in edges
                      if states == [row.source, row.dest] and re.search(rf"\b{row.event}\b", line)
                      and all(re.search(rf"\b{g}\b", line) for g in row.guards)]
-            assert len(lines) == copies, f"{name}: {row.source} -{row.event}-> {row.dest} {row.guards} drawn {len(lines)}x"
+            assert len(lines) == copies, \
+                f"{name}: {row.source} -{row.event}-> {row.dest} {row.guards} drawn {len(lines)}x"
         assert len(edges) == copies * len(EXPECTED), f"{name} draws {len(edges)} edges, expected {len(EXPECTED)}"
         for state in EXPECTED_STATES:
             assert re.search(rf"\b{state}\b", text), f"{name} lacks state {state}"

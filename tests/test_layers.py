@@ -45,7 +45,7 @@ OUTER_LAYERS = ("db", "exchange", "scheduler", "lifecycle.app", "lifecycle.live"
 CORE_FORBIDDEN = IO_LIBRARIES + OUTER_LAYERS
 
 ENGINE_MODULES = ("lifecycle.engine", "lifecycle.live", "lifecycle.reconciler")  # with a package's submodules
-ENGINE_FORBIDDEN = IO_LIBRARIES + ("db", "scheduler", "exchange.ccxt_adapter", "exchange.sim", "lifecycle.app")
+ENGINE_FORBIDDEN = (*IO_LIBRARIES, "db", "scheduler", "exchange.ccxt_adapter", "exchange.sim", "lifecycle.app")
 
 # Run in the fresh interpreter: import one module and report every module it brought in, with the module
 # whose import statement asked for it first (so a failure can show the chain).

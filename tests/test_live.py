@@ -105,7 +105,8 @@ async def test_a_stop_that_would_trigger_closes_at_market_stop_crossed(rig: Rig)
     assert rig.live is not None
     p = await rig.live.open(btc_long())
     stored = await rig.ended(p.id)
-    assert (stored.state, stored.close_cause, stored.close_reason) == (S.CLOSED, CloseCause.BOT, CloseReason.STOP_CROSSED)
+    assert (stored.state, stored.close_cause, stored.close_reason) == (S.CLOSED, CloseCause.BOT,
+                                                                       CloseReason.STOP_CROSSED)
     assert not rig.our_open_orders() and rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0
 
 

@@ -24,7 +24,8 @@ def _imports_within_package() -> dict[str, set[str]]:
 
 
 def test_no_module_of_the_live_engine_is_longer_than_400_lines() -> None:
-    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {p.name: n for p in PACKAGE.glob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"modules above {MAX_LINES} lines: {long}"
 
 

@@ -59,8 +59,8 @@ async def test_an_expired_listen_key_without_notice_hides_a_close_no_longer_than
         assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.MANUAL)
         assert time.monotonic() - closed_at < FAST_SYNC.fast_sync_interval_s + BOUND_SLACK_S
         # The stream was doubted at once and got a new key: the next close comes through it again.
-        await rig.until(lambda: rig.exchange.generation > generation, what="a new subscription")  # type: ignore
-        await rig.until(lambda: rig.live.stream_doubted() is None and rig.live.stream_healthy(),  # type: ignore
+        await rig.until(lambda: rig.exchange.generation > generation, what="a new subscription")  # type: ignore[union-attr]
+        await rig.until(lambda: rig.live.stream_doubted() is None and rig.live.stream_healthy(),  # type: ignore[union-attr]
                         what="the stream trusted again")
         q = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.1"), stop_loss_pct=D(1)))
         rig.sim.venue.force_close(rig.account, "ETHUSDT", "liquidation")
@@ -76,7 +76,7 @@ async def test_a_listen_key_expired_event_gets_a_new_key_at_once_and_the_next_cl
     assert rig.exchange is not None and rig.live is not None
     generation = rig.exchange.generation
     rig.sim.expire_listen_keys(notice=True)  # Binance pushes listenKeyExpired, then the socket is silent
-    await rig.until(lambda: rig.exchange.generation > generation and rig.live.stream_healthy(),  # type: ignore
+    await rig.until(lambda: rig.exchange.generation > generation and rig.live.stream_healthy(),  # type: ignore[union-attr]
                     what="a new key and subscription")
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")  # no scheduler running: only the stream sees it
     stored = await rig.ended(p.id)
@@ -223,7 +223,7 @@ async def test_trailing_moves_do_not_hide_a_close_from_rest_while_the_stream_is_
     settings = replace(settings_for(sim, account), user_probe_after_s=600.0)
     rig = await Rig(sim, account, f"sqlite:///{tmp_path / 'trail.sqlite'}", tmp_path / "records",
                     settings=settings, config=replace(FAST, trail_min_interval_s=1.0)).start()
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=5000),  # type: ignore
+    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=5000),  # type: ignore[union-attr]
                                               FAST_SYNC).start()
     try:
         p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),

@@ -1,7 +1,7 @@
 """Persistence, run on a SQLite file and on PostgreSQL (skipped with a reason when it is absent)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal as D
 
 import pytest
@@ -110,7 +110,7 @@ async def test_state_change_and_journal_row_commit_together_or_not_at_all(engine
     async with repo.engine.begin() as conn:
         await conn.execute(journal.insert().values(
             position_id=pid, seq=2, event="stop_moved", source="OPEN", dest="OPEN",
-            at=datetime(2026, 1, 1, tzinfo=timezone.utc), cause=None, payload={}))
+            at=datetime(2026, 1, 1, tzinfo=UTC), cause=None, payload={}))
     live_before = engine.positions[pid].clone()
     with pytest.raises(StoreRefused):  # a failed constraint is a definite refusal: not queued, not retried
         await engine.fire(pid, Flat(cause=CloseCause.MANUAL))
@@ -125,8 +125,8 @@ async def test_times_come_back_timezone_aware_utc_and_naive_ones_are_refused(eng
     pid = await _filled(engine)
     stored = await repo.get_position(pid)
     assert stored is not None
-    assert stored.created_at.tzinfo == timezone.utc and stored.created_at == engine.positions[pid].created_at
-    assert all(e.at.tzinfo == timezone.utc for e in await repo.journal(pid))
+    assert stored.created_at.tzinfo == UTC and stored.created_at == engine.positions[pid].created_at
+    assert all(e.at.tzinfo == UTC for e in await repo.journal(pid))
     async with repo.engine.begin() as conn:
         with pytest.raises(sa.exc.StatementError, match="naive datetime"):
             await conn.execute(positions.update().where(positions.c.id == pid).values(updated_at=datetime(2026, 1, 1)))

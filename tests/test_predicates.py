@@ -1,7 +1,7 @@
 """The pure predicates behind the guards."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 
 import pytest
@@ -58,7 +58,7 @@ def test_absence_needs_two_confirmations() -> None:
 
 
 def test_the_grace_window_after_our_own_activity() -> None:
-    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
     assert is_outside_grace_window(None, t, 5000)
     assert not is_outside_grace_window(t, t + timedelta(milliseconds=4999), 5000)
     assert is_outside_grace_window(t, t + timedelta(milliseconds=5000), 5000)

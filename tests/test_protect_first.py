@@ -45,7 +45,7 @@ async def trail_to(rig: Rig, position_id: str, price: int) -> None:
     """Move the mark up to `price` and wait until the trailing stop has followed it (0.5 % behind)."""
     assert rig.engine is not None and rig.live is not None
     rig.set_mark("BTCUSDT", price)
-    await rig.until(lambda: (rig.engine.positions[position_id].stop_price or 0) >= D(price) * D("0.994"),  # type: ignore
+    await rig.until(lambda: (rig.engine.positions[position_id].stop_price or 0) >= D(price) * D("0.994"),  # type: ignore[arg-type]
                     timeout=5, what=f"the stop following {price}")
     await rig.live.idle()
 
@@ -53,7 +53,7 @@ async def trail_to(rig: Rig, position_id: str, price: int) -> None:
 async def books_caught_up(rig: Rig, position_id: str) -> None:
     """After storage is back: nothing waits, the database says what memory says, the venue's books agree."""
     assert rig.engine is not None and rig.repo is not None and rig.live is not None
-    await rig.until(lambda: rig.engine.books.behind == 0, timeout=20, what="the books caught up")  # type: ignore
+    await rig.until(lambda: rig.engine.books.behind == 0, timeout=20, what="the books caught up")  # type: ignore[union-attr]
     live = rig.engine.positions[position_id]
     stored = await rig.stored(position_id)
     assert (stored.state, stored.quantity, stored.stop_price, stored.seq) == (
@@ -98,7 +98,7 @@ async def test_a_stop_with_the_books_still_behind_is_recovered_from_the_venue_at
         pid = await rest_then_fill(rig)
         small_disk.fill()
         rig.set_mark("BTCUSDT", "58990")
-        await rig.until(lambda: rig.engine.positions[pid].stop_price is not None, timeout=5,  # type: ignore
+        await rig.until(lambda: rig.engine.positions[pid].stop_price is not None, timeout=5,  # type: ignore[union-attr]
                         what="the stop placed and recorded in memory")
         [stop] = rig.stop_algos("BTCUSDT")
         await rig.stop()  # the books cannot catch up: what is unwritten is logged

@@ -92,7 +92,7 @@ async def test_a_close_that_landed_before_the_crash_ends_closed_not_external(rig
     assert counts["missing"] == 1
     stored = await rig.ended(p.id)
     assert (stored.state, stored.close_cause) == (S.CLOSED, CloseCause.BOT)
-    assert [o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")][0].client_id == close_id
+    assert next(o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")).client_id == close_id
 
 
 async def test_an_unreachable_exchange_is_retried_not_bypassed(rig: Rig) -> None:

@@ -18,11 +18,11 @@ import aiohttp
 
 from exchange.ccxt_adapter import Secret
 from exchange.sim.server import SimServer
+from lifecycle.app.service import ApiBinding, Service
 from lifecycle.domain import Side
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.reconciler import Reconciler
-from lifecycle.app.service import ApiBinding, Service
 from tests.crash_child import service_config
 from tests.livekit import Rig
 from tests.waiting import until

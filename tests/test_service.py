@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from exchange.sim.server import SimServer
 from lifecycle.app.cli import app
-from lifecycle.domain import Side
-from lifecycle.machines.states import PositionState as S
 from lifecycle.app.service import Service
 from lifecycle.app.settings import ConfigError, load, service_config
+from lifecycle.domain import Side
+from lifecycle.machines.states import PositionState as S
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-4b1d"
@@ -110,7 +110,7 @@ def test_the_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.
     settings = load(config)
     assert settings.schedule.sync_interval_s == 7
     monkeypatch.setenv("LIFECYCLE_SCHEDULE__SYNC_INTERVAL_S", "-1")
-    with pytest.raises(ConfigError, match="schedule.sync_interval_s"):
+    with pytest.raises(ConfigError, match=r"schedule.sync_interval_s"):
         load(config)
 
 
@@ -158,7 +158,7 @@ def test_environment_typos_and_pasted_secrets_are_refused_without_echoing_them(
     assert "accounts.0.api_key_env: must be the NAME of an environment variable" in str(refused.value)
     assert pasted not in str(refused.value)
     write_config(config, account_block() + 'exchange = "nope"\n')
-    with pytest.raises(ConfigError, match="accounts.0.exchange: not a ccxt exchange with WebSocket support"):
+    with pytest.raises(ConfigError, match=r"accounts.0.exchange: not a ccxt exchange with WebSocket support"):
         load(config)
     write_config(config, "shutdown_drain_s = inf\n" + account_block())
     with pytest.raises(ConfigError, match="shutdown_drain_s"):
@@ -186,8 +186,9 @@ def test_a_taken_api_port_stops_the_start_with_one_line(tmp_path: Path, monkeypa
         config = write_config(tmp_path / "lifecycle.toml", f"[api]\nport = {port}\n" + account_block(),
                               {"fapiPrivate": "http://127.0.0.1:9/fapi/v1"})
         # A process of its own: `run` configures the global logger.
-        result = subprocess.run([sys.executable, "-m", "lifecycle.app.cli", "run", "--config", str(config)], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = subprocess.run([sys.executable, "-m", "lifecycle.app.cli", "run", "--config", str(config)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         f"error: api.port: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -351,14 +352,14 @@ port = 0
             moves = re.search(r'^lifecycle_stop_moves_total\{account="sim"\} (\d+)$', text, re.M)
             assert moves is not None and int(moves.group(1)) >= 1
             assert 'lifecycle_stream_healthy{account="sim",stream="positions"} 1' in text
-            assert 'lifecycle_degraded{account="sim"} 0' in text and 'lifecycle_storage_backlog{account="sim"} 0' in text
+            assert 'lifecycle_degraded{account="sim"} 0' in text
+            assert 'lifecycle_storage_backlog{account="sim"} 0' in text
             assert 'lifecycle_unprotected_positions{account="sim"} 0' in text
             assert 'lifecycle_closure_cause_sources_total{account="sim",source="fill_update"} 1' in text
             # Not reachable on this machine's other addresses.
             for address in _non_loopback_addresses():
-                with pytest.raises(OSError):
-                    with socket.create_connection((address, api.port), timeout=1):
-                        pass
+                with pytest.raises(OSError), socket.create_connection((address, api.port), timeout=1):
+                    pass
     finally:
         await service.stop()
 

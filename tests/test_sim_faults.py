@@ -83,12 +83,13 @@ async def test_forced_closes_flatten_and_name_themselves_like_binance(venue: Ccx
         await until(lambda: bool(user_connections(sim)), what="the simulator delivering to the stream")
         await venue.place_entry("SOLUSDT", Side.SHORT, D(2), "lc-e")
         await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == D(-2))
-        async with aiohttp.ClientSession() as session:  # the control API, as the demo uses it
-            async with session.post(f"{sim.rest_url}/_sim/{kind}", json={"api_key": account.api_key,
-                                                                          "symbol": "SOLUSDT"}) as r:
-                assert r.status == 200 and (await r.json())["clientOrderId"].startswith(prefix)
+        async with (aiohttp.ClientSession() as session,  # the control API, as the demo uses it
+                    session.post(f"{sim.rest_url}/_sim/{kind}",
+                                 json={"api_key": account.api_key, "symbol": "SOLUSDT"}) as r):
+            assert r.status == 200 and (await r.json())["clientOrderId"].startswith(prefix)
         await positions.wait_for(lambda p: isinstance(p, PositionSnapshot) and p.amount == 0)
-        closing = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and (o.client_id or "").startswith(prefix)
+        closing = await orders.wait_for(lambda o: isinstance(o, OrderSnapshot)
+                                        and (o.client_id or "").startswith(prefix)
                                         and o.status is OrderStatus.FILLED)
         assert closing.side == "buy" and closing.filled == D(2)
     finally:

@@ -67,7 +67,7 @@ async def raw_request(port: int, data: bytes, deadline: float) -> bytes:
 
 @pytest.mark.parametrize("parser", ["c", "python"])
 async def test_the_token_reaches_no_log_when_aiohttp_refuses_a_malformed_request(
-        sim: SimServer, tmp_path: Path, parser: str) -> None:  # noqa: F811 - `sim` is the imported fixture
+        sim: SimServer, tmp_path: Path, parser: str) -> None:
     """aiohttp reports a request it cannot parse on its `aiohttp.server` logger with the exception, whose
     message quotes the offending bytes (the first 100 of an over-long header, the whole malformed line): with
     `Authorization: Bearer <token>` that is the token. The service must log the kind of error only."""
@@ -281,7 +281,7 @@ def fresh_pg() -> Iterator[str]:
     name = f"lc_ssl_{uuid.uuid4().hex[:12]}"
     try:
         asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         reason = f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({type(e).__name__}: {e})"
         if os.environ.get("LIFECYCLE_REQUIRE_POSTGRES") == "1":  # CI: a skipped backend is a failure
             pytest.fail(reason)

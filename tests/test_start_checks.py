@@ -34,11 +34,12 @@ port = {port}
 
 
 async def _run(config: Path, env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.app.cli", "run", "--config", str(config),
-                                                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.app.cli", "run",
+                                                "--config", str(config), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.communicate()
         raise AssertionError("lifecycle run did not exit: it should refuse to start") from None
@@ -85,8 +86,9 @@ async def test_a_key_refused_after_the_start_degrades_health_and_leaves_the_stop
         port = s.getsockname()[1]
     config = _config(sim, tmp_path, port=port)
     env = _env(account.api_key, account.secret)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.app.cli", "run", "--config", str(config),
-                                                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lifecycle.app.cli", "run",
+                                                "--config", str(config), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
     try:
         async with aiohttp.ClientSession() as session:

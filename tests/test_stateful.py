@@ -131,7 +131,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             return target
 
         for target in (D(1), D(2)):
-            self.lock_tasks.append(self.loop.create_task(self.engine.locks.submit(p.account, p.symbol, p.id, target, slow)))
+            self.lock_tasks.append(
+                self.loop.create_task(self.engine.locks.submit(p.account, p.symbol, p.id, target, slow)))
         self.run(asyncio.sleep(0))  # one loop step: the first is in flight, the second waits
 
     @invariant()

@@ -34,7 +34,8 @@ async def test_concurrent_requests_for_one_symbol_never_overlap_and_coalesce_to_
     await asyncio.sleep(0)  # first is now in flight
     later = [asyncio.create_task(locks.submit("a", "BTC", "p1", t, venue.mover("BTC"))) for t in (2, 3, 4, 5)]
     results = await asyncio.gather(first, *later)
-    assert [r.status for r in results] == [MutationStatus.APPLIED] + [MutationStatus.SUPERSEDED] * 3 + [MutationStatus.APPLIED]
+    assert [r.status for r in results] == [MutationStatus.APPLIED, *[MutationStatus.SUPERSEDED] * 3,
+                                           MutationStatus.APPLIED]
     assert venue.applied == [("BTC", 1), ("BTC", 5)]
     assert venue.max_running["BTC"] == 1
     assert locks.held_keys() == set()

@@ -27,8 +27,8 @@ INTO_TERMINAL = [row for row in EXPECTED if PositionState(row.dest).is_terminal]
 
 async def _order(engine: Engine, exchange: PaperExchange, pid: str, purpose: OrderPurpose, n: int) -> OrderRef:
     placed = await exchange.place_order(
-        OrderRef(client_id=f"t{pid}{purpose.value[0]}{n}", position_id=pid, symbol="BTCUSDT", purpose=purpose, side="sell",
-                 quantity=D(1), trigger_price=D(90) + n)
+        OrderRef(client_id=f"t{pid}{purpose.value[0]}{n}", position_id=pid, symbol="BTCUSDT", purpose=purpose,
+                 side="sell", quantity=D(1), trigger_price=D(90) + n)
     )
     await engine.track_order(pid, placed)
     return placed

@@ -235,7 +235,7 @@ def test_a_table_that_leaves_a_live_state_without_exits_is_rejected() -> None:
 
 def test_a_table_with_an_unreachable_state_is_rejected() -> None:
     bad = tuple(e for e in SPEC_EDGES if e.dest is not PositionState.PHANTOM)
-    with pytest.raises(ValueError, match="unreachable states: .*PHANTOM"):
+    with pytest.raises(ValueError, match=r"unreachable states: .*PHANTOM"):
         check_table(bad)
 
 

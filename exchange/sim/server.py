@@ -289,9 +289,11 @@ class SimServer:
                 "quotePrecision": 8, "underlyingType": "COIN", "underlyingSubType": ["Layer-1"], "settlePlan": 0,
                 "triggerProtect": "0.0500", "liquidationFee": "0.012500", "marketTakeBound": "0.05",
                 "filters": [
-                    {"filterType": "PRICE_FILTER", "minPrice": fmt(s.tick), "maxPrice": "10000000", "tickSize": fmt(s.tick)},
+                    {"filterType": "PRICE_FILTER", "minPrice": fmt(s.tick), "maxPrice": "10000000",
+                     "tickSize": fmt(s.tick)},
                     {"filterType": "LOT_SIZE", "stepSize": fmt(s.step), "maxQty": "1000000", "minQty": fmt(s.min_qty)},
-                    {"filterType": "MARKET_LOT_SIZE", "stepSize": fmt(s.step), "maxQty": "1000000", "minQty": fmt(s.min_qty)},
+                    {"filterType": "MARKET_LOT_SIZE", "stepSize": fmt(s.step), "maxQty": "1000000",
+                     "minQty": fmt(s.min_qty)},
                     {"filterType": "MAX_NUM_ORDERS", "limit": 200},
                     {"filterType": "MIN_NOTIONAL", "notional": "5"},
                     {"filterType": "PERCENT_PRICE", "multiplierUp": "1.0500", "multiplierDown": "0.9500",
@@ -302,8 +304,10 @@ class SimServer:
                 "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
             })
         return {"timezone": "UTC", "serverTime": now_ms(),
-                "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 2400}],
-                "exchangeFilters": [], "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
+                "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
+                                "limit": 2400}],
+                "exchangeFilters": [],
+                "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
                 "symbols": symbols}
 
     async def _premium_index(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
@@ -316,8 +320,10 @@ class SimServer:
 
     async def _leverage_bracket(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         return [{"symbol": s, "notionalCoef": 1.0, "brackets": [
-            {"bracket": 1, "initialLeverage": 125, "notionalCap": 50000, "notionalFloor": 0, "maintMarginRatio": 0.004, "cum": 0.0},
-            {"bracket": 2, "initialLeverage": 100, "notionalCap": 10_000_000, "notionalFloor": 50000, "maintMarginRatio": 0.005, "cum": 50.0},
+            {"bracket": 1, "initialLeverage": 125, "notionalCap": 50000, "notionalFloor": 0,
+             "maintMarginRatio": 0.004, "cum": 0.0},
+            {"bracket": 2, "initialLeverage": 100, "notionalCap": 10_000_000, "notionalFloor": 50000,
+             "maintMarginRatio": 0.005, "cum": 50.0},
         ]} for s in self.venue.specs]
 
     def _position_rows(self, account: Account, only: str | None = None) -> list[dict[str, Any]]:
@@ -333,8 +339,9 @@ class SimServer:
                 "symbol": symbol, "positionSide": "BOTH", "positionAmt": fmt(pos.amount), "entryPrice": fmt(pos.entry),
                 "breakEvenPrice": fmt(pos.entry), "markPrice": fmt(mark), "unRealizedProfit": fmt(upnl),
                 "liquidationPrice": "0", "isolatedMargin": "0", "notional": fmt(notional), "marginAsset": "USDT",
-                "isolatedWallet": "0", "initialMargin": fmt(margin), "maintMargin": fmt(abs(notional) * Decimal("0.004")),
-                "positionInitialMargin": fmt(margin), "openOrderInitialMargin": "0", "adl": 1, "bidNotional": "0",
+                "isolatedWallet": "0", "initialMargin": fmt(margin),
+                "maintMargin": fmt(abs(notional) * Decimal("0.004")), "positionInitialMargin": fmt(margin),
+                "openOrderInitialMargin": "0", "adl": 1, "bidNotional": "0",
                 "askNotional": "0", "updateTime": pos.updated,
             })
         return rows
@@ -454,10 +461,11 @@ class SimServer:
         assert account is not None
         start, end = int(p.get("startTime", 0)), int(p.get("endTime", 2**62))
         trades = [t for t in account.trades if t.symbol == p.get("symbol") and start <= t.time <= end]
-        return [{"buyer": t.side == "BUY", "commission": fmt(t.fee), "commissionAsset": "USDT", "id": t.trade_id,
+        rows = [{"buyer": t.side == "BUY", "commission": fmt(t.fee), "commissionAsset": "USDT", "id": t.trade_id,
                  "maker": t.maker, "orderId": t.order_id, "price": fmt(t.price), "qty": fmt(t.qty),
                  "quoteQty": fmt(t.price * t.qty), "realizedPnl": fmt(t.realized), "side": t.side,
-                 "positionSide": "BOTH", "symbol": t.symbol, "time": t.time} for t in trades][-int(p.get("limit", 500)):]
+                 "positionSide": "BOTH", "symbol": t.symbol, "time": t.time} for t in trades]
+        return rows[-int(p.get("limit", 500)):]
 
     async def _listen_key_new(self, request: web.Request, account: Account | None, p: dict[str, str]) -> Any:
         assert account is not None

@@ -12,10 +12,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN
+from decimal import Decimal as D
 from typing import Any
 
-D = Decimal
 ZERO = D(0)
 
 
@@ -258,8 +258,8 @@ class Venue:
     @staticmethod
     def _refuse_open_duplicate(account: Account, client_id: str | None) -> None:
         """Binance: a client order id must be unique among open orders (a filled one may be reused)."""
-        if client_id and any(o.client_id == client_id and o.status == "NEW" for o in account.orders.values()) or \
-                client_id and any(a.client_id == client_id and a.status == "NEW" for a in account.algos.values()):
+        if (client_id and any(o.client_id == client_id and o.status == "NEW" for o in account.orders.values())) or \
+                (client_id and any(a.client_id == client_id and a.status == "NEW" for a in account.algos.values())):
             raise SimError(*ERR_DUPLICATE)
 
     def cancel_order(self, account: Account, symbol: str, order_id: int | None, client_id: str | None) -> SimOrder:
@@ -270,7 +270,8 @@ class Venue:
         self._emit_order(account, order, "CANCELED", ZERO, ZERO)
         return order
 
-    def _find_order(self, account: Account, symbol: str, order_id: int | None, client_id: str | None) -> SimOrder | None:
+    def _find_order(self, account: Account, symbol: str, order_id: int | None,
+                    client_id: str | None) -> SimOrder | None:
         if order_id is not None:
             order = account.orders.get(order_id)
             return order if order and order.symbol == symbol else None
@@ -447,8 +448,9 @@ class Venue:
             "o": {
                 "s": order.symbol, "c": order.client_id, "S": order.side, "o": order.type, "f": "GTC",
                 "q": fmt(order.qty), "p": fmt(order.price), "ap": fmt(order.avg), "sp": fmt(order.stop_price),
-                "x": execution, "X": order.shown_status, "i": order.order_id, "l": fmt(last_qty), "z": fmt(order.filled),
-                "L": fmt(last_price), "N": "USDT", "n": fmt(fee), "T": ts, "t": next(self._trade_ids) if last_qty else 0,
+                "x": execution, "X": order.shown_status, "i": order.order_id, "l": fmt(last_qty),
+                "z": fmt(order.filled), "L": fmt(last_price), "N": "USDT", "n": fmt(fee), "T": ts,
+                "t": next(self._trade_ids) if last_qty else 0,
                 "b": "0", "a": "0", "m": False, "R": order.reduce_only, "wt": "CONTRACT_PRICE",
                 "ot": order.orig_type or order.type, "ps": "BOTH", "cp": False, "rp": fmt(order.realized),
                 "pP": False, "si": 0, "ss": 0, "V": "EXPIRE_TAKER", "pm": "NONE", "gtd": 0, "er": "0",

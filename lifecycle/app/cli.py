@@ -254,7 +254,8 @@ def _quiet_api(settings, path: str) -> list:  # type: ignore[no-untyped-def]
 
 @app.command()
 def diagrams(
-    out: Annotated[Path, typer.Option(help="Directory for position.mmd, position.dot, transitions.md.")] = DEFAULT_DIAGRAMS,
+    out: Annotated[Path, typer.Option(
+        help="Directory for position.mmd, position.dot, transitions.md.")] = DEFAULT_DIAGRAMS,
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 if the files are stale.")] = False,
 ) -> None:
     """Generate the state diagrams and the transition table from the code."""

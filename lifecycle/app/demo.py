@@ -24,12 +24,12 @@ from typing import Any
 from exchange.port import StreamHealth
 from exchange.sim.server import SimServer
 from exchange.sim.venue import SymbolSpec, Venue, VenueConfig
+from lifecycle.app.service import Service
+from lifecycle.app.settings import Settings, service_config
 from lifecycle.domain import CloseCause, CloseReason, Side
 from lifecycle.live import LiveEngine, OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.replay import replay
-from lifecycle.app.service import Service
-from lifecycle.app.settings import Settings, service_config
 
 KEY_ENV, SECRET_ENV = "LIFECYCLE_DEMO_API_KEY", "LIFECYCLE_DEMO_SECRET"
 ACCOUNT = "demo"
@@ -107,10 +107,10 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
                    "reconnect_backoff_max_s": 1.0}],
         live={"trail_min_interval_s": 0.3, "cause_wait_s": 0.5},
         schedule={"sync_interval_s": 5, "fast_sync_interval_s": 0.5, "orphan_interval_s": 10},
-        reconcile={"grace_ms": 500, "phantom_after_s": 1.0}, api={"enabled": False}, records={"dir": workdir / "records"},
-        shutdown_drain_s=5)
+        reconcile={"grace_ms": 500, "phantom_after_s": 1.0}, api={"enabled": False},
+        records={"dir": workdir / "records"}, shutdown_drain_s=5)
     service = Service(service_config(settings))
-    result = DemoResult(workdir, [Scenario(**{**s.__dict__}) for s in SCENARIOS])
+    result = DemoResult(workdir, [Scenario(**s.__dict__) for s in SCENARIOS])
     endings = result.endings
 
     def on_record(record: dict[str, Any]) -> None:

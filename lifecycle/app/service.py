@@ -27,7 +27,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -201,12 +201,12 @@ class Service:
         record, not the closure: the database has it. Closures of the last `window` without a record are
         written now, rebuilt from the journal, marked `"recovered": true`."""
         assert self.repo is not None and self.records is not None
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         since = now - window
         retention = self.config.records_retention_days
         if retention is not None:  # files older than that are deleted: their closures are not "lost"
             kept_from = datetime.combine(now.date() - timedelta(days=retention - 1), datetime.min.time(),
-                                         tzinfo=timezone.utc)
+                                         tzinfo=UTC)
             since = max(since, kept_from)
         records = self.records
         try:  # books, not protection: whatever fails here is said and the start goes on
@@ -289,7 +289,7 @@ class Service:
             for runtime in self.accounts.values():
                 try:
                     await runtime.exchange.close()
-                except Exception as e:  # closing one client must not keep the others or the database open
+                except Exception as e:  # noqa: BLE001 - one client must not keep the others or the database open
                     logger.warning("{}: closing the exchange client failed: {}", runtime.config.name,
                                    type(e).__name__)
             try:
@@ -376,7 +376,7 @@ async def _open_database(url: str) -> Repository:
         return await Repository.open(url)
     except DatabaseConfigError as e:
         raise StartError(f"database_url: {e}") from None
-    except Exception as e:  # unreachable server, refused login, unwritable file: say which, never the password
+    except Exception as e:  # noqa: BLE001 - unreachable, refused login, unwritable file: say which, not the password
         shown = safe_url(url)
         detail = str(e).replace(url, shown).splitlines()[0] if str(e) else ""
         raise StartError(f"database_url: cannot open {shown}: {type(e).__name__}{': ' + detail if detail else ''}") \

@@ -34,9 +34,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from exchange.ccxt_adapter import ExchangeSettings
 from exchange.secret import Secret
+from lifecycle.app.service import AccountConfig, ApiBinding, ServiceConfig
 from lifecycle.live import LiveConfig
 from lifecycle.reconciler import UNTRACKED_POLICIES
-from lifecycle.app.service import AccountConfig, ApiBinding, ServiceConfig
 from scheduler.jobs import ScheduleConfig
 
 DEFAULT_DATABASE_URL = "sqlite:///lifecycle.sqlite"  # a file in the working directory
@@ -197,7 +197,8 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return env_settings, init_settings  # the environment overrides the file (passed as init values)
@@ -238,7 +239,8 @@ class Settings(BaseSettings):
 class _NoEnvironment(Settings):
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)

@@ -2,8 +2,8 @@
 
 It runs inside the transition on the draft position, so its database part (trailing state gone,
 closure row) commits atomically with the journal row; its exchange part (cancellations) and memory
-part (lock, drop) are actions the engine executes after the commit, outside the position's lock. No path into a terminal state can skip it
-(seed 000: the path that noticed a close forgot the trailing state).
+part (lock, drop) are actions the engine executes after the commit, outside the position's lock. No path
+into a terminal state can skip it (seed 000: the path that noticed a close forgot the trailing state).
 """
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ class Closing:
                 logger.error("{} {} close rejected {} times; the position stays {} with its stop at {}",
                              self.ctx.account, position_id, retry, failed.dest, stop.trigger_price if stop else None)
                 return False
-            delay = min(max(self.ctx.config.retry_backoff_s, 0.05) * max(1, retry - self.ctx.config.close_retries), 30.0)
+            delay = min(max(self.ctx.config.retry_backoff_s, 0.05) * max(1, retry - self.ctx.config.close_retries),
+                        30.0)
             if retry <= self.ctx.config.close_retries:
                 logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.ctx.account, position_id,
                                short(error), retry, self.ctx.config.close_retries, delay)
@@ -183,7 +184,8 @@ class Closing:
                 answer = await self.ctx.exchange.close_position(position.symbol, position.side, quantity, client_id)
             except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
                 # The first try arrived, or the position is already gone: the stream's flat ends it.
-                logger.info("{} {} {} close {}: {}", self.ctx.account, position.symbol, position_id, client_id, short(e))
+                logger.info("{} {} {} close {}: {}", self.ctx.account, position.symbol, position_id, client_id,
+                            short(e))
                 if isinstance(e, xerr.ReduceOnlyRejected):
                     self.close_found_flat.add(position_id)  # whatever flattened it, it was not this close
                 return None
@@ -214,7 +216,8 @@ class Closing:
         error = await self.send_close(position_id)
         if error is None:
             return
-        outcome = await self.ctx.engine.fire_if(position_id, CloseFailed(error=short(error)), only_in={S.CLOSING_BY_BOT})
+        outcome = await self.ctx.engine.fire_if(position_id, CloseFailed(error=short(error)),
+                                                only_in={S.CLOSING_BY_BOT})
         if outcome is not None and outcome.dest in PROTECTED:
             await self.stops.request(position_id, None, None, "sync")
             await self.close_now(position_id, reason)

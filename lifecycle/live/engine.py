@@ -130,7 +130,8 @@ class LiveEngine:
                              if p.account == self.account and p.state is S.OPENING]:
                 logger.warning("{} {} {}: cancelling the resting entry before stopping", self.account,
                                position.symbol, position.id)
-                self.ctx.spawn(self.closing.close_now(position.id, CloseReason.SHUTDOWN), f"entry cancel of {position.id}")
+                self.ctx.spawn(self.closing.close_now(position.id, CloseReason.SHUTDOWN),
+                               f"entry cancel of {position.id}")
         deadline = self.monotonic() + drain_s
         while self.ctx.commands or any(not t.done() for t in self.ctx.tasks) or self._closing_ids():
             if self.monotonic() >= deadline:
@@ -178,7 +179,7 @@ class LiveEngine:
                 continue
             try:
                 handle(item)
-            except Exception as e:  # one bad update must not stop the stream
+            except Exception as e:  # noqa: BLE001 - one bad update must not stop the stream
                 logger.exception("{} {} update could not be handled: {}: {}", self.account, name, type(e).__name__, e)
 
     # --- stream items (synchronous: they decide, background tasks act) ------------------------------
@@ -222,7 +223,8 @@ class LiveEngine:
                     self.ctx.spawn(hook(), "reconciliation after a resync")
         elif item.stream == "orders":
             open_ids = {o.client_id for o in item.snapshot if isinstance(o, OrderSnapshot)}
-            self.protection.settle_vanished_entries({i for i in open_ids if i}, self.engine.clock() - timedelta(seconds=1))
+            self.protection.settle_vanished_entries({i for i in open_ids if i},
+                                                    self.engine.clock() - timedelta(seconds=1))
             for position in tracked:
                 lost = [o for o in position.working_orders()
                         if o.purpose is OrderPurpose.STOP and o.client_id not in open_ids]

@@ -248,7 +248,8 @@ class Opening:
             # Partly filled: the filled part is exposure without a stop. Cancel the rest; the final update
             # (cancelled with a fill) then opens the position with what filled and protects it.
             runtime.trimming = True
-            logger.info("{} {} entry partly filled ({}); cancelling the rest", self.ctx.account, position_id, order.filled)
+            logger.info("{} {} entry partly filled ({}); cancelling the rest", self.ctx.account, position_id,
+                        order.filled)
             self.ctx.spawn(self.closing.cancel_entry(position_id), f"entry trim of {position_id}")
 
     def entry_fill_ended(self, position_id: str, task: asyncio.Task[Any]) -> None:

@@ -269,8 +269,8 @@ class Protection:
             return
         logger.critical("{} {} {}: UNPROTECTED for {:.0f} s and no stop can be placed ({}); closing at market",
                         self.ctx.account, position.symbol, position.id, self.ctx.monotonic() - since, why)
-        self.ctx.spawn(self.closing.close_now(position.id, CloseReason.UNPROTECTED), f"unprotected close of {position.id}",
-                    essential=True)
+        self.ctx.spawn(self.closing.close_now(position.id, CloseReason.UNPROTECTED),
+                       f"unprotected close of {position.id}", essential=True)
 
     def repaired(self, position: Position, kind: str, detail: str) -> None:
         self.ctx.stats.protection_repairs[kind] += 1

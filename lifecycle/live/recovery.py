@@ -86,7 +86,8 @@ class Recovery:
                     await self.ctx.set_order_status(position.id, order.client_id, OrderStatus.EXPIRED)
             for order in ours_by_position.get(position.id, []):
                 parsed = parse_client_id(order.client_id)
-                if parsed is not None and parsed.purpose is OrderPurpose.STOP and order.client_id not in position.orders:
+                if (parsed is not None and parsed.purpose is OrderPurpose.STOP
+                        and order.client_id not in position.orders):
                     await self.ctx.track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
                                       order.trigger_price or Decimal(0), order)
             # A tighter stop of ours than the database knows (moved while the books were behind) stays.
@@ -114,5 +115,6 @@ class Recovery:
             except xerr.Retryable as e:
                 attempt += 1
                 logger.error("{}: recovery cannot read {} from the exchange ({}); nothing is done on the "
-                             "database's word alone; retry {} in {}s", self.ctx.account, what, short(e), attempt, retry_s)
+                             "database's word alone; retry {} in {}s", self.ctx.account, what, short(e), attempt,
+                             retry_s)
                 await asyncio.sleep(retry_s)

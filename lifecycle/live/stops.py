@@ -33,7 +33,7 @@ from lifecycle.record_kinds import StopMove
 TWO_STOPS_REFUSED = frozenset({-4045, -4130})
 
 
-class StopResult(str, Enum):
+class StopResult(str, Enum):  # noqa: UP042 - a StrEnum would change what str() and f-strings show in logs
     """What a stop request came to (a str: the values are what logs and records say)."""
 
     PLACED = "placed"  # the stop is working at the target (and recorded)

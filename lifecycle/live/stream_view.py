@@ -95,7 +95,7 @@ class StreamView:
         """The flattening fill from REST, bounded in time: a REST outage must not hold up the close."""
         try:
             return await asyncio.wait_for(self.rest_closing_fill(position), self.ctx.config.cause_rest_timeout_s)
-        except (xerr.ExchangeError, asyncio.TimeoutError) as e:
+        except (TimeoutError, xerr.ExchangeError) as e:
             logger.warning("{} {} {}: the closing fill could not be read from REST ({}); cause unknown for now",
                            self.ctx.account, position.symbol, position.id, short(e) or "timeout")
             self.ctx.spawn(self.explain_later(position), f"closing fill lookup of {position.id}")
@@ -115,7 +115,7 @@ class StreamView:
             try:
                 found = await asyncio.wait_for(self.rest_closing_fill(position),
                                                self.ctx.config.cause_rest_timeout_s)
-            except (xerr.ExchangeError, asyncio.TimeoutError):
+            except (TimeoutError, xerr.ExchangeError):
                 continue
             if found is None or position.id not in self.unexplained:
                 return
@@ -242,7 +242,7 @@ class StreamView:
             signal.clear()
             try:
                 await asyncio.wait_for(signal.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def doubt_stream(self, reason: str, *, resubscribe: bool) -> None:

@@ -16,9 +16,9 @@ from lifecycle.guards.predicates import (
     has_filled_quantity,
     has_remaining_quantity,
     is_absence_proven,
+    is_better_stop,
     is_close_cause,
     is_external_cause,
-    is_better_stop,
     is_safe_side_of_mark,
     was_open_before_close,
     was_opening_before_close,
@@ -57,12 +57,14 @@ TABLE: tuple[Edge, ...] = (
     # Absence of a pending entry is possible (rejected or expired without an update reaching us).
     Edge(S.OPENING, E.VANISHED, S.PHANTOM, (is_absence_proven,), "confirmed twice, outside grace window"),
     Edge(S.OPEN, E.TS_ACTIVATED, S.TS_ACTIVE, (has_crossed_activation,), "mark crossed the activation price"),
-    Edge(S.OPEN, E.STOP_MOVED, S.OPEN, (is_better_stop, is_safe_side_of_mark), "exchange confirmed, under the symbol lock"),
+    Edge(S.OPEN, E.STOP_MOVED, S.OPEN, (is_better_stop, is_safe_side_of_mark),
+         "exchange confirmed, under the symbol lock"),
     Edge(S.OPEN, E.REDUCED, S.OPEN, (has_remaining_quantity,), "partial take-profit: stop resized"),
     Edge(S.OPEN, E.CLOSE_REQUESTED, S.CLOSING_BY_BOT, (), "signal, take-profit, max age, operator, stop crossed"),
     Edge(S.OPEN, E.FLAT, S.CLOSED_EXTERNAL, (is_external_cause,), "cause taken from the order that flattened it"),
     Edge(S.OPEN, E.VANISHED, S.PHANTOM, (is_absence_proven,), "confirmed twice, no closing fill found"),
-    Edge(S.TS_ACTIVE, E.STOP_MOVED, S.TS_ACTIVE, (is_better_stop, is_safe_side_of_mark), "the stop follows the watermark"),
+    Edge(S.TS_ACTIVE, E.STOP_MOVED, S.TS_ACTIVE, (is_better_stop, is_safe_side_of_mark),
+         "the stop follows the watermark"),
     Edge(S.TS_ACTIVE, E.REDUCED, S.TS_ACTIVE, (has_remaining_quantity,), "partial take-profit: stop resized"),
     Edge(S.TS_ACTIVE, E.CLOSE_REQUESTED, S.CLOSING_BY_BOT, (), "signal, take-profit, max age, operator, stop crossed"),
     Edge(S.TS_ACTIVE, E.FLAT, S.CLOSED_EXTERNAL, (is_external_cause,), "cause taken from the order that flattened it"),
@@ -76,10 +78,13 @@ TABLE: tuple[Edge, ...] = (
     # Our close order may fill in parts.
     Edge(S.CLOSING_BY_BOT, E.REDUCED, S.CLOSING_BY_BOT, (has_remaining_quantity,), "close order partly filled"),
     # Confirmed absence while our close is in flight is our close landing, not a phantom.
-    Edge(S.CLOSING_BY_BOT, E.VANISHED, S.CLOSED, (is_absence_proven,), "confirmed absent, no closing fill: cause not_found"),
+    Edge(S.CLOSING_BY_BOT, E.VANISHED, S.CLOSED, (is_absence_proven,),
+         "confirmed absent, no closing fill: cause not_found"),
     # A rejected close returns to where the close was requested from.
-    Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.OPEN, (was_open_before_close,), "position still there; retried per policy"),
-    Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.TS_ACTIVE, (was_trailing_before_close,), "position still there; retried per policy"),
+    Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.OPEN, (was_open_before_close,),
+         "position still there; retried per policy"),
+    Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.TS_ACTIVE, (was_trailing_before_close,),
+         "position still there; retried per policy"),
     Edge(S.CLOSING_BY_BOT, E.CLOSE_FAILED, S.OPENING, (was_opening_before_close,), "entry still pending"),
 )
 

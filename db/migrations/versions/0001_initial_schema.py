@@ -1,14 +1,13 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-22
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from db.types import ExactDecimal, UTCDateTime
-
 
 revision = '0001'
 down_revision = None
@@ -40,7 +39,11 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('positions', schema=None) as batch_op:
         batch_op.create_index('ix_positions_state', ['state'], unique=False)
-        batch_op.create_index('uq_positions_live_symbol_side', ['account', 'symbol', 'side'], unique=True, sqlite_where=sa.text("state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"), postgresql_where=sa.text("state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"))
+        batch_op.create_index('uq_positions_live_symbol_side', ['account', 'symbol', 'side'], unique=True,
+                              sqlite_where=sa.text(
+                                  "state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"),
+                              postgresql_where=sa.text(
+                                  "state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"))
 
     op.create_table('closures',
     sa.Column('position_id', sa.String(length=32), nullable=False),
@@ -118,7 +121,10 @@ def downgrade() -> None:
 
     op.drop_table('closures')
     with op.batch_alter_table('positions', schema=None) as batch_op:
-        batch_op.drop_index('uq_positions_live_symbol_side', sqlite_where=sa.text("state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"), postgresql_where=sa.text("state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"))
+        batch_op.drop_index('uq_positions_live_symbol_side',
+                            sqlite_where=sa.text("state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"),
+                            postgresql_where=sa.text(
+                                "state NOT IN ('CANCELLED', 'CLOSED', 'CLOSED_EXTERNAL', 'PHANTOM')"))
         batch_op.drop_index('ix_positions_state')
 
     op.drop_table('positions')
