@@ -41,14 +41,14 @@ async def run(closes: int, db_url: str) -> None:
 
     on_position = rig.live.on_position
 
-    def timed_on_position(snap):  # type: ignore[no-untyped-def]
+    def timed_on_position(snap):
         if snap.amount == 0 and snap.symbol in flattened and current.get(snap.symbol):
             received.append(time.perf_counter() - flattened[snap.symbol])
         on_position(snap)
 
     rig.live.on_position = timed_on_position  # type: ignore[method-assign]
 
-    def on_transition(position, outcome):  # type: ignore[no-untyped-def]
+    def on_transition(position, outcome):
         if outcome.dest.is_terminal and current.get(position.symbol) == position.id:
             detected.append(time.perf_counter() - flattened[position.symbol])
             current[position.symbol] = ""

@@ -52,7 +52,7 @@ async def one_interval(interval: float, positions: int, seed: int) -> dict[str, 
         ended: dict[str, float] = {}
         causes: dict[str, CloseCause | None] = {}
 
-        def on_transition(position, outcome):  # type: ignore[no-untyped-def]
+        def on_transition(position, outcome):
             if outcome.dest.is_terminal:
                 ended[position.id] = time.perf_counter()
                 causes[position.id] = position.close_cause

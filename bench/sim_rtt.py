@@ -66,16 +66,16 @@ async def main() -> None:
         orders = venue.order_updates()
         await anext(orders)
         await asyncio.sleep(0.3)
-        fills = []
+        fills: list[float] = []
         for i in range(args.events // 2):
             side = Side.LONG if i % 2 == 0 else Side.SHORT
             client_id = f"bench-{i}"
             started = time.perf_counter()
             await venue.place_entry("BTCUSDT", side, D("0.001"), client_id)
             while True:
-                item = await anext(orders)
-                if (isinstance(item, OrderSnapshot) and item.client_id == client_id
-                        and item.status is OrderStatus.FILLED):
+                update = await anext(orders)
+                if (isinstance(update, OrderSnapshot) and update.client_id == client_id
+                        and update.status is OrderStatus.FILLED):
                     break
             fills.append(time.perf_counter() - started)
         print(summary("market order placed -> fill on user stream", fills))

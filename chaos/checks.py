@@ -183,11 +183,12 @@ def judge(run: Run) -> Verdict:
             # way): the venue's position went flat with our own entry fill, and no fill after it explains the
             # flat. That other order's cause, unknown, or not found (PHANTOM) are all true (seed 506007).
             cause = p.close_cause.value if p.close_cause is not None else None
-            allowed = {classify_close(truth.client_id, position_id=p.id, trailing_was_active=False).value,
-                       CloseCause.UNKNOWN.value, CloseCause.NOT_FOUND.value}
-            if (p.state is S.CLOSED and not any(e.event == "close_requested" for e in journal)) or cause not in allowed:
+            ok_causes = {classify_close(truth.client_id, position_id=p.id, trailing_was_active=False).value,
+                         CloseCause.UNKNOWN.value, CloseCause.NOT_FOUND.value}
+            closed_unasked = p.state is S.CLOSED and not any(e.event == "close_requested" for e in journal)
+            if closed_unasked or cause not in ok_causes:
                 v.append(Violation(4, f"{p.id} (its entry netted against {truth.client_id}) ended {p.state.value} "
-                                      f"with cause {cause}; allowed {sorted(allowed)}", evidence))
+                                      f"with cause {cause}; allowed {sorted(ok_causes)}", evidence))
             continue
         if p.state is S.PHANTOM or p.close_cause is CloseCause.NOT_FOUND:
             if truth is not None and truth.client_id is not None:
@@ -200,13 +201,13 @@ def judge(run: Run) -> Verdict:
         if p.id in ledger.joined:  # one venue position, two holders: any order that reduced it may be ours
             cause = p.close_cause.value if p.close_cause is not None else None
             seen = [*ledger.reduced.get(p.id, []), *([truth.client_id] if truth is not None else [])]
-            allowed = {classify_close(c or None, position_id=p.id, trailing_was_active=False).value for c in seen}
+            ok_causes = {classify_close(c or None, position_id=p.id, trailing_was_active=False).value for c in seen}
             if truth is not None and truth.client_id is None:
-                allowed.add(CloseCause.NOT_FOUND.value)
-            if not (cause in allowed or (cause in STOP_CAUSES and allowed & STOP_CAUSES)):
+                ok_causes.add(CloseCause.NOT_FOUND.value)
+            if not (cause in ok_causes or (cause in STOP_CAUSES and ok_causes & STOP_CAUSES)):
                 v.append(Violation(4, f"{p.id} (its entry joined someone else's position on {p.symbol}) ended "
                                       f"{p.state.value} with cause {cause}; the orders that reduced the shared "
-                                      f"position say {sorted(allowed)}", evidence))
+                                      f"position say {sorted(ok_causes)}", evidence))
             continue
         if truth is None:
             v.append(Violation(4, f"{p.id} ended {p.state.value} ({p.close_cause}) but the venue never flattened a "

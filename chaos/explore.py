@@ -25,8 +25,9 @@ def explore(max_examples: int, *, kill: bool | None = False) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="chaos-hyp-"))
     disk, why = mount_small_disk(scratch / "disk")
     base = scratch / "disk" if disk is not None else scratch
-    pg: PgAdmin | None = PgAdmin("chaos_hypothesis")
-    pg_why = asyncio.run(pg.create())
+    admin = PgAdmin("chaos_hypothesis")
+    pg: PgAdmin | None = admin
+    pg_why = asyncio.run(admin.create())
     if pg_why is not None:
         pg = None
     env = Env(base, Path(tempfile.gettempdir()) / "chaos-failures", disk, why, pg, pg_why)

@@ -162,8 +162,9 @@ async def worker_env(worker: str, keep: Path) -> Any:
     disk, why = mount_small_disk(scratch / "disk")
     base = scratch / "disk" if disk is not None else scratch / "plain"
     base.mkdir(parents=True, exist_ok=True)
-    pg: PgAdmin | None = PgAdmin(f"chaos_{worker}_{os.getpid()}")
-    pg_why = await pg.create()
+    admin = PgAdmin(f"chaos_{worker}_{os.getpid()}")
+    pg: PgAdmin | None = admin
+    pg_why = await admin.create()
     if pg_why is not None:
         pg = None
     keep.mkdir(parents=True, exist_ok=True)
@@ -282,6 +283,7 @@ async def run_many(seeds: list[int], *, workers: int = 2, keep: Path | None = No
     outcomes = await asyncio.gather(*(read(p) for p in procs), *(drain_err(p) for p in procs))
     for proc, err in zip(procs, outcomes[len(procs):], strict=True):
         code = await proc.wait()
+        assert isinstance(err, bytes)  # the second half of `outcomes` is what drain_err read
         if code != 0:
             summary.results.append({"seed": None, "violations": [{"invariant": 0, "text":
                                     f"a worker exited with {code}: {err.decode(errors='replace')[-3000:]}"}]})

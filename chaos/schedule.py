@@ -109,11 +109,11 @@ class Schedule:
 class Chooser:
     """Where a schedule's choices come from: `random.Random(seed)` (seeded mode) or hypothesis' `draw`."""
 
-    def integer(self, low: int, high: int) -> int: ...
-    def choice(self, options: list[Any]) -> Any: ...
-    def unit(self) -> float: ...  # in [0, 1)
-    def chance(self, p: float) -> bool: ...
-    def many(self, low: int, high: int, make: Any) -> list[Any]: ...
+    def integer(self, low: int, high: int) -> int: raise NotImplementedError
+    def choice(self, options: list[Any]) -> Any: raise NotImplementedError
+    def unit(self) -> float: raise NotImplementedError  # in [0, 1)
+    def chance(self, p: float) -> bool: raise NotImplementedError
+    def many(self, low: int, high: int, make: Any) -> list[Any]: raise NotImplementedError
 
 
 class _Seeded(Chooser):

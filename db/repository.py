@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlmodel import SQLModel
 
 from db.engine import create_engine, migrate
 from db.tables import ClosureRow, JournalRow, OrderRow, PositionRow, TrailingStateRow
@@ -33,11 +34,19 @@ from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, Stor
 from lifecycle.journal import JournalEntry, Outcome
 from lifecycle.machines.states import TERMINAL_STATES, PositionState
 
-positions = PositionRow.__table__
-trailing_states = TrailingStateRow.__table__
-orders = OrderRow.__table__
-journal = JournalRow.__table__
-closures = ClosureRow.__table__
+
+def _table(row: type[SQLModel]) -> sa.Table:
+    """The table SQLModel maps a `table=True` class to (its `__table__`, which the class does not declare)."""
+    table = sa.inspect(row).local_table
+    assert isinstance(table, sa.Table)
+    return table
+
+
+positions = _table(PositionRow)
+trailing_states = _table(TrailingStateRow)
+orders = _table(OrderRow)
+journal = _table(JournalRow)
+closures = _table(ClosureRow)
 
 _LIVE_STATES = [s.value for s in PositionState if s not in TERMINAL_STATES]
 _FINAL_ORDER_STATUSES = [s.value for s in OrderStatus if s.is_final]
@@ -167,7 +176,7 @@ class Repository:
         Both queries read one snapshot (a REPEATABLE READ transaction on PostgreSQL, one read
         transaction on SQLite), so a writer in another process cannot make them disagree.
         """
-        live = positions.c.state.in_(_LIVE_STATES)
+        live: sa.ColumnElement[bool] = positions.c.state.in_(_LIVE_STATES)
         if accounts is not None:
             live = live & positions.c.account.in_(list(accounts))
         order_query = (

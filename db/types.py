@@ -41,7 +41,8 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if isinstance(value, str):
             return datetime.fromisoformat(value)
-        return value.astimezone(UTC)
+        aware: datetime = value.astimezone(UTC)
+        return aware
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         if dialect.name == "sqlite":  # skip the impl's own processing: the text is parsed once, here

@@ -699,7 +699,7 @@ class CcxtExchange:
                                 _ms(raw.get("timestamp") or info.get("updateTime")))
 
     def _order(self, raw: dict[str, Any]) -> OrderSnapshot:
-        info = raw.get("info") or {}
+        info: Any = raw.get("info") or {}  # Binance's own payload, as ccxt passes it on
         algo_id = info.get("algoId", info.get("aid"))
         if algo_id is not None:
             status = _BINANCE_ALGO_STATUS.get(info.get("algoStatus", info.get("X")), OrderStatus.OPEN)
@@ -710,7 +710,8 @@ class CcxtExchange:
             average = _dec(info.get("ap")) or None
         else:
             raw_status = info.get("X", info.get("status"))
-            status = _BINANCE_ORDER_STATUS.get(raw_status) or _UNIFIED_STATUS.get(raw.get("status"), OrderStatus.OPEN)
+            status = (_BINANCE_ORDER_STATUS.get(raw_status)
+                      or _UNIFIED_STATUS.get(raw.get("status") or "", OrderStatus.OPEN))
             actual = raw.get("id")
             order_type = info.get("o", info.get("type")) or str(raw.get("type", "")).upper()
             filled = _dec(raw.get("filled")) or Decimal(0)
@@ -757,7 +758,7 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
     """
     binance = owner._binance
 
-    class Guarded(base):  # type: ignore[misc, valid-type]
+    class Guarded(base):
         def handle_message(self, client: Any, message: Any) -> Any:
             try:
                 if binance and isinstance(message, dict):
@@ -860,6 +861,7 @@ def _binance_frame_ok(body: dict[str, Any], markets_by_id: Mapping[str, Any],
             else:
                 drop(problem[0], f"a position of an ACCOUNT_UPDATE: {problem[1]}")
         if len(kept) != len(entries):
+            assert isinstance(account, dict)  # `entries` is a list only if it came from a dict
             account["P"] = kept
         return True
     checked = {"ORDER_TRADE_UPDATE": (body.get("o"), _ORDER_FIELDS), "ALGO_UPDATE": (body.get("o"), _ALGO_FIELDS),

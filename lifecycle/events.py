@@ -39,7 +39,7 @@ def _member(enum: type[E_], field_name: str, value: object) -> E_:
     try:
         return enum(value)
     except ValueError:
-        allowed = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
+        allowed = ", ".join(m.value for m in enum)
         raise InvalidEvent(f"{field_name} must be one of {allowed}; got {value!r}") from None
 
 

@@ -63,7 +63,7 @@ class ScheduleConfig:
 class JobStats:
     runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (job, outcome) -> count
     last_duration_ms: dict[str, float] = field(default_factory=dict)
-    total_duration_ms: Counter[str] = field(default_factory=Counter)
+    total_duration_ms: dict[str, float] = field(default_factory=dict)
     orphans_cancelled: int = 0
 
 
@@ -147,7 +147,7 @@ class ReconciliationScheduler:
             ms = round((time.perf_counter() - started) * 1000, 3)
             self.stats.runs[(name, outcome)] += 1
             self.stats.last_duration_ms[name] = ms
-            self.stats.total_duration_ms[name] += ms
+            self.stats.total_duration_ms[name] = self.stats.total_duration_ms.get(name, 0.0) + ms
         if outcome != "skipped":
             # A quiet sync pass runs every couple of seconds: only what found something is worth a line.
             quiet = outcome == "ok" and ((name == "sync" and not _notable(detail)) or

@@ -40,8 +40,11 @@ def _loguru_to_captured_stderr() -> Iterator[None]:
     """Send the engine's log lines where pytest captures them (shown only for failing tests)."""
     import sys
 
+    def to_stderr(message: str) -> None:  # `sys.stderr` looked up per line: pytest swaps it per test
+        sys.stderr.write(message)
+
     logger.remove()
-    sink = logger.add(lambda message: sys.stderr.write(message), level="INFO")
+    sink = logger.add(to_stderr, level="INFO")
     yield
     logger.remove(sink)
 

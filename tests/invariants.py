@@ -6,7 +6,7 @@ from collections import Counter
 
 from db.repository import Repository
 from exchange.sim.server import SimServer
-from exchange.sim.venue import Account
+from exchange.sim.venue import Account, SimAlgo, SimOrder
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import OrderPurpose, Side
 from lifecycle.machines.states import PositionState as S
@@ -42,13 +42,13 @@ async def violations(sim: SimServer, account: Account, repo: Repository,
     # ended without acting (cancelled or expired by someone else) is fine; two that acted are a duplicate.
     uses: Counter[str] = Counter()
     entries_filled: Counter[str] = Counter()
-    for order in account.orders.values():
-        parsed = parse_client_id(order.client_id)
+    for sim_order in account.orders.values():
+        parsed = parse_client_id(sim_order.client_id)
         if parsed is None:
             continue
-        if order.orig_type is None and order.filled > 0:  # placed by us (not a stop triggering), and it acted
-            uses[order.client_id] += 1
-        if parsed.purpose is OrderPurpose.ENTRY and order.filled > 0:
+        if sim_order.orig_type is None and sim_order.filled > 0:  # placed by us (not a stop triggering), and it acted
+            uses[sim_order.client_id] += 1
+        if parsed.purpose is OrderPurpose.ENTRY and sim_order.filled > 0:
             entries_filled[parsed.position_id] += 1
     for algo in account.algos.values():
         if parse_client_id(algo.client_id) is not None and algo.status in ("TRIGGERING", "TRIGGERED", "FINISHED"):
@@ -56,7 +56,7 @@ async def violations(sim: SimServer, account: Account, repo: Repository,
     problems += [f"client id {cid} used {n} times" for cid, n in uses.items() if n > 1]
     problems += [f"position {pid}: {n} entries filled" for pid, n in entries_filled.items() if n > 1]
 
-    working = [*venue.open_orders(account, None), *venue.open_algos(account, None)]
+    working: list[SimOrder | SimAlgo] = [*venue.open_orders(account, None), *venue.open_algos(account, None)]
     stops_by_position: dict[str, list] = {}
     for order in working:
         parsed = parse_client_id(order.client_id)

@@ -16,7 +16,7 @@ from db.repository import Repository
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
 from exchange.secret import Secret
 from exchange.sim.server import SimServer
-from exchange.sim.venue import Account, SymbolSpec, VenueConfig
+from exchange.sim.venue import Account, SimAlgo, SimOrder, SymbolSpec, VenueConfig
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import Position
 from lifecycle.engine import Engine
@@ -99,8 +99,13 @@ class Rig:
     async def open(self, command: OpenCommand, expect: PositionState = PositionState.OPEN) -> Position:
         assert self.live is not None and self.engine is not None
         position = await self.live.open(command)
-        await self.until(lambda: self.state(position.id) is expect and (
-            expect is not PositionState.OPEN or self.engine.positions[position.id].stop_price is not None))
+
+        def reached() -> bool:
+            assert self.engine is not None
+            return self.state(position.id) is expect and (
+                expect is not PositionState.OPEN or self.engine.positions[position.id].stop_price is not None)
+
+        await self.until(reached)
         await self.live.idle()
         return self.engine.positions[position.id]
 
@@ -115,8 +120,8 @@ class Rig:
         assert p is not None
         return p
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> float:
-        """Wait for `predicate`; returns the seconds it took."""
+    async def until(self, predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:
+        """Wait for `predicate` (until it returns something true); returns the seconds it took."""
         started = time.monotonic()
         while not predicate():
             if time.monotonic() - started > timeout:
@@ -126,19 +131,25 @@ class Rig:
 
     async def ended(self, position_id: str, timeout: float = 5.0) -> Position:
         assert self.engine is not None and self.live is not None
-        await self.until(lambda: position_id not in self.engine.positions, timeout, f"end of {position_id}")
+
+        def gone() -> bool:
+            assert self.engine is not None
+            return position_id not in self.engine.positions
+
+        await self.until(gone, timeout, f"end of {position_id}")
         await self.live.idle()
         return await self.stored(position_id)
 
     def our_open_orders(self) -> list[Any]:
         venue = self.sim.venue
-        return [o for o in [*venue.open_orders(self.account, None), *venue.open_algos(self.account, None)]
-                if parse_client_id(o.client_id) is not None]
+        working: list[SimOrder | SimAlgo] = [*venue.open_orders(self.account, None),
+                                             *venue.open_algos(self.account, None)]
+        return [o for o in working if parse_client_id(o.client_id) is not None]
 
     def stop_algos(self, symbol: str) -> list[Any]:
         return [a for a in self.sim.venue.open_algos(self.account, symbol) if a.order_type == "STOP_MARKET"]
 
-    def set_mark(self, symbol: str, price: str | D) -> None:
+    def set_mark(self, symbol: str, price: str | int | D) -> None:
         self.sim.venue.set_mark(symbol, D(str(price)))
 
     def alarms(self) -> list[tuple[str, str]]:

@@ -106,7 +106,7 @@ def path_for_edge(source: PositionState | str, guard_names: Iterable[str]) -> li
 def bad_events(guard: str, p: Position) -> list[Event]:
     """Events that fail exactly this guard for position `p` (which passed `path_for_edge`)."""
     stop = p.stop_price or D(95)
-    return {
+    failing: dict[str, list[Event]] = {
         "has_filled_quantity": [EntryFilled(quantity=D(0), price=ENTRY)],
         "has_crossed_activation": [TsActivated(mark=ACTIVATION - 1)],
         "is_better_stop": [StopMoved(stop_price=stop - 1, mark=stop + 5), StopMoved(stop_price=stop, mark=stop + 5)],
@@ -115,4 +115,5 @@ def bad_events(guard: str, p: Position) -> list[Event]:
         "is_absence_proven": [Vanished(confirmations=1, grace_ms=0), Vanished(confirmations=2, grace_ms=3_600_000)],
         "is_external_cause": [Flat(cause=CloseCause.BOT), Flat(cause=CloseCause.ENTRY_FAILED)],
         "is_close_cause": [Flat(cause=CloseCause.NOT_FOUND), Flat(cause=CloseCause.ENTRY_FAILED)],
-    }.get(guard, [])
+    }
+    return failing.get(guard, [])

@@ -59,7 +59,11 @@ async def subscribed(adapter: CcxtExchange, *names: str) -> dict[str, Collector]
     out = {name: Collector(streams[name]()) for name in names}
     for name, c in out.items():
         await c.wait_for(lambda i: isinstance(i, Resynced))
-        await until(lambda n=name: adapter.health.get(n) is StreamHealth.HEALTHY, what=f"{name} healthy")
+
+        def healthy(n: str = name) -> bool:
+            return adapter.health.get(n) is StreamHealth.HEALTHY
+
+        await until(healthy, what=f"{name} healthy")
     return out
 
 

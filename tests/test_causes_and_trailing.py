@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
+from typing import TypedDict
 
 import pytest
 
@@ -36,7 +37,15 @@ def test_the_flattening_order_names_the_cause(client_id: str | None, trailing: b
 
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-RULES = {"tick": D("0.1"), "min_step": D("0.5"), "min_interval": timedelta(seconds=2)}
+
+
+class Rules(TypedDict):
+    tick: D
+    min_step: D
+    min_interval: timedelta
+
+
+RULES: Rules = {"tick": D("0.1"), "min_step": D("0.5"), "min_interval": timedelta(seconds=2)}
 
 
 def active(watermark: str, last_moved: datetime | None = None) -> TrailingState:

@@ -89,7 +89,7 @@ REGRESSIONS = {
 async def test_the_seeds_that_found_defects_pass(tmp_path: Path) -> None:
     summary = await run_many(sorted(REGRESSIONS), workers=2, keep=tmp_path / "failures")
     assert len(summary.results) == len(REGRESSIONS)
-    failures = "\n\n".join(f"{REGRESSIONS.get(f.get('seed'), '?')}\n{_failure_text(f)}" for f in summary.failures)
+    failures = "\n\n".join(f"{REGRESSIONS.get(f.get('seed', 0), '?')}\n{_failure_text(f)}" for f in summary.failures)
     assert not summary.failures, failures
 
 
@@ -107,8 +107,8 @@ async def test_concurrent_opposite_opens_of_one_symbol_cannot_both_pass(rig: Rig
     opened = [r for r in results if not isinstance(r, BaseException)]
     assert len(refused) == 1 and len(opened) == 1, results
     position = opened[0]
-    await rig.until(lambda: rig.state(position.id) is S.OPEN and rig.engine.positions[position.id].stop_price
-                    is not None)  # type: ignore[union-attr]
+    await rig.until(lambda: rig.state(position.id) is S.OPEN and rig.engine.positions[position.id].stop_price  # type: ignore[union-attr]
+                    is not None)
     amount = rig.sim.venue.position(rig.account, "BTCUSDT").amount
     assert amount == (D("0.010") if position.side is Side.LONG else D("-0.010"))
 

@@ -18,3 +18,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_ruff_finds_nothing() -> None:
     result = _run("ruff", "check", ".")
     assert result.returncode == 0, f"ruff check . exited {result.returncode}:\n{result.stdout}{result.stderr}"
+
+
+def test_mypy_finds_nothing() -> None:
+    result = _run("mypy")  # the files and the per-area strictness come from [tool.mypy]
+    assert result.returncode == 0, f"mypy exited {result.returncode}:\n{result.stdout}{result.stderr}"

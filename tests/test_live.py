@@ -47,9 +47,14 @@ async def test_our_stop_fills_closed_external_stop_loss(rig: Rig) -> None:
 async def test_trailing_stop_activates_follows_and_fills(rig: Rig) -> None:
     p = await rig.open(btc_long(trailing_activation=D(60300), trailing_callback_pct=D("0.5")))
     assert rig.live is not None
+    live_engine = rig.live
     for mark in (60200, 60400, 60800, 60700, 61000, 60900):
         rig.set_mark("BTCUSDT", mark)
-        await rig.until(lambda m=D(mark): rig.live.marks.get("BTCUSDT") == m, what=f"mark {mark} seen")  # type: ignore[union-attr]
+
+        def seen(m: D = D(mark)) -> bool:
+            return live_engine.marks.get("BTCUSDT") == m
+
+        await rig.until(seen, what=f"mark {mark} seen")
     await rig.live.idle()
     live = rig.engine.positions[p.id]  # type: ignore[union-attr]
     assert live.state is S.TS_ACTIVE and live.stop_price == D("60695.0")  # 61000 * (1 - 0.5%)
@@ -211,7 +216,7 @@ async def test_seed_003_bursts_of_marks_never_overlap_stop_moves(rig: Rig) -> No
     in_flight, overlaps = 0, 0
     original_place, original_cancel = rig.exchange.place_stop, rig.exchange.cancel_order
 
-    async def counted(call, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def counted(call, *args, **kwargs):
         nonlocal in_flight, overlaps
         in_flight += 1
         overlaps += in_flight > 1
@@ -269,7 +274,7 @@ async def test_restart_continues_an_active_trailing_stop(rig: Rig) -> None:
     await rig.live.idle()
     assert rig.engine.positions[p.id].stop_price == D("59895.0")
     rig.set_mark("BTCUSDT", 61000)
-    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60390.0"))
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60390.0"))  # type: ignore[union-attr]
     await rig.live.idle()
     assert [a.trigger for a in rig.stop_algos("BTCUSDT")] == [D("60390.0")]  # the old stop was cancelled
     rig.set_mark("BTCUSDT", 60300)
@@ -501,7 +506,7 @@ async def test_an_entry_filling_while_its_close_is_rejected_is_protected(rig: Ri
     assert rig.live is not None and rig.exchange is not None
     original = rig.exchange.cancel_order
 
-    async def fill_first(order):  # type: ignore[no-untyped-def]
+    async def fill_first(order):
         if order.purpose.value == "entry":
             rig.set_mark("BTCUSDT", 59800)  # the limit entry fills just before our cancel lands
             await rig.until(lambda: rig.engine.positions[order.position_id].quantity is not None,  # type: ignore[union-attr]

@@ -223,8 +223,8 @@ async def test_trailing_moves_do_not_hide_a_close_from_rest_while_the_stream_is_
     settings = replace(settings_for(sim, account), user_probe_after_s=600.0)
     rig = await Rig(sim, account, f"sqlite:///{tmp_path / 'trail.sqlite'}", tmp_path / "records",
                     settings=settings, config=replace(FAST, trail_min_interval_s=1.0)).start()
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=5000),  # type: ignore[union-attr]
-                                              FAST_SYNC).start()
+    assert rig.live is not None
+    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=5000), FAST_SYNC).start()
     try:
         p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
                                        trailing_activation=D(60100), trailing_callback_pct=D("0.5")))

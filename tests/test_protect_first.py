@@ -45,7 +45,7 @@ async def trail_to(rig: Rig, position_id: str, price: int) -> None:
     """Move the mark up to `price` and wait until the trailing stop has followed it (0.5 % behind)."""
     assert rig.engine is not None and rig.live is not None
     rig.set_mark("BTCUSDT", price)
-    await rig.until(lambda: (rig.engine.positions[position_id].stop_price or 0) >= D(price) * D("0.994"),  # type: ignore[arg-type]
+    await rig.until(lambda: (rig.engine.positions[position_id].stop_price or 0) >= D(price) * D("0.994"),  # type: ignore[union-attr]
                     timeout=5, what=f"the stop following {price}")
     await rig.live.idle()
 
@@ -105,9 +105,9 @@ async def test_a_stop_with_the_books_still_behind_is_recovered_from_the_venue_at
         assert (await rig.repo.get_position(pid)).state is S.OPENING  # type: ignore[union-attr]
         small_disk.free()
         await rig.restart()
-        await rig.until(lambda: rig.state(pid) is S.OPEN and rig.engine.positions[pid].stop_price is not None,
-                        timeout=10, what="the position taken in after the restart")  # type: ignore[union-attr]
-        await rig.live.idle()  # type: ignore[union-attr]
+        await rig.until(lambda: rig.state(pid) is S.OPEN and rig.engine.positions[pid].stop_price is not None,  # type: ignore[union-attr]
+                        timeout=10, what="the position taken in after the restart")
+        await rig.live.idle()
         assert [a.client_id for a in rig.stop_algos("BTCUSDT")] == [stop.client_id]  # found by its id, not doubled
         assert sim.venue.position(rig.account, "BTCUSDT").amount == D("0.010")  # not closed at market
         await books_caught_up(rig, pid)
@@ -281,10 +281,10 @@ async def test_a_restart_with_the_books_behind_keeps_the_tightest_stop_the_venue
         small_disk.free()
         rig.set_mark("BTCUSDT", 60700)  # a little lower: no new move would reach the old height
         await rig.restart()
-        await rig.live.idle()  # type: ignore[union-attr]
+        await rig.live.idle()
         [kept] = rig.stop_algos("BTCUSDT")
         assert kept.trigger == tight.trigger  # never moved back
-        assert rig.engine.positions[p.id].stop_price == tight.trigger  # type: ignore[union-attr]
+        assert rig.engine.positions[p.id].stop_price == tight.trigger
         await rig.until(lambda: rig.engine.books.behind == 0, what="books caught up")  # type: ignore[union-attr]
         assert (await rig.stored(p.id)).stop_price == tight.trigger
     finally:

@@ -19,7 +19,7 @@ import aiohttp
 from exchange.ccxt_adapter import Secret
 from exchange.sim.server import SimServer
 from lifecycle.app.service import ApiBinding, Service
-from lifecycle.domain import Side
+from lifecycle.domain import Position, Side
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from lifecycle.reconciler import Reconciler
@@ -32,7 +32,7 @@ def _btc(quantity: str = "0.010", **kw: object) -> OpenCommand:
     return OpenCommand("BTCUSDT", Side.LONG, D(quantity), stop_loss_pct=D(1), **kw)  # type: ignore[arg-type]
 
 
-async def _entry_in_flight(rig: Rig) -> tuple[asyncio.Future[object], str]:
+async def _entry_in_flight(rig: Rig) -> tuple[asyncio.Future[Position], str]:
     """An open whose entry sits at the venue for 1.5 s; later requests are answered at once."""
     assert rig.live is not None
     rig.sim.set_faults(rest_latency_ms=1500)
@@ -110,8 +110,10 @@ async def test_the_service_stops_promptly_while_a_close_retries_an_entry_cancel(
     p = await live.open(_btc(entry_price=D(50000)))
     sim.set_faults(http_5xx=10**6)
 
+    api = service.api
+
     async def close_through_the_api() -> int:
-        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{service.api.port}/positions/{p.id}/close",
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{api.port}/positions/{p.id}/close",
                                                         headers={"Authorization": "Bearer tok"}) as r:
             return r.status
 

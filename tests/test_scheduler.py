@@ -213,7 +213,7 @@ async def test_stop_lets_a_run_in_flight_finish(rig: Rig) -> None:
     started, finished = asyncio.Event(), asyncio.Event()
     real = reconciler.sync
 
-    async def slow_sync():  # type: ignore[no-untyped-def]
+    async def slow_sync():
         started.set()
         await asyncio.sleep(0.3)
         report = await real()

@@ -368,7 +368,7 @@ def _non_loopback_addresses() -> list[str]:
     found = set()
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            address = info[4][0]
+            address = str(info[4][0])  # AF_INET: (host, port)
             if not address.startswith("127."):
                 found.add(address)
     except OSError:

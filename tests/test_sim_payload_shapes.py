@@ -6,6 +6,7 @@ tell integers from decimals, so both compare as "number"; everything else compar
 from __future__ import annotations
 
 import json
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from decimal import Decimal as D
 from pathlib import Path
@@ -44,7 +45,7 @@ def shape(value: Any) -> Any:
     return type(value).__name__
 
 
-def differences(documented: Any, simulated: Any, path: str = "$", skip: set[str] = frozenset()) -> list[str]:
+def differences(documented: Any, simulated: Any, path: str = "$", skip: AbstractSet[str] = frozenset()) -> list[str]:
     if isinstance(documented, dict) and isinstance(simulated, dict):
         out = []
         for key in documented.keys() - simulated.keys() - skip:

@@ -73,7 +73,9 @@ async def test_every_path_into_a_terminal_state_runs_the_cleanup_hook(
     closing = asyncio.create_task(engine.fire(p.id, good_event(event, engine.positions[p.id])))
 
     async def committed() -> bool:
-        return (await repo.get_position(p.id)).state is dest
+        stored = await repo.get_position(p.id)
+        assert stored is not None
+        return stored.state is dest
 
     await until(committed, what=f"{dest} committed")
     await asyncio.sleep(0.05)  # time passes: the cleanup must NOT finish while the move is in flight
@@ -106,7 +108,7 @@ def test_every_terminal_state_from_the_enum_has_a_path_and_the_hook(terminal: Po
     machine = PositionMachine()._machine
     assert [e for e in INTO_TERMINAL if e.dest == terminal.value], f"no edge leads into {terminal}"
     on_enter = machine.get_state(terminal).on_enter
-    assert [cb.__name__ for cb in on_enter] == ["_on_enter_terminal"]
+    assert [getattr(cb, "__name__", cb) for cb in on_enter] == ["_on_enter_terminal"]
 
 
 async def test_a_failed_cancel_does_not_undo_the_close_and_is_counted(

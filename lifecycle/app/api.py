@@ -19,7 +19,7 @@ import hmac
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -205,7 +205,7 @@ class ControlApi:
     async def _health(self, request: web.Request) -> web.Response:
         """`ok` only while nothing is wrong; else `degraded` with every reason (storage failing, records not
         written, a position unprotected, a stream not healthy or doubted, the key refused)."""
-        accounts = {}
+        accounts: dict[str, dict[str, Any]] = {}
         for name, runtime in self.service.accounts.items():
             live = runtime.live
             reasons = live.health_reasons() if live is not None else ["not started"]
@@ -298,7 +298,7 @@ def metrics_text(service: ServiceView) -> str:
     """Prometheus text exposition of the service's counters and gauges."""
     lines: list[str] = []
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+    def metric(name: str, kind: str, help_: str, samples: Sequence[tuple[dict[str, str], float]]) -> None:
         lines.append(f"# HELP {name} {help_}")
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:

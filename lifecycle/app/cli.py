@@ -8,10 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from loguru import logger
+
+if TYPE_CHECKING:  # at run time the commands import it where they use it
+    from lifecycle.app.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="position-lifecycle: positions as state machines.")
 
@@ -34,7 +37,7 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", envvar="LIF
                                                     help="The TOML configuration file (LIFECYCLE_CONFIG).")]
 
 
-def _settings(config: Path | None, *, check_secrets: bool = True):  # type: ignore[no-untyped-def]
+def _settings(config: Path | None, *, check_secrets: bool = True) -> Settings:
     from lifecycle.app.settings import ConfigError, load
 
     try:
@@ -70,7 +73,7 @@ def _say_error(text: str) -> None:
         pass
 
 
-def _api_call(settings, method: str, path: str, body: dict | None = None) -> object:  # type: ignore[no-untyped-def]
+def _api_call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None) -> object:
     import json
     import urllib.error
     import urllib.request
@@ -237,12 +240,12 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main())
 
 
-def _base_url(settings) -> str:  # type: ignore[no-untyped-def]
+def _base_url(settings: Settings) -> str:
     host = settings.api.host
     return f"http://[{host}]:{settings.api.port}" if ":" in host else f"http://{host}:{settings.api.port}"
 
 
-def _quiet_api(settings, path: str) -> list:  # type: ignore[no-untyped-def]
+def _quiet_api(settings: Settings, path: str) -> list[Any]:
     import json
     import urllib.request
 
@@ -301,7 +304,7 @@ def demo(
                format="{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}Z {level:<7} {message}")
     started = time.monotonic()
 
-    def table(render) -> Table:  # type: ignore[no-untyped-def]
+    def table(render: Callable[[], Any]) -> Table:
         t = Table(title=f"position-lifecycle demo: the service on the embedded simulator "
                         f"({time.monotonic() - started:.0f} s)")
         for column in COLUMNS:
@@ -311,7 +314,7 @@ def demo(
         return t
 
     class Show:
-        def __init__(self, render) -> None:  # type: ignore[no-untyped-def]
+        def __init__(self, render: Callable[[], Any]) -> None:
             self.render = render
             self.live = Live(table(render), console=console, refresh_per_second=4, transient=False,
                              get_renderable=lambda: table(render))

@@ -223,7 +223,7 @@ async def _play(result: DemoResult, live: LiveEngine, sim: SimServer, account: A
         await until("the phantom", ended(by_name["phantom"]))
         sim.set_faults(user_stream_down=False)
         await until("the private streams back", lambda: all(
-            live.exchange.health.get(name) is StreamHealth.HEALTHY for name in ("positions", "orders")),  # type: ignore[attr-defined]
+            live.exchange.health.get(name) is StreamHealth.HEALTHY for name in ("positions", "orders")),
             timeout=60)
 
     async def stale_rest() -> None:

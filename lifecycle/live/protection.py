@@ -97,8 +97,12 @@ class Protection:
                                essential=True)
             if task is not None:
                 self.repairs[position_id] = task
-                task.add_done_callback(lambda t, pid=position_id: self.repairs.pop(pid, None)
-                                       if self.repairs.get(pid) is t else None)
+
+                def forget(t: asyncio.Task[Any], pid: str = position_id) -> None:
+                    if self.repairs.get(pid) is t:
+                        self.repairs.pop(pid, None)
+
+                task.add_done_callback(forget)
         return late
 
     async def repair_quietly(self, position_id: str) -> None:
@@ -228,10 +232,10 @@ class Protection:
                 if order.client_id not in on_venue:  # recorded, not working on the venue any more
                     self.ctx.gone[order.client_id] = None
                     await self.ctx.set_order_status(position_id, order.client_id, OrderStatus.EXPIRED)
-            for order in fresh:
-                if order.client_id not in position.orders:  # working, never recorded (or the record was lost)
-                    await self.ctx.track(position, order.client_id or "", OrderPurpose.STOP, order.quantity,
-                                      order.trigger_price or Decimal(0), order)
+            for snapshot in fresh:
+                if snapshot.client_id not in position.orders:  # working, never recorded (or the record was lost)
+                    await self.ctx.track(position, snapshot.client_id or "", OrderPurpose.STOP, snapshot.quantity,
+                                      snapshot.trigger_price or Decimal(0), snapshot)
             position = self.ctx.engine.positions.get(position_id)
             if position is None or position.state not in PROTECTED:
                 return False

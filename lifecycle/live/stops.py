@@ -103,10 +103,11 @@ class Stops:
             if len(working) == 1 and working[0].trigger_price == target and working[0].quantity == position.quantity:
                 return StopResult.SKIPPED  # the exchange already matches
         if mode == "trail":
+            assert target is not None  # a trailing move always names its stop
             if not is_stop_improvement(side, position.stop_price, target):
                 return StopResult.SKIPPED  # overtaken by a move that already went further
-            moved = position.trailing.last_moved_at if position.trailing is not None else None
-            if moved is not None and self.ctx.engine.clock() - moved < self.ctx.min_interval:
+            last_moved = position.trailing.last_moved_at if position.trailing is not None else None
+            if last_moved is not None and self.ctx.engine.clock() - last_moved < self.ctx.min_interval:
                 return StopResult.TOO_SOON  # the next mark after the interval moves it
         assert target is not None
         mark = self.ctx.marks.get(symbol) or position.entry_price

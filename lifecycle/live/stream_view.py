@@ -57,7 +57,7 @@ class StreamView:
             self.triggered[order.exchange_order_id] = client_id
             while len(self.triggered) > 10_000:
                 self.triggered.popitem(last=False)
-        elif order.exchange_order_id in self.triggered:
+        elif order.exchange_order_id is not None and order.exchange_order_id in self.triggered:
             client_id = self.triggered[order.exchange_order_id]
         if order.algo_id is None and order.filled > 0:
             fills = self.fills.setdefault(order.symbol, deque(maxlen=64))

@@ -120,7 +120,8 @@ assert set(EFFECTS) == set(PositionEvent)
 
 
 def _ctx(event_data: Any) -> _Context:
-    return event_data.kwargs["ctx"]
+    ctx: _Context = event_data.kwargs["ctx"]
+    return ctx
 
 
 def _condition(guard: Callable[[Position, Event, datetime], bool]) -> Callable[[Any], bool]:
