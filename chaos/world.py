@@ -787,10 +787,12 @@ market_silent_after_s = {t.market_silent_after_s}
 
         async def reopen() -> None:
             deadline = time.time() + 5
-            # BUG, kept as is (reported, not fixed here: fixing it changes what the reopen step does): a generator
-            # with an `await` in it is an async generator, which any() refuses with a TypeError, so this task
-            # always fails (its error is suppressed where the tasks are awaited) and the reopen never reopens.
-            while time.time() < deadline and any(i in await self.handle.live_ids(a["symbol"]) for i in ids):  # type: ignore[arg-type]
+            # (Until 2026-12-03 this was `any(i in await ... for i in ids)`: an async generator, which any()
+            # refuses with a TypeError swallowed where the tasks are awaited: the reopen never reopened.)
+            while time.time() < deadline:
+                live = await self.handle.live_ids(a["symbol"])
+                if not any(i in live for i in ids):
+                    break
                 await asyncio.sleep(0.02)
             if self.ledger.owner.get(a["symbol"]) != "foreign":
                 command = self._open_command(a)

@@ -19,8 +19,8 @@ import os
 import re
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,19 @@ class JsonlRecords:
         self._cv = threading.Condition()
         self._writer: threading.Thread | None = None
         self._day: date | None = None
+        # Positions with a closure record (written here, or found by `remember_closures`): one record each.
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self._expire(self.today())  # at start too, not only when a new day's first record comes
+
+    def remember_closures(self, position_ids: Iterable[str | None]) -> None:
+        """Positions whose closure record an earlier process already wrote (read at start): a close of one of
+        them again (its terminal commit was lost in a crash while the books were behind, the record was not)
+        writes no second record."""
+        for position_id in position_ids:
+            if position_id:
+                self._closed[position_id] = None
+        while len(self._closed) > 100_000:
+            self._closed.popitem(last=False)
 
     def emit(self, record: Record | Mapping[str, Any]) -> None:
         """Queue one record (never blocks on the disk, never raises for it) and tell the listeners."""
@@ -65,6 +77,12 @@ class JsonlRecords:
             record["event"] = "record"
         if record["at"] is None:
             record["at"] = datetime.now(UTC).isoformat()
+        if record["event"] == "closure" and record["position_id"]:
+            if record["position_id"] in self._closed:
+                logger.warning("records: {} already has a closure record (written before a crash that lost its "
+                               "terminal commit); not written twice", record["position_id"])
+                return
+            self.remember_closures([record["position_id"]])
         line = json.dumps(record, sort_keys=True, default=str)
         with self._cv:
             if len(self._pending) >= self.max_pending:

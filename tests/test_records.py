@@ -44,3 +44,18 @@ def test_a_kind_whose_name_prefixes_another_is_read_alone(tmp_path: Path) -> Non
 def test_retention_below_one_day_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="retention_days"):
         JsonlRecords(tmp_path, retention_days=0)
+
+
+def test_a_closure_already_recorded_before_a_crash_is_not_written_twice(tmp_path: Path) -> None:
+    """Seed 100450 (a rare interleaving): a close whose record was written but whose terminal commit was lost
+    (the books behind, then SIGKILL) is closed again after the restart; the closure record is written once."""
+    first = JsonlRecords(tmp_path)
+    first.emit({"event": "closure", "position_id": "p1", "account": "a", "symbol": "BTCUSDT", "state": "CLOSED"})
+    first.close(5)
+    second = JsonlRecords(tmp_path)  # the next process
+    second.remember_closures(r.get("position_id") for r in second.read("closure"))
+    second.emit({"event": "closure", "position_id": "p1", "account": "a", "symbol": "BTCUSDT", "state": "CLOSED"})
+    second.emit({"event": "closure", "position_id": "p2", "account": "a", "symbol": "BTCUSDT", "state": "CLOSED"})
+    second.emit({"event": "closure", "position_id": "p2", "account": "a", "symbol": "BTCUSDT", "state": "CLOSED"})
+    second.close(5)
+    assert sorted(r["position_id"] for r in second.read("closure")) == ["p1", "p2"]

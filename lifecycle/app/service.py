@@ -210,11 +210,12 @@ class Service:
             since = max(since, kept_from)
         records = self.records
         try:  # books, not protection: whatever fails here is said and the start goes on
+            written = {r.get("position_id")
+                       for r in await asyncio.to_thread(records.read_since, "closure", since.date())}
+            records.remember_closures(written)  # a close whose record landed and whose commit did not: once
             ended = await self.repo.closed_since([account], since)
             if not ended:
                 return 0
-            written = {r.get("position_id")
-                       for r in await asyncio.to_thread(records.read_since, "closure", since.date())}
             missing = [pid for pid in ended if pid not in written]
             for position_id in missing:
                 journal = await self.repo.journal(position_id)
