@@ -81,6 +81,9 @@ REGRESSIONS = {
             "of the old one failed in an outage: the books tracked both as working for good",
     506782: "the same as 300809's second interleaving", 506792: "the same as 400656",
     507129: "the same as 504964",
+    514702: "a close asked for while the entry was on its way, then the entry refused (-2019): CLOSING_BY_BOT for "
+            "good with nothing on the venue (the refusal ended only an OPENING position)",
+    511134: "the same as 514702", 514745: "the same as 514702",
     300809: "another client's partial close (taken in as a reduction), then the rest vanished: reconciliation "
             "took the partial close's fill as the flattening (CLOSED manual instead of PHANTOM)",
 }
@@ -425,3 +428,21 @@ async def test_the_audit_repairs_books_that_call_a_gone_stop_working(rig: Rig) -
     working = [o.client_id for o in rig.engine.positions[p.id].working_orders() if o.purpose is OrderPurpose.STOP]
     assert working == [a.client_id for a in rig.stop_algos("BTCUSDT")], working
     assert old.client_id not in {o.client_id for o in (await rig.stored(p.id)).working_orders()}
+
+
+async def test_an_entry_refused_after_a_close_was_asked_ends_the_position_cancelled(rig: Rig) -> None:
+    """Soak seeds 511134, 514702, 514745: a close came while the entry was on its way, then the venue refused
+    the entry (-2019): the refusal ended nothing (only an OPENING position took it), so the position stayed
+    CLOSING_BY_BOT with nothing on the venue, for good."""
+    assert rig.live is not None
+    rig.sim.set_faults(reject_orders=1, rest_latency_ms=300)  # the entry is slow to be refused
+    opening = asyncio.ensure_future(rig.live.open(_btc(Side.LONG)))
+    await rig.until(lambda: any(p.state is S.OPENING for p in rig.engine.positions.values()),  # type: ignore[union-attr]
+                    what="the position OPENING")
+    [position] = list(rig.engine.positions.values())  # type: ignore[union-attr]
+    closing = asyncio.ensure_future(rig.live.close(position.id))
+    await rig.until(lambda: rig.state(position.id) is not S.OPENING, what="the close asked for")
+    await asyncio.gather(opening, closing, return_exceptions=True)
+    rig.sim.set_faults(rest_latency_ms=0)
+    stored = await rig.ended(position.id, timeout=10)
+    assert stored.state is S.CANCELLED, stored.state

@@ -115,8 +115,10 @@ class Opening:
 
     async def entry_not_sent(self, position_id: str, client_id: str, why: str) -> None:
         await self.ctx.set_order_status(position_id, client_id, OrderStatus.REJECTED)
+        # Also when a close came while the entry was on its way (CLOSING_BY_BOT with nothing filled): a refused
+        # entry settles it, CANCELLED (soak seeds 511134, 514702, 514745: it stayed CLOSING_BY_BOT for good).
         await self.ctx.engine.fire_if(position_id, EntryFailed(reason=why[:200] or "entry not sent"),
-                                  only_in={S.OPENING})
+                                      only_in={S.OPENING, S.CLOSING_BY_BOT})
 
     def check_open(self, command: OpenCommand) -> None:
         """Refuse what the venue would refuse, or what would hurt, before anything is created or sent."""
