@@ -206,12 +206,16 @@ class StreamView:
             earliest = entered  # a fill before this position's entry is about an earlier position
         current = self.ctx.engine.positions.get(position.id) or position  # a reduction may have been taken in
         need = current.quantity - (abs(snap.amount) if snap.side is position.side else 0)
+        # A reduction shown by an update is explained by a fill no newer than it (chaos seed 446: the partial
+        # close's fill was lost with a stream drop, and the later stop fill was taken for the reduction).
+        latest = snap.at if snap.amount != 0 and snap.side is position.side else None
         found: list[SeenFill] = []
         for seen in reversed(self.fills.get(snap.symbol, ())):
             ours = parse_client_id(seen.client_id)
             if ours is not None and ours.purpose is OrderPurpose.ENTRY:
                 continue  # an entry opens a position, it never flattens one (one way: no flips of ours)
-            if not seen.used and seen.order.side == closing and seen.order.at >= earliest:
+            if not seen.used and seen.order.side == closing and seen.order.at >= earliest and (
+                    latest is None or seen.order.at <= latest):
                 found.append(seen)
         by_order: dict[str, Decimal] = {}  # an order's updates carry its cumulative fill: count the largest
         for seen in found:
