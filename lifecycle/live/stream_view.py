@@ -208,7 +208,8 @@ class StreamView:
         need = current.quantity - (abs(snap.amount) if snap.side is position.side else 0)
         # A reduction shown by an update is explained by a fill no newer than it (chaos seed 446: the partial
         # close's fill was lost with a stream drop, and the later stop fill was taken for the reduction).
-        latest = snap.at if snap.amount != 0 and snap.side is position.side else None
+        # (The fill's own update may be stamped a few milliseconds after the position's: 100 ms of slack.)
+        latest = snap.at + timedelta(milliseconds=100) if snap.amount != 0 and snap.side is position.side else None
         found: list[SeenFill] = []
         for seen in reversed(self.fills.get(snap.symbol, ())):
             ours = parse_client_id(seen.client_id)
