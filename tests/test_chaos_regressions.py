@@ -7,6 +7,7 @@ between runs, so a seed reproduces its defect on the unfixed code in a share of 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -96,6 +97,20 @@ async def test_the_seeds_that_found_defects_pass(tmp_path: Path) -> None:
     assert len(summary.results) == len(REGRESSIONS)
     failures = "\n\n".join(f"{REGRESSIONS.get(f.get('seed', 0), '?')}\n{_failure_text(f)}" for f in summary.failures)
     assert not summary.failures, failures
+
+
+def _ended(rig: Rig, position_id: str) -> bool:
+    state = rig.state(position_id)
+    return state is None or state.is_terminal
+
+
+async def _sync_until(reconciler: Reconciler, done: Callable[[], bool], never: str, timeout: float = 10) -> None:
+    """Reconciliation passes (only REST sees the change) until `done`, at most `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done():
+        assert asyncio.get_running_loop().time() < deadline, never
+        await reconciler.sync()
+        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
 
 
 def _btc(side: Side) -> OpenCommand:
@@ -242,11 +257,8 @@ async def test_a_fill_taken_in_as_a_reduction_is_not_the_closing_fill_of_a_vanis
     rig.sim.venue.vanish(rig.account, "BTCUSDT")
     reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
     rig.sim.set_faults(ws_silent=True)  # nothing comes from the stream: only REST sees the rest gone
-    deadline = asyncio.get_running_loop().time() + 10
-    while (state := rig.state(p.id)) is not None and not state.is_terminal:
-        assert asyncio.get_running_loop().time() < deadline, "the vanished position never ended"
-        await reconciler.sync()
-        await asyncio.sleep(0.05)
+    await _sync_until(reconciler, lambda: _ended(rig, p.id),
+                      "the vanished position never ended")
     stored = await rig.stored(p.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND), (stored.state, stored.close_cause)
 
@@ -268,11 +280,8 @@ async def test_of_two_fills_in_one_millisecond_the_last_listed_is_the_closing_fi
     monkeypatch.undo()
     assert rig.live is not None
     reconciler = Reconciler(rig.live, grace_ms=0, stream_doubt_s=0.2)
-    deadline = asyncio.get_running_loop().time() + 10
-    while (state := rig.state(p.id)) is not None and not state.is_terminal:
-        assert asyncio.get_running_loop().time() < deadline, "the liquidated position never ended"
-        await reconciler.sync()
-        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
+    await _sync_until(reconciler, lambda: _ended(rig, p.id),
+                      "the liquidated position never ended")
     stored = await rig.stored(p.id)
     assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.LIQUIDATION), \
         (stored.state, stored.close_cause)
@@ -305,11 +314,8 @@ async def test_a_reduction_between_a_partial_entry_fill_and_its_trim_is_taken_in
     await rig.live.audit_protection()  # finds the partial fill, cancels the rest, takes the fill in
     await rig.until(lambda: rig.state(position.id) is S.OPEN, what="the partial fill taken in")
     reconciler = Reconciler(rig.live, grace_ms=0)
-    deadline = asyncio.get_running_loop().time() + 10
-    while rig.engine.positions[position.id].quantity != D("0.004"):
-        assert asyncio.get_running_loop().time() < deadline, "the reduction was never taken in"
-        await reconciler.sync()
-        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
+    await _sync_until(reconciler, lambda: rig.engine.positions[position.id].quantity == D("0.004"),  # type: ignore[union-attr]
+                      "the reduction was never taken in")
     await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.004")], what="stop resized")
 
 
@@ -325,11 +331,8 @@ async def test_a_partial_close_not_yet_taken_in_is_not_the_closing_fill_of_a_van
     assert rig.live is not None and rig.engine is not None
     assert rig.engine.positions[p.id].quantity == D("0.010")  # nothing taken in
     reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
-    deadline = asyncio.get_running_loop().time() + 10
-    while (state := rig.state(p.id)) is not None and not state.is_terminal:
-        assert asyncio.get_running_loop().time() < deadline, "the vanished position never ended"
-        await reconciler.sync()
-        await asyncio.sleep(0.05)  # paces the passes (each one asks REST)
+    await _sync_until(reconciler, lambda: _ended(rig, p.id),
+                      "the vanished position never ended")
     stored = await rig.stored(p.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND), (stored.state, stored.close_cause)
 
