@@ -62,10 +62,10 @@ async def one_interval(interval: float, positions: int, seed: int) -> dict[str, 
         sim.set_faults(user_stream_down=True)
         await sim.drop_streams()
         await rig.until(lambda: not rig.live.stream_healthy(), what="stream down")  # type: ignore[union-attr]
-        reconciler = Reconciler(rig.live, grace_ms=1000)
+        reconciler = Reconciler.of(rig.live, grace_ms=1000)
         schedule = ScheduleConfig(sync_interval_s=max(15.0, interval), fast_sync_interval_s=interval,
                                   orphan_interval_s=600)
-        scheduler = await ReconciliationScheduler(rig.live, reconciler, schedule).start()
+        scheduler = await ReconciliationScheduler(reconciler, schedule).start()
         rng = random.Random(seed)
         closed_at: dict[str, float] = {}
 

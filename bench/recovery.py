@@ -70,7 +70,7 @@ async def main() -> None:
     live = await LiveEngine(engine, exchange, account=account.name, symbols=symbols, config=FAST).start()
     await live.wait_ready(timeout=60)
     t2 = time.perf_counter()
-    Reconciler(live, grace_ms=5000).attach()
+    Reconciler.of(live, grace_ms=5000).attach()
     counts = await live.recover()
     t3 = time.perf_counter()
     await live.idle(timeout=120)

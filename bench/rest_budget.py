@@ -64,7 +64,7 @@ async def main() -> None:
     for spec in config.symbols:
         await rig.open(OpenCommand(spec.symbol, Side.LONG, D(1), stop_loss_pct=D(2),
                                    trailing_activation=spec.mark * D("1.001"), trailing_callback_pct=D("0.5")))
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live),
+    scheduler = await ReconciliationScheduler(Reconciler.of(rig.live),
                                               ScheduleConfig(max_age_s=86400)).start()
     sim.start_random_walk(volatility=args.volatility, seed=11)
     await asyncio.sleep(5)  # past the opening

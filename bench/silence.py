@@ -106,7 +106,7 @@ async def one_silence(name: str, start: Fault, heal: Fault, closes: int, fast: f
 
     rig.engine.listeners.append(on_transition)
     schedule = ScheduleConfig(sync_interval_s=max(15.0, fast), fast_sync_interval_s=fast, orphan_interval_s=600)
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=1000), schedule).start()
+    scheduler = await ReconciliationScheduler(Reconciler.of(rig.live, grace_ms=1000), schedule).start()
     rng = random.Random(seed)
     took: list[float] = []
     requests_before = sim.requests

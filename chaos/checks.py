@@ -70,8 +70,8 @@ class Bounds:
             # seen by the audit (every sync_interval_s), 1 s of grace, a repair; no repair for
             # unprotected_close_after_s: closed at market (a second or so with retries)
             unprotected_after_fault_s=audit + 1.0 + t.live.unprotected_close_after_s + 2.0,
-            close_after_fault_s=2 * sync + t.grace_ms / 1000 + t.live.cause_wait_s + t.live.cause_rest_timeout_s
-            + 1.5,
+            close_after_fault_s=2 * sync + t.reconcile.grace_ms / 1000 + t.live.cause_wait_s
+            + t.live.cause_rest_timeout_s + 1.5,
         )
 
 
@@ -242,7 +242,8 @@ def judge(run: Run) -> Verdict:
             continue
         fault_end = _fault_end(run, truth.at, truth.at + bounds.healthy_s, bounds.lookback_s)
         if truth.client_id is None:  # REST must disagree with the stream for stream_doubt_s, then phantom_after_s
-            allowed_until = (max(truth.at, fault_end or 0) + run.tuning.stream_doubt_s + run.tuning.phantom_after_s
+            reconcile = run.tuning.reconcile
+            allowed_until = (max(truth.at, fault_end or 0) + reconcile.stream_doubt_s + reconcile.phantom_after_s
                              + bounds.close_after_fault_s)
         elif fault_end is None:
             allowed_until = truth.at + bounds.healthy_s

@@ -39,6 +39,7 @@ from lifecycle.app.service import AccountConfig, Service, ServiceConfig
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, Side
 from lifecycle.live import LiveConfig, OpenCommand
+from lifecycle.reconciler import ReconcileConfig
 from scheduler.jobs import ScheduleConfig
 from tests.storage_faults import DriverErrors
 
@@ -55,9 +56,8 @@ class Tuning:
         unprotected_close_after_s=2.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         sync_interval_s=1.0, fast_sync_interval_s=0.25, orphan_interval_s=1.0))
-    grace_ms: int = 300
-    phantom_after_s: float = 1.5
-    stream_doubt_s: float = 2.0
+    reconcile: ReconcileConfig = field(default_factory=lambda: ReconcileConfig(
+        grace_ms=300, phantom_after_s=1.5, stream_doubt_s=2.0))
     storage_timeout_s: float = 0.3
     shutdown_drain_s: float = 2.0
     user_probe_after_s: float = 0.5
@@ -512,8 +512,7 @@ class World:
                                     backoff_max_s=0.2, rate_limit=False)
         return ServiceConfig(accounts=(AccountConfig(account.name, settings, self.schedule.symbols),),
                              database_url=db_url, records_dir=self.workdir / "records", live=t.live,
-                             schedule=t.schedule, grace_ms=t.grace_ms, phantom_after_s=t.phantom_after_s,
-                             stream_doubt_s=t.stream_doubt_s,
+                             schedule=t.schedule, reconcile=t.reconcile,
                              recovery_retry_s=0.1, storage_timeout_s=t.storage_timeout_s,
                              shutdown_drain_s=t.shutdown_drain_s)
 
@@ -541,9 +540,9 @@ sync_interval_s = {t.schedule.sync_interval_s}
 fast_sync_interval_s = {t.schedule.fast_sync_interval_s}
 orphan_interval_s = {t.schedule.orphan_interval_s}
 [reconcile]
-grace_ms = {t.grace_ms}
-phantom_after_s = {t.phantom_after_s}
-stream_doubt_s = {t.stream_doubt_s}
+grace_ms = {t.reconcile.grace_ms}
+phantom_after_s = {t.reconcile.phantom_after_s}
+stream_doubt_s = {t.reconcile.stream_doubt_s}
 [[accounts]]
 name = "{account.name}"
 symbols = {json.dumps(list(self.schedule.symbols))}

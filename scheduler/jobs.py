@@ -23,36 +23,35 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from exchange import errors as xerr
-from lifecycle.client_ids import parse_client_id
-from lifecycle.domain import CloseReason, OrderRef, OrderStatus
-from lifecycle.errors import OrderAlreadyGone
-from lifecycle.live import PROTECTED, LiveEngine
+from lifecycle.config_fields import check_limits, setting
+from lifecycle.domain import CloseReason
+from lifecycle.machines.states import PROTECTED
 from lifecycle.reconciler import Reconciler, SyncReport
-from lifecycle.record_kinds import AgedPosition, OrphanCancelled
+from lifecycle.record_kinds import AgedPosition
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    sync_interval_s: float = 30.0  # the venue-wide protection audit (REST positions: every fast tick)
-    fast_sync_interval_s: float = 2.0
-    orphan_interval_s: float = 60.0
-    aged_interval_s: float = 60.0
-    max_age_s: float | None = None  # None: no aged check
-    aged_policy: str = "report"  # report (record and warn) or close (bot close, reason max_age)
+    """The jobs' intervals and the aged policy; also the `[schedule]` section of the service's settings."""
+
+    # the venue-wide protection audit (the REST positions are read on every fast tick)
+    sync_interval_s: float = setting(30.0, gt=0, le=3600)
+    fast_sync_interval_s: float = setting(2.0, gt=0, le=3600)
+    orphan_interval_s: float = setting(60.0, gt=0, le=86400)
+    aged_interval_s: float = setting(60.0, gt=0, le=86400)
+    max_age_s: float | None = setting(None, gt=0, le=366 * 86400)  # None: no aged check
+    aged_policy: Literal["report", "close"] = "report"  # report (record and warn) or close (bot close, max_age)
 
     def __post_init__(self) -> None:
-        for name in ("sync_interval_s", "fast_sync_interval_s", "orphan_interval_s", "aged_interval_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.max_age_s is not None and not self.max_age_s > 0:
-            raise ValueError(f"max_age_s must be > 0 seconds (or unset), got {self.max_age_s}")
+        check_limits(self, "schedule")
         if self.aged_policy not in ("report", "close"):
             raise ValueError(f"aged_policy must be 'report' or 'close', got {self.aged_policy!r}")
         if self.fast_sync_interval_s > self.sync_interval_s:
@@ -71,9 +70,13 @@ SUSPECT_AUDIT_S = 10.0  # the shortest interval between venue-wide audits while 
 
 
 class ReconciliationScheduler:
-    def __init__(self, live: LiveEngine, reconciler: Reconciler, config: ScheduleConfig | None = None) -> None:
-        self.live = live
+    def __init__(self, reconciler: Reconciler, config: ScheduleConfig | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """The jobs of one account; they see it through the reconciler's read-only view and commands."""
         self.reconciler = reconciler
+        self.view, self.commands = reconciler.view, reconciler.commands
+        self.account = self.view.account
+        self.monotonic = monotonic
         self.config = config or ScheduleConfig()
         self.stats = JobStats()
         self._scheduler: AsyncIOScheduler | None = None
@@ -97,7 +100,7 @@ class ReconciliationScheduler:
         scheduler.start()
         self._scheduler = scheduler
         logger.info("{}: reconciliation scheduled (positions checked every {} s; protection audit every {} s, "
-                    "every {} s while something is suspect; orphan sweep every {} s)", self.live.account,
+                    "every {} s while something is suspect; orphan sweep every {} s)", self.account,
                     self.config.fast_sync_interval_s, self.config.sync_interval_s, self.config.fast_sync_interval_s,
                     self.config.orphan_interval_s)
         return self
@@ -115,14 +118,14 @@ class ReconciliationScheduler:
         if self._running:
             _, pending = await asyncio.wait(set(self._running), timeout=timeout)
             if pending:
-                logger.warning("{}: {} reconciliation job(s) still running at stop; cancelled", self.live.account,
+                logger.warning("{}: {} reconciliation job(s) still running at stop; cancelled", self.account,
                                len(pending))
         scheduler.shutdown(wait=False)
 
     async def run_now(self, name: str) -> None:
         """Run one job at once, counted and logged like a scheduled run (e.g. the orphan sweep at start)."""
         work = {"sync": self.reconciler.sync, "orphans": self.sweep_orphans, "aged": self.check_aged,
-                "audit": self.live.audit_protection}[name]
+                "audit": self.commands.audit_protection}[name]
         await self._job(name, work)
 
     async def _job(self, name: str, work: Any) -> None:
@@ -138,10 +141,10 @@ class ReconciliationScheduler:
                 outcome = "skipped"
         except xerr.ExchangeError as e:
             outcome = "exchange_error"
-            logger.warning("{} job {} failed on the exchange: {}", self.live.account, name, e)
+            logger.warning("{} job {} failed on the exchange: {}", self.account, name, e)
         except Exception as e:  # noqa: BLE001 - a job must never stop the scheduler
             outcome = "error"
-            logger.exception("{} job {} failed: {}: {}", self.live.account, name, type(e).__name__, e)
+            logger.exception("{} job {} failed: {}: {}", self.account, name, type(e).__name__, e)
         finally:
             self._running.discard(task)
             ms = round((time.perf_counter() - started) * 1000, 3)
@@ -152,7 +155,7 @@ class ReconciliationScheduler:
             # A quiet sync pass runs every couple of seconds: only what found something is worth a line.
             quiet = outcome == "ok" and ((name == "sync" and not _notable(detail)) or
                                          (name == "audit" and not (detail or {}).get("repaired")))
-            logger.log("DEBUG" if quiet else "INFO", "{} job {} {} in {} ms{}", self.live.account, name, outcome, ms,
+            logger.log("DEBUG" if quiet else "INFO", "{} job {} {} in {} ms{}", self.account, name, outcome, ms,
                        f": {detail}" if detail is not None else "")
 
     def audit_due(self) -> bool:
@@ -160,9 +163,9 @@ class ReconciliationScheduler:
         `sync_interval_s`, and every SUSPECT_AUDIT_S while something is suspect: memory knows an unprotected
         position, or a stop failed since the last audit (a stream that is merely down, or books behind, do
         not count: they would spend the request budget on listings, and delay the stop moves behind them)."""
-        live = self.live
-        suspect = bool(live.unprotected()) or live.stats.stop_move_failures != self._failures_at_audit
-        since = time.monotonic() - self._last_audit
+        view = self.view
+        suspect = bool(view.unprotected()) or view.stop_move_failures != self._failures_at_audit
+        since = self.monotonic() - self._last_audit
         # Suspect: soon, but not on every tick: two weight-40 listings per tick would back ccxt's rate limiter
         # up behind them, and the stop moves with it. (The books being behind is not suspect: memory is right.)
         return since >= self.config.sync_interval_s or (
@@ -174,17 +177,17 @@ class ReconciliationScheduler:
         try:
             return await self.reconciler.sync()
         finally:
-            await self.live.check_protection()
+            await self.commands.check_protection()
 
     async def _audit_tick(self) -> Any:
         """The venue-wide protection audit, when due (its own job: its listings never delay a sync tick)."""
         if not self.audit_due():
             return None
-        self._last_audit = time.monotonic()
-        self._failures_at_audit = self.live.stats.stop_move_failures
-        counts = await self.live.audit_protection()
+        self._last_audit = self.monotonic()
+        self._failures_at_audit = self.view.stop_move_failures
+        counts = await self.commands.audit_protection()
         if counts["repaired"]:
-            logger.warning("{}: protection audit: {}", self.live.account, counts)
+            logger.warning("{}: protection audit: {}", self.account, counts)
         return counts
 
     async def check_aged(self) -> str | None:
@@ -194,74 +197,34 @@ class ReconciliationScheduler:
         if max_age is None:
             return None
         await self.reconciler.sync()
-        live, now = self.live, self.live.engine.clock()
+        view, now = self.view, self.view.now()
         # A position REST no longer shows (its phantom countdown running) is not closed: a close would end it
         # CLOSED, not PHANTOM; the countdown settles it.
-        aged = [p for p in live.engine.positions.values() if p.account == live.account and p.state in PROTECTED
-                and (now - p.created_at).total_seconds() > max_age and not self.reconciler.absence_pending(p.id)]
+        aged = [p for p in view.positions(PROTECTED)
+                if (now - p.created_at).total_seconds() > max_age and not self.reconciler.absence_pending(p.id)]
         closed = 0
         for position in aged:
             age_s = round((now - position.created_at).total_seconds(), 1)
             if self.config.aged_policy == "close":
-                logger.info("{} {} {}: {} s old (max {} s): closing", live.account, position.symbol, position.id,
+                logger.info("{} {} {}: {} s old (max {} s): closing", view.account, position.symbol, position.id,
                             age_s, max_age)
-                if await live.close(position.id, CloseReason.MAX_AGE):
+                if await self.commands.close(position.id, CloseReason.MAX_AGE):
                     closed += 1
             elif position.id not in self._aged_reported:
                 self._aged_reported.add(position.id)
-                live.engine.records.emit(AgedPosition(
-                    account=live.account, symbol=position.symbol, position_id=position.id, at=now, age_s=age_s,
+                self.commands.emit(AgedPosition(
+                    account=view.account, symbol=position.symbol, position_id=position.id, at=now, age_s=age_s,
                     max_age_s=max_age, state=position.state.value))
-                logger.warning("{} {} {}: {} s old (max {} s); policy 'report': left open", live.account,
+                logger.warning("{} {} {}: {} s old (max {} s); policy 'report': left open", view.account,
                                position.symbol, position.id, age_s, max_age)
         return f"{len(aged)} aged, {closed} closed"
 
     async def sweep_orphans(self) -> str:
         """Cancel working orders of ours whose position is not live here; never touch anyone else's."""
-        live = self.live
-        cancelled, foreign, undecided = 0, 0, 0
-        for order in await live.exchange.open_orders():
-            ours = parse_client_id(order.client_id)
-            if ours is None:
-                foreign += 1
-                continue
-            position = live.engine.positions.get(ours.position_id)
-            if position is not None and position.account == live.account and not position.is_terminal:
-                continue
-            try:  # the books only decide here: a store that fails or hangs leaves the order for the next sweep
-                stored = await asyncio.wait_for(live.engine.store.get_position(ours.position_id),
-                                                live.engine.books.timeout_s)
-            except Exception as e:  # noqa: BLE001 - undecided: the order stays for the next sweep
-                undecided += 1
-                logger.warning("{} {}: orphan sweep left order {} alone: the database could not say whether "
-                               "position {} is live ({}: {})", live.account, order.symbol, order.client_id,
-                               ours.position_id, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                continue
-            if stored is not None and not stored.is_terminal:
-                continue  # live in the database: another engine process holds it (or is about to)
-            ref = OrderRef(order.client_id or "", ours.position_id, order.symbol, ours.purpose, order.side,
-                           order.quantity, OrderStatus.OPEN, order.trigger_price, order.exchange_order_id,
-                           order.algo_id)
-            # Under the symbol's stop lock, like every other stop mutation: a move or a terminal cleanup in
-            # flight finishes first, and a position that came alive meanwhile keeps its order.
-            async with live.engine.locks.exclusive(live.account, order.symbol):
-                position = live.engine.positions.get(ours.position_id)
-                if position is not None and position.account == live.account and not position.is_terminal:
-                    continue
-                try:
-                    await live.exchange.cancel_order(ref)
-                except OrderAlreadyGone:
-                    continue
-            cancelled += 1
-            self.stats.orphans_cancelled += 1
-            live.engine.records.emit(OrphanCancelled(
-                account=live.account, symbol=order.symbol, position_id=ours.position_id, at=live.engine.clock(),
-                client_order_id=order.client_id, purpose=ours.purpose.value, type=order.type,
-                trigger_price=order.trigger_price))
-            logger.warning("{} {}: cancelled orphan {} order {} (position {} is not live)", live.account,
-                           order.symbol, ours.purpose.value, order.client_id, ours.position_id)
-        return (f"{cancelled} orphan(s) cancelled, {foreign} order(s) not ours left alone"
-                + (f", {undecided} left for the next sweep (database failing)" if undecided else ""))
+        sweep = await self.commands.sweep_orphans()
+        self.stats.orphans_cancelled += sweep.cancelled
+        return (f"{sweep.cancelled} orphan(s) cancelled, {sweep.foreign} order(s) not ours left alone"
+                + (f", {sweep.undecided} left for the next sweep (database failing)" if sweep.undecided else ""))
 
 
 def _notable(report: Any) -> bool:

@@ -25,6 +25,7 @@ from exchange.secret import Secret
 from lifecycle.app.service import AccountConfig, Service, ServiceConfig
 from lifecycle.domain import CloseReason, Side
 from lifecycle.live import LiveConfig, OpenCommand
+from lifecycle.reconciler import ReconcileConfig
 from scheduler.jobs import ScheduleConfig
 
 # Quick retries so that a test does not wait; trailing moves at once.
@@ -38,7 +39,8 @@ def service_config(urls: dict[str, str], api_key: str, secret: str, db: str, rec
                                 market_silent_after_s=5.0, backoff_initial_s=0.05, backoff_max_s=0.2,
                                 rate_limit=False)
     return ServiceConfig(accounts=(AccountConfig("crash", settings, tuple(symbols)),), database_url=db,
-                         records_dir=records, live=LIVE, schedule=SCHEDULE, grace_ms=0, recovery_retry_s=0.2,
+                         records_dir=records, live=LIVE, schedule=SCHEDULE, reconcile=ReconcileConfig(grace_ms=0),
+                         recovery_retry_s=0.2,
                          shutdown_drain_s=drain_s)
 
 

@@ -109,6 +109,11 @@ class Rig:
         await self.live.idle()
         return self.engine.positions[position.id]
 
+    def age_s(self, position_id: str) -> float:
+        """Seconds since the live position was created, by the engine's clock."""
+        assert self.engine is not None
+        return (self.engine.clock() - self.engine.positions[position_id].created_at).total_seconds()
+
     def state(self, position_id: str) -> PositionState | None:
         assert self.engine is not None
         p = self.engine.positions.get(position_id)

@@ -143,7 +143,7 @@ async def test_a_reduction_the_stream_lost_is_taken_in_by_reconciliation(rig: Ri
     rig.sim.set_faults(ws_silent=False)
     assert rig.live is not None and rig.engine is not None
     assert rig.engine.positions[p.id].quantity == D("0.010")  # the stream said nothing
-    report = await Reconciler(rig.live, grace_ms=0).sync()
+    report = await Reconciler.of(rig.live, grace_ms=0).sync()
     assert report.reduced == 1
     await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.006")], what="stop resized")
     assert rig.engine.positions[p.id].quantity == D("0.006")
@@ -255,7 +255,7 @@ async def test_a_fill_taken_in_as_a_reduction_is_not_the_closing_fill_of_a_vanis
     assert rig.live is not None and rig.engine is not None
     await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.005"), what="the reduction taken in")  # type: ignore[union-attr]
     rig.sim.venue.vanish(rig.account, "BTCUSDT")
-    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
+    reconciler = Reconciler.of(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
     rig.sim.set_faults(ws_silent=True)  # nothing comes from the stream: only REST sees the rest gone
     await _sync_until(reconciler, lambda: _ended(rig, p.id),
                       "the vanished position never ended")
@@ -279,7 +279,7 @@ async def test_of_two_fills_in_one_millisecond_the_last_listed_is_the_closing_fi
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "liquidation")
     monkeypatch.undo()
     assert rig.live is not None
-    reconciler = Reconciler(rig.live, grace_ms=0, stream_doubt_s=0.2)
+    reconciler = Reconciler.of(rig.live, grace_ms=0, stream_doubt_s=0.2)
     await _sync_until(reconciler, lambda: _ended(rig, p.id),
                       "the liquidated position never ended")
     stored = await rig.stored(p.id)
@@ -313,7 +313,7 @@ async def test_a_reduction_between_a_partial_entry_fill_and_its_trim_is_taken_in
                     what="the audit's two-second grace for an opening position")
     await rig.live.audit_protection()  # finds the partial fill, cancels the rest, takes the fill in
     await rig.until(lambda: rig.state(position.id) is S.OPEN, what="the partial fill taken in")
-    reconciler = Reconciler(rig.live, grace_ms=0)
+    reconciler = Reconciler.of(rig.live, grace_ms=0)
     await _sync_until(reconciler, lambda: rig.engine.positions[position.id].quantity == D("0.004"),  # type: ignore[union-attr]
                       "the reduction was never taken in")
     await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.004")], what="stop resized")
@@ -330,7 +330,7 @@ async def test_a_partial_close_not_yet_taken_in_is_not_the_closing_fill_of_a_van
     rig.sim.venue.vanish(rig.account, "BTCUSDT")
     assert rig.live is not None and rig.engine is not None
     assert rig.engine.positions[p.id].quantity == D("0.010")  # nothing taken in
-    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
+    reconciler = Reconciler.of(rig.live, grace_ms=0, phantom_after_s=0.2, stream_doubt_s=0.2)
     await _sync_until(reconciler, lambda: _ended(rig, p.id),
                       "the vanished position never ended")
     stored = await rig.stored(p.id)

@@ -47,6 +47,11 @@ CORE_FORBIDDEN = IO_LIBRARIES + OUTER_LAYERS
 ENGINE_MODULES = ("lifecycle.engine", "lifecycle.live", "lifecycle.reconciler")  # with a package's submodules
 ENGINE_FORBIDDEN = (*IO_LIBRARIES, "db", "scheduler", "exchange.ccxt_adapter", "exchange.sim", "lifecycle.app")
 
+# The periodic jobs see an account only through `lifecycle.account`'s read-only view and commands.
+JOB_MODULES = ("lifecycle.reconciler", "scheduler.jobs")
+JOB_FORBIDDEN = (*IO_LIBRARIES, "db", "lifecycle.live", "lifecycle.engine", "lifecycle.books",
+                 "exchange.ccxt_adapter", "exchange.sim", "lifecycle.app")
+
 # Run in the fresh interpreter: import one module and report every module it brought in, with the module
 # whose import statement asked for it first (so a failure can show the chain).
 _PROBE = r"""
@@ -124,12 +129,19 @@ def test_the_engine_layer_reaches_the_exchange_only_through_its_port(module: str
     assert not problems, "the engine layer must not import these:\n" + "\n".join(problems)
 
 
+@pytest.mark.parametrize("module", JOB_MODULES)
+def test_the_periodic_jobs_see_an_account_only_through_its_view_and_commands(module: str) -> None:
+    problems = _violations(module, JOB_FORBIDDEN)
+    assert not problems, "the periodic jobs must not import these:\n" + "\n".join(problems)
+
+
 def test_the_check_sees_a_forbidden_import_and_names_its_chain() -> None:
-    """The probe is not blind: reconciliation (an outer layer) fails the core rule, and says why."""
+    """The probe is not blind: reconciliation (an outer layer) fails the core rule, and the service (which
+    builds the exchange client) fails the jobs' rule, and each says why."""
     problems = _violations("lifecycle.reconciler", CORE_FORBIDDEN)
-    assert any(p.startswith("lifecycle.reconciler imports lifecycle.live (via lifecycle.live <- lifecycle.reconciler")
-               for p in problems), problems
     assert any(p.startswith("lifecycle.reconciler imports exchange.port ") for p in problems), problems
+    problems = _violations("lifecycle.app.service", JOB_FORBIDDEN)
+    assert any(p.startswith("lifecycle.app.service imports exchange.ccxt_adapter ") for p in problems), problems
 
 
 def test_every_core_package_module_is_listed() -> None:

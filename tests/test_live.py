@@ -154,7 +154,7 @@ async def test_seed_000_stale_rest_but_the_stream_says_flat(rig: Rig) -> None:
     rig.sim.set_faults(stale_positions_s=300)  # REST will show the position for five minutes
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
     assert rig.live is not None
-    reconciler = Reconciler(rig.live, grace_ms=0)
+    reconciler = Reconciler.of(rig.live, grace_ms=0)
     report = await reconciler.sync()  # REST still shows it: the reconciliation does nothing
     took = await rig.until(lambda: p.id not in rig.engine.positions, timeout=1.0)  # type: ignore[union-attr]
     assert took < 1.0
@@ -167,7 +167,7 @@ async def test_seed_001_bot_close_with_reconciliation_during_and_after(rig: Rig)
     p = await rig.open(btc_long())
     rig.sim.set_faults(rest_latency_ms=20)  # the close is slow enough for syncs to run beside it
     assert rig.live is not None
-    reconciler = Reconciler(rig.live, grace_ms=0)  # no grace: only the state protects the bot's close
+    reconciler = Reconciler.of(rig.live, grace_ms=0)  # no grace: only the state protects the bot's close
     stop = asyncio.Event()
     passes = 0
 
@@ -408,7 +408,7 @@ async def test_reconciliation_trusts_a_healthy_stream_over_lagging_rest(rig: Rig
     assert rig.live is not None
     await rig.until(lambda: rig.live.stream_shows(rig.engine.positions[p.id]) is True,  # type: ignore[union-attr]
                     what="the stream showing the position")
-    report = await Reconciler(rig.live, grace_ms=0).sync()
+    report = await Reconciler.of(rig.live, grace_ms=0).sync()
     assert report.closed == [] and report.stream_disagrees == 1
     assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
 
@@ -439,7 +439,7 @@ async def test_a_rejected_close_gets_the_position_a_stop_meanwhile(rig: Rig) -> 
 async def test_a_close_missed_while_the_stream_was_down_is_found_after_the_resync(rig: Rig) -> None:
     p = await rig.open(btc_long())
     assert rig.live is not None and rig.exchange is not None
-    Reconciler(rig.live, grace_ms=0).attach()  # its pass runs after a resync
+    Reconciler.of(rig.live, grace_ms=0).attach()  # its pass runs after a resync
     rig.sim.expire_listen_keys()  # connections stay open, nothing arrives (from now on: nothing to wait for)
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
     await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)
@@ -481,7 +481,7 @@ async def test_a_stale_snapshot_at_a_reconnect_never_ends_an_open_position(rig: 
     rig.sim.set_faults(stale_positions_s=300)  # REST frozen before the entry: every snapshot lacks it
     p = await rig.open(btc_long())
     assert rig.live is not None
-    Reconciler(rig.live, grace_ms=0).attach()
+    Reconciler.of(rig.live, grace_ms=0).attach()
     await _reconnect(rig)
     await rig.live.idle()
     assert rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
@@ -495,7 +495,7 @@ async def test_a_stale_snapshot_at_a_reconnect_never_ends_an_open_position(rig: 
 async def test_a_missed_close_inside_the_grace_window_is_found_once_it_passes(rig: Rig) -> None:
     p = await rig.open(btc_long())
     assert rig.live is not None
-    Reconciler(rig.live, grace_ms=1500).attach()
+    Reconciler.of(rig.live, grace_ms=1500).attach()
     rig.sim.expire_listen_keys()  # from now on nothing arrives: nothing to wait for
     rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")  # right after our last activity
     await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)

@@ -43,7 +43,7 @@ def btc_long() -> OpenCommand:
 
 async def scheduled(rig: Rig) -> ReconciliationScheduler:
     assert rig.live is not None
-    return await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=0), FAST_SYNC).start()
+    return await ReconciliationScheduler(Reconciler.of(rig.live, grace_ms=0), FAST_SYNC).start()
 
 
 async def test_an_expired_listen_key_without_notice_hides_a_close_no_longer_than_the_bound(rig: Rig) -> None:
@@ -224,7 +224,7 @@ async def test_trailing_moves_do_not_hide_a_close_from_rest_while_the_stream_is_
     rig = await Rig(sim, account, f"sqlite:///{tmp_path / 'trail.sqlite'}", tmp_path / "records",
                     settings=settings, config=replace(FAST, trail_min_interval_s=1.0)).start()
     assert rig.live is not None
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=5000), FAST_SYNC).start()
+    scheduler = await ReconciliationScheduler(Reconciler.of(rig.live, grace_ms=5000), FAST_SYNC).start()
     try:
         p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.010"), stop_loss_pct=D(1),
                                        trailing_activation=D(60100), trailing_callback_pct=D("0.5")))

@@ -27,7 +27,7 @@ async def down_then_up(rig: Rig, while_down: object = None) -> dict[str, int]:
     rig.exchange = rig.repo = rig.engine = rig.live = None
     await rig.start()
     assert rig.live is not None
-    Reconciler(rig.live, grace_ms=0).attach()
+    Reconciler.of(rig.live, grace_ms=0).attach()
     return await rig.live.recover(retry_s=0.05)
 
 

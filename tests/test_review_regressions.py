@@ -74,7 +74,7 @@ async def test_a_stale_snapshot_of_the_previous_position_does_not_shrink_the_new
     await rig.ended(first.id)
     second = await rig.open(_btc("0.010"))
     await asyncio.sleep(0.4)  # outside the grace window
-    report = await Reconciler(rig.live, grace_ms=300).sync()
+    report = await Reconciler.of(rig.live, grace_ms=300).sync()
     await asyncio.sleep(0.8)  # a reduction would have been taken in by now (cause wait 0.5 s)
     await rig.live.idle()
     assert report.reduced == 0
@@ -134,7 +134,7 @@ async def test_one_reduction_seen_by_two_passes_is_taken_in_once(rig: Rig) -> No
     rig.sim.set_faults(ws_silent=True)
     rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.004"),
                             price=None, client_id="web_partial", reduce_only=True)
-    reconciler = Reconciler(rig.live, grace_ms=0)
+    reconciler = Reconciler.of(rig.live, grace_ms=0)
     first = await reconciler.sync()
     await asyncio.sleep(0.1)  # the first reduction still waits for its cause
     second = await reconciler.sync()

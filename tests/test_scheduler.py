@@ -16,13 +16,14 @@ from lifecycle.reconciler import Reconciler
 from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
 from tests.livekit import Rig
 from tests.storage_faults import DriverErrors
+from tests.waiting import ManualClock
 
 
 async def test_a_close_is_found_while_the_listen_key_is_expired(rig: Rig) -> None:
     p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     assert rig.live is not None
     config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.3, orphan_interval_s=60)
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=0), config).start()
+    scheduler = await ReconciliationScheduler(Reconciler.of(rig.live, grace_ms=0), config).start()
     try:
         rig.sim.expire_listen_keys()  # connections stay open, nothing arrives, keepalive answers -1125
         await asyncio.sleep(0.05)
@@ -42,8 +43,8 @@ async def test_a_wedged_stream_is_resubscribed_when_rest_keeps_disagreeing(rig: 
     p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     assert rig.live is not None and rig.exchange is not None
     config = ScheduleConfig(sync_interval_s=0.3, fast_sync_interval_s=0.3, orphan_interval_s=60)
-    reconciler = Reconciler(rig.live, grace_ms=0, stream_doubt_s=1.0)
-    scheduler = await ReconciliationScheduler(rig.live, reconciler, config).start()
+    reconciler = Reconciler.of(rig.live, grace_ms=0, stream_doubt_s=1.0)
+    scheduler = await ReconciliationScheduler(reconciler, config).start()
     generation = rig.exchange.generation
     try:
         rig.sim.set_faults(ws_silent=True)  # connected, listen key alive, nothing delivered: a wedge
@@ -64,7 +65,7 @@ async def test_with_a_healthy_stream_positions_are_checked_every_tick_and_the_au
     assert rig.live is not None
     await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.1, orphan_interval_s=60)
-    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), config)
+    scheduler = ReconciliationScheduler(Reconciler.of(rig.live), config)
     await scheduler.start()
     try:
         await rig.until(lambda: scheduler.stats.runs[("sync", "ok")] >= 4, what="four sync ticks")
@@ -80,7 +81,7 @@ async def test_the_orphan_sweep_cancels_ours_only(rig: Rig) -> None:
     orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
     await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
     await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2400), "web_someone_elses")
-    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig())
+    scheduler = ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig())
     summary = await scheduler.sweep_orphans()
     assert summary.startswith("1 orphan(s) cancelled")
     left = {a.client_id for a in rig.sim.venue.open_algos(rig.account, "ETHUSDT")}
@@ -97,7 +98,7 @@ async def test_the_orphan_sweep_leaves_an_order_alone_while_the_database_cannot_
     assert rig.live is not None and rig.exchange is not None and rig.repo is not None
     orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
     await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
-    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig())
+    scheduler = ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig())
     failing = DriverErrors(rig.repo.engine)
     failing.on()
     try:
@@ -116,7 +117,7 @@ async def test_the_orphan_sweep_waits_for_the_symbols_stop_lock(rig: Rig) -> Non
     assert rig.live is not None and rig.exchange is not None and rig.engine is not None
     orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
     await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
-    scheduler = ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig())
+    scheduler = ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig())
     holding, release = asyncio.Event(), asyncio.Event()
 
     async def hold() -> None:
@@ -145,7 +146,7 @@ def test_schedule_config_refuses_impossible_intervals() -> None:
     with pytest.raises(ValueError, match="must not exceed"):
         ScheduleConfig(sync_interval_s=1, fast_sync_interval_s=2)
     with pytest.raises(ValueError, match="aged_policy"):
-        ScheduleConfig(aged_policy="panic")
+        ScheduleConfig(aged_policy="panic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_age_s"):
         ScheduleConfig(max_age_s=-1)
 
@@ -153,13 +154,14 @@ def test_schedule_config_refuses_impossible_intervals() -> None:
 async def _hand_opened(rig: Rig, symbol: str, quantity: str) -> None:
     rig.sim.venue.new_order(rig.account, symbol=symbol, side="BUY", type_="MARKET", quantity=D(quantity),
                             price=None, client_id="web_by_hand", reduce_only=False)
-    await asyncio.sleep(0.1)  # the stream has seen it
+    await rig.until(lambda: rig.live is not None and rig.live.account_view.stream_position(symbol) is not None,
+                    what=f"the stream showing {symbol}")
 
 
 async def test_an_untracked_position_is_reported_and_not_touched_by_default(rig: Rig) -> None:
     await _hand_opened(rig, "SOLUSDT", "2")
     assert rig.live is not None
-    reconciler = Reconciler(rig.live)
+    reconciler = Reconciler.of(rig.live)
     for _ in range(2):
         report = await reconciler.sync()
         assert report.untracked == 1 and report.adopted == []
@@ -171,7 +173,7 @@ async def test_an_untracked_position_is_reported_and_not_touched_by_default(rig:
 async def test_an_untracked_position_is_adopted_and_protected_in_adopt_mode(rig: Rig) -> None:
     await _hand_opened(rig, "SOLUSDT", "2")
     assert rig.live is not None
-    report = await Reconciler(rig.live, untracked="adopt").sync()
+    report = await Reconciler.of(rig.live, untracked="adopt").sync()
     [pid] = report.adopted
     await rig.live.idle()
     adopted = rig.engine.positions[pid]  # type: ignore[union-attr]
@@ -184,14 +186,14 @@ async def test_an_untracked_position_is_adopted_and_protected_in_adopt_mode(rig:
 async def test_aged_positions_are_reported_or_closed(rig: Rig) -> None:
     p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     assert rig.live is not None
-    report_only = ReconciliationScheduler(rig.live, Reconciler(rig.live),
+    report_only = ReconciliationScheduler(Reconciler.of(rig.live),
                                           ScheduleConfig(max_age_s=0.05, aged_policy="report"))
-    await asyncio.sleep(0.1)
+    await rig.until(lambda: rig.age_s(p.id) > 0.05, what="the position older than max_age_s")
     assert await report_only.check_aged() == "1 aged, 0 closed"
     assert await report_only.check_aged() == "1 aged, 0 closed"
     assert [r["position_id"] for r in rig.records.read("aged_position")] == [p.id]  # type: ignore[union-attr]
     assert rig.state(p.id) is S.OPEN
-    closing = ReconciliationScheduler(rig.live, Reconciler(rig.live),
+    closing = ReconciliationScheduler(Reconciler.of(rig.live),
                                       ScheduleConfig(max_age_s=0.05, aged_policy="close"))
     assert await closing.check_aged() == "1 aged, 1 closed"
     stored = await rig.ended(p.id)
@@ -209,7 +211,7 @@ async def assert_end(rig: Rig, position_id: str, state: S, cause: CloseCause) ->
 
 async def test_stop_lets_a_run_in_flight_finish(rig: Rig) -> None:
     assert rig.live is not None
-    reconciler = Reconciler(rig.live)
+    reconciler = Reconciler.of(rig.live)
     started, finished = asyncio.Event(), asyncio.Event()
     real = reconciler.sync
 
@@ -221,7 +223,7 @@ async def test_stop_lets_a_run_in_flight_finish(rig: Rig) -> None:
         return report
 
     reconciler.sync = slow_sync  # type: ignore[method-assign]
-    scheduler = await ReconciliationScheduler(rig.live, reconciler, ScheduleConfig(
+    scheduler = await ReconciliationScheduler(reconciler, ScheduleConfig(
         sync_interval_s=60, fast_sync_interval_s=0.05, orphan_interval_s=60)).start()
     await asyncio.wait_for(started.wait(), 2)
     await scheduler.stop(timeout=5.0)
@@ -231,7 +233,7 @@ async def test_stop_lets_a_run_in_flight_finish(rig: Rig) -> None:
 async def test_concurrent_passes_adopt_once(rig: Rig) -> None:
     await _hand_opened(rig, "SOLUSDT", "2")
     assert rig.live is not None
-    reconciler = Reconciler(rig.live, untracked="adopt")
+    reconciler = Reconciler.of(rig.live, untracked="adopt")
     results = await asyncio.gather(reconciler.sync(), reconciler.sync())  # sync job, aged job, resync hook
     await rig.live.idle()
     assert sum(len(r.adopted) for r in results) == 1 and len(rig.stop_algos("SOLUSDT")) == 1
@@ -245,7 +247,7 @@ async def test_a_stale_resync_does_not_make_a_closed_position_adoptable(rig: Rig
     await rig.ended(p.id)
     await rig.exchange.recreate(rig.exchange.generation, "a reconnect")  # its resync reads the stale REST
     await asyncio.sleep(0.5)
-    report = await Reconciler(rig.live, untracked="adopt").sync()
+    report = await Reconciler.of(rig.live, untracked="adopt").sync()
     assert report.adopted == [] and rig.our_open_orders() == []
 
 
@@ -253,7 +255,7 @@ async def test_the_sweep_leaves_stops_of_positions_live_in_the_database(rig: Rig
     p = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.5"), stop_loss_pct=D(1)))
     assert rig.live is not None and rig.engine is not None
     rig.engine.positions.pop(p.id)  # as seen by another engine process sharing the account and database
-    summary = await ReconciliationScheduler(rig.live, Reconciler(rig.live), ScheduleConfig()).sweep_orphans()
+    summary = await ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig()).sweep_orphans()
     assert summary.startswith("0 orphan(s)") and len(rig.stop_algos("ETHUSDT")) == 1
 
 
@@ -281,13 +283,14 @@ async def test_a_rest_only_absence_ends_phantom_only_after_it_lasted(rig: Rig) -
     rig.sim.set_faults(user_stream_down=True)
     await rig.sim.drop_streams()
     await rig.until(lambda: not rig.live.stream_healthy(), what="stream down")  # type: ignore[union-attr]
-    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=1.0)
+    clock = ManualClock()
+    reconciler = Reconciler.of(rig.live, grace_ms=0, phantom_after_s=1.0, monotonic=clock)
     report = await reconciler.sync()
     assert report.closed == [] and rig.state(p.id) is S.OPEN and rig.state(q.id) is S.OPEN
     assert len(rig.stop_algos("BTCUSDT")) == 1 and len(rig.stop_algos("ETHUSDT")) == 1
     rig.sim.set_faults(stale_positions_s=0)  # REST fresh again: BTC and ETH are there ...
     rig.sim.venue.vanish(rig.account, "ETHUSDT")  # ... except ETH, gone without a fill
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     report = await reconciler.sync()
     assert report.closed == [q.id] and rig.state(p.id) is S.OPEN  # BTC reappeared: its clock restarted
     stored = await rig.ended(q.id)
@@ -308,7 +311,8 @@ async def test_time_a_live_stream_vouched_for_never_counts_toward_phantom(rig: R
     assert rig.live is not None
     rig.sim.set_faults(stale_positions_s=600)  # REST never shows the open below: the position is live
     p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
-    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=2.0, stream_doubt_s=1000)
+    clock = ManualClock()
+    reconciler = Reconciler.of(rig.live, grace_ms=0, phantom_after_s=2.0, stream_doubt_s=1000, monotonic=clock)
     await stream_down(rig, True)
     assert (await reconciler.sync()).closed == []  # a blip: kept, its countdown started
     await stream_down(rig, False)
@@ -317,7 +321,7 @@ async def test_time_a_live_stream_vouched_for_never_counts_toward_phantom(rig: R
                     what="the stream showing it")
     for _ in range(5):  # 2.5 s with the live stream showing it: not an unexplained absence
         assert (await reconciler.sync()).stream_disagrees == 1
-        await asyncio.sleep(0.5)
+        clock.advance(0.5)
     await stream_down(rig, True)
     report = await reconciler.sync()  # the first look during a second blip
     assert report.closed == [] and rig.state(p.id) is S.OPEN and len(rig.stop_algos("BTCUSDT")) == 1
@@ -329,10 +333,12 @@ async def test_the_aged_check_leaves_a_position_in_its_phantom_countdown_to_it(r
     p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     await stream_down(rig, True)
     rig.sim.venue.vanish(rig.account, "BTCUSDT")  # gone without a fill
-    reconciler = Reconciler(rig.live, grace_ms=0, phantom_after_s=0.5)
-    scheduler = ReconciliationScheduler(rig.live, reconciler, ScheduleConfig(max_age_s=0.01, aged_policy="close"))
+    clock = ManualClock()
+    reconciler = Reconciler.of(rig.live, grace_ms=0, phantom_after_s=0.5, monotonic=clock)
+    scheduler = ReconciliationScheduler(reconciler, ScheduleConfig(max_age_s=0.01, aged_policy="close"))
+    await rig.until(lambda: rig.age_s(p.id) > 0.01, what="the position older than max_age_s")
     assert await scheduler.check_aged() == "0 aged, 0 closed"  # not closed as CLOSED while counting down
-    await asyncio.sleep(0.6)
+    clock.advance(0.6)
     await reconciler.sync()
     stored = await rig.ended(p.id)
     assert (stored.state, stored.close_cause) == (S.PHANTOM, CloseCause.NOT_FOUND)
@@ -347,7 +353,7 @@ async def test_seed_000_with_the_stream_down_stale_rest_delays_and_fresh_rest_de
     p = await rig.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(1)))
     q = await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.1"), stop_loss_pct=D(1)))
     config = ScheduleConfig(sync_interval_s=60, fast_sync_interval_s=0.3, orphan_interval_s=60)
-    scheduler = await ReconciliationScheduler(rig.live, Reconciler(rig.live, grace_ms=0), config).start()
+    scheduler = await ReconciliationScheduler(Reconciler.of(rig.live, grace_ms=0), config).start()
     try:
         await stream_down(rig, True)
         rig.sim.set_faults(stale_positions_s=2.0)  # REST keeps answering the snapshot from before the close

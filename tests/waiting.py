@@ -25,3 +25,17 @@ async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float 
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class ManualClock:
+    """A monotonic clock a test moves by hand (`advance`), for components that take one injected: time
+    that must pass for a countdown passes at once, and nothing else depends on the wall."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

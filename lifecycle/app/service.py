@@ -45,7 +45,7 @@ from lifecycle.engine import Engine
 from lifecycle.events import from_payload
 from lifecycle.guards.cleanup import closure_of
 from lifecycle.live import LiveConfig, LiveEngine
-from lifecycle.reconciler import UNTRACKED_POLICIES, Reconciler
+from lifecycle.reconciler import ReconcileConfig, Reconciler
 from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay
 from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
@@ -71,10 +71,7 @@ class ServiceConfig:
     records_dir: Path
     live: LiveConfig = field(default_factory=LiveConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    grace_ms: int = 5000  # reconciliation: our own activity on a position this recent defers an absence
-    untracked: str = "alert"  # positions nobody tracks: one of UNTRACKED_POLICIES ("alert": record, touch nothing)
-    phantom_after_s: float = 60.0  # a REST-only absence (no fill, no live stream for it) this long: PHANTOM
-    stream_doubt_s: float = 30.0  # REST lacks what the live stream shows, no fill: resubscribe after this long
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     recovery_retry_s: float = 2.0  # while the exchange cannot be reached at start
     ready_timeout_s: float = 10.0  # per attempt to see the private streams subscribed
     shutdown_drain_s: float = 10.0  # how long a stop waits for commands and closes in flight
@@ -91,13 +88,9 @@ class ServiceConfig:
         names = [a.name for a in self.accounts]
         if len(set(names)) != len(names):
             raise ValueError(f"accounts: names must be unique, got {names}")
-        if self.untracked not in UNTRACKED_POLICIES:
-            raise ValueError(f"untracked must be one of {', '.join(UNTRACKED_POLICIES)}, got {self.untracked!r}")
         if not self.storage_timeout_s > 0:
             raise ValueError(f"storage_timeout_s must be > 0, got {self.storage_timeout_s}")
-        if not self.stream_doubt_s > 0:
-            raise ValueError(f"stream_doubt_s must be > 0, got {self.stream_doubt_s}")
-        for name in ("grace_ms", "recovery_retry_s", "ready_timeout_s", "shutdown_drain_s"):
+        for name in ("recovery_retry_s", "ready_timeout_s", "shutdown_drain_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -186,11 +179,9 @@ class Service:
                 logger.error("{}: private streams not subscribed after {} s (attempt {}); the exchange may be "
                              "unreachable; still trying, nothing is sent meanwhile", account.name,
                              self.config.ready_timeout_s, attempt)
-        runtime.reconciler = Reconciler(runtime.live, grace_ms=self.config.grace_ms, untracked=self.config.untracked,
-                                        phantom_after_s=self.config.phantom_after_s,
-                                        stream_doubt_s=self.config.stream_doubt_s).attach()
+        runtime.reconciler = Reconciler.of(runtime.live, self.config.reconcile).attach()
         await runtime.live.recover(retry_s=self.config.recovery_retry_s)
-        runtime.scheduler = await ReconciliationScheduler(runtime.live, runtime.reconciler,
+        runtime.scheduler = await ReconciliationScheduler(runtime.reconciler,
                                                           self.config.schedule).start()
         # Orders of ours left by a crash between a terminal commit and its cancellations (or placed and
         # never recorded) go now, not one orphan interval later.

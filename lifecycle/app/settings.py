@@ -27,7 +27,7 @@ import os
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -36,7 +36,7 @@ from exchange.ccxt_adapter import ExchangeSettings
 from exchange.secret import Secret
 from lifecycle.app.service import AccountConfig, ApiBinding, ServiceConfig
 from lifecycle.live import LiveConfig
-from lifecycle.reconciler import UNTRACKED_POLICIES
+from lifecycle.reconciler import ReconcileConfig
 from scheduler.jobs import ScheduleConfig
 
 DEFAULT_DATABASE_URL = "sqlite:///lifecycle.sqlite"  # a file in the working directory
@@ -117,36 +117,10 @@ class TrailingSettings(_Strict):
     callback_rate: Decimal = Field(default=Decimal("0.5"), gt=0, lt=100)  # percent behind the watermark
 
 
-class ScheduleSettings(_Strict):
-    sync_interval_s: float = Field(default=30.0, gt=0, le=3600)  # the venue-wide protection audit
-    fast_sync_interval_s: float = Field(default=2.0, gt=0, le=3600)
-    orphan_interval_s: float = Field(default=60.0, gt=0, le=86400)
-    aged_interval_s: float = Field(default=60.0, gt=0, le=86400)
-    max_age_s: float | None = Field(default=None, gt=0, le=366 * 86400)
-    aged_policy: Literal["report", "close"] = "report"
-
-    @model_validator(mode="after")
-    def _fast_not_slower(self) -> ScheduleSettings:
-        if self.fast_sync_interval_s > self.sync_interval_s:
-            raise ValueError("fast_sync_interval_s must not exceed sync_interval_s")
-        return self
-
-
-class ReconcileSettings(_Strict):
-    grace_ms: int = Field(default=5000, ge=0, le=600_000)
-    untracked: str = "alert"  # one of lifecycle.reconciler.UNTRACKED_POLICIES
-    phantom_after_s: float = Field(default=60.0, ge=0, le=86400)  # REST-only absence this long: PHANTOM
-    # REST (confirmed) lacks a position the live stream still shows, with no fill to prove a close: after this
-    # long the stream is resubscribed (a silent wedge), and its fresh snapshot decides
-    stream_doubt_s: float = Field(default=30.0, gt=0, le=3600)
-
-    @field_validator("untracked", mode="before")
-    @classmethod
-    def _known_policy(cls, value: Any) -> Any:
-        if value not in UNTRACKED_POLICIES:  # worded as pydantic words a Literal it refuses
-            *first, last = (repr(policy) for policy in UNTRACKED_POLICIES)
-            raise ValueError(f"Input should be {', '.join(first)} or {last}" if first else f"Input should be {last}")
-        return value
+# The [schedule] and [reconcile] sections are, like [live], the components' own configuration dataclasses
+# (scheduler/jobs.py, lifecycle/reconciler.py): their fields, defaults and limits are stated once, there.
+ScheduleSettings = ScheduleConfig
+ReconcileSettings = ReconcileConfig
 
 
 class ApiSettings(_Strict):
@@ -182,8 +156,8 @@ class Settings(BaseSettings):
     accounts: list[AccountSettings] = Field(min_length=1)
     live: LiveConfig = Field(default_factory=LiveConfig)
     trailing: TrailingSettings = Field(default_factory=TrailingSettings)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
     records: RecordsSettings = Field(default_factory=RecordsSettings)
 
@@ -233,7 +207,7 @@ class Settings(BaseSettings):
         return self.live  # validated as a LiveConfig already
 
     def schedule_config(self) -> ScheduleConfig:
-        return ScheduleConfig(**self.schedule.model_dump())
+        return self.schedule  # validated as a ScheduleConfig already
 
 
 class _NoEnvironment(Settings):
@@ -252,9 +226,7 @@ def service_config(settings: Settings) -> ServiceConfig:
     api = ApiBinding(settings.api_token(), settings.api.host, settings.api.port) if settings.api.enabled else None
     return ServiceConfig(accounts=accounts, database_url=settings.database_url, records_dir=settings.records.dir,
                          live=settings.live_config(), schedule=settings.schedule_config(),
-                         grace_ms=settings.reconcile.grace_ms, untracked=settings.reconcile.untracked,
-                         phantom_after_s=settings.reconcile.phantom_after_s,
-                         stream_doubt_s=settings.reconcile.stream_doubt_s,
+                         reconcile=settings.reconcile,
                          shutdown_drain_s=settings.shutdown_drain_s, storage_timeout_s=settings.storage_timeout_s,
                          records_retention_days=settings.records.retention_days, api=api,
                          trailing_activation_pct=settings.trailing.activation_pct,

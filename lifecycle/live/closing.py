@@ -23,9 +23,10 @@ from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone, UnknownPosition
 from lifecycle.events import CloseFailed, CloseRequested, Flat, Reduced
-from lifecycle.live.context import FLATTENABLE, PROTECTED, LiveContext, S, exit_side, short
+from lifecycle.live.context import LiveContext, S, exit_side, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
+from lifecycle.machines.states import FLATTENABLE, PROTECTED
 from lifecycle.record_kinds import Reduction
 
 

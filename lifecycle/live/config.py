@@ -1,30 +1,13 @@
 """The live engine's configuration, the open command, and its counters."""
 from __future__ import annotations
 
-import operator
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TypeVar
 
+from lifecycle.config_fields import check_limits, setting
 from lifecycle.domain import Side, TrailingState
 from lifecycle.errors import InvalidEvent
-
-T = TypeVar("T")
-
-_LIMITS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
-
-
-def _setting(default: T, **limits: float) -> T:
-    """A setting with its default and its limits, named as pydantic's `Field` names them (gt, ge, lt, le).
-
-    The one statement of both: `LiveConfig.__post_init__` checks the limits, and the service's settings
-    validate the `[live]` section of the configuration into a `LiveConfig` directly, pydantic reading these
-    limits from the field's metadata (so its messages name the key and the bound)."""
-    unknown = set(limits) - set(_LIMITS)
-    if unknown:
-        raise TypeError(f"unknown limit(s): {', '.join(sorted(unknown))}")
-    return field(default=default, metadata=limits)
 
 
 @dataclass(frozen=True)
@@ -33,24 +16,21 @@ class LiveConfig:
     these fields' names)."""
 
     # when an open command gives none (and after a restart)
-    default_stop_loss_pct: Decimal = _setting(Decimal("1"), gt=0, lt=100)
+    default_stop_loss_pct: Decimal = setting(Decimal("1"), gt=0, lt=100)
     # a trailing move must improve the stop by this % of it
-    trail_min_step_pct: Decimal = _setting(Decimal("0.02"), ge=0, lt=100)
+    trail_min_step_pct: Decimal = setting(Decimal("0.02"), ge=0, lt=100)
     # at most one trailing move per position per interval
-    trail_min_interval_s: float = _setting(1.0, ge=0, le=3600)
-    cause_wait_s: float = _setting(0.5, ge=0, le=10)  # how long a flat waits for the fill that explains it
-    cause_rest_timeout_s: float = _setting(2.0, gt=0, le=60)  # then REST is asked for the fill, at most this long
+    trail_min_interval_s: float = setting(1.0, ge=0, le=3600)
+    cause_wait_s: float = setting(0.5, ge=0, le=10)  # how long a flat waits for the fill that explains it
+    cause_rest_timeout_s: float = setting(2.0, gt=0, le=60)  # then REST is asked for the fill, at most this long
     # a position no repair can protect this long is closed at market
-    unprotected_close_after_s: float = _setting(10.0, ge=0, le=3600)
-    close_retries: int = _setting(3, ge=0, le=100)  # a rejected bot close is retried this many times
-    stop_retries: int = _setting(3, ge=0, le=100)  # a stop placement failing transiently is retried this many times
-    retry_backoff_s: float = _setting(0.5, ge=0, le=60)
+    unprotected_close_after_s: float = setting(10.0, ge=0, le=3600)
+    close_retries: int = setting(3, ge=0, le=100)  # a rejected bot close is retried this many times
+    stop_retries: int = setting(3, ge=0, le=100)  # a stop placement failing transiently is retried this many times
+    retry_backoff_s: float = setting(0.5, ge=0, le=60)
 
     def __post_init__(self) -> None:
-        bad = [f.name for f in fields(self)
-               if not all(_LIMITS[kind](getattr(self, f.name), bound) for kind, bound in f.metadata.items())]
-        if bad:
-            raise ValueError(f"invalid live engine setting(s): {', '.join(bad)} (see LiveConfig)")
+        check_limits(self, "live engine")
 
 
 @dataclass(frozen=True)

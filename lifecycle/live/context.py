@@ -29,8 +29,6 @@ from lifecycle.live.config import LiveConfig, LiveStats, OpenCommand
 from lifecycle.machines.states import PositionState
 
 S = PositionState
-PROTECTED = frozenset({S.OPEN, S.TS_ACTIVE})  # must have a live stop on the exchange
-FLATTENABLE = frozenset({S.OPEN, S.TS_ACTIVE, S.CLOSING_BY_BOT})
 # A position without a stop for less than this is one whose stop is being placed right now: not yet an alarm.
 UNPROTECTED_GRACE_S = 1.0
 

@@ -5,7 +5,7 @@ for positions and orders, mark prices) and the bot's commands, and feeds the mac
 account's face: it starts and stops the parts, routes every stream item and command to the part that
 handles it, and answers for the account (health, protection, the stream's view). The parts, each in its
 own module, imported one way (context <- stream_view <- stops <- trailing_watch, closing <- opening <-
-protection, recovery <- engine):
+protection, recovery, orphans <- account_faces <- engine):
 
 * `context` -- what every part shares: engine, port, configuration, counters, per-position runtime, spawning;
 * `stream_view` -- what the private stream showed: snapshots, fills, the fill/flat join, stream health;
@@ -14,7 +14,9 @@ protection, recovery <- engine):
 * `closing` -- bot closes, entry cancels, flats and reductions;
 * `opening` -- opens, entries, first stops, adoption;
 * `protection` -- the per-tick check, the venue-wide audit and repairs, health;
-* `recovery` -- restart recovery.
+* `recovery` -- restart recovery;
+* `orphans` -- the sweep of working orders of ours that belong to no live position;
+* `account_faces` -- the read-only view and the commands the periodic jobs get (`lifecycle.account`).
 
 Decisions written down here (the issues were silent):
 * Quantity for stops and closes is the in-memory position's, which only stream fills and stream
@@ -32,26 +34,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from loguru import logger
 
-from exchange.port import ExchangePort, Fill, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced
+from exchange.port import ExchangePort, MarkPrice, OrderSnapshot, PositionSnapshot, Resynced
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, OrderStatus, Position, Side
 from lifecycle.engine import Engine
 from lifecycle.journal import Outcome
+from lifecycle.live.account_faces import LiveAccountCommands, LiveAccountView
 from lifecycle.live.closing import Closing
 from lifecycle.live.config import LiveConfig, LiveStats, OpenCommand
-from lifecycle.live.context import FLATTENABLE, PROTECTED, UNPROTECTED_GRACE_S, LiveContext, S
+from lifecycle.live.context import UNPROTECTED_GRACE_S, LiveContext, S
 from lifecycle.live.opening import Opening
+from lifecycle.live.orphans import Orphans
 from lifecycle.live.protection import Protection
 from lifecycle.live.recovery import Recovery
 from lifecycle.live.stops import Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
+from lifecycle.machines.states import FLATTENABLE, PROTECTED
 
 
 class LiveEngine:
@@ -78,6 +83,11 @@ class LiveEngine:
         self.closing.find_entry = self.opening.find_entry
         self.protection = Protection(ctx, self.view, self.stops, self.opening, self.closing)
         self.recovery = Recovery(ctx, self.stops, self.opening, self.closing)
+        self.orphans = Orphans(ctx)
+        # The periodic jobs' two faces (lifecycle.account): what they may read, and what they may do.
+        self.account_view = LiveAccountView(ctx, self.view, self.opening, self.protection)
+        self.commands = LiveAccountCommands(ctx, self.view, self.opening, self.closing, self.protection,
+                                            self.orphans)
         self.stats: LiveStats = ctx.stats
         self.live: dict[str, PositionSnapshot] = self.view.live  # the private stream's latest position per symbol
         self.marks: dict[str, Decimal] = ctx.marks
@@ -308,18 +318,6 @@ class LiveEngine:
     def on_mark(self, mark: MarkPrice) -> None:
         self.trailing.on_mark(mark)
 
-    def take_reduction(self, position_id: str, snap: PositionSnapshot) -> bool:
-        return self.closing.take_reduction(position_id, snap)
-
-    def entry_time(self, position_id: str) -> datetime | None:
-        return self.opening.entry_time(position_id)
-
-    async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
-        return await self.view.rest_closing_fill(position)
-
-    def client_id_of(self, exchange_order_id: str) -> str | None:
-        return self.view.client_id_of(exchange_order_id)
-
     def unprotected(self) -> list[Position]:
         return self.protection.unprotected()
 
@@ -335,9 +333,6 @@ class LiveEngine:
     def health_reasons(self) -> list[str]:
         return self.protection.health_reasons()
 
-    async def doubt_stream(self, reason: str, *, resubscribe: bool) -> None:
-        await self.view.doubt_stream(reason, resubscribe=resubscribe)
-
     def stream_doubted(self) -> str | None:
         return self.view.stream_doubted()
 
@@ -349,9 +344,3 @@ class LiveEngine:
 
     def unsettled(self) -> bool:
         return self.view.unsettled()
-
-    def settled(self, position_id: str) -> None:
-        self.view.settled(position_id)
-
-    def missing_after_resync(self, position_id: str) -> bool:
-        return self.view.missing_after_resync(position_id)

@@ -23,10 +23,11 @@ from lifecycle.errors import InvalidEvent, OrderAlreadyGone, PositionConflict, S
 from lifecycle.events import CloseFailed, EntryFailed, EntryFilled
 from lifecycle.live.closing import Closing
 from lifecycle.live.config import OpenCommand
-from lifecycle.live.context import FLATTENABLE, PROTECTED, LiveContext, S, entry_side, multiple, short
+from lifecycle.live.context import LiveContext, S, entry_side, multiple, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
+from lifecycle.machines.states import FLATTENABLE, PROTECTED
 from lifecycle.record_kinds import Adopted
 
 

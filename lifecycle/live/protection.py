@@ -21,10 +21,11 @@ from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, OrderStatus, Position
 from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live.closing import Closing
-from lifecycle.live.context import PROTECTED, UNPROTECTED_GRACE_S, LiveContext, S, short
+from lifecycle.live.context import UNPROTECTED_GRACE_S, LiveContext, S, short
 from lifecycle.live.opening import Opening
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
+from lifecycle.machines.states import PROTECTED
 from lifecycle.record_kinds import ProtectionRepair
 
 

@@ -25,8 +25,9 @@ from lifecycle.errors import OrderAlreadyGone, TransitionRefused, UnknownPositio
 from lifecycle.events import StopMoved
 from lifecycle.guards.predicates import is_stop_improvement, is_stop_on_safe_side
 from lifecycle.live.config import OpenCommand
-from lifecycle.live.context import PROTECTED, LiveContext, exit_side, short
+from lifecycle.live.context import LiveContext, exit_side, short
 from lifecycle.live.stream_view import StreamView
+from lifecycle.machines.states import PROTECTED
 from lifecycle.record_kinds import StopMove
 
 # Binance codes meaning "no second stop here" (-4045 max stop orders, -4130 a closePosition stop exists).

@@ -16,8 +16,9 @@ from exchange.port import MarkPrice
 from lifecycle.domain import Position, Side
 from lifecycle.events import TsActivated
 from lifecycle.guards.predicates import is_activation_crossed
-from lifecycle.live.context import PROTECTED, LiveContext, S
+from lifecycle.live.context import LiveContext, S
 from lifecycle.live.stops import StopResult, Stops
+from lifecycle.machines.states import PROTECTED
 from lifecycle.trailing import trail
 
 

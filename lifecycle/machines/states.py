@@ -26,3 +26,8 @@ class PositionState(StrEnum):
 TERMINAL_STATES: frozenset[PositionState] = frozenset(
     {PositionState.CLOSED, PositionState.CLOSED_EXTERNAL, PositionState.PHANTOM, PositionState.CANCELLED}
 )
+
+# The states in which a position holds quantity on the venue: it must have a live stop there (PROTECTED),
+# and a flat or an absence on the venue ends it (FLATTENABLE: also while our own close is in flight).
+PROTECTED: frozenset[PositionState] = frozenset({PositionState.OPEN, PositionState.TS_ACTIVE})
+FLATTENABLE: frozenset[PositionState] = PROTECTED | {PositionState.CLOSING_BY_BOT}
