@@ -370,7 +370,7 @@ class CcxtExchange:
 
     async def place_entry(self, symbol: str, side: Side, quantity: Decimal, client_id: str,
                           price: Decimal | None = None) -> OrderSnapshot:
-        order_side = "buy" if side is Side.LONG else "sell"
+        order_side = side.entry_order_side
         kind = "limit" if price is not None else "market"
         raw = await self._call(self.client.create_order, self._unified(symbol), kind, order_side, float(quantity),
                                float(price) if price is not None else None, {"newClientOrderId": client_id})
@@ -379,7 +379,7 @@ class CcxtExchange:
     async def place_stop(self, symbol: str, position_side: Side, quantity: Decimal, trigger_price: Decimal,
                          client_id: str, purpose: OrderPurpose = OrderPurpose.STOP) -> OrderSnapshot:
         """A reduce-only conditional market order (Binance: the Algo Service, /fapi/v1/algoOrder)."""
-        closing_side = "sell" if position_side is Side.LONG else "buy"
+        closing_side = position_side.exit_order_side
         trigger_param = "takeProfitPrice" if purpose is OrderPurpose.TAKE_PROFIT else "stopLossPrice"
         raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
                                float(quantity), None,
@@ -401,7 +401,7 @@ class CcxtExchange:
 
     async def close_position(self, symbol: str, position_side: Side, quantity: Decimal,
                              client_id: str) -> OrderSnapshot:
-        closing_side = "sell" if position_side is Side.LONG else "buy"
+        closing_side = position_side.exit_order_side
         raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
                                float(quantity), None, {"reduceOnly": True, "newClientOrderId": client_id})
         return self._order(raw)

@@ -28,6 +28,7 @@ from typing import Any
 from loguru import logger
 
 from lifecycle.errors import ConcurrentModification, StoreRefused
+from lifecycle.retry import Backoff
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ class Books:
         self.timeout_s = timeout_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.backoff = Backoff(step_s=retry_initial_s, max_s=retry_max_s, doubling=True)
         self.monotonic = monotonic
         self.stats = BooksStats()
         self.failing: str | None = None  # why the store last failed, while writes are queued
@@ -145,7 +147,7 @@ class Books:
         self.failing = why
 
     async def _flush(self) -> None:
-        delay = self.retry_initial_s
+        failures = 0  # of the write at the head of the queue
         while self._queue:
             write = self._queue[0]
             try:
@@ -165,13 +167,13 @@ class Books:
                 raise
             except Exception as e:  # noqa: BLE001 - the store is still failing: try again, slower
                 self._failed(write.what, _describe(e))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_s)
+                failures += 1
+                await asyncio.sleep(self.backoff.delay(failures))
                 continue
             self._queue.popleft()
             self._progress = self.monotonic()
             self.stats.flushed += 1
-            delay = self.retry_initial_s
+            failures = 0
         if self.failing is not None:
             took = self.monotonic() - (self.failing_since or self.monotonic())
             logger.warning("books: the database is back after {:.1f} s; every queued write is in it", took)

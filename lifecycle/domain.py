@@ -5,15 +5,38 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
 
 from lifecycle.machines.states import PositionState
 
 
 class Side(StrEnum):
+    """A position's direction. The one place that says which order side opens it and which closes it,
+    and how a stop price is rounded to the tick for it."""
+
     LONG = "long"
     SHORT = "short"
+
+    @property
+    def opposite(self) -> Side:
+        return Side.SHORT if self is Side.LONG else Side.LONG
+
+    @property
+    def entry_order_side(self) -> str:
+        """The order side that opens (or adds to) a position of this side: "buy" or "sell"."""
+        return "buy" if self is Side.LONG else "sell"
+
+    @property
+    def exit_order_side(self) -> str:
+        """The order side that closes (reduces) a position of this side: stops, take-profits, closes."""
+        return "sell" if self is Side.LONG else "buy"
+
+    def round_stop(self, raw: Decimal, tick: Decimal) -> Decimal:
+        """A stop price on the tick, rounded away from the mark (a long's down, a short's up), so rounding
+        never pulls a stop closer than asked."""
+        rounding = ROUND_FLOOR if self is Side.LONG else ROUND_CEILING
+        return (raw / tick).to_integral_value(rounding=rounding) * tick
 
 
 class CloseCause(StrEnum):

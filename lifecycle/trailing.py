@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import Decimal
 
 from lifecycle.domain import Side, TrailingState
 from lifecycle.guards.predicates import is_stop_improvement
@@ -29,11 +29,10 @@ def trail(side: Side, state: TrailingState, current_stop: Decimal | None, mark: 
     if side is Side.LONG:
         watermark = max(previous, mark)
         raw = watermark * (1 - state.callback_rate / 100)
-        target = (raw / tick).to_integral_value(rounding=ROUND_FLOOR) * tick
     else:
         watermark = min(previous, mark)
         raw = watermark * (1 + state.callback_rate / 100)
-        target = (raw / tick).to_integral_value(rounding=ROUND_CEILING) * tick
+    target = side.round_stop(raw, tick)
     if not is_stop_improvement(side, current_stop, target):
         return TrailDecision(watermark, None)
     if current_stop is not None and abs(target - current_stop) < min_step:

@@ -36,6 +36,8 @@ CORE_MODULES = (
     "lifecycle.journal",  # the journal's rows, the outcome of a transition, the creation payload
     "lifecycle.record_kinds",  # the structured records, one dataclass per kind
     "lifecycle.replay",  # rebuilds a position from its journal through the machine
+    "lifecycle.retry",  # the one backoff rule and retry loop
+    "lifecycle.config_fields",  # configuration fields with their limits, stated once
 )
 
 IO_LIBRARIES = ("ccxt", "sqlalchemy", "sqlmodel", "aiosqlite", "asyncpg", "psycopg", "psycopg2", "alembic",

@@ -62,3 +62,11 @@ def test_the_grace_window_after_our_own_activity() -> None:
     assert is_outside_grace_window(None, t, 5000)
     assert not is_outside_grace_window(t, t + timedelta(milliseconds=4999), 5000)
     assert is_outside_grace_window(t, t + timedelta(milliseconds=5000), 5000)
+
+
+def test_a_side_names_its_order_sides_and_rounds_its_stop_away_from_the_mark() -> None:
+    assert (Side.LONG.entry_order_side, Side.LONG.exit_order_side, Side.LONG.opposite) == ("buy", "sell", Side.SHORT)
+    assert (Side.SHORT.entry_order_side, Side.SHORT.exit_order_side, Side.SHORT.opposite) == ("sell", "buy", Side.LONG)
+    assert Side.LONG.round_stop(D("99.987"), D("0.01")) == D("99.98")  # a long's stop: down, further from the mark
+    assert Side.SHORT.round_stop(D("100.012"), D("0.01")) == D("100.02")  # a short's stop: up
+    assert Side.LONG.round_stop(D("99.5"), D("0.5")) == D("99.5")  # already on the tick: unchanged

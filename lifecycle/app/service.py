@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -48,7 +48,10 @@ from lifecycle.live import LiveConfig, LiveEngine
 from lifecycle.reconciler import ReconcileConfig, Reconciler
 from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay
+from lifecycle.retry import Backoff, until_done
 from scheduler.jobs import ReconciliationScheduler, ScheduleConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -169,16 +172,11 @@ class Service:
         await self._recover_closure_records(account.name)
         runtime.live = await LiveEngine(engine, exchange, account=account.name, symbols=list(account.symbols),
                                         config=self.config.live).start()
-        attempt = 0
-        while True:
-            try:
-                await runtime.live.wait_ready(timeout=self.config.ready_timeout_s)
-                break
-            except TimeoutError:
-                attempt += 1
-                logger.error("{}: private streams not subscribed after {} s (attempt {}); the exchange may be "
-                             "unreachable; still trying, nothing is sent meanwhile", account.name,
-                             self.config.ready_timeout_s, attempt)
+        live, ready_s = runtime.live, self.config.ready_timeout_s
+        await until_done(lambda: live.wait_ready(timeout=ready_s), retry_on=(TimeoutError,), backoff=Backoff(0),
+                         on_retry=lambda attempt, _e, _d: logger.error(
+                             "{}: private streams not subscribed after {} s (attempt {}); the exchange may be "
+                             "unreachable; still trying, nothing is sent meanwhile", account.name, ready_s, attempt))
         runtime.reconciler = Reconciler.of(runtime.live, self.config.reconcile).attach()
         await runtime.live.recover(retry_s=self.config.recovery_retry_s)
         runtime.scheduler = await ReconciliationScheduler(runtime.reconciler,
@@ -227,35 +225,25 @@ class Service:
     async def _start_exchange(self, account: AccountConfig) -> CcxtExchange:
         """The exchange client, its markets loaded. A venue that answers 5xx, 429 or nothing at all is waited
         for (a service restarted during an outage must come up when the venue does, not exit)."""
-        index = self.config.accounts.index(account)
-        attempt = 0
-        while True:
-            try:
-                return await CcxtExchange(account.exchange).start()
-            except xerr.Fatal as e:
-                raise StartError(f"accounts.{index} ({account.name}): {e}") from None
-            except xerr.Retryable as e:
-                attempt += 1
-                logger.error("{}: cannot load the exchange's markets ({}); retry {} in {} s", account.name, e,
-                             attempt, self.config.recovery_retry_s)
-                await asyncio.sleep(self.config.recovery_retry_s)
+        return await self._until_reachable(account, "cannot load the exchange's markets",
+                                           lambda: CcxtExchange(account.exchange).start())
 
     async def _check_account(self, account: AccountConfig, exchange: CcxtExchange) -> None:
         """What cannot work stops the start with one line (exit 2): a key the venue refuses, no permission
         to trade, a hedge-mode account, a symbol the venue does not list. An unreachable venue is waited for."""
-        index = self.config.accounts.index(account)
-        attempt = 0
-        while True:
-            try:
-                await exchange.check_account(list(account.symbols))
-                return
-            except xerr.Fatal as e:
-                raise StartError(f"accounts.{index} ({account.name}): {e}") from None
-            except xerr.Retryable as e:
-                attempt += 1
-                logger.error("{}: cannot check the account on the exchange ({}); retry {} in {} s", account.name,
-                             e, attempt, self.config.recovery_retry_s)
-                await asyncio.sleep(self.config.recovery_retry_s)
+        await self._until_reachable(account, "cannot check the account on the exchange",
+                                    lambda: exchange.check_account(list(account.symbols)))
+
+    async def _until_reachable(self, account: AccountConfig, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` retried every `recovery_retry_s` while the venue is unreachable (5xx, 429, timeouts); a
+        refusal that retrying cannot change (a bad key, a missing permission) stops the start (StartError)."""
+        index, every = self.config.accounts.index(account), Backoff.fixed(self.config.recovery_retry_s)
+        try:
+            return await until_done(call, retry_on=(xerr.Retryable,), backoff=every,
+                                    on_retry=lambda attempt, e, delay: logger.error(
+                                        "{}: {} ({}); retry {} in {} s", account.name, what, e, attempt, delay))
+        except xerr.Fatal as e:
+            raise StartError(f"accounts.{index} ({account.name}): {e}") from None
 
     async def stop(self) -> None:
         """Graceful stop (see the module docstring); safe to call twice and after a failed start."""

@@ -23,11 +23,12 @@ from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
 from lifecycle.errors import OrderAlreadyGone, UnknownPosition
 from lifecycle.events import CloseFailed, CloseRequested, Flat, Reduced
-from lifecycle.live.context import LiveContext, S, exit_side, short
+from lifecycle.live.context import LiveContext, S, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.machines.states import FLATTENABLE, PROTECTED
 from lifecycle.record_kinds import Reduction
+from lifecycle.retry import RetryAbandoned, until_done
 
 
 class Closing:
@@ -100,8 +101,7 @@ class Closing:
                 logger.error("{} {} close rejected {} times; the position stays {} with its stop at {}",
                              self.ctx.account, position_id, retry, failed.dest, stop.trigger_price if stop else None)
                 return False
-            delay = min(max(self.ctx.config.retry_backoff_s, 0.05) * max(1, retry - self.ctx.config.close_retries),
-                        30.0)
+            delay = self.ctx.backoff.delay(max(1, retry - self.ctx.config.close_retries))
             if retry <= self.ctx.config.close_retries:
                 logger.warning("{} {} close rejected ({}); retry {} of {} in {}s", self.ctx.account, position_id,
                                short(error), retry, self.ctx.config.close_retries, delay)
@@ -143,7 +143,7 @@ class Closing:
         attempt = 0
         while not self.ctx.stopping:
             attempt += 1
-            await asyncio.sleep(min(max(self.ctx.config.retry_backoff_s, 0.05) * attempt, 30.0))
+            await asyncio.sleep(self.ctx.backoff.delay(attempt))
             current = self.ctx.engine.positions.get(position_id)
             if current is None or current.state not in (S.OPENING, S.CLOSING_BY_BOT) or \
                     self.ctx.entry_done(position_id):
@@ -178,38 +178,38 @@ class Closing:
         client_id = make_client_id(position_id, OrderPurpose.CLOSE, position.seq)
         if client_id not in position.orders:
             await self.ctx.engine.track_order(position_id, OrderRef(
-                client_id, position_id, position.symbol, OrderPurpose.CLOSE, exit_side(position.side), quantity))
-        attempt = 0
-        while True:
-            try:
-                answer = await self.ctx.exchange.close_position(position.symbol, position.side, quantity, client_id)
-            except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
-                # The first try arrived, or the position is already gone: the stream's flat ends it.
-                logger.info("{} {} {} close {}: {}", self.ctx.account, position.symbol, position_id, client_id,
-                            short(e))
-                if isinstance(e, xerr.ReduceOnlyRejected):
-                    self.close_found_flat.add(position_id)  # whatever flattened it, it was not this close
-                return None
-            except xerr.Retryable as e:
-                # The order may have landed: never "failed", stay CLOSING_BY_BOT (the stop stays too) and
-                # resend the same id (reduce-only, so a repeat can never over-close), slower and slower.
-                self.ctx.stats.exchange_errors += 1
-                attempt += 1
-                delay = min(max(self.ctx.config.retry_backoff_s, 0.05) * attempt, 30.0)
-                log = logger.warning if attempt <= self.ctx.config.close_retries else logger.error
-                log("{} {} {} close {} not confirmed ({}); resending the same id in {}s", self.ctx.account,
-                    position.symbol, position_id, client_id, short(e), delay)
-                await asyncio.sleep(delay)
-                current = self.ctx.engine.positions.get(position_id)
-                if current is None or current.state is not S.CLOSING_BY_BOT or self.ctx.stopping:
-                    return None
-                continue
-            except xerr.ExchangeError as e:
-                self.ctx.stats.exchange_errors += 1
-                await self.ctx.set_order_status(position_id, client_id, OrderStatus.REJECTED)
-                return e
-            await self.ctx.set_order_status(position_id, client_id, answer.status)
+                client_id, position_id, position.symbol, OrderPurpose.CLOSE, position.side.exit_order_side, quantity))
+        def resending(attempt: int, e: BaseException, delay: float) -> None:
+            # The order may have landed: never "failed", stay CLOSING_BY_BOT (the stop stays too) and resend
+            # the same id (reduce-only, so a repeat can never over-close), slower and slower.
+            self.ctx.stats.exchange_errors += 1
+            log = logger.warning if attempt <= self.ctx.config.close_retries else logger.error
+            log("{} {} {} close {} not confirmed ({}); resending the same id in {}s", self.ctx.account,
+                position.symbol, position_id, client_id, short(e), delay)
+
+        def moved_on() -> bool:
+            current = self.ctx.engine.positions.get(position_id)
+            return current is None or current.state is not S.CLOSING_BY_BOT or self.ctx.stopping
+
+        try:
+            answer = await until_done(
+                lambda: self.ctx.exchange.close_position(position.symbol, position.side, quantity, client_id),
+                retry_on=(xerr.Retryable,), backoff=self.ctx.backoff, on_retry=resending, give_up=moved_on)
+        except RetryAbandoned:
             return None
+        except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:
+            # The first try arrived, or the position is already gone: the stream's flat ends it.
+            logger.info("{} {} {} close {}: {}", self.ctx.account, position.symbol, position_id, client_id,
+                        short(e))
+            if isinstance(e, xerr.ReduceOnlyRejected):
+                self.close_found_flat.add(position_id)  # whatever flattened it, it was not this close
+            return None
+        except xerr.ExchangeError as e:
+            self.ctx.stats.exchange_errors += 1
+            await self.ctx.set_order_status(position_id, client_id, OrderStatus.REJECTED)
+            return e
+        await self.ctx.set_order_status(position_id, client_id, answer.status)
+        return None
 
     async def resume_close(self, position_id: str) -> None:
         position = self.ctx.engine.positions.get(position_id)

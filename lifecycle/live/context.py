@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import Decimal
 from typing import Any
 
 from loguru import logger
@@ -27,6 +27,7 @@ from lifecycle.engine import Engine
 from lifecycle.errors import EngineStopping, OrderAlreadyGone, UnknownPosition
 from lifecycle.live.config import LiveConfig, LiveStats, OpenCommand
 from lifecycle.machines.states import PositionState
+from lifecycle.retry import Backoff
 
 S = PositionState
 # A position without a stop for less than this is one whose stop is being placed right now: not yet an alarm.
@@ -64,6 +65,8 @@ class LiveContext:
         self.stats = LiveStats()
         self.marks: dict[str, Decimal] = {}
         self.min_interval = timedelta(seconds=config.trail_min_interval_s)
+        # The wait before retry n of a venue call: n x retry_backoff_s, never under 50 ms, never over 30 s.
+        self.backoff = Backoff(step_s=max(config.retry_backoff_s, 0.05), floor_s=0.05, max_s=30.0)
         self.positions: dict[str, PositionRuntime] = {}
         self.loaded: set[str] = set()  # positions loaded from the database at start (the books may be behind)
         self.placing: set[str] = set()  # positions whose entry is being sent (no answer yet)
@@ -155,9 +158,7 @@ class LiveContext:
 
     def round_stop(self, side: Side, symbol: str, raw: Decimal) -> Decimal:
         """Away from the mark, to the tick: a long's stop rounds down, a short's up."""
-        tick = self.tick(symbol)
-        rounding = ROUND_FLOOR if side is Side.LONG else ROUND_CEILING
-        return (raw / tick).to_integral_value(rounding=rounding) * tick
+        return side.round_stop(raw, self.tick(symbol))
 
     def tick(self, symbol: str) -> Decimal:
         tick = self._ticks.get(symbol)
@@ -167,7 +168,7 @@ class LiveContext:
 
     async def track(self, position: Position, client_id: str, purpose: OrderPurpose, quantity: Decimal,
                     price: Decimal, answer: OrderSnapshot) -> OrderRef:
-        ref = OrderRef(client_id, position.id, position.symbol, purpose, exit_side(position.side), quantity,
+        ref = OrderRef(client_id, position.id, position.symbol, purpose, position.side.exit_order_side, quantity,
                        answer.status if answer.status is not OrderStatus.NEW else OrderStatus.OPEN,
                        trigger_price=price, exchange_order_id=answer.exchange_order_id, algo_id=answer.algo_id)
         await self.engine.track_order(position.id, ref)
@@ -240,14 +241,6 @@ def multiple(value: Decimal, step: Decimal) -> bool:
         return value % step == 0
     except ArithmeticError:
         return False
-
-
-def entry_side(side: Side) -> str:
-    return "buy" if side is Side.LONG else "sell"
-
-
-def exit_side(side: Side) -> str:
-    return "sell" if side is Side.LONG else "buy"
 
 
 def short(e: BaseException) -> str:

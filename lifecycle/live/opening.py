@@ -23,7 +23,7 @@ from lifecycle.errors import InvalidEvent, OrderAlreadyGone, PositionConflict, S
 from lifecycle.events import CloseFailed, EntryFailed, EntryFilled
 from lifecycle.live.closing import Closing
 from lifecycle.live.config import OpenCommand
-from lifecycle.live.context import LiveContext, S, entry_side, multiple, short
+from lifecycle.live.context import LiveContext, S, multiple, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
@@ -77,7 +77,7 @@ class Opening:
                                                        trailing=command.trailing())
         self.ctx.runtime(position.id).plan = command
         client_id = make_client_id(position.id, OrderPurpose.ENTRY, 0)
-        ref = OrderRef(client_id, position.id, command.symbol, OrderPurpose.ENTRY, entry_side(command.side),
+        ref = OrderRef(client_id, position.id, command.symbol, OrderPurpose.ENTRY, command.side.entry_order_side,
                        command.quantity, OrderStatus.NEW, trigger_price=command.entry_price)
         try:
             await self.ctx.engine.track_order(position.id, ref)  # known before it is sent: a crash can look it up
@@ -125,7 +125,7 @@ class Opening:
         """Refuse what the venue would refuse, or what would hurt, before anything is created or sent."""
         if command.symbol not in self.ctx.symbols:
             raise InvalidEvent(f"{command.symbol} is not one of the watched symbols {self.ctx.symbols}")
-        other = Side.SHORT if command.side is Side.LONG else Side.LONG
+        other = command.side.opposite
         held = self.ctx.engine.live_position(self.ctx.account, command.symbol, other)
         if held is not None:
             # One-way mode nets a symbol's orders: this entry would reduce or flip our own position.
@@ -197,7 +197,7 @@ class Opening:
         not_found, attempt = 0, 0
         while not self.ctx.stopping:
             attempt += 1
-            await asyncio.sleep(min(max(self.ctx.config.retry_backoff_s, 0.05) * attempt, 30.0))
+            await asyncio.sleep(self.ctx.backoff.delay(attempt))
             if self.ctx.entry_done(position_id) or position_id not in self.ctx.engine.positions:
                 return
             if position_id in self.ctx.placing:

@@ -1,7 +1,6 @@
 """Restart recovery: the venue's word, before any order, on every position loaded from the database."""
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -17,6 +16,7 @@ from lifecycle.live.context import LiveContext, S, short
 from lifecycle.live.opening import Opening
 from lifecycle.live.stops import Stops
 from lifecycle.record_kinds import Recovery as RecoveryRecord
+from lifecycle.retry import Backoff, until_done
 
 
 class Recovery:
@@ -108,13 +108,8 @@ class Recovery:
         return counts
 
     async def until_reachable(self, what: str, call: Callable[[], Awaitable[Any]], retry_s: float) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except xerr.Retryable as e:
-                attempt += 1
-                logger.error("{}: recovery cannot read {} from the exchange ({}); nothing is done on the "
-                             "database's word alone; retry {} in {}s", self.ctx.account, what, short(e), attempt,
-                             retry_s)
-                await asyncio.sleep(retry_s)
+        return await until_done(call, retry_on=(xerr.Retryable,), backoff=Backoff.fixed(retry_s),
+                                on_retry=lambda attempt, e, delay: logger.error(
+                                    "{}: recovery cannot read {} from the exchange ({}); nothing is done on the "
+                                    "database's word alone; retry {} in {}s", self.ctx.account, what, short(e),
+                                    attempt, delay))

@@ -25,7 +25,7 @@ from lifecycle.errors import OrderAlreadyGone, TransitionRefused, UnknownPositio
 from lifecycle.events import StopMoved
 from lifecycle.guards.predicates import is_stop_improvement, is_stop_on_safe_side
 from lifecycle.live.config import OpenCommand
-from lifecycle.live.context import LiveContext, exit_side, short
+from lifecycle.live.context import LiveContext, short
 from lifecycle.live.stream_view import StreamView
 from lifecycle.machines.states import PROTECTED
 from lifecycle.record_kinds import StopMove
@@ -161,7 +161,7 @@ class Stops:
                         await self.ctx.track_foreign_stop(position, client_id, found, target, quantity)
                         self.ctx.spawn(self.request(position_id, None, None, "sync"), f"stop check of {position_id}")
                     return self.stop_failed(position, target, mode, e)
-                await asyncio.sleep(self.ctx.config.retry_backoff_s * (attempt + 1))
+                await asyncio.sleep(self.ctx.backoff.delay(attempt + 1))
                 # The attempt may have landed (a lost answer): that is the answer, never a second order.
                 found = await self.ctx.open_order_by_client_id(symbol, client_id)
                 current = self.ctx.engine.positions.get(position_id)
@@ -170,7 +170,7 @@ class Stops:
                     # cancelled rather than left to act on the symbol's next position.
                     if found is not None:
                         await self.ctx.cancel_quietly(OrderRef(client_id, position_id, symbol, OrderPurpose.STOP,
-                                                            exit_side(side), quantity, OrderStatus.OPEN, target,
+                                                            side.exit_order_side, quantity, OrderStatus.OPEN, target,
                                                             found.exchange_order_id, found.algo_id))
                     return StopResult.SKIPPED
                 if found is not None and found.trigger_price == target and found.quantity == quantity:
@@ -196,7 +196,7 @@ class Stops:
             await self.ctx.track(position, client_id, OrderPurpose.STOP, quantity, target, answer)
         except UnknownPosition:  # ended while the order was in flight and its cleanup is done: undo
             await self.ctx.cancel_quietly(OrderRef(client_id, position_id, symbol, OrderPurpose.STOP,
-                                                exit_side(side), quantity, OrderStatus.OPEN, target,
+                                                side.exit_order_side, quantity, OrderStatus.OPEN, target,
                                                 answer.exchange_order_id, answer.algo_id))
             return StopResult.SKIPPED
         for previous in old:
@@ -383,7 +383,7 @@ class Stops:
             await self.ctx.track(position, client_id, OrderPurpose.TAKE_PROFIT, position.quantity, price, answer)
         except UnknownPosition:
             await self.ctx.cancel_quietly(OrderRef(client_id, position_id, position.symbol, OrderPurpose.TAKE_PROFIT,
-                                                exit_side(position.side), position.quantity, OrderStatus.OPEN,
+                                                position.side.exit_order_side, position.quantity, OrderStatus.OPEN,
                                                 price, answer.exchange_order_id, answer.algo_id))
 
     def initial_target(self, position: Position, plan: OpenCommand | None = None, *,

@@ -22,8 +22,9 @@ from exchange.port import Fill, OrderSnapshot, PositionSnapshot, StreamHealth
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseCause, OrderPurpose, Position
-from lifecycle.live.context import LiveContext, exit_side, short
+from lifecycle.live.context import LiveContext, short
 from lifecycle.record_kinds import ClosureAmended
+from lifecycle.retry import Backoff
 
 
 @dataclass(slots=True)
@@ -106,8 +107,9 @@ class StreamView:
         and amend the closure (`closure_amended`) if it was recorded with cause `unknown` (chaos seed 501078:
         REST timed out under load; the fill that flattened it came before the entry was taken in, so no later
         fill update would ever amend it)."""
-        for attempt in range(tries):
-            await asyncio.sleep(min(self.ctx.config.cause_rest_timeout_s * 2 ** attempt, 30.0))
+        slower = Backoff(step_s=self.ctx.config.cause_rest_timeout_s, max_s=30.0, doubling=True)
+        for attempt in range(1, tries + 1):
+            await asyncio.sleep(slower.delay(attempt))
             if position.id in self.ctx.engine.positions and not self.ctx.engine.positions[position.id].is_terminal:
                 continue  # not ended yet (the flat is being committed)
             if position.id not in self.unexplained:
@@ -132,7 +134,7 @@ class StreamView:
         same position is then not found here (the flat's cause stays with the stream's fill, or unknown)."""
         # Binance answers at most 7 days per query (ccxt sends endTime = since + 7 days): the closing fill is
         # recent, so ask for the last 6 days of an older position, not for its first week.
-        closing = exit_side(position.side)
+        closing = position.side.exit_order_side
         candidates: list[Fill] = []
         for back in (timedelta(minutes=10), timedelta(days=6)):  # Binance lists oldest first from the start
             since = max(position.created_at, self.ctx.engine.clock() - back)
@@ -167,7 +169,7 @@ class StreamView:
         closure is amended by a `closure_amended` record (the journal stays as it was)."""
         ours = parse_client_id(client_id)
         for position_id, (position, closed_at) in list(self.unexplained.items()):
-            if position.symbol != order.symbol or order.side != exit_side(position.side):
+            if position.symbol != order.symbol or order.side != position.side.exit_order_side:
                 continue
             if ours is not None and ours.position_id != position_id:
                 continue  # an order of another position of ours (a reversal's entry): it explains nothing here
@@ -199,7 +201,7 @@ class StreamView:
         unused fills there add up to what the update took off the position: a partial close by someone else
         is not what flattened it when another fill (a settlement, a liquidation) took the rest and its update
         has not come yet (chaos soak seed 502732). Of several, one whose order took exactly that much."""
-        closing = exit_side(position.side)
+        closing = position.side.exit_order_side
         earliest = snap.at - timedelta(seconds=1)
         entered = self.ctx.entry_at(position.id)
         if entered is not None and entered > earliest:
