@@ -66,6 +66,10 @@ async def journaled(url: str, n: int, concurrent: bool) -> float:
             await drive(pid)
     rate = n * len(events) / (time.perf_counter() - started)
     assert not engine.positions, "every position should have reached CLOSED"
+    stats = getattr(repo, "batch_stats", None)
+    if stats is not None and stats.batches:
+        print(f"    ({stats.members:,} commits in {stats.batches:,} transactions, {stats.members / stats.batches:.1f} "
+              f"per transaction, largest {stats.largest})")
     await repo.close()
     return rate
 

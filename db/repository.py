@@ -3,12 +3,26 @@
 `commit` writes a transition atomically: the position row (guarded by its journal sequence number,
 so a stale writer fails instead of overwriting), the journal row, the trailing state, and for a
 terminal transition the closure row, in one database transaction.
+
+Group commit (issue 13): transitions of different positions that are ready at the same moment share one
+database transaction (one fsync). `commit` puts the transition in a queue and waits for its own outcome;
+a writer task takes everything queued at once and writes it: a lone transition goes alone and at once
+(nothing waits for company), while the transitions that arrive during a write form the next batch. In a
+batch, the journal-sequence guard is checked first for every member (`SELECT ... FOR UPDATE` on
+PostgreSQL; SQLite's single writer is held by this process's write lock); a stale member fails alone with
+`ConcurrentModification` and the others are written with one executemany per statement. A batch the
+database refuses as a whole (a constraint, a guard that moved between the check and the write) is
+written again member by member, so each member gets its own answer; a batch that fails (the database
+down) fails each of its members with the error. A member is acknowledged only after its transaction
+committed: `synchronous=FULL` on SQLite, a durable commit on PostgreSQL.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -67,11 +81,49 @@ _UPDATE_TRAILING = (
 _DELETE_TRAILING = trailing_states.delete().where(trailing_states.c.position_id == sa.bindparam("_id"))
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One transition waiting for its batch."""
+
+    position: Position
+    outcome: Outcome
+    done: asyncio.Future[None]
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0  # transactions written by the batch writer (a lone transition is a batch of one)
+    members: int = 0  # transitions written through them
+    largest: int = 0
+    stale: int = 0  # members refused alone by the journal-sequence guard
+    one_by_one: int = 0  # batches refused as a whole and written again member by member
+    sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))  # the latest batch sizes
+
+
+class _BatchRefused(Exception):
+    """The batch as a whole was refused (a constraint, or a guard that moved under it): write one by one."""
+
+
 class Repository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, batch_max: int = 500, writers: int | None = None) -> None:
+        """`batch_max`: the most transitions in one transaction. `writers`: how many batches may be written
+        at once (SQLite: 1, its one writer; PostgreSQL: 4 by default, each on its own pooled connection)."""
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be >= 1, got {batch_max}")
         self.engine = engine
+        sqlite = engine.dialect.name == "sqlite"
         # SQLite has one writer; queueing writers here avoids busy-waiting inside the driver.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._write_lock = asyncio.Lock() if sqlite else None
+        self._lock_rows = not sqlite  # PostgreSQL: the guard check locks the rows it read (FOR UPDATE)
+        self._sane_multi_rowcount = engine.dialect.supports_sane_multi_rowcount
+        self.batch_max = batch_max
+        self.writers = writers if writers is not None else (1 if sqlite else 4)
+        if self.writers < 1:
+            raise ValueError(f"writers must be >= 1, got {self.writers}")
+        self.batch_stats = BatchStats()
+        self._pending: deque[_Pending] = deque()
+        self._writing = 0  # batch writer tasks running
+        self._writer_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, url: str, *, run_migrations: bool = True, **engine_kwargs: Any) -> Repository:
@@ -81,6 +133,8 @@ class Repository:
         return cls(engine)
 
     async def close(self) -> None:
+        if self._writer_tasks:  # transitions already handed over are written (or fail) before the pool goes
+            await asyncio.gather(*self._writer_tasks, return_exceptions=True)
         await self.engine.dispose()
 
     @contextlib.asynccontextmanager
@@ -121,12 +175,118 @@ class Repository:
             raise
 
     async def commit(self, position: Position, outcome: Outcome) -> None:
-        """Persist an accepted transition of `position` (already changed in memory) atomically."""
+        """Persist an accepted transition of `position` (already changed in memory) atomically; returns once
+        it is durable. Transitions committed at the same moment share a transaction (see the module
+        docstring); the answer, and any error, is this transition's own."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(position, outcome, done))
+        if self._writing < self.writers:
+            self._writing += 1
+            task = asyncio.ensure_future(self._write_batches())
+            self._writer_tasks.add(task)
+            task.add_done_callback(self._writer_tasks.discard)
+        await done
+
+    async def _write_batches(self) -> None:
+        """Write what is queued, a batch at a time, until nothing is."""
+        try:
+            while self._pending:
+                batch: list[_Pending] = []
+                seen: set[str] = set()
+                later: list[_Pending] = []
+                while self._pending and len(batch) < self.batch_max:
+                    item = self._pending.popleft()
+                    if item.done.cancelled():
+                        continue  # its caller gave up before it was taken: never written
+                    if item.position.id in seen:
+                        later.append(item)  # one transition per position per batch (the guard reads once)
+                        continue
+                    seen.add(item.position.id)
+                    batch.append(item)
+                self._pending.extendleft(reversed(later))
+                if batch:
+                    await self._write_batch(batch)
+        finally:
+            self._writing -= 1
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        stats = self.batch_stats
+        stats.batches += 1
+        stats.members += len(batch)
+        stats.largest = max(stats.largest, len(batch))
+        stats.sizes.append(len(batch))
+        if len(batch) == 1:
+            item = batch[0]
+            _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome)))
+            return
+        try:
+            stale = await self._commit_many(batch)
+        except _BatchRefused:
+            stats.one_by_one += 1
+            for item in batch:
+                _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome)))
+            return
+        except Exception as e:  # noqa: BLE001 - the batch failed: each member fails with the error
+            for item in batch:
+                _settle(item, e)
+            return
+        stats.stale += len(stale)
+        for item in batch:
+            _settle(item, stale.get(item.position.id))
+
+    async def _commit_one(self, position: Position, outcome: Outcome) -> None:
         entry = outcome.journal
         try:
             await self._commit(position, outcome, entry)
         except IntegrityError as e:  # a constraint, not an outage: retrying cannot help
             raise StoreRefused(f"position {position.id} #{entry.seq}: {str(e.orig).splitlines()[0]}") from e
+
+    async def _commit_many(self, batch: list[_Pending]) -> dict[str, ConcurrentModification]:
+        """Write the batch in one transaction; returns the members the guard refused (not written)."""
+        stale: dict[str, ConcurrentModification] = {}
+        try:
+            async with self._write() as conn:
+                check = sa.select(positions.c.id, positions.c.seq).where(
+                    positions.c.id.in_([item.position.id for item in batch]))
+                if self._lock_rows:
+                    check = check.with_for_update()
+                stored = {row[0]: row[1] for row in await conn.execute(check)}
+                good = []
+                for item in batch:
+                    position, seq = item.position, item.outcome.journal.seq
+                    if stored.get(position.id) != seq - 1:
+                        stale[position.id] = ConcurrentModification(
+                            f"position {position.id}: row is not at seq {seq - 1}; refusing to overwrite")
+                    else:
+                        good.append(item)
+                if not good:
+                    return stale
+                rows = []
+                for item in good:
+                    values = _position_values(item.position)
+                    values["_id"], values["_prev_seq"] = item.position.id, item.outcome.journal.seq - 1
+                    rows.append(values)
+                result = await conn.execute(_UPDATE_POSITION, rows)
+                if self._sane_multi_rowcount and result.rowcount != len(rows):
+                    raise _BatchRefused(f"{result.rowcount} of {len(rows)} position rows matched their guard")
+                await conn.execute(_INSERT_JOURNAL, [_journal_values(item.outcome.journal) for item in good])
+                gone = [{"_id": item.position.id} for item in good if item.position.trailing is None]
+                if gone:
+                    await conn.execute(_DELETE_TRAILING, gone)
+                kept = []
+                for item in good:
+                    if item.position.trailing is not None:
+                        values = _trailing_values(item.position)
+                        values["_id"] = values.pop("position_id")
+                        kept.append(values)
+                if kept:
+                    await conn.execute(_UPDATE_TRAILING, kept)
+                ended = [_closure_values(item.outcome.closure) for item in good if item.outcome.closure is not None]
+                if ended:
+                    await conn.execute(closures.insert(), ended)
+        except IntegrityError as e:
+            raise _BatchRefused(str(e.orig).splitlines()[0]) from e
+        return stale
 
     async def _commit(self, position: Position, outcome: Outcome, entry: JournalEntry) -> None:
         async with self._write() as conn:
@@ -389,3 +549,21 @@ def _journal_from_row(r: Any) -> JournalEntry:
         cause=r.cause,
         payload=r.payload,
     )
+
+
+async def _outcome_of(work: Any) -> BaseException | None:
+    try:
+        await work
+    except Exception as e:  # noqa: BLE001 - handed to the member's own caller
+        return e
+    return None
+
+
+def _settle(item: _Pending, error: BaseException | None) -> None:
+    """Answer the member's caller (unless it stopped waiting: the write stands either way)."""
+    if item.done.done():
+        return
+    if error is None:
+        item.done.set_result(None)
+    else:
+        item.done.set_exception(error)

@@ -1,0 +1,170 @@
+"""Group commit (issue 13): transitions of different positions that are ready together share one transaction,
+and every guarantee of a lone commit holds for each member. On a SQLite file and on PostgreSQL."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from decimal import Decimal as D
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from db.repository import Repository, closures
+from lifecycle.domain import CloseReason, Side, TrailingState
+from lifecycle.engine import Engine
+from lifecycle.errors import ConcurrentModification, StoreRefused
+from lifecycle.events import CloseRequested, EntryFilled, Event, Flat, StopMoved, TsActivated
+from lifecycle.journal import Outcome
+from lifecycle.replay import replay
+from tests.storage_faults import DriverErrors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT: list[Event] = [EntryFilled(quantity=D(1), price=D(100))]
+SCRIPT += [StopMoved(stop_price=D(90 + i), mark=D(100 + i)) for i in range(4)]
+SCRIPT += [TsActivated(mark=D(111)), CloseRequested(reason=CloseReason.SIGNAL), Flat(exit_price=D(111))]
+
+
+async def _open(engine: Engine, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        p = await engine.open_position(account="acct", symbol=f"S{i}", side=Side.LONG, quantity=D(1),
+                                       trailing=TrailingState(activation_price=D(110), callback_rate=D(1)))
+        ids.append(p.id)
+    return ids
+
+
+async def _outcome(engine: Engine, position_id: str, event: Event) -> tuple[object, Outcome]:
+    """What `Engine.fire` would commit for `event`, without committing it."""
+    draft = engine.positions[position_id].clone()
+    return draft, await engine.machine.apply(draft, event, engine.clock())
+
+
+async def test_concurrent_transitions_share_transactions_and_each_journal_replays(engine: Engine,
+                                                                                 repo: Repository) -> None:
+    ids = await _open(engine, 40)
+    before = repo.batch_stats.members
+
+    async def drive(position_id: str) -> None:
+        for event in SCRIPT:
+            await engine.fire(position_id, event)
+
+    await asyncio.gather(*(drive(pid) for pid in ids))
+    stats = repo.batch_stats
+    assert stats.members - before == 40 * len(SCRIPT)
+    assert stats.largest > 1, "transitions ready together were committed one transaction each"
+    for pid in ids:  # per-position order kept under load: every journal complete, in order, replayable
+        entries = await repo.journal(pid)
+        assert [e.seq for e in entries] == list(range(len(SCRIPT) + 1))
+        replayed = await replay(entries)
+        stored = await repo.get_position(pid)
+        assert stored is not None and replayed.state is stored.state and stored.state.is_terminal
+        assert await repo.closure(pid) is not None
+
+
+async def test_a_stale_member_fails_alone_and_the_rest_of_its_batch_commits(engine: Engine,
+                                                                           repo: Repository) -> None:
+    a, b, c = await _open(engine, 3)
+    old_b, stale_outcome = await _outcome(engine, b, EntryFilled(quantity=D(1), price=D(100)))
+    await engine.fire(b, EntryFilled(quantity=D(1), price=D(100)))  # another writer moved b on first
+    drafts = [await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100))) for pid in (a, c)]
+    batches = repo.batch_stats.batches
+    results = await asyncio.gather(repo.commit(drafts[0][0], drafts[0][1]),  # type: ignore[arg-type]
+                                   repo.commit(old_b, stale_outcome),  # type: ignore[arg-type]
+                                   repo.commit(drafts[1][0], drafts[1][1]),  # type: ignore[arg-type]
+                                   return_exceptions=True)
+    assert repo.batch_stats.batches == batches + 1 and repo.batch_stats.sizes[-1] == 3  # one batch of three
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], ConcurrentModification)
+    assert [e.seq for e in await repo.journal(a)] == [0, 1] and [e.seq for e in await repo.journal(c)] == [0, 1]
+    assert [e.event for e in await repo.journal(b)] == ["created", "entry_filled"]  # written once, not twice
+
+
+async def test_a_member_the_database_refuses_fails_alone_with_its_own_error(engine: Engine, repo: Repository) -> None:
+    ids = await _open(engine, 3)
+    for pid in ids:
+        for event in SCRIPT[:-1]:
+            await engine.fire(pid, event)
+    victim = ids[1]
+    async with repo.engine.begin() as conn:  # a closure row already there: the terminal commit breaks a key
+        await conn.execute(closures.insert().values(
+            position_id=victim, account="acct", symbol="S1", side="long", state="CLOSED", cause="bot",
+            reason="signal", quantity=D(1), entry_price=D(100), exit_price=D(111), opened_at=engine.clock(),
+            closed_at=engine.clock()))
+    one_by_one = repo.batch_stats.one_by_one
+    results = await asyncio.gather(*(engine.fire(pid, Flat(exit_price=D(111))) for pid in ids),
+                                   return_exceptions=True)
+    assert isinstance(results[1], StoreRefused), results
+    assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException), results
+    assert repo.batch_stats.one_by_one == one_by_one + 1
+    for pid in (ids[0], ids[2]):
+        stored = await repo.get_position(pid)
+        assert stored is not None and stored.state.is_terminal
+
+
+async def test_a_failed_batch_fails_each_of_its_members_and_the_next_batch_commits(engine: Engine,
+                                                                                  repo: Repository) -> None:
+    ids = await _open(engine, 4)
+    drafts = [await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100))) for pid in ids]
+    faults = DriverErrors(repo.engine)
+    faults.on()
+    try:
+        results = await asyncio.gather(*(repo.commit(d, o) for d, o in drafts),  # type: ignore[arg-type]
+                                       return_exceptions=True)
+    finally:
+        faults.off()
+    assert all(isinstance(r, sa.exc.OperationalError) for r in results), results
+    assert [e.seq for e in await repo.journal(ids[0])] == [0]  # nothing of the failed batch was written
+    await asyncio.gather(*(repo.commit(d, o) for d, o in drafts))  # type: ignore[arg-type]
+    for pid in ids:
+        assert [e.seq for e in await repo.journal(pid)] == [0, 1]
+
+
+async def test_a_lone_transition_is_written_at_once_in_a_batch_of_one(engine: Engine, repo: Repository) -> None:
+    [pid] = await _open(engine, 1)
+    batches = repo.batch_stats.batches
+    await engine.fire(pid, EntryFilled(quantity=D(1), price=D(100)))
+    assert repo.batch_stats.batches == batches + 1 and repo.batch_stats.sizes[-1] == 1
+
+
+def test_a_repository_refuses_impossible_batch_settings() -> None:
+    engine = sa.ext.asyncio.create_async_engine("sqlite+aiosqlite://")
+    with pytest.raises(ValueError, match="batch_max"):
+        Repository(engine, batch_max=0)
+    with pytest.raises(ValueError, match="writers"):
+        Repository(engine, writers=0)
+
+
+async def test_a_sigkill_in_the_middle_of_batches_keeps_every_acknowledged_transition(db_url: str) -> None:
+    """A real process commits batches of 30 positions' transitions and is SIGKILLed mid-stream: every
+    transition it acknowledged is on disk, and every journal replays to the stored row."""
+    url = db_url
+    await (await Repository.open(url)).close()  # the schema, before the child starts
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.batch_crash_child", url, "30", cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE)
+    acked: dict[str, int] = {}
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(60):
+            assert (await child.stdout.readline()).strip() == b"READY"
+            while sum(acked.values()) < 900:  # ~30 batches in
+                line = (await child.stdout.readline()).decode().split()
+                assert line and line[0] == "ACK", line
+                acked[line[1]] = max(acked.get(line[1], 0), int(line[2]))
+    finally:
+        child.kill()  # SIGKILL: no cleanup, whatever batch is in flight is cut off
+        await child.wait()
+    repo = await Repository.open(url)
+    try:
+        for position_id, seq in acked.items():
+            entries = await repo.journal(position_id)
+            stored = await repo.get_position(position_id)
+            assert stored is not None and stored.seq >= seq, (position_id, seq, stored)
+            assert [e.seq for e in entries] == list(range(stored.seq + 1))
+            replayed = await replay(entries)
+            assert (replayed.state, replayed.stop_price, replayed.seq) == (stored.state, stored.stop_price, stored.seq)
+    finally:
+        await repo.close()
