@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.repository import Repository, closures
 from lifecycle.domain import CloseReason, Side, TrailingState
@@ -130,7 +131,7 @@ async def test_a_lone_transition_is_written_at_once_in_a_batch_of_one(engine: En
 
 
 def test_a_repository_refuses_impossible_batch_settings() -> None:
-    engine = sa.ext.asyncio.create_async_engine("sqlite+aiosqlite://")
+    engine = create_async_engine("sqlite+aiosqlite://")
     with pytest.raises(ValueError, match="batch_max"):
         Repository(engine, batch_max=0)
     with pytest.raises(ValueError, match="writers"):
