@@ -77,11 +77,17 @@ async def journaled(url: str, n: int, concurrent: bool) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=200)
+    parser.add_argument("--default-gc", action="store_true", help="leave the garbage collector's defaults")
     parser.add_argument("--pg", help="also measure on PostgreSQL (a scratch database is made from this admin URL)")
     args = parser.parse_args()
     from loguru import logger
 
     logger.remove()
+    if not args.default_gc:
+        from lifecycle.app.service import tune_gc
+
+        tune_gc()  # as the service does once started
+        print("(garbage collector tuned as `lifecycle run` tunes it; --default-gc for CPython's defaults)")
     n = args.positions
     print(f"pure machine, no database:         {await pure_machine(n * 5):>8,.0f} transitions/s")
     for concurrent in (False, True):

@@ -174,10 +174,11 @@ class Repository:
                 ) from None
             raise
 
-    async def commit(self, position: Position, outcome: Outcome) -> None:
-        """Persist an accepted transition of `position` (already changed in memory) atomically; returns once
-        it is durable. Transitions committed at the same moment share a transaction (see the module
-        docstring); the answer, and any error, is this transition's own."""
+    def commit(self, position: Position, outcome: Outcome) -> asyncio.Future[None]:
+        """Persist an accepted transition of `position` (already changed in memory) atomically: the future
+        resolves once it is durable. Transitions committed at the same moment share a transaction (see the
+        module docstring); the answer, and any error, is this transition's own. (A future, not a coroutine:
+        awaiting it costs no task, on the path of every transition.)"""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(position, outcome, done))
         if self._writing < self.writers:
@@ -185,7 +186,7 @@ class Repository:
             task = asyncio.ensure_future(self._write_batches())
             self._writer_tasks.add(task)
             task.add_done_callback(self._writer_tasks.discard)
-        await done
+        return done
 
     async def _write_batches(self) -> None:
         """Write what is queued, a batch at a time, until nothing is."""

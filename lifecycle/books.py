@@ -78,31 +78,66 @@ class Books:
                     done: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Write through `call()`; on failure or timeout queue it. ConcurrentModification and StoreRefused
         propagate (a stale writer, a failed constraint: definite answers, never queued); every other failure
-        is the store's and is queued."""
+        is the store's and is queued. Cancelling the caller does not cancel the write."""
+        await asyncio.shield(self.submit(what, call, done))
+
+    def submit(self, what: str, call: Callable[[], Awaitable[Any]],
+               done: Callable[[], Awaitable[bool]] | None = None) -> asyncio.Future[None]:
+        """`write`, as a future that resolves when the write is in the store or queued (or fails with
+        ConcurrentModification / StoreRefused). Driven by callbacks, not a task: the hot path of every
+        transition goes through here (issue 13)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[None] = loop.create_future()
         if self._queue:
             self._enqueue(_Write(what, call, done))
-            return
-        attempt = asyncio.ensure_future(call())
-        while True:
-            finished, _ = await asyncio.wait({attempt}, timeout=self.timeout_s)
-            if finished:
-                break
+            answer.set_result(None)
+            return answer
+        attempt = asyncio.ensure_future(call())  # a store that returns a future runs no extra task here
+        timer: asyncio.TimerHandle | None = None
+
+        queued = False
+
+        def queue_it(inflight: asyncio.Future[Any] | None) -> None:
+            nonlocal queued
+            queued = True
+            self._enqueue(_Write(what, call, done, inflight=inflight))
+            if not answer.done():
+                answer.set_result(None)
+
+        def on_timeout() -> None:
+            nonlocal timer
+            if queued or attempt.done():
+                return
             # Busy is not stuck: while other writes complete (a burst queued on SQLite's one writer), wait on.
             if self.monotonic() - self._progress >= self.timeout_s:
                 self._failed(what, f"no write completed for {self.timeout_s:g} s")
-                self._enqueue(_Write(what, call, done, inflight=attempt))
-                return
-            if self._queue:  # another writer found the store stuck meanwhile: keep the order, queue behind it
-                self._enqueue(_Write(what, call, done, inflight=attempt))
-                return
-        error = attempt.exception() if not attempt.cancelled() else asyncio.CancelledError()
-        if error is None:
-            self._progress = self.monotonic()
-            return
-        if isinstance(error, (ConcurrentModification, StoreRefused)):
-            raise error
-        self._failed(what, _describe(error))
-        self._enqueue(_Write(what, call, done))
+                queue_it(attempt)
+            elif self._queue:  # another writer found the store stuck meanwhile: keep the order, queue behind it
+                queue_it(attempt)
+            else:
+                timer = loop.call_later(self.timeout_s, on_timeout)
+
+        def on_done(finished: asyncio.Future[Any]) -> None:
+            if timer is not None:
+                timer.cancel()
+            if queued:
+                return  # queued after a timeout: the flusher takes this attempt's outcome
+            # (Even if nobody waits for the answer any more, a failed write is queued, never dropped.)
+            error = finished.exception() if not finished.cancelled() else asyncio.CancelledError()
+            if error is None:
+                self._progress = self.monotonic()
+                if not answer.done():
+                    answer.set_result(None)
+            elif isinstance(error, (ConcurrentModification, StoreRefused)):
+                if not answer.done():
+                    answer.set_exception(error)
+            else:
+                self._failed(what, _describe(error))
+                queue_it(None)
+
+        timer = loop.call_later(self.timeout_s, on_timeout)
+        attempt.add_done_callback(on_done)
+        return answer
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every queued write is in the store (True), or `timeout_s` passed (False)."""

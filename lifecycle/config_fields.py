@@ -26,9 +26,11 @@ def setting(default: T, **limits: float) -> T:
 
 
 def check_limits(config: Any, what: str) -> None:
-    """ValueError naming every field of the dataclass `config` outside its limits (None is "unset")."""
-    bad = [f"{f.name} = {getattr(config, f.name)!r}" for f in fields(config)
-           if getattr(config, f.name) is not None
-           and not all(LIMITS[kind](getattr(config, f.name), bound) for kind, bound in f.metadata.items())]
+    """ValueError naming every field of the dataclass `config` outside its limits. None passes only for a
+    field whose default is None ("unset", e.g. `max_age_s`)."""
+    bad = [f"{f.name} = {getattr(config, f.name)!r}" for f in fields(config) if f.metadata
+           and not (getattr(config, f.name) is None and f.default is None)
+           and (getattr(config, f.name) is None
+                or not all(LIMITS[kind](getattr(config, f.name), bound) for kind, bound in f.metadata.items()))]
     if bad:
         raise ValueError(f"invalid {what} setting(s): {', '.join(bad)}")

@@ -173,14 +173,16 @@ class Engine:
                 self.metrics.refused[(refusal.state, refusal.event, why)] += 1
                 logger.warning("{} {}: {}", live.account, live.symbol, refusal)
                 raise
-            cancelled = await _finish(self._commit(draft, outcome))
+            cancelled = await self._commit(draft, outcome)
         if outcome.actions:
             cancelled |= await _finish(self._run(outcome.actions))
         if cancelled:
             raise asyncio.CancelledError
         return outcome
 
-    async def _commit(self, draft: Position, outcome: Outcome) -> None:
+    async def _commit(self, draft: Position, outcome: Outcome) -> bool:
+        """Write the transition (through the books), then make the draft the live position. Runs to the end
+        even if the caller is cancelled meanwhile; returns whether it was (the caller raises it after)."""
         # The committed draft is not changed after this (later events work on clones; only its working-order
         # dict, which a commit does not write, is), so a queued retry can write it as it is.
         seq = outcome.journal.seq
@@ -190,10 +192,16 @@ class Engine:
             return stored is not None and stored.seq >= seq
 
         try:
-            await self.books.write(f"commit {draft.id} #{seq}", lambda: self.store.commit(draft, outcome), written)
+            cancelled = await _outlast(self.books.submit(f"commit {draft.id} #{seq}",
+                                                         lambda: self.store.commit(draft, outcome), written))
         except ConcurrentModification:
-            await self._reload(draft.id)  # another writer moved it on: take the stored truth, then refuse
+            # another writer moved it on: take the stored truth, then refuse
+            await _finish(self._reload(draft.id))
             raise
+        self._committed(draft, outcome)
+        return cancelled
+
+    def _committed(self, draft: Position, outcome: Outcome) -> None:
         self.positions[draft.id] = draft
         self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
         self.records.emit(TransitionRecord(
@@ -334,6 +342,23 @@ class Engine:
             self._forget(action.position_id)
         else:  # pragma: no cover - the Action union is closed
             raise TypeError(f"unknown action {action!r}")
+
+
+async def _outlast(work: asyncio.Future[None]) -> bool:
+    """Wait for `work` (a future that runs on its own) even if the caller is cancelled meanwhile; say
+    whether it was. `_finish` for work that is already a future: no task is made for it."""
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(work)
+            return cancelled
+        except asyncio.CancelledError:
+            if work.done() and work.cancelled():
+                raise
+            cancelled = True
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
 
 
 async def _finish(work: Awaitable[None]) -> bool:

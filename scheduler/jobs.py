@@ -63,7 +63,6 @@ class JobStats:
     runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (job, outcome) -> count
     last_duration_ms: dict[str, float] = field(default_factory=dict)
     total_duration_ms: dict[str, float] = field(default_factory=dict)
-    orphans_cancelled: int = 0
 
 
 SUSPECT_AUDIT_S = 10.0  # the shortest interval between venue-wide audits while something is suspect
@@ -222,7 +221,6 @@ class ReconciliationScheduler:
     async def sweep_orphans(self) -> str:
         """Cancel working orders of ours whose position is not live here; never touch anyone else's."""
         sweep = await self.commands.sweep_orphans()
-        self.stats.orphans_cancelled += sweep.cancelled
         return (f"{sweep.cancelled} orphan(s) cancelled, {sweep.foreign} order(s) not ours left alone"
                 + (f", {sweep.undecided} left for the next sweep (database failing)" if sweep.undecided else ""))
 

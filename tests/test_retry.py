@@ -68,3 +68,12 @@ async def test_until_done_stops_when_told_to_give_up_after_a_wait() -> None:
     with pytest.raises(RetryAbandoned) as abandoned:
         await until_done(call, retry_on=(TimeoutError,), backoff=Backoff(0.1), sleep=Sleeps(), give_up=give_up)
     assert call.calls == 2 and str(abandoned.value.last) == "1"
+
+
+def test_a_config_field_refuses_none_unless_none_is_its_default() -> None:
+    from lifecycle.reconciler import ReconcileConfig
+    from scheduler.jobs import ScheduleConfig
+
+    with pytest.raises(ValueError, match="grace_ms"):
+        ReconcileConfig(grace_ms=None)  # type: ignore[arg-type]
+    assert ScheduleConfig(max_age_s=None).max_age_s is None  # "unset" is its default

@@ -84,6 +84,7 @@ async def test_the_orphan_sweep_cancels_ours_only(rig: Rig) -> None:
     scheduler = ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig())
     summary = await scheduler.sweep_orphans()
     assert summary.startswith("1 orphan(s) cancelled")
+    assert rig.live.stats.orphans_cancelled == 1  # counted per cancel, as it happens
     left = {a.client_id for a in rig.sim.venue.open_algos(rig.account, "ETHUSDT")}
     assert orphan not in left and "web_someone_elses" in left
     assert any(cid.startswith(f"lc-{p.id}-s") for cid in left)  # the live position's stop stays

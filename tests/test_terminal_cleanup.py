@@ -124,3 +124,18 @@ async def test_a_failed_cancel_does_not_undo_the_close_and_is_counted(
     assert engine.metrics.action_failures["cancel_order"] == 1
     # Still open in the database: the orphan sweep will find it; nothing pretends it was cancelled.
     assert stop.client_id in stored.orders
+
+
+def test_the_closure_record_goes_out_before_the_cancellations_and_memory_is_dropped_last() -> None:
+    """Issue 13: in a cascade the cleanup cancels queue behind the venue's rate limit for seconds; the record
+    of a committed closure must not wait for them."""
+    from lifecycle.actions import CancelWorkingOrders, DropPosition, EmitClosure, ReleaseStopLock
+    from lifecycle.domain import CloseCause, Position, Side, utcnow
+    from lifecycle.guards.cleanup import terminal_cleanup
+    from lifecycle.machines.states import PositionState
+
+    now = utcnow()
+    position = Position(id="p1", account="a", symbol="BTCUSDT", side=Side.LONG, state=PositionState.CLOSED_EXTERNAL,
+                        requested_quantity=D(1), created_at=now, updated_at=now, close_cause=CloseCause.LIQUIDATION)
+    kinds = [type(a) for a in terminal_cleanup(position, now)]
+    assert kinds == [ReleaseStopLock, EmitClosure, CancelWorkingOrders, DropPosition]

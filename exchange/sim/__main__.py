@@ -7,6 +7,7 @@ import json
 import signal
 
 from exchange.sim.server import SimServer
+from exchange.sim.venue import Venue, VenueConfig
 
 
 async def main() -> None:
@@ -17,8 +18,13 @@ async def main() -> None:
     parser.add_argument("--random-walk", type=float, default=0.001, metavar="VOLATILITY",
                         help="relative step of the seeded random walk each second (0 to hold prices)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--symbols", type=int, default=6,
+                        help="how many symbols: the six real ones, then synthetic X007USDT... (mark 100)")
     args = parser.parse_args()
-    sim = await SimServer(host=args.host).start(args.rest_port, args.ws_port)
+    if args.symbols < 1:
+        parser.error("--symbols must be at least 1")
+    sim = await SimServer(Venue(VenueConfig.with_symbols(args.symbols)), host=args.host).start(args.rest_port,
+                                                                                            args.ws_port)
     account = sim.venue.add_account("sim")
     if args.random_walk > 0:
         sim.start_random_walk(volatility=args.random_walk, seed=args.seed)
@@ -27,7 +33,7 @@ async def main() -> None:
         "secret": account.secret,  # a throw-away key of this simulator process, printed on purpose
         "ccxt_url_overrides": sim.ccxt_urls(),
         "control": f"{sim.rest_url}/_sim/<state|mark|faults|liquidation|adl|settlement|manual|drop_streams|"
-                   "expire_listen_keys|revoke_key|account>",
+                   "expire_listen_keys|revoke_key|account|symbols|burst>",
     }, indent=2), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

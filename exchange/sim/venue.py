@@ -64,6 +64,17 @@ class VenueConfig:
     initial_balance: D = D(100_000)
     leverage: int = 20
 
+    @classmethod
+    def with_symbols(cls, count: int) -> VenueConfig:
+        """The six real symbols, then synthetic ones (`X007USDT`, mark 100) up to `count` in all: for a burst
+        over many symbols at once (bench/burst.py)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        real = cls().symbols
+        extra = tuple(SymbolSpec(f"X{i:03d}USDT", f"X{i:03d}", D("0.01"), D("0.001"), D("0.001"), D(100))
+                      for i in range(len(real) + 1, count + 1))
+        return cls(symbols=real[:count] + extra)
+
 
 @dataclass
 class SimPosition:

@@ -361,6 +361,14 @@ def metrics_text(service: ServiceView) -> str:
            "Where closure causes came from: fill_update, algo_update, rest, none, state.", sources)
     metric("lifecycle_closures_amended_total", "counter", "Unknown closure causes explained by a late fill.",
            amended)
+    batches = service.repo.batch_stats if service.repo is not None else None
+    metric("lifecycle_commit_transactions_total", "counter",
+           "Database transactions that committed transitions (group commit: several per transaction).",
+           [({}, batches.batches if batches else 0)])
+    metric("lifecycle_commit_transitions_total", "counter", "Transitions written through those transactions.",
+           [({}, batches.members if batches else 0)])
+    metric("lifecycle_commit_batch_largest", "gauge", "The most transitions committed in one transaction.",
+           [({}, batches.largest if batches else 0)])
     records = service.records
     metric("lifecycle_records_failing", "gauge", "1 while records cannot be written.",
            [({}, 1 if records is not None and records.failing else 0)])

@@ -31,12 +31,14 @@ def terminal_cleanup(position: Position, at: datetime, event: Event | None = Non
     position.closed_at = at
     if position.close_cause is None:
         position.close_cause = _DEFAULT_CAUSE.get(position.state, CloseCause.UNKNOWN)
-    # Order matters: waiting stop moves are released first, then the cancellation waits for the move in
-    # flight (symbol lock) and cancels whatever is working by then, then the record, then memory.
+    # Order matters: waiting stop moves are released first; the record of a closure that is committed goes
+    # out at once (it must not wait for cancellations: in a cascade they queue behind the venue's rate
+    # limit for seconds, issue 13); then the cancellation waits for the move in flight (symbol lock) and
+    # cancels whatever is working by then; memory last (the cancellation reads the working orders).
     return [
         ReleaseStopLock(position.account, position.symbol, position.id),
-        CancelWorkingOrders(position.account, position.symbol, position.id),
         EmitClosure(closure_of(position, event)),
+        CancelWorkingOrders(position.account, position.symbol, position.id),
         DropPosition(position.id),
     ]
 

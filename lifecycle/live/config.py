@@ -98,3 +98,4 @@ class LiveStats:
     audits: int = 0
     cause_sources: Counter[str] = field(default_factory=Counter)  # where closure causes came from
     closures_amended: int = 0
+    orphans_cancelled: int = 0  # working orders of ours cancelled by the orphan sweep

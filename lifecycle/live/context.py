@@ -9,6 +9,7 @@ terminal transition. Nothing here imports another module of the package.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,9 @@ class LiveContext:
         self.min_interval = timedelta(seconds=config.trail_min_interval_s)
         # The wait before retry n of a venue call: n x retry_backoff_s, never under 50 ms, never over 30 s.
         self.backoff = Backoff(step_s=max(config.retry_backoff_s, 0.05), floor_s=0.05, max_s=30.0)
+        # A stop placement failing transiently: n x retry_backoff_s exactly (no floor: a position waits for
+        # its stop; `stop_retries` bounds how many).
+        self.stop_backoff = Backoff(step_s=config.retry_backoff_s, max_s=math.inf)
         self.positions: dict[str, PositionRuntime] = {}
         self.loaded: set[str] = set()  # positions loaded from the database at start (the books may be behind)
         self.placing: set[str] = set()  # positions whose entry is being sent (no answer yet)

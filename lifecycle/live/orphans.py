@@ -59,6 +59,7 @@ class Orphans:
                 except OrderAlreadyGone:
                     continue
             cancelled += 1
+            ctx.stats.orphans_cancelled += 1  # counted as it happens: a sweep that fails later keeps the count
             engine.records.emit(OrphanCancelled(
                 account=ctx.account, symbol=order.symbol, position_id=ours.position_id, at=engine.clock(),
                 client_order_id=order.client_id, purpose=ours.purpose.value, type=order.type,

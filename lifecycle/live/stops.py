@@ -161,7 +161,7 @@ class Stops:
                         await self.ctx.track_foreign_stop(position, client_id, found, target, quantity)
                         self.ctx.spawn(self.request(position_id, None, None, "sync"), f"stop check of {position_id}")
                     return self.stop_failed(position, target, mode, e)
-                await asyncio.sleep(self.ctx.backoff.delay(attempt + 1))
+                await asyncio.sleep(self.ctx.stop_backoff.delay(attempt + 1))
                 # The attempt may have landed (a lost answer): that is the answer, never a second order.
                 found = await self.ctx.open_order_by_client_id(symbol, client_id)
                 current = self.ctx.engine.positions.get(position_id)

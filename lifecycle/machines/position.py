@@ -1,4 +1,4 @@
-"""The position machine: the table above, run by `transitions`' asyncio machine.
+"""The position machine: the table above, run by `transitions`' (synchronous) machine.
 
 One machine serves every position. Positions are never added to it as models (`add_model` is
 quadratic in the number of models); an event is fired with `machine.events[name].trigger(position)`,
@@ -7,13 +7,12 @@ which needs nothing but the position's `state` attribute. Per-position ordering 
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from transitions.extensions.asyncio import AsyncMachine, AsyncState
+from transitions import Machine, State
 
 from lifecycle.actions import Action, ClosureRecord, EmitClosure
 from lifecycle.domain import CloseCause, Position, require_utc
@@ -153,10 +152,10 @@ class PositionMachine:
         states = [
             # Every terminal state gets the cleanup hook; which states are terminal comes from the enum,
             # checked against the table at import, so a new terminal state cannot be left without it.
-            AsyncState(s, on_enter=[_on_enter_terminal] if s.is_terminal else None)
+            State(s, on_enter=[_on_enter_terminal] if s.is_terminal else None)
             for s in PositionState
         ]
-        self._machine = AsyncMachine(
+        self._machine = Machine(
             model=None,
             states=states,
             initial=INITIAL_STATE,
@@ -187,10 +186,7 @@ class PositionMachine:
         if not candidates:
             raise UndefinedTransition(position.id, source.value, event.name.value)
         ctx = _Context(event=event, at=at)
-        accepted = await self._machine.events[event.name.value].trigger(position, ctx=ctx)
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError  # transitions swallows cancellation and answers False
+        accepted = self._machine.events[event.name.value].trigger(position, ctx=ctx)
         if not accepted:
             failed = sorted({g.__name__ for e in candidates for g in e.guards if not g(position, event, at)})
             raise GuardRefused(position.id, source.value, event.name.value, failed)
