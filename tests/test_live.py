@@ -315,6 +315,16 @@ async def test_a_stop_removed_by_someone_else_is_placed_again(rig: Rig) -> None:
     assert any("was removed on the exchange" in m for _, m in rig.alarms())
 
 
+async def test_a_stop_the_venue_expires_while_the_position_stays_is_placed_again(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    [stop] = rig.stop_algos("BTCUSDT")
+    stop.status = "EXPIRED"  # the venue expired it (not a cancel) though the position is still there
+    rig.sim.venue._emit_algo(rig.account, stop)
+    await rig.until(lambda: [a.algo_id for a in rig.stop_algos("BTCUSDT")] not in ([], [stop.algo_id]),
+                    what="stop placed again after the REST check")
+    assert rig.state(p.id) is S.OPEN
+
+
 async def test_a_failed_move_after_a_cancel_restores_the_old_stop(rig: Rig) -> None:
     p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
     rig.sim.set_faults(single_stop=True)
