@@ -28,6 +28,9 @@ from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
 T = TypeVar("T")
 
 
+STREAM_CACHE = 100_000  # updates ccxt may hold for our stream consumers between two of their turns
+
+
 @dataclass(frozen=True)
 class ExchangeSettings:
     exchange_id: str = "binanceusdm"
@@ -210,8 +213,12 @@ class CcxtExchange:
         # fetchOpenOrders.warnWithoutSymbol: the snapshot after a reconnect lists every symbol on purpose.
         # listenKeyRefreshRate: ccxt keeps the listen key alive itself (20 min by default), on our schedule
         # instead; the adapter's own keepalive (`_keep_alive_on_schedule`) is the guarantee, see there.
+        # ordersLimit / tradesLimit: ccxt keeps the order updates not yet handed to watch_orders in a cache of
+        # 1,000 by default; a cascade of hundreds of positions (a fill, a NEW, an expired stop each) within
+        # one turn of our consumer overflowed it, and the oldest updates were never delivered (bench/burst.py).
         options = {"fetchCurrencies": False, "watchPositions": {"fetchPositionsSnapshot": False},
                    "fetchOpenOrders": {"warnWithoutSymbol": False},
+                   "ordersLimit": STREAM_CACHE, "tradesLimit": STREAM_CACHE,
                    "listenKeyRefreshRate": int(self.settings.listen_key_keepalive_s * 1000),
                    **dict(self.settings.options)}
         client = cls({"apiKey": self.settings.api_key.reveal(), "secret": self.settings.secret.reveal(),
