@@ -367,16 +367,4 @@ async def _finish(work: Awaitable[None]) -> bool:
     Used once the machine has decided: a half-done commit or cleanup is worse than a late
     cancellation, which the caller raises after everything is done. Errors of `work` propagate.
     """
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            await asyncio.shield(task)
-            return cancelled
-        except asyncio.CancelledError:
-            if task.done() and task.cancelled():
-                raise
-            cancelled = True
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+    return await _outlast(asyncio.ensure_future(work))
