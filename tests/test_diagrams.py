@@ -10,6 +10,7 @@ from lifecycle.machines.diagrams import (
     mermaid,
     render_all,
     stale,
+    svg,
     write_all,
 )
 from tests.test_transition_table import EXPECTED, EXPECTED_EVENTS, EXPECTED_STATES
@@ -55,4 +56,22 @@ def test_every_expected_edge_and_guard_appears_in_every_view_and_no_other() -> N
         assert len(edges) == copies * len(EXPECTED), f"{name} draws {len(edges)} edges, expected {len(EXPECTED)}"
         for state in EXPECTED_STATES:
             assert re.search(rf"\b{state}\b", text), f"{name} lacks state {state}"
-    assert set(render_all()) == {"position.mmd", "position.dot", "transitions.md"}
+    assert set(render_all()) == {"position.mmd", "position.dot", "position.svg", "transitions.md"}
+
+
+def test_the_svg_draws_every_state_and_every_edge_of_the_table_once() -> None:
+    """The page colours states and traces paths by these ids: one group per state, one per (source, dest)
+    pair, whose tooltip names every event and guard of the pair's rows."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(svg().split("-->", 1)[1])
+    ns = "{http://www.w3.org/2000/svg}"
+    groups = {g.get("id"): g for g in root.iter(f"{ns}g")}
+    assert {i for i in groups if i and i.startswith("state-")} == {f"state-{s}" for s in EXPECTED_STATES}
+    pairs = {(row.source, row.dest) for row in EXPECTED}
+    assert {i for i in groups if i and i.startswith("edge-")} == {f"edge-{a}-{b}" for a, b in pairs}
+    for row in EXPECTED:
+        title = groups[f"edge-{row.source}-{row.dest}"].find(f"{ns}title")
+        assert title is not None and title.text is not None
+        assert re.search(rf"\b{row.event}\b", title.text), (row, title.text)
+        assert all(re.search(rf"\b{g}\b", title.text) for g in row.guards), (row, title.text)
