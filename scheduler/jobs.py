@@ -62,6 +62,8 @@ class ScheduleConfig:
 class JobStats:
     runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (job, outcome) -> count
     last_duration_ms: dict[str, float] = field(default_factory=dict)
+    last_outcome: dict[str, str] = field(default_factory=dict)  # job -> ok / skipped / exchange_error / error
+    last_at: dict[str, float] = field(default_factory=dict)  # job -> when its last run ended (time.time())
     total_duration_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -149,6 +151,8 @@ class ReconciliationScheduler:
             ms = round((time.perf_counter() - started) * 1000, 3)
             self.stats.runs[(name, outcome)] += 1
             self.stats.last_duration_ms[name] = ms
+            self.stats.last_outcome[name] = outcome
+            self.stats.last_at[name] = time.time()
             self.stats.total_duration_ms[name] = self.stats.total_duration_ms.get(name, 0.0) + ms
         if outcome != "skipped":
             # A quiet sync pass runs every couple of seconds: only what found something is worth a line.

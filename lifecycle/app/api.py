@@ -12,6 +12,11 @@ is compared in constant time and never logged. Routes:
                                      "trailing": true (the configured trailing defaults)}
     POST /positions/{id}/close       close at market: optional {"reason"}
     GET  /metrics                    Prometheus text format
+
+The live page (lifecycle.app.page) is served on the same port: `GET /` (a login form until the browser holds
+the session cookie), `POST /session`, `GET /ws` (its WebSocket), `GET /diagram.svg`, `/assets/...`. The API
+routes above also accept the page's session cookie; a write authenticated by the cookie must carry the header
+`X-Lifecycle-Page: 1` (a cross-site form cannot).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from loguru import logger
 
 from exchange.errors import ExchangeError
 from exchange.secret import Secret
+from lifecycle.app.page import PAGE_HEADER, PUBLIC_PATHS, PageHub, position_json
 from lifecycle.domain import CloseReason, Position, Side
 from lifecycle.errors import (
     EngineStopping,
@@ -135,6 +141,7 @@ class ControlApi:
         self.port = port
         self.started = time.monotonic()
         self._runner: web.AppRunner | None = None
+        self.page = PageHub(service, token)
 
     async def start(self) -> ControlApi:
         """Listen on host:port. aiohttp's own log records (a request its parser refuses quotes the refused
@@ -148,6 +155,7 @@ class ControlApi:
         app.router.add_post("/positions", self._open)
         app.router.add_post("/positions/{id}/close", self._close)
         app.router.add_get("/metrics", self._metrics)
+        self.page.add_routes(app)
         runner = web.AppRunner(app, access_log=None,
                                logger=http_logger("lifecycle.app.api.http", [self.token.reveal()]))
         await runner.setup()
@@ -158,29 +166,46 @@ class ControlApi:
             await runner.cleanup()
             raise
         self._runner = runner
+        self.page.start()
         sockets = getattr(site._server, "sockets", None) or []  # the real port when 0 was asked for
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        logger.info("control API on http://{}:{} (token required)", self.host, self.port)
+        logger.info("control API and live page on {} (token required)", self.url)
         return self
 
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
     async def stop(self) -> None:
+        await self.page.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS or request.path.startswith("/assets/"):
+            return await handler(request)  # the login form and its assets; the page checks its own session
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {self.token.reveal()}"
         try:
             given_bytes = given.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes in the header: not our token
             given_bytes = b""
-        if not hmac.compare_digest(given_bytes, expected.encode("utf-8")):
+        by_bearer = hmac.compare_digest(given_bytes, expected.encode("utf-8"))
+        by_cookie = not by_bearer and self.page.authenticated(request)
+        if not by_bearer and not by_cookie:
             logger.warning("control API: refused {} {} from {} (missing or wrong token)", request.method,
                            request.path, request.remote)
             return _error(401, "missing or wrong token")
+        if by_cookie and request.method not in ("GET", "HEAD") and request.headers.get(PAGE_HEADER) != "1":
+            logger.warning("control API: refused {} {} from {} (session cookie without the page's header)",
+                           request.method, request.path, request.remote)
+            return _error(403, f"a write with the session cookie needs the header {PAGE_HEADER}: 1")
+        if request.path in ("/ws", "/diagram.svg"):
+            return await handler(request)  # the page shows a service that is starting
         if not self.service.started and request.path != "/health":
             return _error(503, "the service is starting")
         try:
@@ -195,7 +220,11 @@ class ControlApi:
             return _error(409, str(e))
         except UnknownPosition as e:
             return _error(404, str(e))
-        except (InvalidEvent, ValueError, InvalidOperation, KeyError, TypeError) as e:
+        except KeyError as e:
+            return _error(400, f"{e.args[0] if e.args else 'a field'} is required")
+        except (InvalidEvent, ValueError) as e:
+            return _error(400, str(e) or type(e).__name__)
+        except (InvalidOperation, TypeError) as e:
             return _error(400, f"{type(e).__name__}: {e}")
         except LifecycleError as e:
             return _error(409, str(e))
@@ -248,9 +277,9 @@ class ControlApi:
         assert runtime.live is not None
 
         def dec(name: str) -> Decimal | None:
-            return Decimal(str(body[name])) if body.get(name) is not None else None
+            return _decimal(name, body[name]) if body.get(name) is not None else None
 
-        symbol, side = str(body["symbol"]), Side(str(body["side"]))
+        symbol, side = str(body["symbol"]), _side(body["side"])
         activation, callback = dec("trailing_activation"), dec("trailing_callback_pct")
         if body.get("trailing") and activation is None:  # the configured defaults, from the mark
             mark = runtime.live.marks.get(symbol)
@@ -260,7 +289,12 @@ class ControlApi:
             activation = mark * (1 + step if side is Side.LONG else 1 - step)
         if (body.get("trailing") or activation is not None) and callback is None:
             callback = self.service.config.trailing_callback_pct
-        command = OpenCommand(symbol, side, Decimal(str(body["quantity"])), entry_price=dec("entry_price"),
+        if body.get("quantity") is None:
+            raise ValueError("quantity is required")
+        quantity = _decimal("quantity", body["quantity"])
+        if quantity <= 0:
+            raise ValueError(f"quantity must be positive, got {quantity}")
+        command = OpenCommand(symbol, side, quantity, entry_price=dec("entry_price"),
                               stop_loss_pct=dec("stop_loss_pct"), trailing_activation=activation,
                               trailing_callback_pct=callback, take_profit=dec("take_profit"))
         logger.info("control API: open {} {} {}", command.symbol, command.side.value, command.quantity)
@@ -395,15 +429,29 @@ def metrics_text(service: ServiceView) -> str:
 
 
 def _position_json(p: Position, mark: Decimal | None) -> dict[str, Any]:
-    trailing = p.trailing
-    return {
-        "id": p.id, "account": p.account, "symbol": p.symbol, "side": p.side.value, "state": p.state.value,
-        "quantity": p.quantity, "entry_price": p.entry_price, "mark": mark, "stop_price": p.stop_price,
-        "trailing": None if trailing is None else {
-            "activation_price": trailing.activation_price, "callback_rate": trailing.callback_rate,
-            "active": trailing.active, "watermark": trailing.watermark},
-        "created_at": p.created_at.isoformat(),
-    }
+    return position_json(p, mark)
+
+
+SIDES = {"long": Side.LONG, "buy": Side.LONG, "short": Side.SHORT, "sell": Side.SHORT}
+
+
+def _side(value: Any) -> Side:
+    """long/short, or buy/sell as a trader may say it."""
+    side = SIDES.get(str(value).strip().lower())
+    if side is None:
+        raise ValueError(f"side must be long or short (buy or sell), got {str(value)[:20]!r}")
+    return side
+
+
+def _decimal(name: str, value: Any) -> Decimal:
+    """A number from a request body, or a ValueError that names the field and the value."""
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+    if not number.is_finite():
+        raise ValueError(f"{name} must be a finite number, got {str(value)[:40]!r}")
+    return number
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

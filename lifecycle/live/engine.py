@@ -91,6 +91,7 @@ class LiveEngine:
         self.stats: LiveStats = ctx.stats
         self.live: dict[str, PositionSnapshot] = self.view.live  # the private stream's latest position per symbol
         self.marks: dict[str, Decimal] = ctx.marks
+        self.last_item_at: dict[str, float] = {}  # stream name -> monotonic time of its newest item
         # Run after a positions resync that lacks a tracked position (a Reconciler registers its pass).
         self.after_resync: list[Callable[[], Awaitable[Any]]] = ctx.after_resync
         self._streams: list[asyncio.Task[None]] = []
@@ -183,7 +184,9 @@ class LiveEngine:
             await asyncio.sleep(0.005)
 
     async def _consume(self, name: str, stream: AsyncIterator[Any], handle: Callable[[Any], None]) -> None:
+        seen = self.last_item_at
         async for item in stream:
+            seen[name] = self.ctx.monotonic()  # the age of the newest item, per stream (the live page shows it)
             if isinstance(item, Resynced):
                 self._on_resynced(item)
                 continue

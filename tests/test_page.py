@@ -1,0 +1,259 @@
+"""The live page, in a real browser (headless Chromium through selenium), against the service on the simulator.
+
+The service runs in this test's event loop with the control API on a free port; the browser is driven from a
+worker thread (`asyncio.to_thread`), so the loop keeps serving the page while the test waits on the browser.
+Every wait has a deadline (selenium's WebDriverWait, or `tests.waiting.until`).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+
+from exchange.sim.server import SimServer
+from lifecycle.app.page import COOKIE, session_value
+from lifecycle.app.service import Service
+from lifecycle.app.settings import load, service_config
+from lifecycle.domain import Side
+from lifecycle.journal import Outcome
+from lifecycle.live import OpenCommand
+from lifecycle.machines.states import PositionState as S
+from tests import browser
+from tests.test_service import account_block, write_config
+from tests.waiting import until
+
+TOKEN = "page-token-7c2e"
+T = TypeVar("T")
+
+
+@dataclass
+class PageRig:
+    service: Service
+    sim: SimServer
+    base: str
+    commits: list[tuple[float, str, str]] = field(default_factory=list)  # (wall time, position id, dest)
+
+    @property
+    def live(self) -> Any:
+        return self.service.accounts["sim"].live
+
+
+@pytest.fixture
+async def page_rig(sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PageRig]:
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "sqlite:///{tmp_path / 'page.sqlite'}"
+[records]
+dir = "{tmp_path / 'records'}"
+[api]
+port = 0
+''' + account_block(), sim.ccxt_urls())
+    service = await Service(service_config(load(config))).start()
+    assert service.api is not None
+    rig = PageRig(service, sim, service.api.url.rstrip("/"))
+
+    def on_commit(position: Any, outcome: Outcome) -> None:
+        rig.commits.append((time.time(), position.id, outcome.dest.value))
+
+    service.accounts["sim"].engine.listeners.append(on_commit)
+    try:
+        yield rig
+    finally:
+        await service.stop()
+
+
+@pytest.fixture
+async def driver(tmp_path: Path) -> AsyncIterator[Any]:
+    browser.require()
+    d = await asyncio.to_thread(browser.chrome, tmp_path / "chromium-profile")
+    try:
+        yield d
+    finally:
+        await asyncio.to_thread(d.quit)
+
+
+async def in_browser(work: Callable[[], T]) -> T:
+    return await asyncio.to_thread(work)
+
+
+def _wait(d: Any, check: Callable[[Any], Any], timeout: float = 10.0, what: str = "") -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(d, timeout, poll_frequency=0.02).until(check, message=what)
+
+
+def _log_in(d: Any, base: str, token: str = TOKEN) -> None:
+    from selenium.webdriver.common.by import By
+
+    d.get(base + "/")
+    d.find_element(By.ID, "token").send_keys(token)
+    d.find_element(By.ID, "login").click()
+
+
+def _enter(d: Any, base: str) -> None:
+    _log_in(d, base)
+    _connected(d)
+
+
+def _connected(d: Any) -> None:
+    _wait(d, lambda d: d.execute_script("return document.body.dataset.connected") == "1", what="page connected")
+
+
+def _row_state(d: Any, position_id: str) -> str | None:
+    return d.execute_script(
+        "const r = document.querySelector(`#positions tbody tr[data-id='${arguments[0]}']`);"
+        "return r ? r.dataset.state : null;", position_id)
+
+
+async def _open(rig: PageRig, symbol: str, side: Side, quantity: str, **kw: Any) -> Any:
+    """Open through the live engine; back once the position is OPEN with its stop on the venue."""
+    position = await rig.live.open(OpenCommand(symbol, side, D(quantity), stop_loss_pct=D(1), **kw))
+    positions = rig.service.accounts["sim"].engine.positions
+    await until(lambda: positions[position.id].state is S.OPEN and positions[position.id].stop_price is not None,
+                timeout=10, what=f"{symbol} open and protected")
+    return positions[position.id]
+
+
+async def test_the_page_refuses_without_the_token_and_never_puts_it_in_a_url_or_the_cookie(
+        page_rig: PageRig, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    base, d = page_rig.base, driver
+    position = await _open(page_rig, "BTCUSDT", Side.LONG, "0.01")
+    async with aiohttp.ClientSession() as http:
+        for path in ("/ws", "/diagram.svg", "/positions", f"/positions/{position.id}/journal"):
+            async with http.get(base + path) as r:
+                assert r.status == 401, path
+        async with http.post(base + "/session", data={"token": "wrong"}) as r:
+            assert r.status == 401 and "That is not the token" in await r.text()
+            assert COOKIE not in r.cookies
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # unsafe: an IP host
+        async with http.post(base + "/session", data={"token": TOKEN}, allow_redirects=False) as r:
+            assert r.status == 303
+            cookie = r.cookies[COOKIE]
+            assert cookie.value == session_value(page_rig.service.config.api.token)  # type: ignore[union-attr]
+            assert TOKEN not in cookie.value and cookie["httponly"] and cookie["samesite"] == "Strict"
+            assert TOKEN not in r.headers.get("Location", "")
+        async with http.get(base + "/positions") as r:  # the cookie authenticates reads
+            assert r.status == 200
+        async with http.post(base + f"/positions/{position.id}/close", json={}) as r:  # writes need the header
+            assert r.status == 403
+    assert page_rig.service.accounts["sim"].engine.positions[position.id].state is S.OPEN
+
+    def without_token() -> tuple[bool, bool, str]:
+        d.get(base + "/")
+        return (bool(d.find_elements(By.ID, "token")), bool(d.find_elements(By.ID, "positions")),
+                d.find_element(By.TAG_NAME, "body").text)
+
+    has_form, has_table, text = await in_browser(without_token)
+    assert has_form and not has_table and position.id not in text and "BTCUSDT" not in text
+
+    def wrong_then_right() -> tuple[str, str]:
+        _log_in(d, base, "not-it")
+        refused = d.find_element(By.TAG_NAME, "body").text
+        _log_in(d, base)
+        _connected(d)
+        return refused, d.current_url
+
+    refused, url = await in_browser(wrong_then_right)
+    assert "That is not the token" in refused and TOKEN not in url
+    await in_browser(lambda: _wait(d, lambda d: _row_state(d, position.id) == "OPEN", what="the row"))
+
+
+async def test_a_cross_origin_websocket_is_refused(page_rig: PageRig) -> None:
+    async with aiohttp.ClientSession(cookies={COOKIE: session_value(
+            page_rig.service.config.api.token)}) as http:  # type: ignore[union-attr]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(page_rig.base + "/ws", headers={"Origin": "http://evil.example"})
+        assert refused.value.status == 403
+        async with http.ws_connect(page_rig.base + "/ws") as ws:
+            first = json.loads((await ws.receive(timeout=5)).data)
+            assert first["type"] == "snapshot" and "table" in first
+
+
+async def test_the_page_shows_the_positions_and_a_state_change_within_a_second_of_its_commit(
+        page_rig: PageRig, driver: Any) -> None:
+    rig, d = page_rig, driver
+    mark = rig.sim.venue.marks["ETHUSDT"]
+    plain = await _open(rig, "BTCUSDT", Side.LONG, "0.01")
+    trailing = await _open(rig, "ETHUSDT", Side.LONG, "0.1", trailing_activation=mark * D("1.01"),
+                           trailing_callback_pct=D("0.5"))
+    await in_browser(lambda: _enter(d, rig.base))
+    shown = await in_browser(lambda: d.execute_script(
+        "return [...document.querySelectorAll('#positions tbody tr')].map(r => [r.dataset.id, r.dataset.state])"))
+    assert sorted(shown) == sorted([[plain.id, "OPEN"], [trailing.id, "OPEN"]])
+    open_count = await in_browser(lambda: d.execute_script("return document.getElementById('count-OPEN').textContent"))
+    assert open_count == "2"
+    assert "refused" not in json.dumps(await in_browser(lambda: d.get_log("browser")))
+
+    rig.sim.venue.set_mark("ETHUSDT", mark * D("1.02"))  # the trailing stop activates: OPEN -> TS_ACTIVE
+    await in_browser(lambda: _wait(d, lambda d: _row_state(d, trailing.id) == "TS_ACTIVE", what="TS_ACTIVE shown"))
+    committed = next(at for at, pid, dest in rig.commits if pid == trailing.id and dest == "TS_ACTIVE")
+    shown_at = int(await in_browser(lambda: d.execute_script(
+        f"return document.querySelector(`#positions tbody tr[data-id='{trailing.id}']`).dataset.changedAt"))) / 1000
+    assert shown_at - committed < 1.0, f"shown {shown_at - committed:.3f} s after the commit"
+    assert await in_browser(lambda: d.execute_script(
+        "return document.getElementById('count-TS_ACTIVE').textContent")) == "1"
+
+
+async def test_closing_a_position_through_the_button_after_confirming(page_rig: PageRig, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    rig, d = page_rig, driver
+    position = await _open(rig, "BTCUSDT", Side.LONG, "0.01")
+    await in_browser(lambda: _enter(d, rig.base))
+
+    def click_close(confirm: bool) -> None:
+        d.find_element(By.CSS_SELECTOR, f"#positions tbody tr[data-id='{position.id}'] button.close").click()
+        _wait(d, lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is not None, what="dialog")
+        assert "BTCUSDT" in d.find_element(By.ID, "confirm-text").text
+        d.find_element(By.ID, "confirm-ok" if confirm else "confirm-cancel").click()
+
+    await in_browser(lambda: click_close(False))  # "keep it": nothing is sent
+    await asyncio.sleep(0)  # let a (wrong) request reach the loop before the check below
+    assert rig.service.accounts["sim"].engine.positions[position.id].state is S.OPEN
+    await in_browser(lambda: click_close(True))
+    await until(lambda: position.id not in rig.service.accounts["sim"].engine.positions, timeout=10,
+                what="the position closed")
+    ended = await in_browser(lambda: _wait(d, lambda d: d.execute_script(
+        "const r = document.querySelector(`#ended tbody tr[data-id='${arguments[0]}']`);"
+        "return r && !document.querySelector(`#positions tbody tr[data-id='${arguments[0]}']`) "
+        "&& [...r.cells].map(c => c.textContent);", position.id), what="the ended row"))
+    assert ended[5] == "CLOSED" and ended[6] == "bot" and ended[8] not in ("", "-"), ended
+    assert rig.commits[-1][1:] == (position.id, "CLOSED")
+
+
+async def test_opening_through_the_form_with_the_apis_validation(page_rig: PageRig, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    rig, d = page_rig, driver
+    await in_browser(lambda: _enter(d, rig.base))
+
+    def submit(symbol: str, quantity: str) -> str:
+        Select(d.find_element(By.ID, "open-symbol")).select_by_value(symbol)
+        field_ = d.find_element(By.CSS_SELECTOR, "#open-form input[name=quantity]")
+        field_.clear()
+        field_.send_keys(quantity)
+        d.find_element(By.ID, "open-submit").click()
+        return str(_wait(d, lambda d: (t := d.find_element(By.ID, "open-result").text) != "opening..." and t,
+                         what="an answer"))
+
+    refused = await in_browser(lambda: submit("ETHUSDT", "lots"))
+    assert "quantity" in refused.lower() and not rig.service.accounts["sim"].engine.positions, refused
+    answer = await in_browser(lambda: submit("ETHUSDT", "0.1"))
+    assert answer.startswith("opened "), answer
+    position_id = answer.split()[1].rstrip(":")
+    assert rig.service.accounts["sim"].engine.positions[position_id].symbol == "ETHUSDT"
+    await in_browser(lambda: _wait(d, lambda d: _row_state(d, position_id) in ("OPENING", "OPEN"), what="new row"))
