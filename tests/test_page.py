@@ -257,3 +257,43 @@ async def test_opening_through_the_form_with_the_apis_validation(page_rig: PageR
     position_id = answer.split()[1].rstrip(":")
     assert rig.service.accounts["sim"].engine.positions[position_id].symbol == "ETHUSDT"
     await in_browser(lambda: _wait(d, lambda d: _row_state(d, position_id) in ("OPENING", "OPEN"), what="new row"))
+
+
+async def test_the_page_shows_the_demos_positions_while_the_demo_runs(tmp_path: Path, driver: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lifecycle demo --forever`'s page: the browser's rows are the service's live positions, and the
+    scripted endings are listed with their exit prices."""
+    from lifecycle.app.demo import run_demo
+
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    stop = asyncio.Event()
+    announced: asyncio.Future[tuple[str, str | None]] = asyncio.get_running_loop().create_future()
+    demo = asyncio.create_task(run_demo(tmp_path / "demo", pace=0.1, forever=True, page_port=0, stop=stop,
+                                        announce=lambda url, token: announced.set_result((url, token))))
+    try:
+        url, shown_token = await asyncio.wait_for(announced, 60)
+        assert shown_token is None  # the user's own token is not printed
+        base = url.rstrip("/")
+        await in_browser(lambda: _enter(driver, base))
+
+        async def live_ids() -> set[str]:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
+                    http.get(base + "/positions") as r:
+                return {p["id"] for p in await r.json()}
+
+        async def rows_match() -> bool:
+            ids = await live_ids()
+            shown = await in_browser(lambda: driver.execute_script(
+                "return [...document.querySelectorAll('#positions tbody tr')].map(r => r.dataset.id)"))
+            return bool(ids) and set(shown) == ids and ids == await live_ids()
+
+        await until(rows_match, timeout=60, what="the browser shows the demo's live positions")
+        ended = await in_browser(lambda: _wait(driver, lambda d: (rows := d.execute_script(
+            "return [...document.querySelectorAll('#ended tbody tr')].map(r => [...r.cells].map(c => c.textContent))"
+        )) and len(rows) >= 8 and rows, timeout=60, what="the demo's eight endings"))
+        causes = {row[6] for row in ended}
+        assert {"bot", "stop_loss", "trailing_stop", "liquidation", "adl", "manual"} <= causes, causes
+        assert all(row[8] != "-" for row in ended if row[5] != "PHANTOM"), [r[5:10] for r in ended]  # exits shown
+    finally:
+        stop.set()
+        await asyncio.wait_for(demo, 60)

@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -33,18 +34,72 @@ def _configure_logging(verbose: bool, log_dir: Path | None = None, retention_day
                    format="{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}Z {level:<7} {message}")
 
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", envvar="LIFECYCLE_CONFIG",
-                                                    help="The TOML configuration file (LIFECYCLE_CONFIG).")]
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", envvar="LIFECYCLE_CONFIG",
+    help="The TOML configuration file. Without it: the file LIFECYCLE_CONFIG names, else ./lifecycle.toml "
+         "(`lifecycle init` writes one).")]
+LOCAL_CONFIG = Path("lifecycle.toml")  # looked for in the working directory
+NO_CONFIG = ("error: no configuration found: give -c FILE, set LIFECYCLE_CONFIG=FILE, or create ./lifecycle.toml "
+             "(`lifecycle init`, or `lifecycle init --sim` for the bundled simulator)")
+
+
+def _config_path(config: Path | None) -> Path | None:
+    """The file to read: -c, else LIFECYCLE_CONFIG (typer fills `config` from it), else ./lifecycle.toml. The
+    variable wins over the working directory: a deployment names its file (deploy/lifecycle.service), and a
+    lifecycle.toml lying in the directory it runs in must not replace it. None: the environment alone
+    configures the service (LIFECYCLE_ACCOUNTS set); without that either it is one line and exit 2."""
+    import os
+
+    if config is not None:
+        return config
+    if LOCAL_CONFIG.is_file():
+        return LOCAL_CONFIG
+    if any(name.upper() == "LIFECYCLE_ACCOUNTS" for name in os.environ):
+        return None
+    _say_error(NO_CONFIG)
+    raise typer.Exit(2)
 
 
 def _settings(config: Path | None, *, check_secrets: bool = True) -> Settings:
     from lifecycle.app.settings import ConfigError, load
 
+    path = _config_path(config)
     try:
-        return load(config, check_secrets=check_secrets)
+        return load(path, check_secrets=check_secrets)
     except ConfigError as e:
         typer.echo(f"configuration error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write it.")] = LOCAL_CONFIG,
+    sim: Annotated[bool, typer.Option("--sim", help="For the bundled simulator (`python -m exchange.sim`) instead "
+                                                    "of Binance's futures testnet.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented configuration to start from (default ./lifecycle.toml, where `run` looks for it)."""
+    from lifecycle.app import starter
+
+    if path.exists() and not force:
+        _say_error(f"error: {path} exists; give --force to overwrite it")
+        raise typer.Exit(1)
+    try:
+        path.write_text(starter.config_text(sim=sim), encoding="utf-8")
+    except OSError as e:
+        _say_error(f"error: cannot write {path}: {e.strerror}")
+        raise typer.Exit(1) from None
+    where = "" if path == LOCAL_CONFIG else f" -c {path}"
+    typer.echo(f"wrote {path} ({'the bundled simulator' if sim else 'Binance futures testnet'}); every key is "
+               "explained in its comments")
+    if sim:
+        keys = f"{starter.SIM_KEY_ENV}=sim-key {starter.SIM_SECRET_ENV}=sim-secret"
+        typer.echo(f"next, in one terminal: export {keys}; python -m exchange.sim")
+        typer.echo(f"and in another:        export {keys} {starter.TOKEN_ENV}=<any long random string>; "
+                   f"lifecycle run{where}")
+    else:
+        typer.echo(f"next: export {starter.TESTNET_KEY_ENV}=... {starter.TESTNET_SECRET_ENV}=... "
+                   f"{starter.TOKEN_ENV}=<any long random string>; lifecycle run{where}")
 
 
 @app.command()
@@ -107,9 +162,41 @@ def _api_call(settings: Settings, method: str, path: str, body: dict[str, Any] |
         raise typer.Exit(1) from None
 
 
-@app.command("open")
+SIDES = {"long": "long", "short": "short", "buy": "long", "sell": "short"}
+
+
+def _refuse(text: str) -> typer.Exit:
+    """One line on stderr; the exit (2: the command line is wrong) for the caller to raise."""
+    _say_error(f"error: {text}")
+    return typer.Exit(2)
+
+
+def _number(name: str, value: str | None, *, percent: bool = False) -> Decimal | None:
+    """`value` as a positive finite number (a percentage: in (0, 100)), or one line naming `name` and exit 2."""
+    from decimal import InvalidOperation
+
+    if value is None:
+        return None
+    try:
+        number = Decimal(value.strip())
+    except InvalidOperation:
+        number = Decimal("NaN")
+    if not number.is_finite():
+        raise _refuse(f"{name} must be a number, got {value!r}")
+    if number <= 0:
+        raise _refuse(f"{name} must be positive, got {value}")
+    if percent and number >= 100:
+        raise _refuse(f"{name} is a percentage: it must be below 100, got {value}")
+    return number
+
+
+# Negative-looking values ("-0.1") reach the checks below instead of being taken for unknown options.
+@app.command("open", context_settings={"ignore_unknown_options": True})
 def open_(
-    symbol: str, side: str, quantity: str, config: ConfigOption = None,
+    symbol: Annotated[str, typer.Argument(help="The exchange's symbol, e.g. BTCUSDT.")],
+    side: Annotated[str, typer.Argument(help="long or short (buy and sell mean the same).")],
+    quantity: Annotated[str, typer.Argument(help="The size in the base asset, e.g. 0.01 (BTC).")],
+    config: ConfigOption = None,
     account: Annotated[str | None, typer.Option(help="Needed when several accounts are configured.")] = None,
     entry_price: Annotated[str | None, typer.Option(help="A limit entry at this price (default: market).")] = None,
     stop_loss_pct: Annotated[str | None, typer.Option(help="Initial stop distance from the entry, percent.")] = None,
@@ -118,14 +205,24 @@ def open_(
     take_profit: Annotated[str | None, typer.Option(help="A reduce-only take-profit at this price.")] = None,
     trailing: Annotated[bool, typer.Option("--trailing", help="A trailing stop with the configured defaults.")] = False,
 ) -> None:
-    """Ask the running service to open a position (side: long or short)."""
+    """Ask the running service to open a position (side: long or short; buy and sell mean the same)."""
     import json
 
-    body = {"symbol": symbol, "side": side, "quantity": quantity, "account": account, "entry_price": entry_price,
-            "stop_loss_pct": stop_loss_pct, "trailing_activation": trailing_activation,
-            "trailing_callback_pct": trailing_callback_pct, "take_profit": take_profit, "trailing": trailing or None}
+    # Checked here, before the configuration is read or the service is asked.
+    for word in (symbol, side, quantity):
+        if word.startswith("--"):  # a mistyped option, taken for an argument (unknown options are let through)
+            raise _refuse(f"no such option: {word.split('=', 1)[0]}")
+    if side.strip().lower() not in SIDES:
+        raise _refuse(f"side must be one of long, short, buy, sell (buy is long, sell is short), got {side!r}")
+    size = _number("quantity", quantity)
+    prices = {key: _number(f"--{key.replace('_', '-')}", value) for key, value in (
+        ("entry_price", entry_price), ("trailing_activation", trailing_activation), ("take_profit", take_profit))}
+    percents = {key: _number(f"--{key.replace('_', '-')}", value, percent=True) for key, value in (
+        ("stop_loss_pct", stop_loss_pct), ("trailing_callback_pct", trailing_callback_pct))}
+    body = {"symbol": symbol, "side": SIDES[side.strip().lower()], "quantity": size,
+            "account": account, **prices, **percents, "trailing": trailing or None}
     answer = _api_call(_settings(config, check_secrets=False), "POST", "/positions",
-                       {k: v for k, v in body.items() if v is not None})
+                       {k: str(v) if isinstance(v, Decimal) else v for k, v in body.items() if v is not None})
     typer.echo(json.dumps(answer, indent=2))
 
 
@@ -160,16 +257,23 @@ def status(
     url = db or settings.database_url  # type: ignore[union-attr]
     _existing_sqlite_file(url)
 
-    async def go() -> list:
+    async def go() -> tuple[list, list, dict[str, dict[str, Any]]]:
         repo = await Repository.open(url, run_migrations=False)
         try:
-            return await repo.list_positions()
+            positions = await repo.list_positions()
+            done = sorted((p for p in positions if p.state.is_terminal),
+                          key=lambda p: p.updated_at)[-ended:] if ended else []
+            closures = {}  # how each ended position shown ended: cause, exit price, PnL
+            for p in done:
+                closure = await repo.closure(p.id)
+                if closure is not None:
+                    closures[p.id] = closure
+            return positions, done, closures
         finally:
             await repo.close()
 
-    positions = _with_database(url, go, source=None if db else "database_url")
+    positions, done, closures = _with_database(url, go, source=None if db else "database_url")
     live = [p for p in positions if not p.state.is_terminal]
-    done = sorted((p for p in positions if p.state.is_terminal), key=lambda p: p.updated_at)[-ended:] if ended else []
     marks: dict[str, object] = {}
     if settings is not None and settings.api.enabled and live:
         try:
@@ -179,18 +283,35 @@ def status(
     now = datetime.now(UTC)
     table = Table(title=f"positions ({len(live)} live)")
     for column in ("position", "account", "symbol", "state", "side", "size", "entry", "mark", "stop", "trailing",
-                   "age"):
+                   "age", *(("exit", "net PnL", "cause") if ended else ())):
         table.add_column(column)
     for p in [*live, *done]:
         trailing = "-" if p.trailing is None else (
             f"active, high {p.trailing.watermark}" if p.trailing.active else f"at {p.trailing.activation_price}")
         age = int(((p.updated_at if p.state.is_terminal else now) - p.created_at).total_seconds())  # ended: lifetime
+        ending: tuple[str, ...] = ()
+        if ended:
+            c = closures.get(p.id) or {}
+            ending = (_shown(c.get("exit_price", p.exit_price)), _signed(c.get("net_pnl")),
+                      str(c.get("cause") or (p.close_cause.value if p.close_cause else "-"))) \
+                if p.state.is_terminal else ("-", "-", "-")
         table.add_row(p.id, p.account, p.symbol, p.state.value, p.side.value, str(p.quantity),
                       str(p.entry_price or "-"), str(marks.get(p.id) or "-"), str(p.stop_price or "-"), trailing,
-                      f"{age // 3600}h{age % 3600 // 60:02d}m" if age >= 3600 else f"{age // 60}m{age % 60:02d}s")
+                      f"{age // 3600}h{age % 3600 // 60:02d}m" if age >= 3600 else f"{age // 60}m{age % 60:02d}s",
+                      *ending)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     if not positions:
         typer.echo("no positions in the database")
+
+
+def _shown(value: object) -> str:
+    """A price or size for a table: its digits as the venue gave them, "-" when unknown."""
+    return "-" if value is None else str(value)
+
+
+def _signed(value: Decimal | None, places: int = 4) -> str:
+    """A PnL for a table: signed, at most `places` decimals (a fee has eight), "-" when unknown."""
+    return "-" if value is None else f"{round(value, places).normalize():+f}"
 
 
 def _existing_sqlite_file(url: str) -> None:
@@ -283,8 +404,12 @@ def demo(
     forever: Annotated[bool, typer.Option("--forever", help="After the scenario, keep a random-walk market with "
                                                             "trailing positions running until Ctrl-C.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log lines on the terminal too.")] = False,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="The live page's port on 127.0.0.1 (a free one if "
+                                                               "taken; 0: any free port).")] = 8780,
+    page: Annotated[bool, typer.Option("--page/--no-page", help="Serve the live page while the demo runs.")] = True,
 ) -> None:
-    """The service on the embedded simulator: every ending once, live, then a summary (about a minute)."""
+    """The service on the embedded simulator: every ending once, live, then a summary (about a minute).
+    The live page is served meanwhile; its address (and a token for this run) is printed first."""
     import os
 
     from rich.console import Console
@@ -327,15 +452,23 @@ def demo(
             self.live.__exit__(*exc)  # type: ignore[arg-type]
 
     console.print(f"work directory: {directory}")
-    result = asyncio.run(run_demo(directory, pace=pace, forever=forever, show=Show))
+    def announce(url: str, token: str | None) -> None:
+        given = f"token {token}" if token else "the token in LIFECYCLE_API_TOKEN"
+        console.print(f"live page: {url} (log in with {given}; it is served while the demo runs)")
+
+    result = asyncio.run(run_demo(directory, pace=pace, forever=forever, show=Show, page_port=port if page else None,
+                                  announce=announce))
     summary = Table(title="summary: every ending")
-    for column in ("scenario", "symbol", "terminal state", "cause", "detection latency", "as expected"):
+    for column in ("scenario", "symbol", "terminal state", "cause", "exit price", "PnL (net of fee)",
+                   "detection latency", "as expected"):
         summary.add_column(column)
     for s in result.scenarios:
         ending = result.endings.get(s.position_id or "")
         latency = f"{ending.detection_ms:.1f} ms" if ending and ending.detection_ms is not None else "-"
         summary.add_row(s.name, s.symbol, ending.state if ending else "not ended", (ending.cause or "-") if ending
-                        else "-", latency, "yes" if result.ok(s) or s.name.startswith("random walk") else "NO")
+                        else "-", _shown(ending.exit_price if ending else None),
+                        _signed(ending.net_pnl if ending else None), latency,
+                        "yes" if result.ok(s) or s.name.startswith("random walk") else "NO")
     console.print()
     console.print(summary)
     states: dict[str, int] = {}
@@ -402,7 +535,26 @@ def history(
         raise typer.Exit(1)
     for e in entries:
         source = e.source.value if e.source else "-"
-        typer.echo(f"{e.seq:>4} {e.at.isoformat()} {source:>15} --{e.event}--> {e.dest.value} {e.cause or ''}")
+        line = f"{e.seq:>4} {e.at.isoformat()} {source:>15} --{e.event}--> {e.dest.value} {e.cause or ''}".rstrip()
+        numbers = _journal_numbers(e.payload)
+        typer.echo(f"{line}  | {numbers}" if numbers else line)
+
+
+# The numbers of a journal row's payload worth reading, in this order, with their labels.
+_JOURNAL_NUMBERS = (("requested_quantity", "size"), ("quantity", "filled"), ("price", "price"),
+                    ("exit_price", "exit"), ("stop_price", "stop"), ("mark", "mark"), ("watermark", "best"),
+                    ("remaining", "remaining"), ("realized_pnl", "pnl"), ("fee", "fee"))
+
+
+def _journal_numbers(payload: dict[str, Any]) -> str:
+    """`price 60000, stop 59400, ...` from a journal payload (the event's fields): what a reader of the history
+    wants to see on each row; "" when the row carries none."""
+    parts = [f"{label} {_signed(Decimal(str(payload[key]))) if key == 'realized_pnl' else payload[key]}"
+             for key, label in _JOURNAL_NUMBERS if payload.get(key) is not None]
+    trailing = payload.get("trailing")
+    if isinstance(trailing, dict) and trailing.get("activation_price") is not None:
+        parts.append(f"trailing from {trailing['activation_price']}, {trailing.get('callback_rate')} % behind")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":  # pragma: no cover

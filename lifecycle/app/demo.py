@@ -1,11 +1,18 @@
 """The demo: the venue simulator in-process, SQLite in a work directory, and the real service against it
 (streams, reconciliation, scheduler, records), driven through a scripted scenario in which every ending
-happens once: a bot close, a stop-loss fill, a trailing-stop fill, a liquidation, an ADL, a manual close
-by another client, a phantom, and a close that a stale REST snapshot still hides but the stream catches.
+happens once: a bot close, a stop-loss fill, a trailing-stop fill, a liquidation (the market falls to the
+position's liquidation price first), an ADL (of a short in profit), a manual close by another client, a
+phantom, and a close that a stale REST snapshot still hides but the stream catches. The summary shows each
+ending's exit price and PnL net of the closing fee.
 
 The simulator's throw-away key and secret reach the service the way a real deployment's do: through
 environment variables named in the configuration (LIFECYCLE_DEMO_API_KEY / LIFECYCLE_DEMO_SECRET; set
 them to choose the values, e.g. to search every output for them afterwards).
+
+The live page is served while the demo runs (`page_port`, 8780 unless taken, then a free one): `announce`
+is told its address and the token to log in with. The token is LIFECYCLE_API_TOKEN when set (then it is not
+shown: the user knows it), else one made up for this run and shown on the terminal only (never logged): it
+opens nothing but this demo's page on loopback, against a simulated venue.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +40,8 @@ from lifecycle.machines.states import PositionState as S
 from lifecycle.replay import replay
 
 KEY_ENV, SECRET_ENV = "LIFECYCLE_DEMO_API_KEY", "LIFECYCLE_DEMO_SECRET"
+TOKEN_ENV = "LIFECYCLE_API_TOKEN"
+PAGE_PORT = 8780
 ACCOUNT = "demo"
 VENUE = VenueConfig(symbols=(*VenueConfig().symbols,
                              SymbolSpec("BNBUSDT", "BNB", D("0.01"), D("0.01"), D("0.01"), D(600)),
@@ -70,6 +80,8 @@ class Ending:
     state: str
     cause: str | None
     detection_ms: float | None
+    exit_price: D | None = None
+    net_pnl: D | None = None  # the closing fill's realized PnL less its fee (the closure record's net_pnl)
 
 
 @dataclass
@@ -80,6 +92,7 @@ class DemoResult:
     first_open_s: float | None = None
     duration_s: float = 0.0
     replay_ok: bool = False
+    page_url: str | None = None  # the live page's address while the demo ran
 
     def ok(self, s: Scenario) -> bool:
         ending = self.endings.get(s.position_id or "")
@@ -91,8 +104,11 @@ class DemoResult:
 
 
 async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
-                   show: Callable[[Callable[[], Any]], Any] | None = None) -> DemoResult:
-    """Play the scenario; `show(render)` (a live display) is given a function returning the current rows."""
+                   show: Callable[[Callable[[], Any]], Any] | None = None, page_port: int | None = PAGE_PORT,
+                   announce: Callable[[str, str | None], None] | None = None,
+                   stop: asyncio.Event | None = None) -> DemoResult:
+    """Play the scenario; `show(render)` (a live display) is given a function returning the current rows.
+    `page_port` None: no page. `stop` ends a `forever` run (as SIGINT/SIGTERM do)."""
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     sim = await SimServer(Venue(VENUE), mark_interval_s=0.5).start()
@@ -100,6 +116,10 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
     secret = os.environ.get(SECRET_ENV) or secrets.token_hex(32)
     venue_account = sim.venue.add_account(ACCOUNT, api_key=key, secret=secret)
     os.environ[KEY_ENV], os.environ[SECRET_ENV] = key, secret
+    shown_token = None
+    if page_port is not None and not os.environ.get(TOKEN_ENV):
+        shown_token = os.environ[TOKEN_ENV] = secrets.token_urlsafe(18)
+    page = {"enabled": False} if page_port is None else {"enabled": True, "port": _port_or_free(page_port)}
     settings = Settings.without_environment(
         database_url=f"sqlite:///{workdir / 'lifecycle.sqlite'}", log_dir=workdir / "logs",
         accounts=[{"name": ACCOUNT, "symbols": [s.symbol for s in VENUE.symbols], "urls": sim.ccxt_urls(),
@@ -107,7 +127,7 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
                    "reconnect_backoff_max_s": 1.0}],
         live={"trail_min_interval_s": 0.3, "cause_wait_s": 0.5},
         schedule={"sync_interval_s": 5, "fast_sync_interval_s": 0.5, "orphan_interval_s": 10},
-        reconcile={"grace_ms": 500, "phantom_after_s": 1.0}, api={"enabled": False},
+        reconcile={"grace_ms": 500, "phantom_after_s": 1.0}, api=page,
         records={"dir": workdir / "records"}, shutdown_drain_s=5)
     service = Service(service_config(settings))
     result = DemoResult(workdir, [Scenario(**s.__dict__) for s in SCENARIOS])
@@ -115,12 +135,19 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
 
     def on_record(record: dict[str, Any]) -> None:
         if record.get("event") == "closure":
+            exit_price, net_pnl = record.get("exit_price"), record.get("net_pnl")
             endings[str(record["position_id"])] = Ending(str(record.get("state")), record.get("cause"),
-                                                         record.get("detection_latency_ms"))
+                                                         record.get("detection_latency_ms"),
+                                                         D(exit_price) if exit_price is not None else None,
+                                                         D(net_pnl) if net_pnl is not None else None)
 
-    stop = asyncio.Event()
+    handle_signals = stop is None  # a caller's own event ends the run; else SIGINT/SIGTERM do
+    stop = stop or asyncio.Event()
     try:
         await service.start()
+        if service.api is not None and announce is not None:
+            result.page_url = service.api.url
+            announce(service.api.url, shown_token)
         assert service.records is not None
         service.records.listeners.append(on_record)
         live = service.accounts[ACCOUNT].live
@@ -130,8 +157,9 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
             await _play(result, live, sim, venue_account, pace, started)
             if forever:
                 loop = asyncio.get_running_loop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, stop.set)
+                if handle_signals:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        loop.add_signal_handler(sig, stop.set)
                 await _forever(result, live, sim, stop)
     finally:
         await service.stop()
@@ -171,6 +199,13 @@ async def _play(result: DemoResult, live: LiveEngine, sim: SimServer, account: A
 
     def move(symbol: str, pct: str) -> None:
         venue.set_mark(symbol, mark(symbol) * (1 + D(pct) / 100))
+
+    async def glide(symbol: str, target: D, steps: int = 4) -> None:
+        """The mark walks to `target` in a few steps: a market moving, not a jump."""
+        start = mark(symbol)
+        for i in range(1, steps + 1):
+            venue.set_mark(symbol, start + (target - start) * i / steps)
+            await pause(0.25)
 
     # Open everything; the initial stops follow the fills.
     for s in result.scenarios:
@@ -213,6 +248,20 @@ async def _play(result: DemoResult, live: LiveEngine, sim: SimServer, account: A
     async def forced(kind: str, symbol: str) -> None:
         venue.force_close(account, symbol, kind)
 
+    async def liquidation() -> None:
+        # The market falls to the long's liquidation price (4.6 % below its entry at the simulator's 20x,
+        # above its 5 % stop), where the venue's liquidation engine takes it over: a loss of most of the margin.
+        price = venue.liquidation_price(account, "XRPUSDT")
+        assert price is not None
+        await glide("XRPUSDT", price)
+        venue.force_close(account, "XRPUSDT", "liquidation")
+
+    async def adl() -> None:
+        # ADL takes a position in profit (it closes the other side of someone's liquidation): the market falls
+        # 3 % first, in favour of this short, which is closed at the mark.
+        await glide("DOGEUSDT", mark("DOGEUSDT") * D("0.97"))
+        venue.force_close(account, "DOGEUSDT", "adl")
+
     async def phantom() -> None:
         # The private stream goes down (reconnections refused) and the position disappears from the venue
         # with no fill at all: only the REST sync can notice, and nothing explains the absence.
@@ -235,7 +284,7 @@ async def _play(result: DemoResult, live: LiveEngine, sim: SimServer, account: A
 
     steps = [
         ("bot close", bot_close), ("stop-loss fill", stop_loss), ("trailing-stop fill", trailing),
-        ("liquidation", lambda: forced("liquidation", "XRPUSDT")), ("ADL", lambda: forced("adl", "DOGEUSDT")),
+        ("liquidation", liquidation), ("ADL", adl),
         ("manual close by another client", lambda: forced("manual", "ADAUSDT")),
         ("phantom", phantom), ("stale REST, the stream catches the close", stale_rest),
     ]
@@ -262,6 +311,16 @@ async def _forever(result: DemoResult, live: LiveEngine, sim: SimServer, stop: a
                                                  trailing=True, position_id=p.id))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
+
+
+def _port_or_free(port: int) -> int:
+    """`port` when nothing listens on it on loopback, else 0 (the system picks a free one)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 async def _replay_all(workdir: Path) -> bool:
