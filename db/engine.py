@@ -117,6 +117,8 @@ def open_error(url: str, error: BaseException) -> str:
     line = f"cannot open {shown}: {type(error).__name__}{': ' + detail if detail else ''}"
     if type(error).__name__ == "UndefinedTableError" or detail.startswith("no such table"):
         line += " (no schema yet: run `lifecycle migrate --db URL`)"
+    elif type(error).__name__ == "UndefinedColumnError" or detail.startswith("no such column"):
+        line += " (an older schema: run `lifecycle migrate --db URL`, or start the service, which migrates)"
     directory = _sqlite_directory(url)
     if directory is not None:
         if not directory.is_dir():

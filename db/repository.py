@@ -399,6 +399,17 @@ class Repository:
             row = (await conn.execute(sa.select(closures).where(closures.c.position_id == position_id))).first()
         return dict(row._mapping) if row is not None else None
 
+    async def recent_closures(self, accounts: Sequence[str] | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest `limit` closure rows (of these accounts; None: all), newest first, as plain dicts
+        (decimals as Decimal, times as aware datetimes, NULL as None)."""
+        if limit < 1:
+            return []
+        query = sa.select(closures).order_by(closures.c.closed_at.desc(), closures.c.position_id.desc()).limit(limit)
+        if accounts is not None:
+            query = query.where(closures.c.account.in_(list(accounts)))
+        async with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in (await conn.execute(query)).all()]
+
     async def trailing_state_exists(self, position_id: str) -> bool:
         query = sa.select(sa.func.count()).where(trailing_states.c.position_id == position_id)
         async with self.engine.connect() as conn:
@@ -477,6 +488,10 @@ def _closure_values(c: ClosureRecord) -> dict[str, Any]:
         "exit_price": c.exit_price,
         "opened_at": c.opened_at,
         "closed_at": c.closed_at,
+        "pnl": c.pnl,
+        "fee": c.fee,
+        "net_pnl": c.net_pnl,
+        "detection_latency_ms": c.detection_latency_ms,
     }
 
 

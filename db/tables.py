@@ -118,6 +118,11 @@ class ClosureRow(SQLModel, table=True):
     exit_price: Decimal | None = Field(default=None, sa_type=ExactDecimal)
     opened_at: datetime = Field(sa_type=UTCDateTime)
     closed_at: datetime = Field(sa_type=UTCDateTime)
+    # The trader's numbers (ClosureRecord): NULL where unknown, and on rows written before revision 0002.
+    pnl: Decimal | None = Field(default=None, sa_type=ExactDecimal)  # gross: the venue's realized PnL
+    fee: Decimal | None = Field(default=None, sa_type=ExactDecimal)  # the closing fill's commission
+    net_pnl: Decimal | None = Field(default=None, sa_type=ExactDecimal)  # pnl - fee (pnl when fee unknown)
+    detection_latency_ms: float | None = Field(default=None)  # venue event time to the terminal transition
 
 
 metadata = SQLModel.metadata

@@ -47,7 +47,7 @@ class ClosureRecord:
     opened_at: datetime
     closed_at: datetime
     realized_pnl: Decimal | None = None  # the exchange's figure for the closing fill, else from entry/exit
-    fee: Decimal | None = None
+    fee: Decimal | None = None  # the closing fill's commission (Binance `n`; USDT unless BNB pays fees)
     exchange_ts_ms: int | None = None  # when the exchange reported the close, if an event said so
     cause_source: str = "state"  # where the cause came from (see events.Flat); "state": the state decided it
 
@@ -59,6 +59,15 @@ class ClosureRecord:
             return None
         direction = 1 if self.side is Side.LONG else -1
         return (self.exit_price - self.entry_price) * self.quantity * direction
+
+    @property
+    def net_pnl(self) -> Decimal | None:
+        """The PnL less the closing fill's fee when the venue reported it, else the gross PnL (the entry's fee
+        is not tracked: a round trip costs about twice `fee`)."""
+        pnl = self.pnl
+        if pnl is None or self.fee is None:
+            return pnl
+        return pnl - self.fee
 
     @property
     def detection_latency_ms(self) -> float | None:
@@ -87,6 +96,7 @@ class ClosureRecord:
             "duration_s": round((self.closed_at - self.opened_at).total_seconds(), 3),
             "pnl": str(pnl) if pnl is not None else None,
             "fee": str(self.fee) if self.fee is not None else None,
+            "net_pnl": str(net) if (net := self.net_pnl) is not None else None,
             "detection_latency_ms": self.detection_latency_ms,
             "at": self.closed_at.isoformat(),
         }

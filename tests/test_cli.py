@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from decimal import Decimal as D
 from pathlib import Path
 
 from lifecycle.records import JsonlRecords
@@ -25,7 +26,20 @@ def test_demo_history_and_status_show_what_happened(tmp_path: Path) -> None:
                             env={**os.environ, "LIFECYCLE_DEMO_PACE": "0.2"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OPEN --ts_activated--> TS_ACTIVE" in result.stderr  # -v: a readable line per transition
+    summary = result.stdout[result.stdout.index("summary: every ending"):]
+    assert "exit price" in summary and "PnL (net of fee)" in summary
     closures = JsonlRecords(tmp_path / "records").read("closure")
+    # The liquidation at the long's liquidation price (XRPUSDT, entry 0.6, 20x: 0.6 × 0.954), a loss net of the
+    # fee; the ADL of a short in profit; the summary row shows both figures.
+    liquidation = next(c for c in closures if c["cause"] == "liquidation")
+    shown_net = f"{round(D(liquidation['net_pnl']), 4).normalize():+f}"  # as the tables show a PnL
+    assert (D(liquidation["entry_price"]), D(liquidation["exit_price"])) == (D("0.6"), D("0.5724"))
+    assert D(liquidation["pnl"]) == (D("0.5724") - D("0.6")) * D(liquidation["quantity"]) < 0
+    assert D(liquidation["net_pnl"]) == D(liquidation["pnl"]) - D(liquidation["fee"])
+    row = next(line for line in summary.splitlines() if " liquidation " in line)
+    assert "0.5724" in row and shown_net in row, row
+    adl = next(c for c in closures if c["cause"] == "adl")
+    assert D(adl["pnl"]) > 0 and D(adl["exit_price"]) < D(adl["entry_price"])
     assert sorted((c["state"], c["cause"]) for c in closures) == sorted([
         ("CLOSED", "bot"), ("CLOSED_EXTERNAL", "stop_loss"), ("CLOSED_EXTERNAL", "trailing_stop"),
         ("CLOSED_EXTERNAL", "liquidation"), ("CLOSED_EXTERNAL", "adl"), ("CLOSED_EXTERNAL", "manual"),
@@ -41,12 +55,16 @@ def test_demo_history_and_status_show_what_happened(tmp_path: Path) -> None:
     assert events[:4] == [("created", "OPENING"), ("entry_filled", "OPEN"), ("stop_moved", "OPEN"),
                           ("ts_activated", "TS_ACTIVE")]
     assert ("stop_moved", "TS_ACTIVE") in events and events[-1] == ("flat", "CLOSED_EXTERNAL")
-    assert history.stdout.rstrip().endswith("trailing_stop")
+    assert re.search(r"--flat--> CLOSED_EXTERNAL trailing_stop  \| exit [\d.]+, pnl [+-][\d.]+, fee [\d.]+$",
+                     history.stdout.rstrip().splitlines()[-1]), history.stdout
+    assert re.search(r"--entry_filled--> OPEN  \| filled 1\.0, price 150\.0$", history.stdout, re.M), history.stdout
     assert lifecycle("history", "nope", "--db", db).returncode == 1
     status = lifecycle("status", "--db", db, "--ended", "8")
     assert status.returncode == 0, status.stderr
     assert "positions (0 live)" in status.stdout and status.stdout.count("CLOSED_EXTERNAL") == 6
     assert "PHANTOM" in status.stdout
+    row = next(line for line in status.stdout.splitlines() if "XRPUSDT" in line)  # exit, net PnL and cause
+    assert re.findall(r"[\w.+-]+", row)[-3:] == ["0.5724", shown_net, "liquidation"]
 
 
 def test_diagrams_check_fails_on_stale_files_and_passes_after_regeneration(tmp_path: Path) -> None:

@@ -1,20 +1,25 @@
-"""Run the venue simulator on its own: python -m exchange.sim [--rest-port 8710] [--ws-port 8711]."""
+"""Run the venue simulator on its own: python -m exchange.sim [--rest-port 8710] [--ws-port 8711].
+
+It prints, as JSON, where it listens, the symbols it serves, its account's key and secret (from SIM_API_KEY
+and SIM_SECRET when they are set, else made up and printed), the ccxt URL overrides and the control endpoints.
+`lifecycle init --sim` writes a configuration for these defaults."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 
-from exchange.sim.server import SimServer
+from exchange.sim.server import DEFAULT_HOST, DEFAULT_REST_PORT, DEFAULT_WS_PORT, KEY_ENV, SECRET_ENV, SimServer
 from exchange.sim.venue import Venue, VenueConfig
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description="Binance USDⓈ-M futures simulator for the ccxt binanceusdm client")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--rest-port", type=int, default=8710)
-    parser.add_argument("--ws-port", type=int, default=8711)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--rest-port", type=int, default=DEFAULT_REST_PORT)
+    parser.add_argument("--ws-port", type=int, default=DEFAULT_WS_PORT)
     parser.add_argument("--random-walk", type=float, default=0.001, metavar="VOLATILITY",
                         help="relative step of the seeded random walk each second (0 to hold prices)")
     parser.add_argument("--seed", type=int, default=7)
@@ -25,12 +30,18 @@ async def main() -> None:
         parser.error("--symbols must be at least 1")
     sim = await SimServer(Venue(VenueConfig.with_symbols(args.symbols)), host=args.host).start(args.rest_port,
                                                                                             args.ws_port)
-    account = sim.venue.add_account("sim")
+    chosen = bool(os.environ.get(KEY_ENV) and os.environ.get(SECRET_ENV))
+    account = sim.venue.add_account("sim", api_key=os.environ.get(KEY_ENV) if chosen else None,
+                                    secret=os.environ.get(SECRET_ENV) if chosen else None)
     if args.random_walk > 0:
         sim.start_random_walk(volatility=args.random_walk, seed=args.seed)
     print(json.dumps({
+        "rest_url": sim.rest_url,
+        "ws_url": sim.ws_url,
+        "symbols": [s.symbol for s in sim.venue.config.symbols],
         "api_key": account.api_key,
         "secret": account.secret,  # a throw-away key of this simulator process, printed on purpose
+        "key_from": f"{KEY_ENV} and {SECRET_ENV}" if chosen else f"made up ({KEY_ENV}, {SECRET_ENV} not both set)",
         "ccxt_url_overrides": sim.ccxt_urls(),
         "control": f"{sim.rest_url}/_sim/<state|mark|faults|liquidation|adl|settlement|manual|drop_streams|"
                    "expire_listen_keys|revoke_key|account|symbols|burst>",

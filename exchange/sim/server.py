@@ -29,6 +29,22 @@ from exchange.sim.venue import Account, SimAlgo, SimError, SimOrder, Venue, fmt,
 
 Handler = Callable[[web.Request, Account | None, dict[str, str]], Awaitable[Any]]
 
+# Where `python -m exchange.sim` listens unless told otherwise (`lifecycle init --sim` writes these URLs), and
+# the variables its account's key and secret are taken from when set (the service reads the same ones).
+DEFAULT_HOST, DEFAULT_REST_PORT, DEFAULT_WS_PORT = "127.0.0.1", 8710, 8711
+KEY_ENV, SECRET_ENV = "SIM_API_KEY", "SIM_SECRET"
+
+
+def ccxt_urls(rest_url: str, ws_url: str) -> dict[str, str]:
+    """URL overrides for ccxt's binanceusdm pointing at a simulator with these REST and WebSocket roots
+    (`http://host:port`, `ws://host:port/ws`): urls['api'][key] = value (and ['ws']['linear'])."""
+    out = {k: f"{rest_url}/fapi/{v}" for k, v in {
+        "fapiPublic": "v1", "fapiPublicV2": "v2", "fapiPublicV3": "v3",
+        "fapiPrivate": "v1", "fapiPrivateV2": "v2", "fapiPrivateV3": "v3"}.items()}
+    out["fapiData"] = f"{rest_url}/futures/data"
+    out["ws.linear"] = ws_url
+    return out
+
 
 @dataclass
 class ListenKey:
@@ -119,12 +135,7 @@ class SimServer:
 
     def ccxt_urls(self) -> dict[str, str]:
         """URL overrides for ccxt's binanceusdm: urls['api'][key] = value (and ['ws']['linear'])."""
-        out = {k: f"{self.rest_url}/fapi/{v}" for k, v in {
-            "fapiPublic": "v1", "fapiPublicV2": "v2", "fapiPublicV3": "v3",
-            "fapiPrivate": "v1", "fapiPrivateV2": "v2", "fapiPrivateV3": "v3"}.items()}
-        out["fapiData"] = f"{self.rest_url}/futures/data"
-        out["ws.linear"] = self.ws_url
-        return out
+        return ccxt_urls(self.rest_url, self.ws_url)
 
     def start_random_walk(self, *, interval_s: float = 1.0, volatility: float = 0.001, seed: int = 7) -> None:
         rng = random.Random(seed)
@@ -335,12 +346,14 @@ class SimServer:
             notional = mark * pos.amount
             upnl = (mark - pos.entry) * pos.amount
             margin = abs(notional) / self.venue.config.leverage
+            liquidation = self.venue.liquidation_price(account, symbol)
             rows.append({
                 "symbol": symbol, "positionSide": "BOTH", "positionAmt": fmt(pos.amount), "entryPrice": fmt(pos.entry),
                 "breakEvenPrice": fmt(pos.entry), "markPrice": fmt(mark), "unRealizedProfit": fmt(upnl),
-                "liquidationPrice": "0", "isolatedMargin": "0", "notional": fmt(notional), "marginAsset": "USDT",
-                "isolatedWallet": "0", "initialMargin": fmt(margin),
-                "maintMargin": fmt(abs(notional) * Decimal("0.004")), "positionInitialMargin": fmt(margin),
+                "liquidationPrice": fmt(liquidation or Decimal(0)), "isolatedMargin": "0", "notional": fmt(notional),
+                "marginAsset": "USDT", "isolatedWallet": "0", "initialMargin": fmt(margin),
+                "maintMargin": fmt(abs(notional) * self.venue.config.maint_margin_rate),
+                "positionInitialMargin": fmt(margin),
                 "openOrderInitialMargin": "0", "adl": 1, "bidNotional": "0",
                 "askNotional": "0", "updateTime": pos.updated,
             })

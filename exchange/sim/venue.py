@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import ROUND_DOWN
+from decimal import ROUND_DOWN, ROUND_UP
 from decimal import Decimal as D
 from typing import Any
 
@@ -63,6 +63,7 @@ class VenueConfig:
     )
     initial_balance: D = D(100_000)
     leverage: int = 20
+    maint_margin_rate: D = D("0.004")  # Binance's first bracket for BTCUSDT (leverageBracket answers the same)
 
     @classmethod
     def with_symbols(cls, count: int) -> VenueConfig:
@@ -236,6 +237,25 @@ class Venue:
             return mark <= algo.trigger if stop_like else mark >= algo.trigger
         return mark >= algo.trigger if stop_like else mark <= algo.trigger
 
+    def liquidation_price(self, account: Account, symbol: str) -> D | None:
+        """Where the position would be liquidated (None when flat), an isolated-margin approximation: the
+        margin is notional / leverage, and the position goes when its loss eats that margin down to the
+        maintenance margin (maintenance margin rate × notional), fees and funding ignored:
+
+            long:  entry × (1 - 1/leverage + mmr)
+            short: entry × (1 + 1/leverage - mmr)
+
+        At 20x and mmr 0.4 % a long goes 4.6 % below its entry. Rounded to the tick towards the entry (a long's
+        up, a short's down): the price is on the losing side of the entry, never beyond the formula's."""
+        pos = self.position(account, symbol)
+        if pos.amount == 0:
+            return None
+        spec = self.spec(symbol)
+        step = 1 / D(self.config.leverage) - self.config.maint_margin_rate
+        if pos.amount > 0:
+            return (pos.entry * (1 - step)).quantize(spec.tick, rounding=ROUND_UP)
+        return (pos.entry * (1 + step)).quantize(spec.tick, rounding=ROUND_DOWN)
+
     # --- orders ----------------------------------------------------------------------------------
 
     def new_order(self, account: Account, *, symbol: str, side: str, type_: str, quantity: D, price: D | None,
@@ -352,10 +372,15 @@ class Venue:
         pos.amount, pos.entry, pos.updated = ZERO, ZERO, now_ms()
 
     def force_close(self, account: Account, symbol: str, kind: str) -> SimOrder:
-        """Close a position the way the exchange or another client would: liquidation, adl, settlement, manual."""
+        """Close a position the way the exchange or another client would: liquidation, adl, settlement, manual.
+
+        A liquidation fills at the position's liquidation price (`liquidation_price`), wherever the mark is:
+        the venue's liquidation engine takes the position over there (move the mark to it first for a
+        believable market, as the demo does). The others fill at the mark."""
         pos = self.position(account, symbol)
         if pos.amount == 0:
             raise SimError(-2022, "No position to close.")
+        price = self.liquidation_price(account, symbol) if kind == "liquidation" else self.marks[symbol]
         side = "SELL" if pos.amount > 0 else "BUY"
         ts = now_ms()
         client_id, type_ = {
@@ -369,7 +394,8 @@ class Venue:
         account.orders[order.order_id] = order
         if kind == "manual":
             self._emit_order(account, order, "NEW", ZERO, ZERO)
-        self._fill(account, order, self.marks[symbol])
+        assert price is not None  # not flat
+        self._fill(account, order, price)
         return order
 
     # --- fills -----------------------------------------------------------------------------------

@@ -312,9 +312,11 @@ def _read_secret(what: str, env: str | None, file: Path | None, environ: dict[st
         return value
     if not env:
         raise ConfigError(f"{what}: no source given")
-    value = environ.get(env, "").strip()
-    if not value:
+    if env not in environ:
         raise ConfigError(f"{what}: the environment variable {env} is not set")
+    value = environ[env].strip()
+    if not value:  # `export KEY=` with the value forgotten, or a secrets file line without one
+        raise ConfigError(f"{what}: the environment variable {env} is set but empty")
     return value
 
 
