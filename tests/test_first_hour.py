@@ -170,6 +170,16 @@ async def test_init_sim_then_the_simulator_and_lifecycle_run_come_up_healthy_and
                                          "1", env=env)
         assert opened.returncode == 0, opened.stderr
         assert json.loads(opened.stdout)["side"] == "long"
+        # The live page of `lifecycle run`: a login form, the session cookie, then the page and its snapshot.
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            async with http.get(f"http://127.0.0.1:{api}/") as r:
+                assert r.status == 200 and 'name="token"' in await r.text()
+            async with http.post(f"http://127.0.0.1:{api}/session", data={"token": TOKEN}) as r:
+                assert r.status == 200 and "Live positions" in await r.text()  # redirected to the page
+            async with http.ws_connect(f"http://127.0.0.1:{api}/ws") as ws:
+                snapshot = json.loads((await ws.receive(timeout=10)).data)
+        assert [p["id"] for p in snapshot["positions"]] == [json.loads(opened.stdout)["id"]]
     finally:
         for process in (service, sim):
             if process is not None and process.returncode is None:

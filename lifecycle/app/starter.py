@@ -69,7 +69,7 @@ _TAIL = """
 [api]                                            # the control API used by open, close and status
 enabled = true                                   # false: no API (open and close need it; status works without)
 host = "127.0.0.1"                               # loopback only (anything else needs allow_remote = true)
-port = 8780                                      # where `lifecycle open/close/status` reach the service
+port = 8780                                      # `lifecycle open/close/status` and the live page (http://127.0.0.1:8780/)
 token_env = "{token_env}"{token_pad}# the NAME of the variable holding the bearer token
 
 [records]                                        # structured records of what happened, for analysis
