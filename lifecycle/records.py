@@ -98,7 +98,10 @@ class JsonlRecords:
                 self._writer.start()
             self._cv.notify_all()
         for listener in list(self.listeners):
-            listener(record)
+            try:
+                listener(record)
+            except Exception as e:  # noqa: BLE001 - a listener (metrics, the live page) is books: never the emitter's
+                logger.error("records: a listener failed on a {} record: {}: {}", record["event"], type(e).__name__, e)
 
     @property
     def pending(self) -> int:

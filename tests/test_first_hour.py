@@ -177,8 +177,8 @@ async def test_init_sim_then_the_simulator_and_lifecycle_run_come_up_healthy_and
                 assert r.status == 200 and 'name="token"' in await r.text()
             async with http.post(f"http://127.0.0.1:{api}/session", data={"token": TOKEN}) as r:
                 assert r.status == 200 and "Live positions" in await r.text()  # redirected to the page
-            async with http.ws_connect(f"http://127.0.0.1:{api}/ws") as ws:
-                snapshot = json.loads((await ws.receive(timeout=10)).data)
+            async with http.ws_connect(f"http://127.0.0.1:{api}/ws") as page:
+                snapshot = json.loads((await page.receive(timeout=10)).data)
         assert [p["id"] for p in snapshot["positions"]] == [json.loads(opened.stdout)["id"]]
     finally:
         for process in (service, sim):

@@ -22,7 +22,7 @@ from exchange.sim.server import SimServer
 from lifecycle.app.page import COOKIE, session_value
 from lifecycle.app.service import Service
 from lifecycle.app.settings import load, service_config
-from lifecycle.domain import Side
+from lifecycle.domain import CloseReason, Side
 from lifecycle.journal import Outcome
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
@@ -297,3 +297,45 @@ async def test_the_page_shows_the_demos_positions_while_the_demo_runs(tmp_path: 
     finally:
         stop.set()
         await asyncio.wait_for(demo, 60)
+
+
+class _StuckSocket:
+    """A browser connection whose sends never complete (a browser stopped with SIGSTOP, a full socket)."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def send_str(self, data: str) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self, message: bytes = b"") -> None:
+        self.closed.set()
+
+
+async def test_a_stuck_browser_is_dropped_and_delays_neither_the_others_nor_the_engine(page_rig: PageRig) -> None:
+    from lifecycle.app.page import _Client
+
+    rig = page_rig
+    assert rig.service.api is not None
+    hub = rig.service.api.page
+    stuck = _StuckSocket()
+    client = _Client(stuck, send_timeout_s=30, queue_size=hub.queue_size)  # type: ignore[arg-type]
+    client.start()
+    hub.clients[stuck] = client  # type: ignore[index]
+    cookies = {COOKIE: session_value(rig.service.config.api.token)}  # type: ignore[union-attr]
+    async with aiohttp.ClientSession(cookies=cookies) as http, http.ws_connect(rig.base + "/ws") as ws:
+        assert json.loads((await ws.receive(timeout=5)).data)["type"] == "snapshot"
+        position = await _open(rig, "BTCUSDT", Side.LONG, "0.01")  # the engine is not held up by the stuck one
+        for _ in range(hub.queue_size + 1):  # more than it may hold: it goes
+            await hub._broadcast('{"type":"noise"}')
+        await asyncio.wait_for(stuck.closed.wait(), 5)
+        assert stuck not in hub.clients
+        await rig.live.close(position.id, CloseReason.OPERATOR)
+
+        async def ended_reaches_the_other_browser() -> bool:
+            while True:
+                message = json.loads((await ws.receive(timeout=5)).data)
+                if message["type"] == "update" and position.id in message["gone"]:
+                    return True
+
+        assert await asyncio.wait_for(ended_reaches_the_other_browser(), 10)

@@ -13,8 +13,9 @@ Served by the control API (same host and port, loopback by default). Decisions:
 * **Push, not polling.** On connect the page gets a snapshot (positions, ended positions, recent records,
   account health, the transition table); then every committed transition, closure and record is pushed
   within `push_delay_s` (coalesced: a burst of a thousand transitions is one message), and marks, health,
-  stream ages and job outcomes once per `status_interval_s`. A client that cannot keep up (a send not done
-  within `send_timeout_s`) is disconnected; the page reconnects and starts from a new snapshot.
+  stream ages and job outcomes once per `status_interval_s`. Each browser has its own bounded queue and
+  sender: one that cannot keep up (`queue_size` messages waiting, or a send not done within
+  `send_timeout_s`) is disconnected, delaying nobody else; the page reconnects and starts from a snapshot.
 * **Books only.** Everything here reads the engine's state or listens to records; a failure of the page (a
   browser gone, a send that fails) is logged and never reaches protection or detection.
 * Every asset (HTML, script, style, the SVG diagram generated from the table) ships with the package;
@@ -92,15 +93,16 @@ class PageHub:
     """The page's routes, its WebSocket clients and what is pushed to them."""
 
     def __init__(self, service: ServiceView, token: Secret, *, push_delay_s: float = 0.03,
-                 status_interval_s: float = 1.0, send_timeout_s: float = 5.0, keep_records: int = 200,
-                 keep_ended: int = 500) -> None:
+                 status_interval_s: float = 1.0, send_timeout_s: float = 5.0, queue_size: int = 100,
+                 keep_records: int = 200, keep_ended: int = 500) -> None:
         self.service = service
         self.token = token
         self.cookie = session_value(token)
         self.push_delay_s = push_delay_s
         self.status_interval_s = status_interval_s
         self.send_timeout_s = send_timeout_s
-        self.clients: set[web.WebSocketResponse] = set()
+        self.queue_size = queue_size
+        self.clients: dict[web.WebSocketResponse, _Client] = {}
         self.records: deque[dict[str, Any]] = deque(maxlen=keep_records)  # the feed, newest last
         self.ended: deque[dict[str, Any]] = deque(maxlen=keep_ended)  # closures seen since start
         self._changed: dict[str, str] = {}  # position id -> account, since the last push
@@ -142,9 +144,8 @@ class PageHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        for ws in list(self.clients):
-            with contextlib.suppress(Exception):
-                await ws.close(message=b"the service is stopping")
+        for client in list(self.clients.values()):
+            await client.close(b"the service is stopping")
         self.clients.clear()
         records = self.service.records
         if self._listening and records is not None and self.on_record in records.listeners:
@@ -158,7 +159,14 @@ class PageHub:
     # --- records: what changed ----------------------------------------------------------------------
 
     def on_record(self, record: Mapping[str, Any]) -> None:
-        """A records listener (called where the record is emitted): note what changed, wake the pusher."""
+        """A records listener (called where the record is emitted): note what changed, wake the pusher.
+        Never raises: the engine emits records right after a commit."""
+        try:
+            self._note(record)
+        except Exception as e:  # noqa: BLE001 - books only: the page may miss an update, the engine goes on
+            logger.error("live page: a record could not be noted: {}: {}", type(e).__name__, e)
+
+    def _note(self, record: Mapping[str, Any]) -> None:
         kind = record.get("event")
         position_id, account = record.get("position_id"), record.get("account")
         if position_id and account:
@@ -185,7 +193,7 @@ class PageHub:
             running = None
         if running is loop:
             self._wake.set()
-        else:
+        elif not loop.is_closed():
             loop.call_soon_threadsafe(self._wake.set)
 
     async def _pusher(self) -> None:
@@ -231,16 +239,13 @@ class PageHub:
             await self._broadcast(message)
 
     async def _broadcast(self, message: str) -> None:
-        clients = list(self.clients)
-        results = await asyncio.gather(*(asyncio.wait_for(ws.send_str(message), self.send_timeout_s)
-                                         for ws in clients), return_exceptions=True)
-        for ws, result in zip(clients, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.info("live page: a browser that did not take an update is disconnected ({})",
-                            type(result).__name__)
-                self.clients.discard(ws)
-                with contextlib.suppress(Exception):
-                    await ws.close()
+        """Queue the message for every client (never waits for one); a client whose queue is full (it has not
+        taken `queue_size` messages) is disconnected: it reconnects and starts from a snapshot."""
+        for client in list(self.clients.values()):
+            if not client.offer(message):
+                logger.info("live page: a browser that did not take {} updates is disconnected", client.queue.maxsize)
+                self.clients.pop(client.ws, None)
+                await client.close(b"too slow: reconnect for a snapshot")
 
     # --- what the page shows ------------------------------------------------------------------------
 
@@ -287,7 +292,8 @@ class PageHub:
         return {"started": self.service.started, "accounts": accounts, "marks": marks,
                 "records_failing": records.failing if records is not None else None}
 
-    async def snapshot(self) -> str:
+    def snapshot(self, ended: list[dict[str, Any]]) -> str:
+        """Everything the page shows, at this instant (built without awaiting anything)."""
         positions = []
         symbols: dict[str, list[str]] = {}
         for name, runtime in self.service.accounts.items():
@@ -295,7 +301,8 @@ class PageHub:
             for p in runtime.engine.positions.values():
                 if not p.state.is_terminal:
                     positions.append(self._position(runtime, p))
-        ended = await self._ended_from_database()
+        seen = {r.get("position_id") for r in ended}
+        ended = ended + [r for r in self.ended if r.get("position_id") not in seen]  # closed while reading
         table = [{"source": e.source.value, "event": e.event.value, "dest": e.dest.value,
                   "guards": list(e.guard_names)} for e in TABLE]
         return _dumps({"type": "snapshot", "at": time.time(), "positions": positions, "ended": ended,
@@ -364,20 +371,67 @@ class PageHub:
         ws = web.WebSocketResponse(heartbeat=20)
         await ws.prepare(request)
         self._listen()
+        ended = await self._ended_from_database()
+        # From here to the registration nothing awaits: a transition committed after the snapshot was built
+        # is in the next update, queued behind the snapshot on the same client's queue.
+        client = _Client(ws, self.send_timeout_s, self.queue_size)
         try:
-            await asyncio.wait_for(ws.send_str(await self.snapshot()), self.send_timeout_s)
-        except Exception as e:  # noqa: BLE001
-            logger.info("live page: the first snapshot could not be sent: {}", type(e).__name__)
+            client.offer(self.snapshot(ended))
+        except Exception as e:  # noqa: BLE001 - the page must never stop on one bad position
+            logger.error("live page: the snapshot could not be built: {}: {}", type(e).__name__, e)
             await ws.close()
             return ws
-        self.clients.add(ws)
+        self.clients[ws] = client
+        client.start()
         try:
             async for message in ws:  # the page sends nothing that matters; this waits for the close
                 if message.type == WSMsgType.ERROR:
                     break
         finally:
-            self.clients.discard(ws)
+            self.clients.pop(ws, None)
+            await client.close()
         return ws
+
+
+class _Client:
+    """One browser: its messages in order on a bounded queue, sent by its own task, so that a slow browser
+    delays nobody (not the pusher, not another browser, not the engine)."""
+
+    def __init__(self, ws: web.WebSocketResponse, send_timeout_s: float, queue_size: int) -> None:
+        self.ws = ws
+        self.send_timeout_s = send_timeout_s
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
+        self.task: asyncio.Task[None] | None = None
+
+    def offer(self, message: str) -> bool:
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._send(), name="page client")
+
+    async def _send(self) -> None:
+        try:
+            while True:
+                message = await self.queue.get()
+                await asyncio.wait_for(self.ws.send_str(message), self.send_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a browser gone or stuck: it is closed, it reconnects
+            logger.info("live page: a browser that did not take an update is disconnected ({})", type(e).__name__)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), self.send_timeout_s)
+
+    async def close(self, message: bytes = b"") -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(message=message), self.send_timeout_s)
 
 
 def _closure_row(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class ConfigError(Exception):
 _ENV_NAME = r"^[A-Z_][A-Z0-9_]{0,127}$"  # an environment variable's NAME (a pasted key has lower case)
 # Environment variables with our prefix that are not settings but are ours all the same.
 _OTHER_ENV = ("LIFECYCLE_CONFIG", "LIFECYCLE_API_TOKEN", "LIFECYCLE_DEMO_", "LIFECYCLE_TEST_",
-              "LIFECYCLE_REQUIRE_POSTGRES")
+              "LIFECYCLE_REQUIRE_POSTGRES", "LIFECYCLE_REQUIRE_BROWSER", "LIFECYCLE_CHROMIUM", "LIFECYCLE_CHROMEDRIVER")
 
 
 class _Strict(BaseModel):

@@ -120,7 +120,8 @@ def svg(table: tuple[Edge, ...] = TABLE) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" class="lifecycle-diagram" '
         'font-family="Helvetica, Arial, sans-serif" font-size="12">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" markerHeight="9" '
-        'markerUnits="userSpaceOnUse" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#777"/></marker></defs>',
+        'markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
+        '<path d="M0,0 L10,5 L0,10 z" fill="#777"/></marker></defs>',
     ]
     sx, sy = centre[INITIAL_STATE]
     out.append(f'<circle cx="{_MARGIN}" cy="{sy:.0f}" r="6" fill="#333"/>')
