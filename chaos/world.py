@@ -435,6 +435,9 @@ class Child(_Handle):
         assert self.session is not None
         async with self.session.get(self._url("/positions")) as r:
             answer = await r.json(content_type=None)
+            if r.status != 200:  # e.g. 503 while a restarted service starts (seed 470): refused, as for a bot
+                raise CommandRefused(r.status, str(answer.get("error", answer) if isinstance(answer, dict)
+                                                   else answer)[:300])
         rows = answer.get("positions", answer) if isinstance(answer, dict) else answer
         return [str(p["id"]) for p in rows if p.get("symbol") == symbol]
 

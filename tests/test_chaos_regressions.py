@@ -27,6 +27,7 @@ from tests.livekit import Rig
 
 # seed -> the defect it found (fixed in the commit that added it here)
 REGRESSIONS = {
+    470: "harness: the positions listing answered 503 (a killed service starting again), read as a list",
     9: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
     19: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
     24: "closed while opening, the entry never filled: ended CLOSED 'bot' instead of CANCELLED",
@@ -451,3 +452,32 @@ async def test_an_entry_refused_after_a_close_was_asked_ends_the_position_cancel
     rig.sim.set_faults(rest_latency_ms=0)
     stored = await rig.ended(position.id, timeout=10)
     assert stored.state is S.CANCELLED, stored.state
+
+
+async def test_a_positions_listing_refused_while_the_service_starts_is_a_refused_command(tmp_path: Path) -> None:
+    """Seed 470: after a kill, the restarted service answered GET /positions with 503 and an error object, which
+    the harness read as the list of positions (AttributeError: a run lost as a harness error)."""
+    import aiohttp
+    from aiohttp import web
+
+    from chaos.world import Child, CommandRefused
+
+    async def starting(_request: web.Request) -> web.Response:
+        return web.json_response({"error": "the service is starting"}, status=503)
+
+    app = web.Application()
+    app.router.add_get("/positions", starting)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    handle = Child(tmp_path, "", {}, port, "token", "sim")
+    handle.session = aiohttp.ClientSession()
+    try:
+        with pytest.raises(CommandRefused) as refused:
+            await handle.live_ids("BTCUSDT")
+        assert refused.value.status == 503 and "starting" in str(refused.value)
+    finally:
+        await handle.session.close()
+        await runner.cleanup()
