@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from exchange.sim.server import SimServer
-from lifecycle.app.page import COOKIE, session_value
+from lifecycle.app.page import session_value
 from lifecycle.app.service import Service
 from lifecycle.app.settings import load, service_config
 from lifecycle.domain import CloseReason, Side
@@ -40,6 +40,11 @@ class PageRig:
     sim: SimServer
     base: str
     commits: list[tuple[float, str, str]] = field(default_factory=list)  # (wall time, position id, dest)
+
+    @property
+    def cookie(self) -> str:
+        assert self.service.api is not None
+        return self.service.api.page.cookie_name
 
     @property
     def live(self) -> Any:
@@ -137,11 +142,12 @@ async def test_the_page_refuses_without_the_token_and_never_puts_it_in_a_url_or_
                 assert r.status == 401, path
         async with http.post(base + "/session", data={"token": "wrong"}) as r:
             assert r.status == 401 and "That is not the token" in await r.text()
-            assert COOKIE not in r.cookies
+            assert page_rig.cookie not in r.cookies
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # unsafe: an IP host
         async with http.post(base + "/session", data={"token": TOKEN}, allow_redirects=False) as r:
             assert r.status == 303
-            cookie = r.cookies[COOKIE]
+            cookie = r.cookies[page_rig.cookie]
+            assert page_rig.cookie == f"lifecycle_session_{page_rig.service.api.port}"  # type: ignore[union-attr]
             assert cookie.value == session_value(page_rig.service.config.api.token)  # type: ignore[union-attr]
             assert TOKEN not in cookie.value and cookie["httponly"] and cookie["samesite"] == "Strict"
             assert TOKEN not in r.headers.get("Location", "")
@@ -172,7 +178,7 @@ async def test_the_page_refuses_without_the_token_and_never_puts_it_in_a_url_or_
 
 
 async def test_a_cross_origin_websocket_is_refused(page_rig: PageRig) -> None:
-    async with aiohttp.ClientSession(cookies={COOKIE: session_value(
+    async with aiohttp.ClientSession(cookies={page_rig.cookie: session_value(
             page_rig.service.config.api.token)}) as http:  # type: ignore[union-attr]
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(page_rig.base + "/ws", headers={"Origin": "http://evil.example"})
@@ -302,14 +308,19 @@ async def test_the_page_shows_the_demos_positions_while_the_demo_runs(tmp_path: 
 class _StuckSocket:
     """A browser connection whose sends never complete (a browser stopped with SIGSTOP, a full socket)."""
 
-    def __init__(self) -> None:
-        self.closed = asyncio.Event()
-
     async def send_str(self, data: str) -> None:
         await asyncio.Event().wait()
 
-    async def close(self, message: bytes = b"") -> None:
-        self.closed.set()
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = asyncio.Event()
+
+    def is_closing(self) -> bool:
+        return self.aborted.is_set()
+
+    def abort(self) -> None:
+        self.aborted.set()
 
 
 async def test_a_stuck_browser_is_dropped_and_delays_neither_the_others_nor_the_engine(page_rig: PageRig) -> None:
@@ -318,17 +329,18 @@ async def test_a_stuck_browser_is_dropped_and_delays_neither_the_others_nor_the_
     rig = page_rig
     assert rig.service.api is not None
     hub = rig.service.api.page
-    stuck = _StuckSocket()
-    client = _Client(stuck, send_timeout_s=30, queue_size=hub.queue_size)  # type: ignore[arg-type]
+    stuck, transport = _StuckSocket(), _Transport()
+    client = _Client(stuck, transport, send_timeout_s=30, queue_size=hub.queue_size)  # type: ignore[arg-type]
     client.start()
     hub.clients[stuck] = client  # type: ignore[index]
-    cookies = {COOKIE: session_value(rig.service.config.api.token)}  # type: ignore[union-attr]
+    cookies = {rig.cookie: session_value(rig.service.config.api.token)}  # type: ignore[union-attr]
     async with aiohttp.ClientSession(cookies=cookies) as http, http.ws_connect(rig.base + "/ws") as ws:
         assert json.loads((await ws.receive(timeout=5)).data)["type"] == "snapshot"
         position = await _open(rig, "BTCUSDT", Side.LONG, "0.01")  # the engine is not held up by the stuck one
-        for _ in range(hub.queue_size + 1):  # more than it may hold: it goes
-            await hub._broadcast('{"type":"noise"}')
-        await asyncio.wait_for(stuck.closed.wait(), 5)
+        for _ in range(hub.queue_size + 1):  # more than it may hold: it goes, cut off at once (no graceful
+            hub._broadcast('{"type":"noise"}')  # close that would wait for it); the other one keeps up
+            await asyncio.sleep(0.005)
+        assert transport.aborted.is_set()
         assert stuck not in hub.clients
         await rig.live.close(position.id, CloseReason.OPERATOR)
 
@@ -339,3 +351,87 @@ async def test_a_stuck_browser_is_dropped_and_delays_neither_the_others_nor_the_
                     return True
 
         assert await asyncio.wait_for(ended_reaches_the_other_browser(), 10)
+
+
+def _stuck_websocket(port: int, cookie: str) -> Any:
+    """A browser that completes the WebSocket handshake and then never reads again (its receive buffer
+    shrunk, so that what the service sends backs up at once)."""
+    import base64
+    import os
+    import socket
+
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    raw.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nCookie: {cookie}\r\n\r\n").encode())
+    assert raw.recv(12) == b"HTTP/1.1 101"
+    return raw
+
+
+async def test_the_service_stops_at_once_with_a_browser_that_stopped_reading(page_rig: PageRig) -> None:
+    """A browser that stopped reading with a lot waiting for it: the stop neither waits for it (aiohttp's graceful
+    close waited a minute and more) nor is cut short by it (a cancelled send broke the ordered stop)."""
+    rig = page_rig
+    assert rig.service.api is not None
+    hub = rig.service.api.page
+    raw = await asyncio.to_thread(_stuck_websocket, rig.service.api.port, f"{rig.cookie}={hub.cookie}")
+    try:
+        await until(lambda: len(hub.clients) == 1, timeout=5, what="the stuck browser registered")
+        big = json.dumps({"type": "noise", "pad": "x" * 200_000})
+        for _ in range(40):  # ~8 MB for a browser that takes nothing
+            hub._broadcast(big)
+        await asyncio.sleep(0.2)  # let its sender fill the socket and block
+        drained: list[str] = []
+        live = rig.service.accounts["sim"].live
+        assert live is not None
+        stop_live = live.stop
+
+        async def noted_stop(*args: Any, **kwargs: Any) -> None:
+            drained.append("live.stop")
+            await stop_live(*args, **kwargs)
+
+        live.stop = noted_stop  # type: ignore[method-assign]
+        started = time.monotonic()
+        await rig.service.stop()  # raises nothing
+        took = time.monotonic() - started
+        assert took < 10, f"the stop took {took:.1f} s"
+        assert drained == ["live.stop"]  # the ordered stop ran to its end
+    finally:
+        raw.close()
+
+
+async def test_a_page_that_connected_while_the_service_started_gets_the_positions(page_rig: PageRig) -> None:
+    rig = page_rig
+    position = await _open(rig, "BTCUSDT", Side.LONG, "0.01")
+    rig.service.started = False  # as during a (re)start: a page connects before the accounts are there
+    cookies = {rig.cookie: session_value(rig.service.config.api.token)}  # type: ignore[union-attr]
+    async with aiohttp.ClientSession(cookies=cookies) as http, http.ws_connect(rig.base + "/ws") as ws:
+        first = json.loads((await ws.receive(timeout=5)).data)
+        assert first["type"] == "snapshot" and first["started"] is False
+        await asyncio.sleep(1.5)  # a status pass notices "starting"
+        rig.service.started = True
+
+        async def next_snapshot() -> dict[str, Any]:
+            while True:
+                message = json.loads((await ws.receive(timeout=5)).data)
+                if message["type"] == "snapshot":
+                    return dict(message)
+
+        again = await asyncio.wait_for(next_snapshot(), 5)
+        assert again["started"] is True and [p["id"] for p in again["positions"]] == [position.id]
+
+
+async def test_a_page_whose_session_is_no_longer_accepted_goes_back_to_the_login_form(page_rig: PageRig,
+                                                                                      driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    rig, d = page_rig, driver
+    await in_browser(lambda: _enter(d, rig.base))
+    assert rig.service.api is not None
+    hub = rig.service.api.page
+    hub.cookie = "a token changed since"  # what a restart with a new token does to every session
+    for client in list(hub.clients.values()):
+        client.abort()
+    await in_browser(lambda: _wait(d, lambda d: d.find_elements(By.ID, "token"), what="the login form"))

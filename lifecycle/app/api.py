@@ -33,7 +33,7 @@ from loguru import logger
 
 from exchange.errors import ExchangeError
 from exchange.secret import Secret
-from lifecycle.app.page import PAGE_HEADER, PUBLIC_PATHS, PageHub, position_json
+from lifecycle.app.page import COOKIE, PAGE_HEADER, PUBLIC_PATHS, PageHub, position_json
 from lifecycle.domain import CloseReason, Position, Side
 from lifecycle.errors import (
     EngineStopping,
@@ -156,7 +156,9 @@ class ControlApi:
         app.router.add_post("/positions/{id}/close", self._close)
         app.router.add_get("/metrics", self._metrics)
         self.page.add_routes(app)
-        runner = web.AppRunner(app, access_log=None,
+        # shutdown_timeout: a stop waits this long at most for requests in flight (aiohttp's default, 60 s,
+        # would outlast systemd's TimeoutStopSec with a browser that stopped reading).
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0,
                                logger=http_logger("lifecycle.app.api.http", [self.token.reveal()]))
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
@@ -170,6 +172,7 @@ class ControlApi:
         sockets = getattr(site._server, "sockets", None) or []  # the real port when 0 was asked for
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        self.page.cookie_name = f"{COOKIE}_{self.port}"
         logger.info("control API and live page on {} (token required)", self.url)
         return self
 

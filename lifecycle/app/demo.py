@@ -164,6 +164,8 @@ async def run_demo(workdir: Path, *, pace: float = 1.0, forever: bool = False,
     finally:
         await service.stop()
         await sim.stop()
+        if shown_token is not None:
+            os.environ.pop(TOKEN_ENV, None)  # made up for this run: not left behind for the process
     result.replay_ok = await _replay_all(workdir)
     result.duration_s = time.monotonic() - started
     return result

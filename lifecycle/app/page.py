@@ -3,10 +3,13 @@
 Served by the control API (same host and port, loopback by default). Decisions:
 
 * **The token, once.** `GET /` without a session answers a login form; `POST /session` with the API token
-  sets the session cookie and redirects to the page. The cookie holds `HMAC(token, "page session")`, not the
-  token: it is HttpOnly (no script reads it), `SameSite=Strict` (no other site's page sends it), kept 30
-  days, and it stops working when the token changes. The token is never put in a URL, a log line or the
-  page. `POST /session/end` forgets it.
+  sets the session cookie (`lifecycle_session_PORT`) and redirects to the page. The cookie holds
+  `HMAC(token, "page session")`, not the token: it is HttpOnly (no script reads it), `SameSite=Strict` (no
+  other site's page sends it), kept 30 days, and it stops working when the token changes. The token is never
+  put in a URL, a log line or the page. `POST /session/end` forgets it. Trade-off, written down: browsers
+  do not scope cookies by port, so any other web server on the same host name that this browser visits
+  receives the cookie; do not browse untrusted local servers in the profile that holds it (or use a
+  separate profile), and change the token to revoke every session.
 * **Cookie-authenticated writes** (close, open from the page) must also carry the header
   `X-Lifecycle-Page: 1`, which a cross-site form cannot send; the WebSocket checks that its `Origin`, when
   given, is the page's own host.
@@ -98,6 +101,9 @@ class PageHub:
         self.service = service
         self.token = token
         self.cookie = session_value(token)
+        # Browsers send a host's cookies to every port of it: one name per service port keeps two services on
+        # one host (the demo and `lifecycle run`) from logging each other out. Set by the API once it listens.
+        self.cookie_name = COOKIE
         self.push_delay_s = push_delay_s
         self.status_interval_s = status_interval_s
         self.send_timeout_s = send_timeout_s
@@ -130,6 +136,8 @@ class PageHub:
         self._listen()
         self._tasks = [asyncio.create_task(self._pusher(), name="page pusher"),
                        asyncio.create_task(self._status_loop(), name="page status")]
+        for task in self._tasks:
+            task.add_done_callback(_said_if_ended)
 
     def _listen(self) -> None:
         """Hear records once the service has its records writer (it may be created after the API)."""
@@ -145,7 +153,7 @@ class PageHub:
                 await task
         self._tasks = []
         for client in list(self.clients.values()):
-            await client.close(b"the service is stopping")
+            client.abort()  # a graceful close could wait for a stuck browser; the page reconnects anyway
         self.clients.clear()
         records = self.service.records
         if self._listening and records is not None and self.on_record in records.listeners:
@@ -153,7 +161,7 @@ class PageHub:
         self._listening = False
 
     def authenticated(self, request: web.Request) -> bool:
-        given = request.cookies.get(COOKIE, "")
+        given = request.cookies.get(self.cookie_name, "")
         return hmac.compare_digest(given.encode("utf-8", "replace"), self.cookie.encode("utf-8"))
 
     # --- records: what changed ----------------------------------------------------------------------
@@ -211,7 +219,7 @@ class PageHub:
             except Exception as e:  # noqa: BLE001 - the page must never stop on one bad position
                 logger.error("live page: an update could not be built: {}: {}", type(e).__name__, e)
                 continue
-            await self._broadcast(message)
+            self._broadcast(message)
 
     def _update(self, changed: Mapping[str, str], records: list[dict[str, Any]],
                 ended: list[dict[str, Any]]) -> str:
@@ -227,25 +235,39 @@ class PageHub:
                        "ended": ended, "records": records})
 
     async def _status_loop(self) -> None:
+        was_started = self.service.started
         while True:
             await asyncio.sleep(self.status_interval_s)
+            started, just_started = self.service.started, self.service.started and not was_started
+            was_started = started
             if not self.clients:
+                continue
+            if just_started:
+                # A page that connected while the service was starting saw no accounts yet (the positions loaded
+                # from the database emit no records): every page starts again from a snapshot.
+                try:
+                    snapshot = self.snapshot(await self._ended_from_database())
+                except Exception as e:  # noqa: BLE001
+                    logger.error("live page: the snapshot after the start could not be built: {}: {}",
+                                 type(e).__name__, e)
+                else:
+                    self._broadcast(snapshot)
                 continue
             try:
                 message = _dumps({"type": "status", "at": time.time(), **self.status()})
             except Exception as e:  # noqa: BLE001
                 logger.error("live page: the status could not be built: {}: {}", type(e).__name__, e)
                 continue
-            await self._broadcast(message)
+            self._broadcast(message)
 
-    async def _broadcast(self, message: str) -> None:
+    def _broadcast(self, message: str) -> None:
         """Queue the message for every client (never waits for one); a client whose queue is full (it has not
         taken `queue_size` messages) is disconnected: it reconnects and starts from a snapshot."""
         for client in list(self.clients.values()):
             if not client.offer(message):
                 logger.info("live page: a browser that did not take {} updates is disconnected", client.queue.maxsize)
                 self.clients.pop(client.ws, None)
-                await client.close(b"too slow: reconnect for a snapshot")
+                client.abort()
 
     # --- what the page shows ------------------------------------------------------------------------
 
@@ -339,14 +361,14 @@ class PageHub:
             return _html(_asset("login.html").replace("{{error}}", '<p class="error">That is not the token.</p>'),
                          status=401)
         response = web.HTTPSeeOther("/")
-        response.set_cookie(COOKIE, self.cookie, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="Strict",
+        response.set_cookie(self.cookie_name, self.cookie, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="Strict",
                             path="/", secure=request.secure)
         logger.info("live page: a browser at {} logged in", request.remote)
         raise response
 
     async def _logout(self, request: web.Request) -> web.Response:
         response = web.HTTPSeeOther("/")
-        response.del_cookie(COOKIE, path="/")
+        response.del_cookie(self.cookie_name, path="/")
         raise response
 
     async def _diagram(self, request: web.Request) -> web.Response:
@@ -374,7 +396,7 @@ class PageHub:
         ended = await self._ended_from_database()
         # From here to the registration nothing awaits: a transition committed after the snapshot was built
         # is in the next update, queued behind the snapshot on the same client's queue.
-        client = _Client(ws, self.send_timeout_s, self.queue_size)
+        client = _Client(ws, request.transport, self.send_timeout_s, self.queue_size)
         try:
             client.offer(self.snapshot(ended))
         except Exception as e:  # noqa: BLE001 - the page must never stop on one bad position
@@ -389,16 +411,22 @@ class PageHub:
                     break
         finally:
             self.clients.pop(ws, None)
-            await client.close()
+            client.abort()
         return ws
 
 
 class _Client:
     """One browser: its messages in order on a bounded queue, sent by its own task, so that a slow browser
-    delays nobody (not the pusher, not another browser, not the engine)."""
+    delays nobody (not the pusher, not another browser, not the engine).
 
-    def __init__(self, ws: web.WebSocketResponse, send_timeout_s: float, queue_size: int) -> None:
+    A browser that is dropped is cut off (its transport aborted), never closed gracefully: a graceful close
+    waits for the peer to take what is buffered, which a stuck browser never does (minutes, with aiohttp's
+    defaults), and it shares the send's drain future, which cancelling the send leaves cancelled."""
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, send_timeout_s: float,
+                 queue_size: int) -> None:
         self.ws = ws
+        self.transport = transport
         self.send_timeout_s = send_timeout_s
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.task: asyncio.Task[None] | None = None
@@ -420,18 +448,23 @@ class _Client:
                 await asyncio.wait_for(self.ws.send_str(message), self.send_timeout_s)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - a browser gone or stuck: it is closed, it reconnects
+        except Exception as e:  # noqa: BLE001 - a browser gone or stuck: cut off; the page reconnects
             logger.info("live page: a browser that did not take an update is disconnected ({})", type(e).__name__)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), self.send_timeout_s)
+            self.abort(cancel=False)
 
-    async def close(self, message: bytes = b"") -> None:
-        if self.task is not None and not self.task.done():
+    def abort(self, *, cancel: bool = True) -> None:
+        """Cut the connection off now (synchronous: nothing here can wait for the browser)."""
+        if cancel and self.task is not None and not self.task.done():
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(message=message), self.send_timeout_s)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+
+def _said_if_ended(task: asyncio.Task[None]) -> None:
+    """The pusher and the status loop run until the page stops; one that ends otherwise is said."""
+    if not task.cancelled() and task.exception() is not None:
+        e = task.exception()
+        logger.error("live page: {} ended: {}: {}; the page no longer updates", task.get_name(), type(e).__name__, e)
 
 
 def _closure_row(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -270,8 +270,11 @@ class Service:
         self._stopping = True
         logger.info("stopping: scheduled jobs first, then in-flight work; stops stay on the exchange")
         try:
-            if self.api is not None:
-                await self.api.stop()  # no new commands from outside
+            if self.api is not None:  # no new commands from outside; the API never holds up the rest of the stop
+                try:
+                    await asyncio.wait_for(self.api.stop(), 5.0)
+                except Exception as e:  # noqa: BLE001 - books and the page: the drain below matters more
+                    logger.error("stopping the control API failed: {}: {}", type(e).__name__, e)
             for runtime in self.accounts.values():
                 if runtime.scheduler is not None:
                     await runtime.scheduler.stop()

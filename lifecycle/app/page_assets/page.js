@@ -68,9 +68,13 @@ function connect() {
     });
   };
   ws.onopen = () => setConnection("live", "ok");
-  ws.onclose = () => {
+  ws.onclose = async () => {
     document.body.dataset.connected = "0";
     setConnection("disconnected: reconnecting", "bad");
+    try {  // a session the service no longer accepts (the token changed): back to the login form
+      const answer = await fetch("/diagram.svg", { method: "HEAD", credentials: "same-origin" });
+      if (answer.status === 401) { location.assign("/"); return; }
+    } catch (e) { /* the service is down: try again */ }
     setTimeout(connect, 1000);
   };
 }
@@ -101,6 +105,7 @@ function onSnapshot(m) {
   $("#ended tbody").replaceChildren();
   addEnded(m.ended);
   $("#feed").replaceChildren();
+  untracked.length = 0;
   addRecords(m.records);
   fillOpenForm();
   onStatus(m);
@@ -204,8 +209,13 @@ function updateMarkCells(tr, p) {
 
 // --- ended positions ----------------------------------------------------------------------------------
 
+const KEEP_ENDED = 500;
+
 function addEnded(closures) {
   if (!closures || !closures.length) return;
+  while (state.ended.length + closures.length > KEEP_ENDED && state.ended.length) {
+    state.endedIds.delete(state.ended.shift().position_id);  // the counts follow the rows listed
+  }
   const body = $("#ended tbody");
   const fragment = document.createDocumentFragment();
   for (const r of closures) {
@@ -229,7 +239,7 @@ function addEnded(closures) {
     fragment.prepend(tr);
   }
   body.prepend(fragment);
-  while (body.rows.length > 500) body.deleteRow(body.rows.length - 1);
+  while (body.rows.length > KEEP_ENDED) body.deleteRow(body.rows.length - 1);
 }
 
 // --- the diagram --------------------------------------------------------------------------------------
@@ -329,12 +339,22 @@ function renderHealth(m) {
 const untracked = [];
 function recentUntracked() { return untracked.slice(-5); }
 
+function actionError(text) {  // kept until dismissed: a refused close must not flash by with the next status
+  const item = el("div", text, "alert");
+  const dismiss = el("button", "dismiss", "dismiss");
+  dismiss.type = "button";
+  dismiss.addEventListener("click", () => item.remove());
+  item.appendChild(dismiss);
+  $("#action-errors").appendChild(item);
+}
+
 function addRecords(records) {
   if (!records || !records.length) return;
   const feed = $("#feed");
   const fragment = document.createDocumentFragment();
   for (const r of records) {
     if (r.event === "untracked_position") {
+      if (untracked.length >= 50) untracked.shift();
       untracked.push(`${r.account}: untracked ${r.side} ${r.quantity} ${r.symbol} on the venue (policy ${r.policy})`);
     }
     const detail = { ...r };
@@ -371,7 +391,7 @@ function confirmClose(id) {
     try {
       await send("POST", `/positions/${encodeURIComponent(id)}/close`, { reason: "operator" });
     } catch (e) {
-      $("#alerts").appendChild(el("div", `close of ${id} refused: ${e.message}`, "alert"));
+      actionError(`close of ${p.symbol} ${id} refused: ${e.message}`);
     }
   };
   dialog.showModal();
