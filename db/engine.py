@@ -185,3 +185,50 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         if engine.dialect.name == "postgresql":
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
         await conn.run_sync(run)
+
+
+class SqliteInUse(DatabaseConfigError):
+    """Another process serves this SQLite database."""
+
+
+class SqliteLock:
+    """One service process per SQLite database: an exclusive `flock` on `FILE.lock`, held while the service
+    runs. The kernel releases it when the process ends, however it ends (SIGKILL included), so a crashed
+    service never blocks its restart. PostgreSQL is the way to run several processes (leases, not this)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, url: str) -> SqliteLock | None:
+        """The lock for `url`'s file (None for a database that is not a SQLite file); SqliteInUse, naming the
+        file and the holder's pid, when another process holds it."""
+        import fcntl
+
+        directory = _sqlite_directory(url)
+        if directory is None:
+            return None
+        database = make_url(url).database
+        assert database is not None
+        path = Path(database + ".lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None  # an unwritable directory: opening the database says so, in its own words
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SqliteInUse(f"{database} is used by another lifecycle service (pid {holder}); one service process "
+                              "per SQLite database: stop the other one, or use PostgreSQL to run several") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+

@@ -382,3 +382,53 @@ def _non_loopback_addresses() -> list[str]:
         except OSError:
             pass
     return sorted(found)
+
+
+async def test_a_second_service_on_one_sqlite_file_refuses_to_start(sim: SimServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One service process per SQLite database (issue 14): the second says who holds it and starts nothing;
+    once the first stops, it starts."""
+    from lifecycle.app.service import StartError
+
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "sqlite:///{tmp_path / 'one.sqlite'}"
+[records]
+dir = "{tmp_path / 'records'}"
+[api]
+enabled = false
+''' + account_block(), sim.ccxt_urls())
+    first = await Service(service_config(load(config))).start()
+    try:
+        second = Service(service_config(load(config)))
+        with pytest.raises(StartError) as refused:
+            await second.start()
+        assert str(refused.value) == (
+            f"database_url: {tmp_path / 'one.sqlite'} is used by another lifecycle service (pid {os.getpid()}); one "
+            "service process per SQLite database: stop the other one, or use PostgreSQL to run several")
+        assert second.repo is None and not second.accounts
+    finally:
+        await first.stop()
+    again = await Service(service_config(load(config))).start()
+    await again.stop()
+
+
+def test_a_killed_service_does_not_keep_its_sqlite_file_locked(tmp_path: Path) -> None:
+    from db.engine import SqliteInUse, SqliteLock
+
+    url = f"sqlite:///{tmp_path / 'k.sqlite'}"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom db.engine import SqliteLock\n"
+                               f"lock = SqliteLock.take({url!r})\nprint('held', flush=True)\ntime.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(SqliteInUse, match=f"pid {holder.pid}"):
+            SqliteLock.take(url)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    lock = SqliteLock.take(url)
+    assert lock is not None
+    lock.release()

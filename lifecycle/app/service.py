@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from db.engine import DatabaseConfigError, safe_url
+from db.engine import DatabaseConfigError, SqliteLock, safe_url
 from db.repository import Repository
 from exchange import errors as xerr
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
@@ -147,9 +147,14 @@ class Service:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._extra: asyncio.Task[Any] | None = None  # run(after_start=...)'s task
+        self._sqlite_lock: SqliteLock | None = None  # one service per SQLite file
 
     async def start(self) -> Service:
         try:
+            try:
+                self._sqlite_lock = SqliteLock.take(self.config.database_url)
+            except DatabaseConfigError as e:
+                raise StartError(f"database_url: {e}") from None
             self.repo = await _open_database(self.config.database_url)
             self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days)
             self.records.listeners.append(self.closures)
@@ -296,6 +301,9 @@ class Service:
                 if self.repo is not None:
                     await self.repo.close()
             finally:
+                if self._sqlite_lock is not None:
+                    self._sqlite_lock.release()
+                    self._sqlite_lock = None
                 left = {name: len(r.engine.positions) for name, r in self.accounts.items()}
                 logger.info("stopped; live positions left protected on the exchange: {}", left)
                 await logger.complete()
