@@ -28,6 +28,11 @@ from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
 T = TypeVar("T")
 
 
+# The first client of each venue (exchange, testnet, URLs) whose markets loaded, with the adapter that owns it:
+# later clients of this process take their markets from it (ccxt's set_markets_from_exchange) until that
+# adapter closes. Markets are not reloaded while a client lives, as before: a symbol listed later is unknown
+# until a restart.
+_LOADED_MARKETS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 STREAM_CACHE = 100_000  # updates ccxt may hold for our stream consumers between two of their turns
 
 
@@ -184,6 +189,9 @@ class CcxtExchange:
 
     async def close(self) -> None:
         self._closed = True  # streams end instead of reconnecting
+        for venue, (owner, _client) in list(_LOADED_MARKETS.items()):
+            if owner is self:  # the next client of this venue loads the markets again (the venue may differ by
+                del _LOADED_MARKETS[venue]  # then: a simulator restarted on the same port with other symbols)
         background = [*self._tasks, *([self._keepalive_task] if self._keepalive_task else [])]
         for task in background:
             task.cancel()
@@ -231,12 +239,24 @@ class CcxtExchange:
             for part in path:
                 target = target[part]
             target[last] = url
+        venue = self._markets_key()
+        _owner, source = _LOADED_MARKETS.get(venue, (None, None))
         try:
-            await self._call_on(client.load_markets)
+            if source is not None:
+                # Markets loaded by another client of this process for the same venue: shared, not loaded again
+                # (one copy of every market per process however many accounts; no exchangeInfo call either).
+                client.set_markets_from_exchange(source)
+            else:
+                await self._call_on(client.load_markets)
+                _LOADED_MARKETS[venue] = (self, client)
         except BaseException:
             await _close_quietly(client)
             raise
         return client
+
+    def _markets_key(self) -> tuple[Any, ...]:
+        """The venue a client talks to: its exchange, testnet or not, and its URL overrides."""
+        return (self.settings.exchange_id, self.settings.sandbox, tuple(sorted(self.settings.urls.items())))
 
     async def recreate(self, seen_generation: int, reason: str) -> None:
         """Replace the client, once per generation however many streams ask. The new client is built

@@ -249,3 +249,26 @@ async def test_a_recreate_from_outside_the_streams_resubscribes_them(venue: Ccxt
         assert not positions.task.done()  # the stream survived its watch being cancelled under it
     finally:
         await positions.stop()
+
+
+async def test_the_accounts_of_one_process_share_one_copy_of_the_markets(sim: SimServer) -> None:
+    """Issue 14: many accounts per process cheaply. The second account's client takes the first one's markets
+    (no exchangeInfo call, the same objects); once the adapter that loaded them closes, the next loads anew."""
+    alice, bob, carol = (sim.venue.add_account(n) for n in ("alice", "bob", "carol"))
+    info = "GET /fapi/v1/exchangeInfo"
+    first = await CcxtExchange(settings_for(sim, alice)).start()
+    second = await CcxtExchange(settings_for(sim, bob)).start()
+    try:
+        assert sim.calls[info] == 1
+        assert second.client.markets is first.client.markets
+        assert second.client.markets_by_id is first.client.markets_by_id
+        await second.check_account(["BTCUSDT"])  # the shared markets serve real calls (it raises otherwise)
+        assert second.tick_size("BTCUSDT") == first.tick_size("BTCUSDT") is not None
+    finally:
+        await first.close()
+    third = await CcxtExchange(settings_for(sim, carol)).start()
+    try:
+        assert sim.calls[info] == 2 and third.client.markets is not second.client.markets
+    finally:
+        await second.close()
+        await third.close()
