@@ -235,24 +235,26 @@ class PageHub:
                        "ended": ended, "records": records})
 
     async def _status_loop(self) -> None:
-        was_started = self.service.started
         while True:
             await asyncio.sleep(self.status_interval_s)
-            started, just_started = self.service.started, self.service.started and not was_started
-            was_started = started
             if not self.clients:
                 continue
-            if just_started:
+            waiting = [c for c in self.clients.values() if not c.saw_started] if self.service.started else []
+            if waiting:
                 # A page that connected while the service was starting saw no accounts yet (the positions loaded
-                # from the database emit no records): every page starts again from a snapshot.
+                # from the database emit no records): it starts again from a snapshot, now that they are there.
                 try:
                     snapshot = self.snapshot(await self._ended_from_database())
                 except Exception as e:  # noqa: BLE001
                     logger.error("live page: the snapshot after the start could not be built: {}: {}",
                                  type(e).__name__, e)
                 else:
-                    self._broadcast(snapshot)
-                continue
+                    for client in waiting:
+                        if client.ws in self.clients:
+                            client.saw_started = True
+                            if not client.offer(snapshot):
+                                self.clients.pop(client.ws, None)
+                                client.abort()
             try:
                 message = _dumps({"type": "status", "at": time.time(), **self.status()})
             except Exception as e:  # noqa: BLE001
@@ -397,6 +399,7 @@ class PageHub:
         # From here to the registration nothing awaits: a transition committed after the snapshot was built
         # is in the next update, queued behind the snapshot on the same client's queue.
         client = _Client(ws, request.transport, self.send_timeout_s, self.queue_size)
+        client.saw_started = self.service.started
         try:
             client.offer(self.snapshot(ended))
         except Exception as e:  # noqa: BLE001 - the page must never stop on one bad position
@@ -430,6 +433,7 @@ class _Client:
         self.send_timeout_s = send_timeout_s
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.task: asyncio.Task[None] | None = None
+        self.saw_started = False  # its last snapshot was of a started service (else one follows the start)
 
     def offer(self, message: str) -> bool:
         try:

@@ -401,11 +401,15 @@ function fillOpenForm() {
   const accounts = Object.keys(state.symbols);
   const accountSelect = $("#open-account");
   const chosen = accountSelect.value;
-  accountSelect.replaceChildren(...accounts.map((a) => { const o = el("option", a); o.value = a; return o; }));
-  if (accounts.includes(chosen)) accountSelect.value = chosen;
-  const fillSymbols = () => {
-    const symbols = state.symbols[accountSelect.value] || [];
-    $("#open-symbol").replaceChildren(...symbols.map((s) => { const o = el("option", s); o.value = s; return o; }));
+  if ([...accountSelect.options].map((o) => o.value).join(",") !== accounts.join(",")) {
+    accountSelect.replaceChildren(...accounts.map((a) => { const o = el("option", a); o.value = a; return o; }));
+    if (accounts.includes(chosen)) accountSelect.value = chosen;
+  }
+  const fillSymbols = () => {  // the options are replaced only when the list changed (a form being filled in
+    const symbols = state.symbols[accountSelect.value] || [];  // keeps its choice across a new snapshot)
+    const select = $("#open-symbol");
+    if ([...select.options].map((o) => o.value).join(",") === symbols.join(",")) return;
+    select.replaceChildren(...symbols.map((s) => { const o = el("option", s); o.value = s; return o; }));
   };
   accountSelect.onchange = fillSymbols;
   fillSymbols();
