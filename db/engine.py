@@ -211,11 +211,15 @@ class SqliteLock:
             return None
         database = make_url(url).database
         assert database is not None
-        path = Path(database + ".lock")
+        resolved = Path(database).resolve()  # one lock however the file is named (relative, through a symlink)
+        path = resolved.with_name(resolved.name + ".lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return None  # an unwritable directory: opening the database says so, in its own words
+        except OSError as e:
+            if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+                return None  # a missing or unwritable directory: opening the database says so, in its own words
+            raise SqliteInUse(f"cannot take the lock {path} that keeps a second service off {database}: "
+                              f"{e.strerror or type(e).__name__} (a lock file left by another user?)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -223,6 +227,7 @@ class SqliteLock:
             os.close(fd)
             raise SqliteInUse(f"{database} is used by another lifecycle service (pid {holder}); one service process "
                               "per SQLite database: stop the other one, or use PostgreSQL to run several") from None
+        # (A hard link to the file is a different name the lock cannot see: one path per database.)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(path, fd)

@@ -29,9 +29,9 @@ T = TypeVar("T")
 
 
 # The first client of each venue (exchange, testnet, URLs) whose markets loaded, with the adapter that owns it:
-# later clients of this process take their markets from it (ccxt's set_markets_from_exchange) until that
-# adapter closes. Markets are not reloaded while a client lives, as before: a symbol listed later is unknown
-# until a restart.
+# the clients of later accounts of this process take their markets from it (ccxt's set_markets_from_exchange)
+# when they start, until that adapter closes. A recreated client (a stream wedged or dropped) loads the
+# markets afresh, as before (new filters and listings); the owner's recreated client becomes the source.
 _LOADED_MARKETS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 STREAM_CACHE = 100_000  # updates ccxt may hold for our stream consumers between two of their turns
 
@@ -210,7 +210,7 @@ class CcxtExchange:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _new_client(self) -> Any:
+    async def _new_client(self, *, share: bool = True) -> Any:
         base = getattr(ccxtpro, self.settings.exchange_id, None)
         if base is None:
             raise errors.Fatal(f"ccxt has no WebSocket-capable exchange {self.settings.exchange_id!r}")
@@ -240,15 +240,16 @@ class CcxtExchange:
                 target = target[part]
             target[last] = url
         venue = self._markets_key()
-        _owner, source = _LOADED_MARKETS.get(venue, (None, None))
+        owner, source = _LOADED_MARKETS.get(venue, (None, None))
         try:
-            if source is not None:
+            if share and source is not None:
                 # Markets loaded by another client of this process for the same venue: shared, not loaded again
                 # (one copy of every market per process however many accounts; no exchangeInfo call either).
                 client.set_markets_from_exchange(source)
             else:
                 await self._call_on(client.load_markets)
-                _LOADED_MARKETS[venue] = (self, client)
+                if source is None or owner is self:  # the newest markets of this venue, for the next account
+                    _LOADED_MARKETS[venue] = (self, client)
         except BaseException:
             await _close_quietly(client)
             raise
@@ -266,7 +267,7 @@ class CcxtExchange:
             if self.generation != seen_generation:
                 return
             logger.warning("{}: recreating the exchange client: {}", self.settings.exchange_id, reason)
-            new = await self._new_client()
+            new = await self._new_client(share=False)  # a recreate loads the markets afresh (new filters, listings)
             old, self.client = self.client, new
             self.generation += 1
             self._keepalive_at = asyncio.get_running_loop().time()

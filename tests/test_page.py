@@ -112,7 +112,8 @@ def _enter(d: Any, base: str) -> None:
 
 
 def _connected(d: Any) -> None:
-    _wait(d, lambda d: d.execute_script("return document.body.dataset.connected") == "1", what="page connected")
+    _wait(d, lambda d: d.execute_script("return document.body && document.body.dataset.connected") == "1",
+          what="page connected")  # (no body yet while the login's redirect loads)
 
 
 def _row_state(d: Any, position_id: str) -> str | None:
@@ -167,7 +168,8 @@ async def test_the_page_refuses_without_the_token_and_never_puts_it_in_a_url_or_
 
     def wrong_then_right() -> tuple[str, str]:
         _log_in(d, base, "not-it")
-        refused = d.find_element(By.TAG_NAME, "body").text
+        refused = str(_wait(d, lambda d: "That is not the token" in (text := d.execute_script(
+            "return document.body ? document.body.innerText : ''")) and text, what="the refusal"))
         _log_in(d, base)
         _connected(d)
         return refused, d.current_url

@@ -432,3 +432,42 @@ def test_a_killed_service_does_not_keep_its_sqlite_file_locked(tmp_path: Path) -
     lock = SqliteLock.take(url)
     assert lock is not None
     lock.release()
+
+
+def test_a_refused_second_service_touches_neither_the_database_nor_the_log(tmp_path: Path) -> None:
+    """`lifecycle run` takes the lock before it migrates the database or configures its log: a second service
+    (maybe a newer build) refused on a held file has not upgraded the schema under the first."""
+    from db.engine import SqliteLock
+
+    (tmp_path / "logs").mkdir()
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    config = write_config(tmp_path / "c.toml", f'database_url = "{url}"\nlog_dir = "{tmp_path / "logs"}"\n'
+                          '[api]\nenabled = false\n' + account_block(),
+                          {"fapiPrivate": "http://127.0.0.1:9/fapi/v1"})
+    held = SqliteLock.take(url)
+    try:
+        env = {**os.environ, "SIM_KEY": "k", "SIM_SECRET": "s"}
+        result = subprocess.run([sys.executable, "-m", "lifecycle.app.cli", "run", "-c", str(config)], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        assert held is not None
+        held.release()
+    assert result.returncode == 2, result.stderr
+    assert f"{tmp_path / 'fresh.sqlite'} is used by another lifecycle service (pid {os.getpid()})" in result.stderr
+    assert not (tmp_path / "fresh.sqlite").exists() and not list((tmp_path / "logs").iterdir())
+
+
+def test_one_lock_however_the_sqlite_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from db.engine import SqliteInUse, SqliteLock
+
+    (tmp_path / "one.sqlite").touch()
+    (tmp_path / "link.sqlite").symlink_to(tmp_path / "one.sqlite")
+    monkeypatch.chdir(tmp_path)
+    held = SqliteLock.take(f"sqlite:///{tmp_path / 'one.sqlite'}")
+    try:
+        for other in ("sqlite:///one.sqlite", f"sqlite:///{tmp_path / 'link.sqlite'}"):
+            with pytest.raises(SqliteInUse):
+                SqliteLock.take(other)
+    finally:
+        assert held is not None
+        held.release()

@@ -105,12 +105,15 @@ def init(
 @app.command()
 def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the service for the configured accounts until SIGINT/SIGTERM."""
-    from lifecycle.app.service import Service, StartError, check_database
+    from lifecycle.app.service import Service, StartError, check_database, take_sqlite_lock
     from lifecycle.app.settings import service_config
 
     settings = _settings(config)
-    service = Service(service_config(settings))
     try:
+        # A second service on this SQLite file stops here: before it migrates the database or writes a line
+        # into the running one's log.
+        lock = take_sqlite_lock(settings.database_url)
+        service = Service(service_config(settings), sqlite_lock=lock)
         _run(check_database(settings.database_url))  # before anything else starts (or logs)
         _configure_logging(verbose, settings.log_dir, settings.log_retention_days)
         asyncio.run(service.run())

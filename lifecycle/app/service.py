@@ -136,7 +136,9 @@ class StartError(Exception):
 
 
 class Service:
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, *, sqlite_lock: SqliteLock | None = None) -> None:
+        """`sqlite_lock`: taken by the caller already (`lifecycle run` takes it before anything touches the
+        database or the log); else `start` takes it."""
         self.config = config
         self.repo: Repository | None = None
         self.records: JsonlRecords | None = None
@@ -147,14 +149,12 @@ class Service:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._extra: asyncio.Task[Any] | None = None  # run(after_start=...)'s task
-        self._sqlite_lock: SqliteLock | None = None  # one service per SQLite file
+        self._sqlite_lock = sqlite_lock  # one service per SQLite file
 
     async def start(self) -> Service:
         try:
-            try:
-                self._sqlite_lock = SqliteLock.take(self.config.database_url)
-            except DatabaseConfigError as e:
-                raise StartError(f"database_url: {e}") from None
+            if self._sqlite_lock is None:
+                self._sqlite_lock = take_sqlite_lock(self.config.database_url)
             self.repo = await _open_database(self.config.database_url)
             self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days)
             self.records.listeners.append(self.closures)
@@ -371,6 +371,14 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         e = task.exception()
         logger.error("the work run after start failed: {}: {}", type(e).__name__, e)
+
+
+def take_sqlite_lock(url: str) -> SqliteLock | None:
+    """The lock that keeps a second service off a SQLite database (None for PostgreSQL); StartError if held."""
+    try:
+        return SqliteLock.take(url)
+    except DatabaseConfigError as e:
+        raise StartError(f"database_url: {e}") from None
 
 
 async def check_database(url: str) -> None:
