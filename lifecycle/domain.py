@@ -32,11 +32,19 @@ class Side(StrEnum):
         """The order side that closes (reduces) a position of this side: stops, take-profits, closes."""
         return "sell" if self is Side.LONG else "buy"
 
+    @classmethod
+    def from_word(cls, word: str) -> Side | None:
+        """long/short, or buy/sell as a trader says it (any case, spaces around); None for anything else."""
+        return _SIDE_WORDS.get(word.strip().lower())
+
     def round_stop(self, raw: Decimal, tick: Decimal) -> Decimal:
         """A stop price on the tick, rounded away from the mark (a long's down, a short's up), so rounding
         never pulls a stop closer than asked."""
         rounding = ROUND_FLOOR if self is Side.LONG else ROUND_CEILING
         return (raw / tick).to_integral_value(rounding=rounding) * tick
+
+
+_SIDE_WORDS = {"long": Side.LONG, "buy": Side.LONG, "short": Side.SHORT, "sell": Side.SHORT}
 
 
 class CloseCause(StrEnum):

@@ -51,8 +51,8 @@ class PageRig:
         return self.service.accounts["sim"].live
 
 
-@pytest.fixture
-async def page_rig(sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PageRig]:
+async def _service(sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
+    """The service on the simulator (SQLite, one account "sim"), its API and page on a free port, started."""
     account = sim.venue.add_account("sim")
     monkeypatch.setenv("SIM_KEY", account.api_key)
     monkeypatch.setenv("SIM_SECRET", account.secret)
@@ -65,6 +65,13 @@ dir = "{tmp_path / 'records'}"
 port = 0
 ''' + account_block(), sim.ccxt_urls())
     service = await Service(service_config(load(config))).start()
+    assert service.api is not None
+    return service
+
+
+@pytest.fixture
+async def page_rig(sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[PageRig]:
+    service = await _service(sim, tmp_path, monkeypatch)
     assert service.api is not None
     rig = PageRig(service, sim, service.api.url.rstrip("/"))
 
@@ -443,18 +450,7 @@ async def test_a_page_that_connected_after_the_start_gets_one_snapshot_only(sim:
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The snapshot that follows a start goes only to pages that connected while starting: a second snapshot
     rebuilds every row under the operator's (or a test's) cursor (CI: a Close button gone stale mid-click)."""
-    account = sim.venue.add_account("sim")
-    monkeypatch.setenv("SIM_KEY", account.api_key)
-    monkeypatch.setenv("SIM_SECRET", account.secret)
-    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
-    config = write_config(tmp_path / "c.toml", f'''
-database_url = "sqlite:///{tmp_path / 'once.sqlite'}"
-[records]
-dir = "{tmp_path / 'records'}"
-[api]
-port = 0
-''' + account_block(), sim.ccxt_urls())
-    service = await Service(service_config(load(config))).start()  # connect at once: within the first status pass
+    service = await _service(sim, tmp_path, monkeypatch)  # connect at once: within the first status pass
     try:
         assert service.api is not None
         cookies = {service.api.page.cookie_name: session_value(service.config.api.token)}  # type: ignore[union-attr]

@@ -435,12 +435,9 @@ def _position_json(p: Position, mark: Decimal | None) -> dict[str, Any]:
     return position_json(p, mark)
 
 
-SIDES = {"long": Side.LONG, "buy": Side.LONG, "short": Side.SHORT, "sell": Side.SHORT}
-
-
 def _side(value: Any) -> Side:
     """long/short, or buy/sell as a trader may say it."""
-    side = SIDES.get(str(value).strip().lower())
+    side = Side.from_word(str(value))
     if side is None:
         raise ValueError(f"side must be long or short (buy or sell), got {str(value)[:20]!r}")
     return side

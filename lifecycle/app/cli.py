@@ -165,9 +165,6 @@ def _api_call(settings: Settings, method: str, path: str, body: dict[str, Any] |
         raise typer.Exit(1) from None
 
 
-SIDES = {"long": "long", "short": "short", "buy": "long", "sell": "short"}
-
-
 def _refuse(text: str) -> typer.Exit:
     """One line on stderr; the exit (2: the command line is wrong) for the caller to raise."""
     _say_error(f"error: {text}")
@@ -211,18 +208,21 @@ def open_(
     """Ask the running service to open a position (side: long or short; buy and sell mean the same)."""
     import json
 
+    from lifecycle.domain import Side
+
     # Checked here, before the configuration is read or the service is asked.
     for word in (symbol, side, quantity):
         if word.startswith("--"):  # a mistyped option, taken for an argument (unknown options are let through)
             raise _refuse(f"no such option: {word.split('=', 1)[0]}")
-    if side.strip().lower() not in SIDES:
+    chosen = Side.from_word(side)
+    if chosen is None:
         raise _refuse(f"side must be one of long, short, buy, sell (buy is long, sell is short), got {side!r}")
     size = _number("quantity", quantity)
     prices = {key: _number(f"--{key.replace('_', '-')}", value) for key, value in (
         ("entry_price", entry_price), ("trailing_activation", trailing_activation), ("take_profit", take_profit))}
     percents = {key: _number(f"--{key.replace('_', '-')}", value, percent=True) for key, value in (
         ("stop_loss_pct", stop_loss_pct), ("trailing_callback_pct", trailing_callback_pct))}
-    body = {"symbol": symbol, "side": SIDES[side.strip().lower()], "quantity": size,
+    body = {"symbol": symbol, "side": chosen.value, "quantity": size,
             "account": account, **prices, **percents, "trailing": trailing or None}
     answer = _api_call(_settings(config, check_secrets=False), "POST", "/positions",
                        {k: str(v) if isinstance(v, Decimal) else v for k, v in body.items() if v is not None})

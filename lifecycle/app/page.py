@@ -252,9 +252,7 @@ class PageHub:
                     for client in waiting:
                         if client.ws in self.clients:
                             client.saw_started = True
-                            if not client.offer(snapshot):
-                                self.clients.pop(client.ws, None)
-                                client.abort()
+                            self._send(client, snapshot)
             try:
                 message = _dumps({"type": "status", "at": time.time(), **self.status()})
             except Exception as e:  # noqa: BLE001
@@ -266,10 +264,14 @@ class PageHub:
         """Queue the message for every client (never waits for one); a client whose queue is full (it has not
         taken `queue_size` messages) is disconnected: it reconnects and starts from a snapshot."""
         for client in list(self.clients.values()):
-            if not client.offer(message):
-                logger.info("live page: a browser that did not take {} updates is disconnected", client.queue.maxsize)
-                self.clients.pop(client.ws, None)
-                client.abort()
+            self._send(client, message)
+
+    def _send(self, client: _Client, message: str) -> None:
+        """Queue `message` for one browser; one whose queue is full is cut off."""
+        if not client.offer(message):
+            logger.info("live page: a browser that did not take {} updates is disconnected", client.queue.maxsize)
+            self.clients.pop(client.ws, None)
+            client.abort()
 
     # --- what the page shows ------------------------------------------------------------------------
 
@@ -325,27 +327,27 @@ class PageHub:
             for p in runtime.engine.positions.values():
                 if not p.state.is_terminal:
                     positions.append(self._position(runtime, p))
+        # The database's rows, then what this process saw that they lack (a closure whose row is not written
+        # yet, or that came while they were read), the newest `keep_ended`.
         seen = {r.get("position_id") for r in ended}
-        ended = ended + [r for r in self.ended if r.get("position_id") not in seen]  # closed while reading
+        ended = (ended + [r for r in self.ended if r.get("position_id") not in seen])[-(self.ended.maxlen or 500):]
         table = [{"source": e.source.value, "event": e.event.value, "dest": e.dest.value,
                   "guards": list(e.guard_names)} for e in TABLE]
         return _dumps({"type": "snapshot", "at": time.time(), "positions": positions, "ended": ended,
                        "records": list(self.records), "symbols": symbols, "table": table, **self.status()})
 
     async def _ended_from_database(self) -> list[dict[str, Any]]:
-        """The most recent endings: the database's closures (also those of earlier runs), then what this
-        process saw since (a closure whose row is not written yet is shown from its record)."""
-        rows: list[dict[str, Any]] = []
+        """The most recent endings in the database (also those of earlier runs), oldest first; none when it
+        cannot be read (the page shows what this process saw)."""
         repo = self.service.repo
-        if repo is not None:
-            try:
-                found = await repo.recent_closures(list(self.service.accounts), self.ended.maxlen or 500)
-                rows = [_closure_row(r) for r in reversed(found)]
-            except Exception as e:  # noqa: BLE001 - the page shows what it has; the books are not its job
-                logger.warning("live page: ended positions could not be read: {}: {}", type(e).__name__, e)
-        seen = {r["position_id"] for r in rows}
-        rows += [r for r in self.ended if r.get("position_id") not in seen]
-        return rows[-(self.ended.maxlen or 500):]
+        if repo is None:
+            return []
+        try:
+            found = await repo.recent_closures(list(self.service.accounts), self.ended.maxlen or 500)
+        except Exception as e:  # noqa: BLE001 - the page shows what it has; the books are not its job
+            logger.warning("live page: ended positions could not be read: {}: {}", type(e).__name__, e)
+            return []
+        return [_closure_row(r) for r in reversed(found)]
 
     # --- routes -------------------------------------------------------------------------------------
 
