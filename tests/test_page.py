@@ -466,3 +466,22 @@ async def test_a_page_that_connected_after_the_start_gets_one_snapshot_only(sim:
         assert kinds.count("snapshot") == 1 and kinds.count("status") >= 1, kinds
     finally:
         await service.stop()
+
+
+async def test_a_database_that_hangs_delays_the_page_by_its_bound_only(page_rig: PageRig) -> None:
+    """The page's one database read (the ended positions of its snapshot) is bounded: a hanging database gives a
+    snapshot of what this process saw, within `send_timeout_s`, instead of a page (and status loop) stuck."""
+    rig = page_rig
+    assert rig.service.api is not None and rig.service.repo is not None
+    hub = rig.service.api.page
+    hub.send_timeout_s = 0.5
+
+    async def hangs(*_args: Any, **_kwargs: Any) -> list[dict[str, Any]]:
+        await asyncio.Event().wait()
+        return []
+
+    rig.service.repo.recent_closures = hangs  # type: ignore[method-assign]
+    cookies = {rig.cookie: session_value(rig.service.config.api.token)}  # type: ignore[union-attr]
+    async with aiohttp.ClientSession(cookies=cookies) as http, http.ws_connect(rig.base + "/ws") as ws:
+        first = json.loads((await ws.receive(timeout=5)).data)
+    assert first["type"] == "snapshot" and first["ended"] == []

@@ -342,8 +342,9 @@ class PageHub:
         repo = self.service.repo
         if repo is None:
             return []
-        try:
-            found = await repo.recent_closures(list(self.service.accounts), self.ended.maxlen or 500)
+        try:  # bounded: a database that hangs must not hold the status loop (every page) with it
+            found = await asyncio.wait_for(
+                repo.recent_closures(list(self.service.accounts), self.ended.maxlen or 500), self.send_timeout_s)
         except Exception as e:  # noqa: BLE001 - the page shows what it has; the books are not its job
             logger.warning("live page: ended positions could not be read: {}: {}", type(e).__name__, e)
             return []
