@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
 from db.engine import create_engine, migrate
+from db.leases import Fence, fences_broken
 from db.tables import ClosureRow, JournalRow, OrderRow, PositionRow, TrailingStateRow
 from lifecycle.actions import ClosureRecord
 from lifecycle.domain import (
@@ -44,7 +45,7 @@ from lifecycle.domain import (
     Side,
     TrailingState,
 )
-from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, StoreRefused
+from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, LeaseLost, StoreRefused
 from lifecycle.journal import JournalEntry, Outcome
 from lifecycle.machines.states import TERMINAL_STATES, PositionState
 
@@ -88,6 +89,7 @@ class _Pending:
     position: Position
     outcome: Outcome
     done: asyncio.Future[None]
+    fence: Fence | None
 
 
 @dataclass
@@ -148,16 +150,19 @@ class Repository:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def insert_position(self, position: Position, creation: JournalEntry) -> None:
+    async def insert_position(self, position: Position, creation: JournalEntry, fence: Fence | None = None) -> None:
         """A new row for a new position (never an upsert over an old one), with journal row 0."""
-        await self.insert_positions([(position, creation)])
+        await self.insert_positions([(position, creation)], fence)
 
-    async def insert_positions(self, items: Sequence[tuple[Position, JournalEntry]]) -> None:
-        """Insert new positions in one transaction (bulk: adoption, imports, benchmarks)."""
+    async def insert_positions(self, items: Sequence[tuple[Position, JournalEntry]],
+                               fence: Fence | None = None) -> None:
+        """Insert new positions in one transaction (bulk: adoption, imports, benchmarks); with a `fence`, only
+        while its lease holds (LeaseLost otherwise, nothing written)."""
         if not items:
             return
         try:
             async with self._write() as conn:
+                await _check_fence(conn, fence)
                 await conn.execute(positions.insert(), [{**_position_values(p), "id": p.id} for p, _ in items])
                 with_trailing = [_trailing_values(p) for p, _ in items if p.trailing is not None]
                 if with_trailing:
@@ -174,13 +179,14 @@ class Repository:
                 ) from None
             raise
 
-    def commit(self, position: Position, outcome: Outcome) -> asyncio.Future[None]:
+    def commit(self, position: Position, outcome: Outcome, fence: Fence | None = None) -> asyncio.Future[None]:
         """Persist an accepted transition of `position` (already changed in memory) atomically: the future
         resolves once it is durable. Transitions committed at the same moment share a transaction (see the
         module docstring); the answer, and any error, is this transition's own. (A future, not a coroutine:
-        awaiting it costs no task, on the path of every transition.)"""
+        awaiting it costs no task, on the path of every transition.) With a `fence`, the transition is written
+        only while the account's lease holds, in the same transaction (LeaseLost otherwise)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(position, outcome, done))
+        self._pending.append(_Pending(position, outcome, done, fence))
         if self._writing < self.writers:
             self._writing += 1
             task = asyncio.ensure_future(self._write_batches())
@@ -218,14 +224,14 @@ class Repository:
         stats.sizes.append(len(batch))
         if len(batch) == 1:
             item = batch[0]
-            _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome)))
+            _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome, item.fence)))
             return
         try:
             stale = await self._commit_many(batch)
         except _BatchRefused:
             stats.one_by_one += 1
             for item in batch:
-                _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome)))
+                _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome, item.fence)))
             return
         except Exception as e:  # noqa: BLE001 - the batch failed: each member fails with the error
             for item in batch:
@@ -235,18 +241,20 @@ class Repository:
         for item in batch:
             _settle(item, stale.get(item.position.id))
 
-    async def _commit_one(self, position: Position, outcome: Outcome) -> None:
+    async def _commit_one(self, position: Position, outcome: Outcome, fence: Fence | None) -> None:
         entry = outcome.journal
         try:
-            await self._commit(position, outcome, entry)
+            await self._commit(position, outcome, entry, fence)
         except IntegrityError as e:  # a constraint, not an outage: retrying cannot help
             raise StoreRefused(f"position {position.id} #{entry.seq}: {str(e.orig).splitlines()[0]}") from e
 
-    async def _commit_many(self, batch: list[_Pending]) -> dict[str, ConcurrentModification]:
-        """Write the batch in one transaction; returns the members the guard refused (not written)."""
-        stale: dict[str, ConcurrentModification] = {}
+    async def _commit_many(self, batch: list[_Pending]) -> dict[str, StoreRefused | ConcurrentModification]:
+        """Write the batch in one transaction; returns the members the fence or the guard refused (not written)."""
+        stale: dict[str, StoreRefused | ConcurrentModification] = {}
         try:
             async with self._write() as conn:
+                fences = {item.fence for item in batch if item.fence is not None}
+                broken = await fences_broken(conn, list(fences)) if fences else set()
                 check = sa.select(positions.c.id, positions.c.seq).where(
                     positions.c.id.in_([item.position.id for item in batch]))
                 if self._lock_rows:
@@ -255,7 +263,9 @@ class Repository:
                 good = []
                 for item in batch:
                     position, seq = item.position, item.outcome.journal.seq
-                    if stored.get(position.id) != seq - 1:
+                    if item.fence in broken:
+                        stale[position.id] = _lease_lost(item.fence)
+                    elif stored.get(position.id) != seq - 1:
                         stale[position.id] = ConcurrentModification(
                             f"position {position.id}: row is not at seq {seq - 1}; refusing to overwrite")
                     else:
@@ -289,8 +299,9 @@ class Repository:
             raise _BatchRefused(str(e.orig).splitlines()[0]) from e
         return stale
 
-    async def _commit(self, position: Position, outcome: Outcome, entry: JournalEntry) -> None:
+    async def _commit(self, position: Position, outcome: Outcome, entry: JournalEntry, fence: Fence | None) -> None:
         async with self._write() as conn:
+            await _check_fence(conn, fence)
             values = _position_values(position)
             values["_id"], values["_prev_seq"] = position.id, entry.seq - 1
             result = await conn.execute(_UPDATE_POSITION, values)
@@ -308,8 +319,8 @@ class Repository:
             if outcome.closure is not None:
                 await conn.execute(closures.insert(), _closure_values(outcome.closure))
 
-    async def save_order(self, order: OrderRef, now: datetime) -> None:
-        """Insert or update one order of ours."""
+    async def save_order(self, order: OrderRef, now: datetime, fence: Fence | None = None) -> None:
+        """Insert or update one order of ours (with a `fence`: only while its lease holds)."""
         values = {
             "position_id": order.position_id,
             "symbol": order.symbol,
@@ -323,6 +334,7 @@ class Repository:
             "updated_at": now,
         }
         async with self._write() as conn:
+            await _check_fence(conn, fence)
             result = await conn.execute(orders.update().where(orders.c.client_id == order.client_id).values(**values))
             if result.rowcount == 0:
                 await conn.execute(
@@ -565,6 +577,40 @@ def _journal_from_row(r: Any) -> JournalEntry:
         cause=r.cause,
         payload=r.payload,
     )
+
+
+async def _check_fence(conn: AsyncConnection, fence: Fence | None) -> None:
+    if fence is not None and await fences_broken(conn, [fence]):
+        raise _lease_lost(fence)
+
+
+def _lease_lost(fence: Fence) -> LeaseLost:
+    return LeaseLost(f"account {fence.account}: the lease (epoch {fence.epoch}) is no longer this process's; "
+                     "nothing was written")
+
+
+class FencedStore:
+    """The position store of one account whose writes are fenced by its lease (`Fence`): what a service
+    process on a shared PostgreSQL database hands to that account's engine. Reads go straight through."""
+
+    def __init__(self, repo: Repository, fence: Fence) -> None:
+        self.repo = repo
+        self.fence = fence
+
+    async def insert_position(self, position: Position, creation: JournalEntry) -> None:
+        await self.repo.insert_positions([(position, creation)], self.fence)
+
+    def commit(self, position: Position, outcome: Outcome) -> asyncio.Future[None]:
+        return self.repo.commit(position, outcome, self.fence)
+
+    async def save_order(self, order: OrderRef, now: datetime) -> None:
+        await self.repo.save_order(order, now, self.fence)
+
+    async def load_live(self, accounts: Sequence[str] | None = None) -> list[Position]:
+        return await self.repo.load_live(accounts)
+
+    async def get_position(self, position_id: str) -> Position | None:
+        return await self.repo.get_position(position_id)
 
 
 async def _outcome_of(work: Any) -> BaseException | None:

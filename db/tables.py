@@ -125,4 +125,34 @@ class ClosureRow(SQLModel, table=True):
     detection_latency_ms: float | None = Field(default=None)  # venue event time to the terminal transition
 
 
+class AccountLeaseRow(SQLModel, table=True):
+    """Who acts on an account (PostgreSQL with several processes; see `db.leases`). `epoch` grows with every
+    acquisition and fences every write: a process that lost the lease cannot write for the account."""
+
+    __tablename__ = "account_leases"
+
+    account: str = Field(primary_key=True, max_length=64)
+    owner: str | None = Field(default=None, max_length=128)  # the instance name; None: free
+    token: str | None = Field(default=None, max_length=36)  # the owning process run (unique per start)
+    epoch: int = Field(default=0)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by the database's clock
+    acquired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    renewed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    release_requested: bool = Field(default=False)  # `lifecycle accounts release NAME`: the owner hands it back
+
+
+class InstanceRow(SQLModel, table=True):
+    """A running service process (one row per start), seen while it renews; the share of accounts each
+    takes is counted from the instances seen within one lease."""
+
+    __tablename__ = "instances"
+
+    token: str = Field(primary_key=True, max_length=36)
+    name: str = Field(max_length=128)
+    host: str = Field(max_length=255)
+    pid: int
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    seen_at: datetime = Field(sa_type=UTCDateTime)
+
+
 metadata = SQLModel.metadata

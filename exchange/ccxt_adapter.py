@@ -175,6 +175,10 @@ class CcxtExchange:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._binance = settings.exchange_id.startswith("binance")
         self._closed = False
+        # Several processes on one database (issue 14): asked before every request that changes the venue (any
+        # method but GET, listen keys aside), at the moment it is sent (after ccxt's rate limiter); False:
+        # refused with NotOwner. None: this process alone acts on the account.
+        self.may_act: Callable[[], bool] | None = None
 
     @property
     def malformed_frames(self) -> int:
@@ -808,6 +812,13 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
                 ws._lc_guarded = True
                 ws.handle_text_or_binary_message = _guard_text(ws.handle_text_or_binary_message, owner, binance)
             return ws
+
+        async def fetch(self, url: str, method: str = "GET", headers: Any = None, body: Any = None) -> Any:
+            gate = owner.may_act
+            if gate is not None and method != "GET" and "listenKey" not in url and not gate():
+                raise errors.NotOwner(f"{owner.settings.exchange_id}: {method} {url.split('?', 1)[0]} not sent: "
+                                      "this process no longer holds the account's lease")
+            return await super().fetch(url, method, headers, body)
 
         if hasattr(base, "keep_alive_listen_key"):
             async def keep_alive_listen_key(self, params: dict[str, Any] | None = None) -> Any:

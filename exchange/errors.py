@@ -53,3 +53,8 @@ class InsufficientMargin(Rejected):
 class Fatal(ExchangeError):
     """Configuration or permission problem (bad key or signature, IP not allowed, unknown symbol).
     Stop sending orders for the account and alert a person; retrying will not help."""
+
+
+class NotOwner(Fatal):
+    """This process no longer holds the account's lease (by its own clock, with the margin): nothing that
+    changes the venue is sent; another process acts on the account now (see `lifecycle.app.leases`)."""

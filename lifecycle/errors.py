@@ -52,6 +52,11 @@ class StoreRefused(LifecycleError):
     queued (a failure of the database itself is; see `lifecycle.books`)."""
 
 
+class LeaseLost(StoreRefused):
+    """The write's account lease is no longer this process's (taken over, released or expired): the write was
+    fenced off and nothing was written. The process stops acting on the account."""
+
+
 class DuplicateLivePosition(LifecycleError):
     """A live position already exists for this account, symbol and side; a new one is not opened."""
 

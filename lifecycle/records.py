@@ -36,7 +36,9 @@ _DATED = re.compile(r"^(?P<kind>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl$")
 class JsonlRecords:
     def __init__(self, directory: str | Path, *, retention_days: int | None = None,
                  today: Callable[[], date] = lambda: datetime.now(UTC).date(),
-                 max_pending: int = 1_000_000, retry_max_s: float = 2.0) -> None:
+                 max_pending: int = 1_000_000, retry_max_s: float = 2.0, instance: str | None = None) -> None:
+        """`instance`: the service process's name in a cluster (issue 14), written into every record: several
+        processes append to the same files (each group of lines in one O_APPEND write)."""
         if retention_days is not None and retention_days < 1:
             raise ValueError(f"retention_days must be >= 1, got {retention_days}")
         self.directory = Path(directory)
@@ -45,6 +47,7 @@ class JsonlRecords:
         self.today = today
         self.max_pending = max_pending
         self.retry_max_s = retry_max_s
+        self.instance = instance
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with each record emitted
         self.failing: str | None = None  # why the last write failed, while lines wait
         self.written = 0
@@ -73,6 +76,8 @@ class JsonlRecords:
         record = record.as_record() if isinstance(record, Record) else dict(record)
         for key in REQUIRED:
             record.setdefault(key, None)
+        if self.instance is not None:
+            record.setdefault("instance", self.instance)
         if record["event"] is None:
             record["event"] = "record"
         if record["at"] is None:

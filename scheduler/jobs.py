@@ -33,6 +33,7 @@ from loguru import logger
 from exchange import errors as xerr
 from lifecycle.config_fields import check_limits, setting
 from lifecycle.domain import CloseReason
+from lifecycle.errors import LeaseLost
 from lifecycle.machines.states import PROTECTED
 from lifecycle.reconciler import Reconciler, SyncReport
 from lifecycle.record_kinds import AgedPosition
@@ -143,6 +144,9 @@ class ReconciliationScheduler:
         except xerr.ExchangeError as e:
             outcome = "exchange_error"
             logger.warning("{} job {} failed on the exchange: {}", self.account, name, e)
+        except LeaseLost as e:  # the account moves to another process: said once by the lease keeper, no trace
+            outcome = "error"
+            logger.error("{} job {} failed: {}", self.account, name, e)
         except Exception as e:  # noqa: BLE001 - a job must never stop the scheduler
             outcome = "error"
             logger.exception("{} job {} failed: {}: {}", self.account, name, type(e).__name__, e)

@@ -73,3 +73,17 @@ def test_the_demo_settings_follow_no_environment_even_nested(monkeypatch: pytest
     settings = Settings.without_environment(accounts=[
         {"name": "d", "symbols": ["BTCUSDT"], "api_key_env": "K", "secret_env": "S"}])
     assert settings.api.port == 8780 and settings.reconcile.phantom_after_s == 60
+
+
+def test_a_cluster_section_needs_postgresql_and_timings_that_hold_a_lease(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cluster: several processes share accounts only on PostgreSQL"):
+        load(config(tmp_path, extra='[cluster]\ninstance = "a"\n'), check_secrets=False)
+    pg = 'database_url = "postgresql://postgres@127.0.0.1/test"\n'
+    with pytest.raises(ConfigError, match=r"cluster: .*lease_s .* must be at least margin_s"):
+        load(config(tmp_path, extra=pg + '[cluster]\nlease_s = 3\nrenew_s = 1\nmargin_s = 2\n'),
+             check_secrets=False)
+    with pytest.raises(ConfigError, match=r"cluster\.instance"):
+        load(config(tmp_path, extra=pg + '[cluster]\ninstance = "has space"\n'), check_secrets=False)
+    settings = load(config(tmp_path, extra=pg + '[cluster]\ninstance = "east-1"\nmax_accounts = 50\n'),
+                    check_secrets=False)
+    assert settings.cluster is not None and settings.cluster.config().instance == "east-1"

@@ -25,7 +25,12 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--symbols", type=int, default=6,
                         help="how many symbols: the six real ones, then synthetic X007USDT... (mark 100)")
+    parser.add_argument("--accounts", type=int, default=1,
+                        help="how many accounts: 'sim' (the key above), then sim2, sim3... with made-up keys, all "
+                             "printed (several service processes sharing them: README, Scale out)")
     args = parser.parse_args()
+    if args.accounts < 1:
+        parser.error("--accounts must be at least 1")
     if args.symbols < 1:
         parser.error("--symbols must be at least 1")
     sim = await SimServer(Venue(VenueConfig.with_symbols(args.symbols)), host=args.host).start(args.rest_port,
@@ -33,6 +38,7 @@ async def main() -> None:
     chosen = bool(os.environ.get(KEY_ENV) and os.environ.get(SECRET_ENV))
     account = sim.venue.add_account("sim", api_key=os.environ.get(KEY_ENV) if chosen else None,
                                     secret=os.environ.get(SECRET_ENV) if chosen else None)
+    more = [sim.venue.add_account(f"sim{i}") for i in range(2, args.accounts + 1)]
     if args.random_walk > 0:
         sim.start_random_walk(volatility=args.random_walk, seed=args.seed)
     print(json.dumps({
@@ -43,6 +49,8 @@ async def main() -> None:
         "secret": account.secret,  # a throw-away key of this simulator process, printed on purpose
         "key_from": f"{KEY_ENV} and {SECRET_ENV}" if chosen else f"made up ({KEY_ENV}, {SECRET_ENV} not both set)",
         "ccxt_url_overrides": sim.ccxt_urls(),
+        **({"more_accounts": [{"name": a.name, "api_key": a.api_key, "secret": a.secret} for a in more]}
+           if more else {}),
         "control": f"{sim.rest_url}/_sim/<state|mark|faults|liquidation|adl|settlement|manual|drop_streams|"
                    "expire_listen_keys|revoke_key|account|symbols|burst>",
     }, indent=2), flush=True)

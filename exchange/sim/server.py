@@ -76,6 +76,9 @@ class SimServer:
         self.calls: Counter[str] = Counter()  # REST requests per "METHOD /path"
         self.symbol_calls: Counter[str] = Counter()  # the same, for calls naming a symbol
         self.signalled: list[tuple[str, str, str, int]] = []  # (method, path, when, signal) sent
+        # Requests that change an account's orders (any method but GET on an order path), per account name,
+        # with the loop time they arrived: who acted on an account, and when (tests of leases and takeovers).
+        self.order_requests: dict[str, list[tuple[float, str, str]]] = {}
         self.venue.user_listeners.append(self._on_user_event)
         self.venue.mark_listeners.append(self._on_mark)
         self._walk: asyncio.Task[None] | None = None
@@ -226,6 +229,9 @@ class SimServer:
         handler, signed = route
         try:
             params, account = await self._authenticate(request, signed)
+            if account is not None and request.method != "GET" and "rder" in request.match_info["path"]:
+                self.order_requests.setdefault(account.name, []).append(
+                    (asyncio.get_running_loop().time(), request.method, request.match_info["path"]))
             return web.json_response(await handler(request, account, params), dumps=_dumps)
         except SimError as e:
             return _error(e.status, e.code, e.msg)

@@ -129,6 +129,9 @@ class ServiceView(Protocol):
     def records(self) -> JsonlRecords | None: ...
     @property
     def closures(self) -> ClosureStats: ...
+    @property
+    def instance(self) -> str | None: ...  # the process's name among several on one database (None: alone)
+    def lease_problems(self) -> list[str]: ...  # why this process may soon stop acting on its accounts
 
 
 class ControlApi:
@@ -252,9 +255,11 @@ class ControlApi:
                 "unsettled": bool(live and live.unsettled()),  # a resync left positions to settle
             }
         reasons = [f"{name}: {r}" for name, a in accounts.items() for r in a["reasons"]]
+        reasons += self.service.lease_problems()
         if not self.service.started:
             reasons.insert(0, "starting")
         return web.json_response({"status": "degraded" if reasons else "ok", "reasons": reasons,
+                                  "instance": self.service.instance,
                                   "accounts": accounts, "uptime_s": round(time.monotonic() - self.started, 1)})
 
     async def _positions(self, request: web.Request) -> web.Response:

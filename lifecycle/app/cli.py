@@ -23,15 +23,19 @@ DEFAULT_DIAGRAMS = Path("diagrams")
 T = TypeVar("T")
 
 
-def _configure_logging(verbose: bool, log_dir: Path | None = None, retention_days: int = 14) -> None:
+def _configure_logging(verbose: bool, log_dir: Path | None = None, retention_days: int = 14,
+                       instance: str | None = None) -> None:
     """Readable lines on stderr; with `log_dir`, also `lifecycle.log` there, rotated daily and kept
-    `retention_days` days (older files deleted)."""
+    `retention_days` days (older files deleted). `instance`: one of several processes on one database, named
+    on every line."""
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", format="{time:HH:mm:ss.SSS} {level:<7} {message}")
+    who = f"[{instance.replace('{', '{{').replace('}', '}}')}] " if instance else ""
+    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO",
+               format=f"{{time:HH:mm:ss.SSS}} {{level:<7}} {who}{{message}}")
     if log_dir is not None:
         logger.add(log_dir / "lifecycle.log", level="DEBUG" if verbose else "INFO", rotation="00:00",
                    retention=f"{retention_days} days", enqueue=False,
-                   format="{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}Z {level:<7} {message}")
+                   format=f"{{time:YYYY-MM-DD HH:mm:ss.SSS!UTC}}Z {{level:<7}} {who}{{message}}")
 
 
 ConfigOption = Annotated[Path | None, typer.Option(
@@ -105,7 +109,10 @@ def init(
 @app.command()
 def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the service for the configured accounts until SIGINT/SIGTERM."""
-    from lifecycle.app.service import Service, StartError, check_database, take_sqlite_lock
+    from dataclasses import replace
+
+    from lifecycle.app.leases import ClusterConfig
+    from lifecycle.app.service import Service, StartError, check_database, default_instance, take_sqlite_lock
     from lifecycle.app.settings import service_config
 
     settings = _settings(config)
@@ -113,9 +120,13 @@ def run(config: ConfigOption = None, verbose: Annotated[bool, typer.Option("--ve
         # A second service on this SQLite file stops here: before it migrates the database or writes a line
         # into the running one's log.
         lock = take_sqlite_lock(settings.database_url)
-        service = Service(service_config(settings), sqlite_lock=lock)
+        service_settings = service_config(settings)
+        if lock is None and service_settings.cluster is None:  # PostgreSQL: one of possibly several processes,
+            service_settings = replace(service_settings, cluster=ClusterConfig(default_instance()))  # named
+        service = Service(service_settings, sqlite_lock=lock)
         _run(check_database(settings.database_url))  # before anything else starts (or logs)
-        _configure_logging(verbose, settings.log_dir, settings.log_retention_days)
+        instance = service_settings.cluster.instance if service_settings.cluster is not None else None
+        _configure_logging(verbose, settings.log_dir, settings.log_retention_days, instance)
         asyncio.run(service.run())
     except StartError as e:
         _say_error(f"error: {e}")
@@ -558,6 +569,73 @@ def _journal_numbers(payload: dict[str, Any]) -> str:
     if isinstance(trailing, dict) and trailing.get("activation_price") is not None:
         parts.append(f"trailing from {trailing['activation_price']}, {trailing.get('callback_rate')} % behind")
     return ", ".join(parts)
+
+
+accounts_app = typer.Typer(help="The accounts' leases when several processes share a PostgreSQL database.",
+                           invoke_without_command=True, no_args_is_help=False)
+app.add_typer(accounts_app, name="accounts")
+
+
+def _lease_store_call(config: Path | None, db: str | None, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run `work(LeaseStore)` on the configured (or given) PostgreSQL database."""
+    from db.engine import create_engine
+    from db.leases import LeaseStore
+
+    source = None if db else "database_url"
+    url = db or _settings(config, check_secrets=False).database_url
+    if url.startswith("sqlite"):
+        raise _refuse("accounts: a SQLite database is served by one process, which owns every account (leases are for "
+                "several processes on PostgreSQL)")
+
+    async def go() -> T:
+        engine = create_engine(url)
+        try:
+            return await work(LeaseStore(engine))
+        finally:
+            await engine.dispose()
+
+    return _with_database(url, go, source=source)
+
+
+DbOption = Annotated[str | None, typer.Option(help="Database URL (instead of the configuration's).")]
+
+
+@accounts_app.callback()
+def accounts(ctx: typer.Context, config: ConfigOption = None, db: DbOption = None) -> None:
+    """List every account with its owner, epoch, lease age and live positions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    views = _lease_store_call(config, db, lambda store: store.view())
+    if not views:
+        typer.echo("no account has a lease row yet (no service has started on this database)")
+        return
+    typer.echo(f"{'account':<20} {'owner':<28} {'epoch':>5} {'lease age':>10} {'expires in':>10} {'positions':>9}")
+    for v in views:
+        owner = v.owner or "-"
+        if v.owner is not None and not v.held:
+            owner += " (expired)"
+        if v.release_requested:
+            owner += " (release asked)"
+        age = f"{v.lease_age_s:.1f} s" if v.lease_age_s is not None else "-"
+        expires = f"{v.expires_in_s:.1f} s" if v.expires_in_s is not None else "-"
+        typer.echo(f"{v.account:<20} {owner:<28} {v.epoch:>5} {age:>10} {expires:>10} {v.positions:>9}")
+
+
+@accounts_app.command("release")
+def accounts_release(name: str, config: ConfigOption = None, db: DbOption = None) -> None:
+    """Ask the account's owner to hand it back (it drains it and releases the lease; another process takes it)."""
+
+    async def ask(store: Any) -> str | None:
+        return await store.request_release(name)
+
+    try:
+        owner = _lease_store_call(config, db, ask)
+    except KeyError:
+        raise _refuse(f"no account {name!r} in the lease table (`lifecycle accounts` lists them)") from None
+    if owner is None:
+        typer.echo(f"{name} has no owner now; the next process looking for free accounts takes it")
+        return
+    typer.echo(f"{owner} was asked to hand {name} over; it does so at its next renewal")
 
 
 if __name__ == "__main__":  # pragma: no cover

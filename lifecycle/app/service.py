@@ -36,11 +36,13 @@ from typing import Any, TypeVar
 from loguru import logger
 
 from db.engine import DatabaseConfigError, SqliteLock, safe_url
-from db.repository import Repository
+from db.leases import LeaseStore
+from db.repository import FencedStore, Repository
 from exchange import errors as xerr
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings
 from exchange.secret import Secret
 from lifecycle.app.api import ClosureStats, ControlApi
+from lifecycle.app.leases import ClusterConfig, Held, LeaseKeeper
 from lifecycle.books import Books
 from lifecycle.engine import Engine
 from lifecycle.events import from_payload
@@ -100,6 +102,9 @@ class ServiceConfig:
     trailing_activation_pct: Decimal = Decimal("0.5")  # open commands asking for a trailing stop without
     trailing_callback_pct: Decimal = Decimal("0.5")  # parameters: activation from the mark, distance
     api: ApiBinding | None = None  # the control API; None: not served
+    # Several processes on one PostgreSQL database (lifecycle.app.leases); None on PostgreSQL: one with this
+    # host's name and pid. Not for SQLite (one process per file).
+    cluster: ClusterConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.accounts:
@@ -150,13 +155,38 @@ class Service:
         self._stopped = asyncio.Event()
         self._extra: asyncio.Task[Any] | None = None  # run(after_start=...)'s task
         self._sqlite_lock = sqlite_lock  # one service per SQLite file
+        self.keeper: LeaseKeeper | None = None  # PostgreSQL: the leases of the accounts this process acts on
+
+    @property
+    def instance(self) -> str | None:
+        """This process's name among the processes of one PostgreSQL database (None: SQLite, alone)."""
+        return self.keeper.config.instance if self.keeper is not None else None
+
+    def lease_problems(self) -> list[str]:
+        """For /health: the leases have not been renewed for longer than two renewal intervals."""
+        keeper = self.keeper
+        if keeper is None or not keeper.held:
+            return []
+        last = keeper.stats.last_renew_ok
+        age = keeper.monotonic() - last if last is not None else None
+        if age is not None and age <= 2 * keeper.config.renew_s:
+            return []
+        shown = f"{age:.1f} s" if age is not None else "since the start"
+        return [f"leases not renewed for {shown}: this process stops acting on its accounts when they run out"]
 
     async def start(self) -> Service:
         try:
             if self._sqlite_lock is None:
                 self._sqlite_lock = take_sqlite_lock(self.config.database_url)
             self.repo = await _open_database(self.config.database_url)
-            self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days)
+            cluster = self.config.cluster
+            if self.repo.engine.dialect.name == "postgresql":
+                cluster = cluster or ClusterConfig(instance=default_instance())
+            elif cluster is not None:
+                raise StartError("cluster: several processes share accounts only on PostgreSQL; SQLite is one "
+                                 "process per database file (remove [cluster] or use a postgresql:// database_url)")
+            self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days,
+                                        instance=cluster.instance if cluster is not None else None)
             self.records.listeners.append(self.closures)
             if self.config.api is not None:  # bound before anything acts: a taken port stops the start here
                 binding = self.config.api
@@ -166,8 +196,14 @@ class Service:
                     key = "api.host" if isinstance(e, socket.gaierror) else "api.port"
                     reason = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
                     raise StartError(f"{key}: cannot listen on {binding.host}:{binding.port}: {reason}") from None
-            for account in self.config.accounts:
-                await self._start_account(account)
+            if cluster is not None:
+                self.keeper = LeaseKeeper(LeaseStore(self.repo.engine), cluster,
+                                          [a.name for a in self.config.accounts],
+                                          start=self._start_leased, stop=self._drop_account)
+                await self.keeper.start()
+            else:
+                for account in self.config.accounts:
+                    await self._start_account(account)
         except BaseException:
             logger.error("start failed; stopping what was started")
             await self.stop()
@@ -178,15 +214,49 @@ class Service:
                     sum(len(a.engine.positions) for a in self.accounts.values()))
         return self
 
-    async def _start_account(self, account: AccountConfig) -> None:
+    async def _start_leased(self, name: str, held: Held) -> None:
+        """Start an account whose lease this process just took (its writes fenced, its orders gated); a start
+        that fails or is cancelled (the lease lost meanwhile) stops what it started."""
+        account = next(a for a in self.config.accounts if a.name == name)
+        try:
+            await self._start_account(account, held)
+        except BaseException:
+            await self._drop_account(name, False)
+            raise
+
+    async def _drop_account(self, name: str, graceful: bool) -> None:
+        """Stop acting on one account. Graceful (a hand-over): drained like a service stop, the books flushed.
+        Else (the lease is lost): at once; what the books could not write is rebuilt by the new owner's
+        recovery from the venue. Stops stay on the venue either way."""
+        runtime = self.accounts.pop(name, None)
+        if runtime is None:
+            return
+        drain = self.config.shutdown_drain_s if graceful else 0.0
+        try:
+            if runtime.scheduler is not None:
+                await runtime.scheduler.stop()
+            if runtime.reconciler is not None:
+                runtime.reconciler.detach()
+            if runtime.live is not None:
+                await runtime.live.stop(timeout=5.0 if graceful else 1.0, drain_s=drain)
+            await runtime.engine.books.close(drain if graceful else 0.1)
+        finally:
+            await runtime.exchange.close()
+        logger.info("{}: stopped here ({}); {} live position(s) left protected on the venue", name,
+                    "handed over" if graceful else "lease lost", len(runtime.engine.positions))
+
+    async def _start_account(self, account: AccountConfig, held: Held | None = None) -> None:
         assert self.repo is not None and self.records is not None
         exchange = await self._start_exchange(account)
+        if held is not None:
+            exchange.may_act = held.acting
         try:
             await self._check_account(account, exchange)
         except BaseException:
             await exchange.close()
             raise
-        engine = Engine(self.repo, canceller=exchange, records=self.records,
+        store = self.repo if held is None else FencedStore(self.repo, held.fence)
+        engine = Engine(store, canceller=exchange, records=self.records,
                         books=Books(timeout_s=self.config.storage_timeout_s))
         runtime = self.accounts[account.name] = AccountRuntime(account, exchange, engine)
         loaded = await engine.rehydrate([account.name])
@@ -280,18 +350,17 @@ class Service:
                     await asyncio.wait_for(self.api.stop(), 5.0)
                 except Exception as e:  # noqa: BLE001 - books and the page: the drain below matters more
                     logger.error("stopping the control API failed: {}: {}", type(e).__name__, e)
-            for runtime in self.accounts.values():
-                if runtime.scheduler is not None:
-                    await runtime.scheduler.stop()
-            await asyncio.gather(*(self._stop_live(r) for r in self.accounts.values()))
-            await self._end_extra()  # the bot's own work must not outlive the clients and the database
-            # The books catch up before the database closes (what cannot be written is said, and rebuilt
-            # from the venue at the next start); then the records are flushed.
-            await asyncio.gather(*(r.engine.books.close(self.config.shutdown_drain_s) for r in self.accounts.values()))
+            keeper = self.keeper
+            if keeper is not None:  # no account taken or handed over from here on; the leases are still renewed
+                await keeper.close()
+                await keeper.keep_alive_until(self._stop_accounts())
+                await keeper.release_all()  # drained and flushed: the other instances take them at once
+            else:
+                await self._stop_accounts()
             if self.records is not None:
                 await asyncio.to_thread(self.records.close, self.config.shutdown_drain_s)
         finally:
-            for runtime in self.accounts.values():
+            for runtime in list(self.accounts.values()):
                 try:
                     await runtime.exchange.close()
                 except Exception as e:  # noqa: BLE001 - one client must not keep the others or the database open
@@ -308,6 +377,17 @@ class Service:
                 logger.info("stopped; live positions left protected on the exchange: {}", left)
                 await logger.complete()
                 self._stopped.set()
+
+    async def _stop_accounts(self) -> None:
+        runtimes = list(self.accounts.values())
+        for runtime in runtimes:
+            if runtime.scheduler is not None:
+                await runtime.scheduler.stop()
+        await asyncio.gather(*(self._stop_live(r) for r in runtimes))
+        await self._end_extra()  # the bot's own work must not outlive the clients and the database
+        # The books catch up before the database closes (what cannot be written is said, and rebuilt
+        # from the venue at the next start).
+        await asyncio.gather(*(r.engine.books.close(self.config.shutdown_drain_s) for r in runtimes))
 
     async def _end_extra(self) -> None:
         extra, self._extra = self._extra, None
@@ -371,6 +451,11 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         e = task.exception()
         logger.error("the work run after start failed: {}: {}", type(e).__name__, e)
+
+
+def default_instance() -> str:
+    """This process's name when the configuration gives none: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def take_sqlite_lock(url: str) -> SqliteLock | None:

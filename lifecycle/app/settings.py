@@ -34,7 +34,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from exchange.ccxt_adapter import ExchangeSettings
 from exchange.secret import Secret
-from lifecycle.app.service import AccountConfig, ApiBinding, ServiceConfig
+from lifecycle.app.leases import ClusterConfig
+from lifecycle.app.service import AccountConfig, ApiBinding, ServiceConfig, default_instance
 from lifecycle.live import LiveConfig
 from lifecycle.reconciler import ReconcileConfig
 from scheduler.jobs import ScheduleConfig
@@ -139,6 +140,29 @@ class ApiSettings(_Strict):
         return self
 
 
+class ClusterSettings(_Strict):
+    """`[cluster]`: this process as one of several sharing the accounts of one PostgreSQL database (leases:
+    see lifecycle/app/leases.py and the README's "Scale out"). Without the section, a PostgreSQL service uses
+    these defaults and the name host-pid; SQLite cannot (one process per file)."""
+
+    instance: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@:-]+$")
+    lease_s: float = Field(default=10.0, gt=0, le=600)
+    renew_s: float = Field(default=2.0, gt=0, le=120)
+    margin_s: float = Field(default=2.0, gt=0, le=120)
+    max_accounts: int = Field(default=0, ge=0)  # 0: no limit but the share
+    start_concurrency: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSettings:
+        self.config()  # the timing rules live in ClusterConfig
+        return self
+
+    def config(self) -> ClusterConfig:
+        return ClusterConfig(instance=self.instance or default_instance(), lease_s=self.lease_s,
+                             renew_s=self.renew_s, margin_s=self.margin_s, max_accounts=self.max_accounts,
+                             start_concurrency=self.start_concurrency)
+
+
 class RecordsSettings(_Strict):
     dir: Path = Path("records")
     retention_days: int = Field(default=30, ge=1, le=3650)
@@ -160,6 +184,14 @@ class Settings(BaseSettings):
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
     api: ApiSettings = Field(default_factory=ApiSettings)
     records: RecordsSettings = Field(default_factory=RecordsSettings)
+    cluster: ClusterSettings | None = None
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgresql(self) -> Settings:
+        if self.cluster is not None and not self.database_url.startswith(("postgresql", "postgres")):
+            raise ValueError("cluster: several processes share accounts only on PostgreSQL (database_url is not "
+                             "postgresql://...); SQLite is one process per database file")
+        return self
 
     @field_validator("accounts")
     @classmethod
@@ -230,7 +262,8 @@ def service_config(settings: Settings) -> ServiceConfig:
                          shutdown_drain_s=settings.shutdown_drain_s, storage_timeout_s=settings.storage_timeout_s,
                          records_retention_days=settings.records.retention_days, api=api,
                          trailing_activation_pct=settings.trailing.activation_pct,
-                         trailing_callback_pct=settings.trailing.callback_rate)
+                         trailing_callback_pct=settings.trailing.callback_rate,
+                         cluster=settings.cluster.config() if settings.cluster is not None else None)
 
 
 def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
