@@ -6,6 +6,7 @@ account, PostgreSQL on this machine. Leases are short here (3 s, margin 0.5 s) t
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections import Counter
@@ -188,6 +189,13 @@ async def test_sigterm_hands_the_accounts_over_without_waiting_for_the_lease(sim
         await wait_until(lambda: _balanced(cluster, {"b": 4}), "b owns every account", 10)
         assert time.monotonic() - asked < 10  # not the 32 s of an expiry
         assert await cluster.converged() == []
+        metrics = await asyncio.to_thread(cluster.members["b"].metrics)
+        assert 'lifecycle_instance_info{instance="b"} 1' in metrics
+        assert 'lifecycle_leases_held{instance="b"} 4' in metrics
+        records = [json.loads(line) for path in (tmp_path / "records").glob("transition-*.jsonl")
+                   for line in path.read_text().splitlines()]
+        assert records and {r["instance"] for r in records} == {"a", "b"}  # both wrote, each named
+        assert "[a] cluster: a handed" in a.text()  # log lines carry the instance too
 
         # `lifecycle accounts release NAME`: the owner hands one over to the process that joins
         await cluster.running(await cluster.spawn("c"))

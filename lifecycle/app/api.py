@@ -132,6 +132,7 @@ class ServiceView(Protocol):
     @property
     def instance(self) -> str | None: ...  # the process's name among several on one database (None: alone)
     def lease_problems(self) -> list[str]: ...  # why this process may soon stop acting on its accounts
+    def lease_stats(self) -> dict[str, int] | None: ...  # None: not one of several processes
 
 
 class ControlApi:
@@ -433,6 +434,17 @@ def metrics_text(service: ServiceView) -> str:
            quantiles)
     lines.append(f"lifecycle_closure_detection_latency_ms_sum {round(sum(ordered), 3)}")
     lines.append(f"lifecycle_closure_detection_latency_ms_count {len(ordered)}")
+    leases = service.lease_stats()
+    if leases is not None:  # one of several processes on PostgreSQL: who it is and what it holds
+        me = {"instance": service.instance or ""}
+        metric("lifecycle_instance_info", "gauge", "This process's name among the processes of one database.",
+               [(me, 1)])
+        metric("lifecycle_leases_held", "gauge", "Account leases this process holds.", [(me, leases["held"])])
+        for key, help_ in (("acquired", "Account leases taken (at start, from a dead or departed process)."),
+                           ("lost", "Accounts this process stopped acting on because its lease ran out or was taken."),
+                           ("handed_over", "Accounts handed over (SIGTERM, rebalancing, release requests)."),
+                           ("renew_failures", "Lease renewals that failed.")):
+            metric(f"lifecycle_leases_{key}_total", "counter", help_, [(me, leases[key])])
     return "\n".join(lines) + "\n"
 
 

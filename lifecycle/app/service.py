@@ -162,6 +162,15 @@ class Service:
         """This process's name among the processes of one PostgreSQL database (None: SQLite, alone)."""
         return self.keeper.config.instance if self.keeper is not None else None
 
+    def lease_stats(self) -> dict[str, int] | None:
+        """For /metrics: the lease keeper's counts (None without one)."""
+        keeper = self.keeper
+        if keeper is None:
+            return None
+        stats = keeper.stats
+        return {"held": sum(1 for h in keeper.held.values() if not h.lost), "acquired": stats.acquired,
+                "lost": stats.lost, "handed_over": stats.handed_over, "renew_failures": stats.renew_failures}
+
     def lease_problems(self) -> list[str]:
         """For /health: the leases have not been renewed for longer than two renewal intervals."""
         keeper = self.keeper
