@@ -248,11 +248,12 @@ class Cluster:
                 return {}
         return owners
 
-    async def violations(self) -> list[str]:
+    async def violations(self, names: list[str] | None = None) -> list[str]:
+        """The money invariants of these accounts (default: all), each problem prefixed with its account."""
         repo = await Repository.open(self.pg_url, run_migrations=False)
         try:
             problems: list[str] = []
-            for account in self.accounts.values():
+            for account in [self.accounts[n] for n in (names if names is not None else self.accounts)]:
                 problems += [f"{account.name}: {p}" for p in await violations(self.sim, account, repo)]
             return problems
         finally:
