@@ -4,8 +4,9 @@ N accounts on the simulator (one process here), P `lifecycle run` processes shar
 PostgreSQL database with the default lease; one protected position with a trailing plan per account, opened
 through its owner's control API; then a seeded random walk for the given minutes. Every 30 s the money
 invariants are checked on every account (an account is a violation when it is still wrong 15 s after the
-pass: a stop move in flight, or books behind the venue on a saturated machine, is not one). At the end: violations, trailing stop moves, REST weight per account per
-minute (the simulator's counts, weighed with Binance's costs as ccxt declares them), resident memory.
+pass: a stop move in flight, or books behind the venue on a saturated machine, is not one). At the end:
+violations, REST weight per account per minute (the simulator's counts, weighed with Binance's costs as ccxt
+declares them), resident memory.
 
     .venv/bin/python -m bench.cluster_soak                  # 200 accounts, 4 processes, 5 minutes
     .venv/bin/python -m bench.cluster_soak --accounts 20 --processes 2 --minutes 1
