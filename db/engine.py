@@ -90,7 +90,15 @@ def _redact(url: str) -> str:
         return "<unparseable>"
 
 
-def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+# PostgreSQL: a connection attempt gives up after this long (asyncpg's default is 60 s: a stop with the
+# database unreachable waited that long), and a session left idle inside a transaction this long is ended by
+# the server (a process frozen or cut off in the middle of a write would otherwise hold its row locks, and so
+# every takeover of its accounts, until TCP noticed: hours).
+PG_CONNECT_TIMEOUT_S = 10.0
+PG_IDLE_IN_TRANSACTION_S = 5.0
+
+
+def create_engine(url: str, *, idle_in_transaction_s: float = PG_IDLE_IN_TRANSACTION_S, **kwargs: Any) -> AsyncEngine:
     """An engine for the URL (nothing connects yet); a PostgreSQL URL may carry libpq's sslmode."""
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -98,8 +106,10 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     parsed, ssl_args = _libpq_ssl(parsed)
-    if ssl_args:
-        kwargs["connect_args"] = {**ssl_args, **kwargs.get("connect_args", {})}
+    given = kwargs.get("connect_args", {})
+    settings = {"idle_in_transaction_session_timeout": str(max(1, int(idle_in_transaction_s * 1000))),
+                **given.get("server_settings", {})}
+    kwargs["connect_args"] = {"timeout": PG_CONNECT_TIMEOUT_S, **ssl_args, **given, "server_settings": settings}
     return create_async_engine(parsed, pool_pre_ping=True, **kwargs)
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,7 +50,9 @@ def _seconds(name: str) -> sa.ColumnElement[Any]:
     return sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.bindparam(name, type_=sa.Float))
 
 
-_NOW = sa.func.now()
+# The database's clock at the moment the statement runs (`now()` is the transaction's start: a statement that
+# waited for a lock would date a new expiry in the past).
+_NOW = sa.func.clock_timestamp()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +96,23 @@ class LeaseView:
 
 
 class LeaseStore:
-    """The lease and instance rows of one PostgreSQL database."""
+    """The lease and instance rows of one PostgreSQL database.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    Locks: a fenced write holds its lease row `FOR KEY SHARE` until it commits. A renewal (an UPDATE of
+    non-key columns) is compatible with that and never waits for the owner's own writes; an acquisition takes
+    the row `FOR UPDATE` first, so it waits for a write in flight and is serialised after it. Every statement
+    here waits for a lock at most `lock_timeout_s` (an acquisition that would wait longer answers "not free
+    yet": a writer stuck in an open transaction, frozen or cut off, never stalls the other processes; its
+    session is ended by `idle_in_transaction_session_timeout`, see `db.engine.create_engine`)."""
+
+    def __init__(self, engine: AsyncEngine, *, lock_timeout_s: float = 1.0) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError("account leases need PostgreSQL (SQLite is one process per file)")
         self.engine = engine
+        self.lock_timeout_ms = max(1, int(lock_timeout_s * 1000))
+
+    async def _short_locks(self, conn: AsyncConnection) -> None:
+        await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self.lock_timeout_ms}")
 
     async def ensure(self, accounts: Collection[str]) -> None:
         """A free lease row for every account that has none."""
@@ -120,8 +135,17 @@ class LeaseStore:
                     acquired_at=_NOW, renewed_at=_NOW, release_requested=False)
             .returning(leases.c.epoch, leases.c.expires_at, _NOW)
         )
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(stmt, {"lease": lease_s, "margin": margin_s})).first()
+        try:
+            async with self.engine.begin() as conn:
+                await self._short_locks(conn)
+                # FOR UPDATE conflicts with the fence's FOR KEY SHARE: a write of the old owner in flight
+                # commits (or fails) before the lease changes hands.
+                await conn.execute(sa.select(leases.c.account).where(leases.c.account == account).with_for_update())
+                row = (await conn.execute(stmt, {"lease": lease_s, "margin": margin_s})).first()
+        except sa.exc.DBAPIError as e:
+            if _lock_timeout(e):
+                return None  # a writer holds the row: not free yet
+            raise
         return None if row is None else Taken(account, row[0], row[1], row[2])
 
     async def next_free_at(self, accounts: Collection[str], *, margin_s: float,
@@ -148,6 +172,7 @@ class LeaseStore:
             .returning(leases.c.account, leases.c.epoch, leases.c.release_requested)
         )
         async with self.engine.begin() as conn:
+            await self._short_locks(conn)
             return [Renewed(r[0], r[1], bool(r[2])) for r in (await conn.execute(stmt, {"lease": lease_s})).all()]
 
     async def release(self, accounts: Collection[str], *, token: str) -> list[str]:
@@ -161,24 +186,28 @@ class LeaseStore:
             .returning(leases.c.account)
         )
         async with self.engine.begin() as conn:
+            await self._short_locks(conn)
             return [r[0] for r in (await conn.execute(stmt)).all()]
 
     async def request_release(self, account: str) -> str | None:
         """Ask the account's owner to hand it back (at its next renewal); the owner's name, None if unowned.
         KeyError if there is no such account."""
         async with self.engine.begin() as conn:
-            row = (await conn.execute(sa.select(leases.c.token, leases.c.owner, leases.c.expires_at > _NOW)
-                                      .where(leases.c.account == account).with_for_update())).first()
-            if row is None:
+            await self._short_locks(conn)
+            row = (await conn.execute(leases.update()
+                                      .where(leases.c.account == account, leases.c.token.is_not(None),
+                                             leases.c.expires_at > _NOW)
+                                      .values(release_requested=True).returning(leases.c.owner))).first()
+            if row is not None:
+                return str(row[0])
+            exists = (await conn.execute(sa.select(leases.c.account).where(leases.c.account == account))).first()
+            if exists is None:
                 raise KeyError(account)
-            if row[0] is None or not row[2]:
-                return None
-            await conn.execute(leases.update().where(leases.c.account == account).values(release_requested=True))
-            return str(row[1])
+            return None
 
-    async def heartbeat(self, *, token: str, name: str, started_at: datetime) -> None:
-        stmt = pg_insert(instances).values(
-            token=token, name=name, host=host_key(), pid=os.getpid(), started_at=started_at, seen_at=_NOW)
+    async def heartbeat(self, *, token: str, name: str, started_at: datetime, max_accounts: int = 0) -> None:
+        stmt = pg_insert(instances).values(token=token, name=name, host=host_key(), pid=os.getpid(),
+                                           max_accounts=max_accounts, started_at=started_at, seen_at=_NOW)
         stmt = stmt.on_conflict_do_update(index_elements=["token"], set_={"seen_at": _NOW})
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
@@ -205,16 +234,17 @@ class LeaseStore:
         async with self.engine.connect() as conn:
             return int((await conn.execute(query, {"w": within_s})).scalar_one())
 
-    async def holdings(self, *, within_s: float) -> dict[str, int]:
-        """Every instance seen within `within_s` (by token) and how many unexpired leases it holds."""
+    async def holdings(self, *, within_s: float) -> dict[str, tuple[int, int]]:
+        """Every instance seen within `within_s` (by token): how many unexpired leases it holds, and its
+        capacity (`max_accounts`, 0: no limit)."""
         held = sa.func.count(leases.c.account)
-        query = (sa.select(instances.c.token, held)
+        query = (sa.select(instances.c.token, held, instances.c.max_accounts)
                  .select_from(instances.outerjoin(leases, (leases.c.token == instances.c.token)
                                                   & (leases.c.expires_at > _NOW)))
                  .where(instances.c.seen_at > _NOW - _seconds("w"))
-                 .group_by(instances.c.token))
+                 .group_by(instances.c.token, instances.c.max_accounts))
         async with self.engine.connect() as conn:
-            return {r[0]: int(r[1]) for r in (await conn.execute(query, {"w": within_s})).all()}
+            return {r[0]: (int(r[1]), int(r[2])) for r in (await conn.execute(query, {"w": within_s})).all()}
 
     async def view(self) -> list[LeaseView]:
         live = (sa.select(sa.func.count()).select_from(_positions)
@@ -234,13 +264,23 @@ class LeaseStore:
 
 
 def host_key() -> str:
-    """This host as far as process ids mean anything: its name and its pid namespace (two containers that share a
-    host name but not a pid namespace are different hosts here)."""
+    """This host as far as process ids mean anything: its name, its kernel's boot id (two machines cloned with one
+    host name differ there, and so does one machine after a reboot) and its pid namespace (two containers that
+    share a host name and a kernel but not a pid namespace differ there). Without a boot id nothing is "here":
+    no lease is ever taken early."""
     try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
-        namespace = "?"
-    return f"{socket.gethostname()} {namespace}"[:255]
+        return f"unknown {uuid.uuid4()}"
+    return f"{socket.gethostname()} {boot} {namespace}"[:255]
+
+
+def _lock_timeout(error: sa.exc.DBAPIError) -> bool:
+    """PostgreSQL's lock_not_available (55P03): a lock not granted within lock_timeout."""
+    orig = error.orig
+    return getattr(orig, "sqlstate", None) == "55P03" or getattr(orig, "pgcode", None) == "55P03" or \
+        "LockNotAvailable" in type(getattr(orig, "__cause__", None) or orig).__name__
 
 
 def _alive(pid: int) -> bool:
@@ -255,11 +295,12 @@ def _alive(pid: int) -> bool:
 
 async def fences_broken(conn: AsyncConnection, fences: Sequence[Fence]) -> set[Fence]:
     """Inside a write transaction: the fences that no longer hold (the lease taken over, released or expired).
-    The rows of those that hold are locked `FOR SHARE` until the transaction ends: a takeover waits for it."""
+    The rows of those that hold are locked `FOR KEY SHARE` until the transaction ends: a takeover (FOR UPDATE)
+    waits for it, a renewal does not."""
     accounts = sorted({f.account for f in fences})
     query = (sa.select(leases.c.account, leases.c.token, leases.c.epoch)
              .where(leases.c.account.in_(accounts), leases.c.expires_at > _NOW)
              .order_by(leases.c.account)
-             .with_for_update(read=True))
+             .with_for_update(key_share=True, read=True))
     holding = {(r[0], r[1], r[2]) for r in (await conn.execute(query)).all()}
     return {f for f in fences if (f.account, f.token, f.epoch) not in holding}

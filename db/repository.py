@@ -134,9 +134,16 @@ class Repository:
             await migrate(engine)
         return cls(engine)
 
-    async def close(self) -> None:
-        if self._writer_tasks:  # transitions already handed over are written (or fail) before the pool goes
-            await asyncio.gather(*self._writer_tasks, return_exceptions=True)
+    async def close(self, timeout_s: float = 15.0) -> None:
+        """Transitions already handed over are written (or fail) before the pool goes, for up to `timeout_s`
+        (a database that does not answer must not hold a stop forever; what was not written is rebuilt by the
+        next start's recovery)."""
+        if self._writer_tasks:
+            _, pending = await asyncio.wait(list(self._writer_tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         await self.engine.dispose()
 
     @contextlib.asynccontextmanager

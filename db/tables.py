@@ -151,6 +151,7 @@ class InstanceRow(SQLModel, table=True):
     name: str = Field(max_length=128)
     host: str = Field(max_length=255)
     pid: int
+    max_accounts: int = Field(default=0)  # its capacity (0: no limit): nobody hands it more than it can take
     started_at: datetime = Field(sa_type=UTCDateTime)
     seen_at: datetime = Field(sa_type=UTCDateTime)
 

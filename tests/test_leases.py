@@ -3,6 +3,7 @@ write path (a stale owner's write fails, never overwrites; in a group commit it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal as D
@@ -135,3 +136,132 @@ def test_cluster_timings_that_cannot_hold_a_lease_are_refused() -> None:
     with pytest.raises(ValueError, match="lease_s"):
         ClusterConfig("a", lease_s=5, renew_s=2, margin_s=2)
     ClusterConfig("a", lease_s=6, renew_s=2, margin_s=2)
+
+
+# --- the lease keeper, in this process (its start/stop callbacks record what they are asked) -------------------
+
+FAST = {"lease_s": 1.5, "renew_s": 0.25, "margin_s": 0.5}
+
+
+class Recorder:
+    def __init__(self, stop_s: float = 0.0) -> None:
+        self.running: set[str] = set()
+        self.handed: list[str] = []
+        self.stop_s = stop_s
+
+    async def start(self, account: str, held: object) -> None:
+        self.running.add(account)
+
+    async def stop(self, account: str, graceful: bool) -> None:
+        if graceful:
+            self.handed.append(account)
+            await asyncio.sleep(self.stop_s)
+        self.running.discard(account)
+
+
+async def _keeper(repo: Repository, name: str, accounts: list[str], recorder: Recorder, **config: object) -> object:
+    from lifecycle.app.leases import LeaseKeeper
+
+    cluster = ClusterConfig(name, **{**FAST, **config})  # type: ignore[arg-type]
+    return await LeaseKeeper(LeaseStore(repo.engine), cluster, accounts, start=recorder.start,
+                             stop=recorder.stop).start()
+
+
+async def _until(check: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_writer_stuck_in_its_transaction_stalls_no_takeover_and_no_renewal(pg_url: str) -> None:
+    """Review finding: a process frozen or cut off between its fence check and its commit held the lease row
+    FOR SHARE, and every other process's acquisition (and `lifecycle accounts release`) waited on it for good."""
+    from db.engine import create_engine
+    from db.leases import fences_broken
+
+    repo = await Repository.open(pg_url)
+    stuck_engine = create_engine(pg_url, idle_in_transaction_s=1.5)  # the server ends the stuck session
+    try:
+        store = LeaseStore(repo.engine, lock_timeout_s=0.2)
+        await store.ensure(["x"])
+        owner = await _take(store, "x", "old")
+        conn = await stuck_engine.connect()
+        transaction = await conn.begin()
+        assert await fences_broken(conn, [owner]) == set()  # the old owner is mid-write, then goes silent
+        began = time.monotonic()
+        assert [r.account for r in await store.renew(["x"], token="old", lease_s=LEASE)] == ["x"]  # not blocked
+        assert await store.request_release("x") == "old"  # not blocked either
+        assert time.monotonic() - began < 1.0
+        await asyncio.sleep(LEASE + MARGIN)
+        began = time.monotonic()
+        assert await store.acquire("x", owner="new", token="new", lease_s=LEASE, margin_s=MARGIN) is None
+        assert time.monotonic() - began < 1.0  # "not free yet", at once: the writer still holds the row
+        taken = await _take(store, "x", "new", timeout=10)  # once the server has ended the stuck session
+        assert taken.epoch == owner.epoch + 1
+        [view] = await store.view()
+        assert view.held and view.expires_in_s is not None and view.expires_in_s > LEASE / 2  # dated now
+        with contextlib.suppress(Exception):
+            await transaction.rollback()
+        with contextlib.suppress(Exception):
+            await conn.close()
+    finally:
+        await stuck_engine.dispose()
+        await repo.close()
+
+
+async def test_an_instance_at_its_capacity_is_handed_nothing_and_nothing_flaps(pg_repo: Repository) -> None:
+    """Review finding: with one process limited to 1 account, the others handed accounts over that it could
+    never take, took them back beyond their share and handed them over again, for good."""
+    accounts = [f"acct{i}" for i in range(9)]
+    recorders = {n: Recorder() for n in ("a", "b", "c")}
+    keepers = [await _keeper(pg_repo, "a", accounts, recorders["a"]),
+               await _keeper(pg_repo, "b", accounts, recorders["b"]),
+               await _keeper(pg_repo, "c", accounts, recorders["c"], max_accounts=1)]
+    try:
+        def settled() -> bool:
+            running = [r.running for r in recorders.values()]
+            return sum(map(len, running)) == 9 and len(set().union(*running)) == 9 and len(running[2]) == 1
+        await _until(settled, "9 accounts held once, c holding 1")
+        handed = sum(len(r.handed) for r in recorders.values())
+        await asyncio.sleep(3.0)  # twelve passes
+        assert sum(len(r.handed) for r in recorders.values()) == handed, {n: r.handed for n, r in recorders.items()}
+        assert settled()
+    finally:
+        for keeper in keepers:
+            await keeper.close()  # type: ignore[attr-defined]
+
+
+async def test_a_lone_keeper_takes_no_more_than_max_accounts(pg_repo: Repository) -> None:
+    """Review finding: the first pass at start and the claim loop's own first pass ran at once."""
+    recorder = Recorder()
+    keeper = await _keeper(pg_repo, "a", [f"acct{i}" for i in range(6)], recorder, max_accounts=3)
+    try:
+        await asyncio.sleep(1.0)
+        assert len(recorder.running) == 3
+    finally:
+        await keeper.close()  # type: ignore[attr-defined]
+
+
+async def test_leases_are_still_renewed_while_a_stop_waits_for_a_slow_hand_over(pg_repo: Repository) -> None:
+    """Review finding: SIGTERM during a hand-over stopped the renewals, and the process's other accounts were
+    lost (CRITICAL) instead of handed back."""
+    recorder = Recorder(stop_s=3.0)  # a drain longer than the lease
+    keeper = await _keeper(pg_repo, "a", ["slow", "other"], recorder)
+    try:
+        await _until(lambda: recorder.running == {"slow", "other"}, "both started")
+        await LeaseStore(pg_repo.engine).request_release("slow")
+        await _until(lambda: recorder.handed == ["slow"], "the hand-over begun")
+        await keeper.close()  # type: ignore[attr-defined]
+        assert keeper.stats.lost == 0  # type: ignore[attr-defined]
+        assert "other" in keeper.held and keeper.held["other"].acting()  # type: ignore[attr-defined]
+    finally:
+        await keeper.close()  # type: ignore[attr-defined]
+
+
+def test_the_host_key_names_the_boot_so_cloned_machines_differ() -> None:
+    """Review finding: host name + pid namespace is the same on every machine's initial namespace."""
+    from db.leases import host_key
+
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert boot in host_key()

@@ -29,7 +29,7 @@ What each guarantee rests on (README, "Scale out"):
   release NAME` asks the owner to do the same for one account (which it then leaves alone for four passes).
 
 Assignment: every process reads the same account list; each takes free accounts up to its share
-(`ceil(accounts / instances seen within one lease)`, at most `max_accounts`), and beyond its share any
+(`ceil(accounts / instances heard from within three passes)`, at most `max_accounts`), and beyond its share any
 account left free for one more pass (nobody may leave an account unprotected); a process over its share hands
 accounts over while another holds less than its due, so a process that joins gets its share.
 """
@@ -126,7 +126,8 @@ class LeaseKeeper:
         self._leave_alone: dict[str, float] = {}  # account -> monotonic: handed back on request, not retaken before
         self._acquired_at: dict[str, float] = {}  # account -> monotonic: when this process took it
         self._free_seen: set[str] = set()  # accounts free at the previous claim pass
-        self._tasks: list[asyncio.Task[None]] = []
+        self._renewing: asyncio.Task[None] | None = None
+        self._claiming: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(config.start_concurrency)
         self._closing = False
         self._wake = asyncio.Event()
@@ -137,25 +138,35 @@ class LeaseKeeper:
         """Lease rows for every configured account, this instance registered, then a first pass taking this
         process's share (its starts awaited, so `lifecycle run` says "running" with its accounts started)."""
         await self.store.ensure(self.accounts)
-        await self.store.heartbeat(token=self.token, name=self.config.instance, started_at=self._started_at)
+        await self._heartbeat()
         logger.info("cluster: instance {} joining ({} account(s) configured; lease {:g} s, margin {:g} s)",
                     self.config.instance, len(self.accounts), self.config.lease_s, self.config.margin_s)
-        self._tasks = [asyncio.ensure_future(self._renew_loop()), asyncio.ensure_future(self._claim_loop())]
-        await self._claim_pass()
+        self._renewing = asyncio.ensure_future(self._renew_loop())
+        delay = await self._claim_pass()  # the first pass, then the loop: never two passes at once
+        self._claiming = asyncio.ensure_future(self._claim_loop(delay))
         if self._starting:
             await asyncio.gather(*self._starting.values(), return_exceptions=True)
         return self
 
+    async def _heartbeat(self) -> None:
+        await asyncio.wait_for(self.store.heartbeat(token=self.token, name=self.config.instance,
+                                                    started_at=self._started_at,
+                                                    max_accounts=self.config.max_accounts), self.config.renew_s)
+
     async def close(self) -> None:
-        """Stop renewing and claiming (the accounts themselves are stopped by the caller, then `release_all`)."""
+        """Stop claiming, let starts and hand-overs in flight end (the leases still renewed meanwhile), then stop
+        renewing (the accounts themselves are stopped by the caller, then `release_all`)."""
         self._closing = True
-        for task in self._tasks:
+        for task in [t for t in (self._claiming,) if t is not None]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
         starting = list(self._starting.values())
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, *self._stopping.values(), return_exceptions=True)
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
 
     async def keep_alive_until(self, work: Awaitable[Any]) -> None:
         """Renew the leases while `work` (the graceful stop of every account) runs: a drain longer than the
@@ -214,8 +225,8 @@ class LeaseKeeper:
         answered = {r.account: r for r in renewed}
         for account in held:
             h = self.held.get(account)
-            if h is None:
-                continue
+            if h is None or (account in self._stopping and account not in answered):
+                continue  # (released by a hand-over while this renewal was in flight: not a loss)
             r = answered.get(account)
             if r is None or r.epoch != h.epoch:
                 self._lose(account, "the database says its lease is no longer this process's")
@@ -274,17 +285,18 @@ class LeaseKeeper:
 
     # --- claiming -------------------------------------------------------------------------------
 
-    async def _claim_loop(self) -> None:
+    async def _claim_loop(self, delay: float) -> None:
         while True:
-            delay = self.config.renew_s
-            try:
-                await self.store.heartbeat(token=self.token, name=self.config.instance, started_at=self._started_at)
-                delay = await self._claim_pass()
-            except Exception as e:  # noqa: BLE001 - next pass
-                logger.warning("cluster: looking for free accounts failed: {}: {}", type(e).__name__, e)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+            delay = self.config.renew_s
+            try:
+                await self._heartbeat()
+                delay = await self._claim_pass()
+            except Exception as e:  # noqa: BLE001 - next pass
+                why = "no answer in time" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                logger.warning("cluster: looking for free accounts failed: {}", why)
 
     @property
     def leave_alone_s(self) -> float:
@@ -313,11 +325,15 @@ class LeaseKeeper:
         dead = await self.store.dead_here(token=self.token)
         holdings = {t: n for t, n in (await self.store.holdings(within_s=3 * config.renew_s)).items()
                     if t not in dead}
-        holdings.setdefault(self.token, 0)
+        holdings.setdefault(self.token, (0, config.max_accounts))
         instances = len(holdings)
         target = self.share(instances)
         mine = [a for a, h in self.held.items() if not h.lost and a not in self._stopping]
-        deficit = sum(max(0, len(self.accounts) // instances - n) for t, n in holdings.items() if t != self.token)
+        due = len(self.accounts) // instances
+        # what the others lack of their due, each as far as its own capacity goes (an instance that can take
+        # no more is never handed any: the account would bounce between the others)
+        deficit = sum(max(0, (min(due, cap) if cap else due) - n)
+                      for t, (n, cap) in holdings.items() if t != self.token)
         if len(mine) > target and deficit > 0:
             extra = sorted(mine, key=lambda a: self._acquired_at.get(a, 0.0))[:min(len(mine) - target, deficit)]
             logger.info("cluster: {} instance(s) alive, share {}: handing over {} account(s): {}", instances, target,
@@ -329,8 +345,9 @@ class LeaseKeeper:
         owned = len(mine) + sum(1 for a in self._starting if a not in mine)
         if owned >= limit:
             return config.renew_s
+        # (alone, nothing is left alone: an account handed back with nobody else to take it is taken again)
         candidates = [a for a in self.accounts if a not in self.held and a not in self._starting
-                      and self._leave_alone.get(a, 0.0) <= now]
+                      and (instances == 1 or self._leave_alone.get(a, 0.0) <= now)]
         waits = await self.store.next_free_at(candidates, margin_s=config.margin_s, dead=dead)
         free_before, self._free_seen = self._free_seen, {a for a, w in waits.items() if w <= 0}
         delay = config.renew_s
@@ -347,8 +364,13 @@ class LeaseKeeper:
                 delay = min(delay, config.renew_s)
                 continue  # beyond the share: only if still free at the next pass
             sent = self.monotonic()
-            taken = await self.store.acquire(account, owner=config.instance, token=self.token,
-                                             lease_s=config.lease_s, margin_s=config.margin_s, dead=dead)
+            try:
+                taken = await asyncio.wait_for(
+                    self.store.acquire(account, owner=config.instance, token=self.token, lease_s=config.lease_s,
+                                       margin_s=config.margin_s, dead=dead), config.renew_s)
+            except TimeoutError:  # (if it did commit, the lease expires unused: nothing acts on it)
+                logger.warning("cluster: taking {} got no answer within {:g} s; next pass", account, config.renew_s)
+                continue
             if taken is None:
                 continue  # another instance was faster
             owned += 1

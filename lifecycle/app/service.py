@@ -187,13 +187,17 @@ class Service:
         try:
             if self._sqlite_lock is None:
                 self._sqlite_lock = take_sqlite_lock(self.config.database_url)
-            self.repo = await _open_database(self.config.database_url)
             cluster = self.config.cluster
-            if self.repo.engine.dialect.name == "postgresql":
+            if _postgresql(self.config.database_url):
                 cluster = cluster or ClusterConfig(instance=default_instance())
+                # a session stuck inside a transaction (this process frozen or cut off mid-write) holds its lease
+                # rows, and so every takeover, until the server ends it: half a lease at most
+                self.repo = await _open_database(self.config.database_url, idle_in_transaction_s=cluster.lease_s / 2)
             elif cluster is not None:
                 raise StartError("cluster: several processes share accounts only on PostgreSQL; SQLite is one "
                                  "process per database file (remove [cluster] or use a postgresql:// database_url)")
+            else:
+                self.repo = await _open_database(self.config.database_url)
             self.records = JsonlRecords(self.config.records_dir, retention_days=self.config.records_retention_days,
                                         instance=cluster.instance if cluster is not None else None)
             self.records.listeners.append(self.closures)
@@ -481,9 +485,13 @@ async def check_database(url: str) -> None:
     await repo.close()
 
 
-async def _open_database(url: str) -> Repository:
+def _postgresql(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+async def _open_database(url: str, **engine_kwargs: Any) -> Repository:
     try:
-        return await Repository.open(url)
+        return await Repository.open(url, **engine_kwargs)
     except DatabaseConfigError as e:
         raise StartError(f"database_url: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreachable, refused login, unwritable file: say which, not the password

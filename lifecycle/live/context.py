@@ -52,6 +52,11 @@ class PositionRuntime:
     attempts: dict[OrderPurpose, int] = field(default_factory=dict)  # newest client-id attempt used here
 
 
+# Up to this many symbols, venue-wide order listings go symbol by symbol (2 x weight 1 each on Binance) rather
+# than once without a symbol (2 x weight 40): 20 symbols cost as much as one listing of everything.
+PER_SYMBOL_LISTINGS = 20
+
+
 class LiveContext:
     """Shared by every part of one account's live engine (see the module docstring)."""
 
@@ -223,6 +228,21 @@ class LiveContext:
                        position.symbol, position.id, client_id, found.trigger_price, found.quantity, target, quantity)
         return await self.track(position, client_id, OrderPurpose.STOP, found.quantity,
                                 found.trigger_price or target, found)
+
+    async def list_open_orders(self, *, full: bool = False) -> list[OrderSnapshot]:
+        """The account's working orders where ours can be: the configured symbols and those of its live
+        positions, listed symbol by symbol (on Binance a listing for one symbol weighs 1, one without a symbol
+        40, and the audit and the orphan sweep list twice: regular and conditional orders). `full`, or more
+        symbols than PER_SYMBOL_LISTINGS: one listing of every symbol (an order of ours on a symbol we neither
+        configure nor hold, left from an older configuration, shows only there)."""
+        symbols = sorted({*self.symbols, *(p.symbol for p in self.engine.positions.values()
+                                           if p.account == self.account)})
+        if full or len(symbols) > PER_SYMBOL_LISTINGS:
+            return await self.exchange.open_orders()
+        listed: list[OrderSnapshot] = []
+        for symbol in symbols:
+            listed += await self.exchange.open_orders(symbol)
+        return listed
 
     async def open_order_by_client_id(self, symbol: str, client_id: str) -> OrderSnapshot | None:
         try:

@@ -19,10 +19,14 @@ from lifecycle.errors import OrderAlreadyGone
 from lifecycle.live.context import LiveContext
 from lifecycle.record_kinds import OrphanCancelled
 
+# Every this many sweeps (the first included) the listing covers every symbol, not only the account's own.
+FULL_SWEEP_EVERY = 10
+
 
 class Orphans:
     def __init__(self, ctx: LiveContext) -> None:
         self.ctx = ctx
+        self.sweeps = 0
 
     def _live_here(self, position_id: str) -> bool:
         position = self.ctx.engine.positions.get(position_id)
@@ -31,7 +35,9 @@ class Orphans:
     async def sweep(self) -> OrphanSweep:
         ctx, engine = self.ctx, self.ctx.engine
         cancelled, foreign, undecided = 0, 0, 0
-        for order in await ctx.exchange.open_orders():
+        full = self.sweeps % FULL_SWEEP_EVERY == 0  # the first sweep (at start) and every tenth: every symbol
+        self.sweeps += 1
+        for order in await ctx.list_open_orders(full=full):
             ours = parse_client_id(order.client_id)
             if ours is None:
                 foreign += 1

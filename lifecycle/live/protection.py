@@ -126,7 +126,7 @@ class Protection:
         snapshot = positions if positions is not None else await self.ctx.exchange.positions()
         shown = {(s.symbol, s.side) for s in snapshot}
         stops: dict[str, list[OrderSnapshot]] = {}
-        listing = await self.ctx.exchange.open_orders()
+        listing = await self.ctx.list_open_orders()
         for order in listing:
             ours = parse_client_id(order.client_id)
             if ours is not None and ours.purpose is OrderPurpose.STOP:

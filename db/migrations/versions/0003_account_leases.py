@@ -32,6 +32,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=128), nullable=False),
     sa.Column('host', sa.String(length=255), nullable=False),
     sa.Column('pid', sa.Integer(), nullable=False),
+    sa.Column('max_accounts', sa.Integer(), nullable=False),
     sa.Column('started_at', UTCDateTime(), nullable=False),
     sa.Column('seen_at', UTCDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('token')
