@@ -373,3 +373,36 @@ async def test_seed_000_with_the_stream_down_stale_rest_delays_and_fresh_rest_de
     finally:
         await scheduler.stop()
         await stream_down(rig, False)
+
+
+async def test_venue_wide_listings_go_symbol_by_symbol_and_every_tenth_sweep_lists_every_symbol(
+        sim: object, tmp_path: Path) -> None:
+    """Binance weighs an order listing without a symbol 40, with one 1: an account with a few symbols lists
+    them one by one in the audit and the orphan sweep (issue 14: REST per account). An orphan of ours on a
+    symbol it neither configures nor holds shows only in a full listing: the first sweep and every tenth."""
+    from exchange.sim.server import SimServer
+    from lifecycle.live.orphans import FULL_SWEEP_EVERY
+
+    assert isinstance(sim, SimServer)
+    rig = await Rig(sim, sim.venue.add_account("lister"), f"sqlite:///{tmp_path / 'l.sqlite'}", tmp_path / "records",
+                    symbols=["BTCUSDT", "ETHUSDT"]).start()
+    try:
+        assert rig.live is not None and rig.exchange is not None
+        await rig.open(OpenCommand("ETHUSDT", Side.LONG, D("0.5"), stop_loss_pct=D(1)))
+        scheduler = ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig())
+        left_behind = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
+        await rig.exchange.place_stop("SOLUSDT", Side.LONG, D("1"), D(100), left_behind)
+        assert (await scheduler.sweep_orphans()).startswith("1 orphan(s) cancelled")  # the first sweep: full
+        again = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 5)
+        await rig.exchange.place_stop("SOLUSDT", Side.LONG, D("1"), D(100), again)
+        lists = ("GET /fapi/v1/openOrders", "GET /fapi/v1/openAlgoOrders")
+        before = {k: (sim.calls[k], sim.symbol_calls[k]) for k in lists}
+        for _ in range(FULL_SWEEP_EVERY - 1):
+            assert (await scheduler.sweep_orphans()).startswith("0 orphan(s) cancelled")
+        assert (await rig.live.audit_protection())["checked"] == 1
+        for key in lists:  # BTCUSDT and ETHUSDT, each by name: no listing of every symbol
+            calls, named = sim.calls[key] - before[key][0], sim.symbol_calls[key] - before[key][1]
+            assert calls == named == 2 * FULL_SWEEP_EVERY, (key, calls, named)
+        assert (await scheduler.sweep_orphans()).startswith("1 orphan(s) cancelled")  # the tenth after: full
+    finally:
+        await rig.stop()
