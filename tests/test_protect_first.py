@@ -102,8 +102,8 @@ async def test_a_stop_with_the_books_still_behind_is_recovered_from_the_venue_at
                         what="the stop placed and recorded in memory")
         [stop] = rig.stop_algos("BTCUSDT")
         await rig.stop()  # the books cannot catch up: what is unwritten is logged
+        small_disk.free()  # (read only once space is back: SQLite may need to recreate its WAL index to read)
         assert (await rig.repo.get_position(pid)).state is S.OPENING  # type: ignore[union-attr]
-        small_disk.free()
         await rig.restart()
         await rig.until(lambda: rig.state(pid) is S.OPEN and rig.engine.positions[pid].stop_price is not None,  # type: ignore[union-attr]
                         timeout=10, what="the position taken in after the restart")

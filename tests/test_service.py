@@ -253,21 +253,24 @@ port = {port}
         assert code == 0, err
         opened = json.loads(out)
         assert opened["symbol"] == "BTCUSDT" and opened["side"] == "long"
-        for _ in range(100):
+        deadline = time.monotonic() + 20
+        while True:
             code, out, _ = await call("status")
-            if " OPEN " in out and "59400" in out:
+            if (" OPEN " in out and "59400" in out) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
         assert opened["id"] in out and "59400" in out and "60000" in out  # state, stop and the live mark
         assert [a.order_type for a in sim.venue.open_algos(account, "BTCUSDT")] == ["STOP_MARKET"]
         code, out, err = await call("close", opened["id"], "--reason", "signal")
         assert code == 0 and json.loads(out)["accepted"] is True, err
-        for _ in range(100):
-            if sim.venue.position(account, "BTCUSDT").amount == 0 and not sim.venue.open_algos(account, None):
+        deadline = time.monotonic() + 20
+        while True:  # flat on the venue, the stop cancelled, the row terminal
+            code, out, _ = await call("status", "--ended", "1")
+            if (sim.venue.position(account, "BTCUSDT").amount == 0 and not sim.venue.open_algos(account, None)
+                    and "CLOSED" in out):
                 break
-            await asyncio.sleep(0.05)
-        code, out, _ = await call("status", "--ended", "1")
-        assert "CLOSED" in out
+            assert time.monotonic() < deadline, f"the close did not complete within 20 s:\n{out}"
+            await asyncio.sleep(0.1)
         code, out, err = await call("close", "no-such-position")
         assert code == 1 and "404" in err
     finally:
