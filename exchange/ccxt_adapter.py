@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import islice
 from typing import Any, TypeVar
 
 import ccxt
@@ -645,7 +646,7 @@ class CcxtExchange:
                 if generation != self.generation:
                     if pending is not None:
                         if pending.done() and not pending.cancelled() and pending.exception() is None:
-                            for item in fresh.items(pending.result()):  # finished on the old client: keep it
+                            for item in fresh.take(pending.result()):  # finished on the old client: keep it
                                 yield item
                         pending.cancel()
                     # Subscribe first, announce after: a snapshot taken on Resynced then misses nothing.
@@ -677,7 +678,7 @@ class CcxtExchange:
                 done, _ = await asyncio.wait({pending}, timeout=RESWEEP_S if soon else SWEEP_S)
                 soon = False
                 if not done:
-                    for item in fresh.items(cached(client) if cached else ()):
+                    for item in fresh.take((), cached(client) if cached else ()):
                         yield item
                     if loop.time() - last_message >= quiet_s:
                         last_message = loop.time()
@@ -711,7 +712,7 @@ class CcxtExchange:
                 last_message = loop.time()
                 self.health[name] = StreamHealth.HEALTHY
                 self._heard(name, "it delivers again")
-                for item in fresh.items([*batch, *(cached(client) if cached else ())]):
+                for item in fresh.take(batch, cached(client) if cached else ()):
                     yield item
                 soon = cached is not None
         finally:
@@ -985,7 +986,9 @@ class _Fresh:
     def __init__(self, name: str, convert: Callable[[Any], Any], key: Callable[[Any], Any] | None,
                  order: Callable[[Any], Any] | None, drop: Callable[[str, str], None]) -> None:
         self.name, self.convert, self.key, self.order, self.drop = name, convert, key, order, drop
-        self.seen: OrderedDict[Any, None] = OrderedDict()
+        self.seen: OrderedDict[Any, int] = OrderedDict()  # key -> the turn it was first seen in
+        self.turn = 0  # one per take(): a batch and the sweep of the cache after it
+        self.recent = 0  # entries items() found new or first seen in this turn
         self.latest: OrderedDict[Any, Any] = OrderedDict()
         self.failed: OrderedDict[int, None] = OrderedDict()  # ids of cached updates that did not convert
         self.malformed = 0
@@ -997,6 +1000,7 @@ class _Fresh:
                 item = self.convert(raw)
             except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count, go on
                 if id(raw) not in self.failed:  # it stays in ccxt's cache: counted once, not at every sweep
+                    self.recent += 1
                     self.failed[id(raw)] = None
                     if len(self.failed) > SWEEP_TAIL * 4:
                         self.failed.popitem(last=False)
@@ -1008,8 +1012,9 @@ class _Fresh:
                 k = self.key(item)
                 if k in self.seen:
                     self.seen.move_to_end(k)  # still in ccxt's cache: keep remembering it
+                    self.recent += self.seen[k] == self.turn
                     continue
-                self.seen[k] = None
+                self.seen[k] = self.turn
                 if len(self.seen) > MEMORY:
                     self.seen.popitem(last=False)
             if self.order is not None:
@@ -1020,21 +1025,49 @@ class _Fresh:
                 self.latest.move_to_end(ident)
                 if len(self.latest) > MEMORY:
                     self.latest.popitem(last=False)
+            self.recent += 1
             out.append(item)
         return out
 
+    def take(self, batch: Any, parts: Any = ()) -> list[Any]:
+        """What a watch returned, then what ccxt's cache holds that no watch handed over.
 
-SWEEP_TAIL = 64  # newest cache entries swept per pass (ccxt moves an updated entry to the end)
+        ccxt moves an updated entry to the end of its cache (positions by symbol and side, orders by id), so
+        what changed since the last look is a suffix: the cache is walked back from its end a chunk at a
+        time and the walk stops at the first chunk with nothing new in it (nothing unseen, nothing this very
+        batch brought). A quiet stream costs one chunk per look; a cascade of hundreds of updates between
+        two turns of the consumer is read whole (a fixed tail of 64 lost every flat beyond it:
+        bench/burst.py with 500 positions)."""
+        self.turn += 1
+        out = self.items(batch)
+        for part in parts:
+            newest_first = reversed(part)
+            older: list[list[Any]] = []
+            while True:
+                chunk = list(islice(newest_first, SWEEP_TAIL))
+                if not chunk:
+                    break
+                self.recent = 0
+                got = self.items(chunk[::-1])
+                if got:
+                    older.append(got)
+                if self.recent == 0:
+                    break
+            for got in reversed(older):
+                out.extend(got)
+        return out
+
+
+SWEEP_TAIL = 64  # cache entries read per chunk of a sweep, newest first (see _Fresh.take)
 
 
 def _cached(cache: Any) -> list[Any]:
-    """The newest entries of a ccxt cache: a list-like ArrayCache, or a dict of them (binance keys by market
-    type). Only the tail: ccxt appends new entries and moves updated ones to the end, and converting the
-    whole cache (up to 1,000 orders) after every update made each update cost milliseconds."""
+    """The parts of a ccxt cache, each in its own order: a list-like ArrayCache, or a dict of them (binance
+    keys by market type). Not copied: `_Fresh.take` reads each from its end only as far as it must
+    (converting the whole cache after every update made each update cost milliseconds)."""
     if cache is None:
         return []
-    parts = cache.values() if isinstance(cache, dict) else [cache]
-    return [entry for part in parts for entry in list(part or [])[-SWEEP_TAIL:]]
+    return [part for part in (cache.values() if isinstance(cache, dict) else [cache]) if part]
 
 
 def _order_progress(o: OrderSnapshot) -> tuple[tuple[str, str, str], tuple[int, Decimal]]:

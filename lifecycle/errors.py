@@ -65,6 +65,12 @@ class EngineStopping(LifecycleError):
     """The engine is shutting down: no new position, close or adoption is started."""
 
 
+class AccountStarting(LifecycleError):
+    """The account's restart recovery has not finished (just started, or just taken over from another
+    process): a command would send an order before the venue's word was taken, so it is refused, nothing sent;
+    retried a moment later it goes through."""
+
+
 class OrderAlreadyGone(LifecycleError):
     """A cancel found the order no longer working (filled, cancelled or expired meanwhile).
 

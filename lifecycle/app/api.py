@@ -36,6 +36,7 @@ from exchange.secret import Secret
 from lifecycle.app.page import COOKIE, PAGE_HEADER, PUBLIC_PATHS, PageHub, position_json
 from lifecycle.domain import CloseReason, Position, Side
 from lifecycle.errors import (
+    AccountStarting,
     EngineStopping,
     InvalidEvent,
     LifecycleError,
@@ -221,7 +222,7 @@ class ControlApi:
             raise
         except ExchangeError as e:  # already scrubbed of keys and signatures by the adapter
             return _error(502, f"the exchange refused or failed: {e}")
-        except (EngineStopping, StorageUnavailable) as e:
+        except (EngineStopping, StorageUnavailable, AccountStarting) as e:
             return _error(503, str(e))
         except PositionConflict as e:
             return _error(409, str(e))

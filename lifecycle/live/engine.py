@@ -44,6 +44,7 @@ from exchange.port import ExchangePort, MarkPrice, OrderSnapshot, PositionSnapsh
 from lifecycle.client_ids import parse_client_id
 from lifecycle.domain import CloseReason, OrderPurpose, OrderStatus, Position, Side
 from lifecycle.engine import Engine
+from lifecycle.errors import AccountStarting
 from lifecycle.journal import Outcome
 from lifecycle.live.account_faces import LiveAccountCommands, LiveAccountView
 from lifecycle.live.closing import Closing
@@ -57,6 +58,8 @@ from lifecycle.live.stops import Stops
 from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
 from lifecycle.machines.states import FLATTENABLE, PROTECTED
+
+COMMAND_WAIT_S = 10.0  # how long an open or close waits for the account's restart recovery before it is refused
 
 
 class LiveEngine:
@@ -307,10 +310,23 @@ class LiveEngine:
     # --- commands and questions, answered by the parts ---------------------------------------------
 
     async def open(self, command: OpenCommand) -> Position:
+        await self._after_recovery(f"open of {command.symbol}")
         return await self.opening.open(command)
 
     async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
+        await self._after_recovery(f"close of {position_id}")
         return await self.closing.close(position_id, reason)
+
+    async def _after_recovery(self, what: str) -> None:
+        """No order before restart recovery: a command that comes while it runs (right after a start or a
+        takeover, with positions loaded) waits for it, at most COMMAND_WAIT_S, then is refused."""
+        if self.ctx.recovered.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.ctx.recovered.wait(), COMMAND_WAIT_S)
+        except TimeoutError:
+            raise AccountStarting(f"{self.account}: restart recovery has not finished after {COMMAND_WAIT_S:.0f} s; "
+                                  f"{what} refused, nothing sent; retry shortly") from None
 
     async def adopt(self, snap: PositionSnapshot) -> Position:
         return await self.opening.adopt(snap)

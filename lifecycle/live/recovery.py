@@ -54,7 +54,12 @@ class Recovery:
                 ours_by_position.setdefault(parsed.position_id, []).append(order)
         counts = {"positions": 0, "opening": 0, "missing": 0, "closing": 0, "protected": 0}
         now = self.ctx.engine.clock()
-        for position in [p for p in self.ctx.engine.positions.values() if p.account == self.ctx.account]:
+        # Only what was loaded from the database: a position opened by a command since the start is this
+        # process's own, its entry in flight (taken for "crashed before its entry was recorded", it was once
+        # cancelled in the books while its entry filled on the venue, unprotected: tests/test_scale_out.py).
+        loaded = self.ctx.loaded
+        for position in [p for p in self.ctx.engine.positions.values()
+                         if p.account == self.ctx.account and p.id in loaded]:
             counts["positions"] += 1
             entry = next((o for o in position.working_orders() if o.purpose is OrderPurpose.ENTRY), None)
             if position.state is S.OPENING or (position.state is S.CLOSING_BY_BOT and position.quantity == 0):
