@@ -470,11 +470,12 @@ class CcxtExchange:
             return MarkPrice(self._market_id(raw["symbol"]), _dec(raw.get("markPrice")) or Decimal(0),
                              _ms(raw.get("timestamp")))
 
-        def latest(client: Any) -> list[Any]:
+        def latest(client: Any) -> list[list[Any]]:
             # ccxt keeps the newest mark per symbol in `tickers`; a burst between two watches resolves
-            # only its first frame, so the sweep picks up the newest (the key drops repeats).
+            # only its first frame, so the sweep picks up the newest (the key drops repeats). One part,
+            # like `_cached` gives.
             tickers = getattr(client, "tickers", None) or {}
-            return [tickers[u] for u in (self._unified(s) for s in symbols) if u in tickers]
+            return [[tickers[u] for u in (self._unified(s) for s in symbols) if u in tickers]]
 
         return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), convert,
                                key=lambda m: (m.symbol, m.price, m.at), order=lambda m: (m.symbol, m.at),
@@ -616,7 +617,7 @@ class CcxtExchange:
                          convert: Callable[[Any], T], *,
                          key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
                          probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
-                         cached: Callable[[Any], list[Any]] | None,
+                         cached: Callable[[Any], list[Any]] | None,  # the cache's parts (see _cached)
                          snapshot: Callable[[], Awaitable[list[Any]]] | None) -> AsyncIterator[Any]:
         """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
         Resynced marker once the new subscription is live, notice silence, drop duplicates and

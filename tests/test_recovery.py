@@ -147,11 +147,12 @@ async def test_a_command_waits_for_restart_recovery_and_is_refused_when_it_does_
         await rig.live.open(eth)
     assert rig.sim.venue.open_orders(rig.account, "ETHUSDT") == [] and rig.sim.venue.position(
         rig.account, "ETHUSDT").amount == 0
+    monkeypatch.setattr(live_engine, "COMMAND_WAIT_S", 30.0)  # recovery may take a while on a loaded machine
     waiting = asyncio.ensure_future(rig.live.open(eth))  # comes while recovery runs: goes through after it
     await asyncio.sleep(0)
     assert not waiting.done()
     await rig.live.recover(retry_s=0.05)
-    position = await asyncio.wait_for(waiting, 5)
+    position = await asyncio.wait_for(waiting, 30)
     await rig.until(lambda: rig.state(position.id) is S.OPEN and bool(rig.stop_algos("ETHUSDT")),
                     what="the ETH position open and protected")
     assert rig.sim.requests > sent

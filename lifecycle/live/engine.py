@@ -325,7 +325,7 @@ class LiveEngine:
         try:
             await asyncio.wait_for(self.ctx.recovered.wait(), COMMAND_WAIT_S)
         except TimeoutError:
-            raise AccountStarting(f"{self.account}: restart recovery has not finished after {COMMAND_WAIT_S:.0f} s; "
+            raise AccountStarting(f"{self.account}: restart recovery has not finished after {COMMAND_WAIT_S:g} s; "
                                   f"{what} refused, nothing sent; retry shortly") from None
 
     async def adopt(self, snap: PositionSnapshot) -> Position:
