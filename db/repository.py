@@ -14,7 +14,9 @@ PostgreSQL; SQLite's single writer is held by this process's write lock); a stal
 database refuses as a whole (a constraint, a guard that moved between the check and the write) is
 written again member by member, so each member gets its own answer; a batch that fails (the database
 down) fails each of its members with the error. A member is acknowledged only after its transaction
-committed: `synchronous=FULL` on SQLite, a durable commit on PostgreSQL.
+committed: `synchronous=FULL` on SQLite, a durable commit on PostgreSQL. Order rows (`save_order`) go
+through the same queue and share the batch's transaction (one executemany for the updates, one for the
+inserts); a batch holds at most one write per position's transition and per order.
 """
 from __future__ import annotations
 
@@ -92,11 +94,24 @@ class _Pending:
     fence: Fence | None
 
 
+@dataclass(slots=True)
+class _PendingOrder:
+    """One order row (insert or update) waiting for its batch: order rows share the transitions' transactions
+    (a cascade writes a status per expired stop and per fill; one transaction each queued the flats behind
+    them, and the position's lock is held while its order is written)."""
+
+    order: OrderRef
+    now: datetime
+    done: asyncio.Future[None]
+    fence: Fence | None
+
+
 @dataclass
 class BatchStats:
     batches: int = 0  # transactions written by the batch writer (a lone transition is a batch of one)
     members: int = 0  # transitions written through them
-    largest: int = 0
+    order_rows: int = 0  # order rows written through them
+    largest: int = 0  # the most writes (transitions and order rows) in one
     stale: int = 0  # members refused alone by the journal-sequence guard
     one_by_one: int = 0  # batches refused as a whole and written again member by member
     sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))  # the latest batch sizes
@@ -123,7 +138,7 @@ class Repository:
         if self.writers < 1:
             raise ValueError(f"writers must be >= 1, got {self.writers}")
         self.batch_stats = BatchStats()
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[_Pending | _PendingOrder] = deque()
         self._writing = 0  # batch writer tasks running
         self._writer_tasks: set[asyncio.Task[None]] = set()
 
@@ -193,29 +208,34 @@ class Repository:
         awaiting it costs no task, on the path of every transition.) With a `fence`, the transition is written
         only while the account's lease holds, in the same transaction (LeaseLost otherwise)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(position, outcome, done, fence))
+        self._queue(_Pending(position, outcome, done, fence))
+        return done
+
+    def _queue(self, item: _Pending | _PendingOrder) -> None:
+        self._pending.append(item)
         if self._writing < self.writers:
             self._writing += 1
             task = asyncio.ensure_future(self._write_batches())
             self._writer_tasks.add(task)
             task.add_done_callback(self._writer_tasks.discard)
-        return done
 
     async def _write_batches(self) -> None:
         """Write what is queued, a batch at a time, until nothing is."""
         try:
             while self._pending:
-                batch: list[_Pending] = []
+                batch: list[_Pending | _PendingOrder] = []
                 seen: set[str] = set()
-                later: list[_Pending] = []
+                later: list[_Pending | _PendingOrder] = []
                 while self._pending and len(batch) < self.batch_max:
                     item = self._pending.popleft()
                     if item.done.cancelled():
                         continue  # its caller gave up before it was taken: never written
-                    if item.position.id in seen:
-                        later.append(item)  # one transition per position per batch (the guard reads once)
+                    # One transition per position per batch (the guard reads once), one write per order.
+                    key = item.position.id if isinstance(item, _Pending) else "order " + item.order.client_id
+                    if key in seen:
+                        later.append(item)
                         continue
-                    seen.add(item.position.id)
+                    seen.add(key)
                     batch.append(item)
                 self._pending.extendleft(reversed(later))
                 if batch:
@@ -223,22 +243,23 @@ class Repository:
         finally:
             self._writing -= 1
 
-    async def _write_batch(self, batch: list[_Pending]) -> None:
+    async def _write_batch(self, batch: list[_Pending | _PendingOrder]) -> None:
         stats = self.batch_stats
         stats.batches += 1
-        stats.members += len(batch)
+        orders_in = sum(isinstance(item, _PendingOrder) for item in batch)
+        stats.members += len(batch) - orders_in
+        stats.order_rows += orders_in
         stats.largest = max(stats.largest, len(batch))
         stats.sizes.append(len(batch))
         if len(batch) == 1:
-            item = batch[0]
-            _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome, item.fence)))
+            _settle(batch[0], await _outcome_of(self._write_one(batch[0])))
             return
         try:
             stale = await self._commit_many(batch)
         except _BatchRefused:
             stats.one_by_one += 1
             for item in batch:
-                _settle(item, await _outcome_of(self._commit_one(item.position, item.outcome, item.fence)))
+                _settle(item, await _outcome_of(self._write_one(item)))
             return
         except Exception as e:  # noqa: BLE001 - the batch failed: each member fails with the error
             for item in batch:
@@ -246,7 +267,13 @@ class Repository:
             return
         stats.stale += len(stale)
         for item in batch:
-            _settle(item, stale.get(item.position.id))
+            _settle(item, stale.get(id(item)))
+
+    async def _write_one(self, item: _Pending | _PendingOrder) -> None:
+        if isinstance(item, _Pending):
+            await self._commit_one(item.position, item.outcome, item.fence)
+        else:
+            await self._save_order_now(item.order, item.now, item.fence)
 
     async def _commit_one(self, position: Position, outcome: Outcome, fence: Fence | None) -> None:
         entry = outcome.journal
@@ -255,25 +282,39 @@ class Repository:
         except IntegrityError as e:  # a constraint, not an outage: retrying cannot help
             raise StoreRefused(f"position {position.id} #{entry.seq}: {str(e.orig).splitlines()[0]}") from e
 
-    async def _commit_many(self, batch: list[_Pending]) -> dict[str, StoreRefused | ConcurrentModification]:
-        """Write the batch in one transaction; returns the members the fence or the guard refused (not written)."""
-        stale: dict[str, StoreRefused | ConcurrentModification] = {}
+    async def _commit_many(self, batch: list[_Pending | _PendingOrder]
+                           ) -> dict[int, StoreRefused | ConcurrentModification | LeaseLost]:
+        """Write the batch in one transaction; returns the members (by `id()`) the fence or the guard refused
+        (not written)."""
+        stale: dict[int, StoreRefused | ConcurrentModification | LeaseLost] = {}
         try:
             async with self._write() as conn:
                 fences = {item.fence for item in batch if item.fence is not None}
                 broken = await fences_broken(conn, list(fences)) if fences else set()
+                order_items = []
+                for item in batch:
+                    if isinstance(item, _PendingOrder):
+                        if item.fence is not None and item.fence in broken:
+                            stale[id(item)] = _lease_lost(item.fence)
+                        else:
+                            order_items.append(item)
+                if order_items:
+                    await _write_orders(conn, order_items)
+                transitions = [item for item in batch if isinstance(item, _Pending)]
+                if not transitions:
+                    return stale
                 check = sa.select(positions.c.id, positions.c.seq).where(
-                    positions.c.id.in_([item.position.id for item in batch]))
+                    positions.c.id.in_([item.position.id for item in transitions]))
                 if self._lock_rows:
                     check = check.with_for_update()
                 stored = {row[0]: row[1] for row in await conn.execute(check)}
                 good = []
-                for item in batch:
+                for item in transitions:
                     position, seq = item.position, item.outcome.journal.seq
-                    if item.fence in broken:
-                        stale[position.id] = _lease_lost(item.fence)
+                    if item.fence is not None and item.fence in broken:
+                        stale[id(item)] = _lease_lost(item.fence)
                     elif stored.get(position.id) != seq - 1:
-                        stale[position.id] = ConcurrentModification(
+                        stale[id(item)] = ConcurrentModification(
                             f"position {position.id}: row is not at seq {seq - 1}; refusing to overwrite")
                     else:
                         good.append(item)
@@ -326,20 +367,16 @@ class Repository:
             if outcome.closure is not None:
                 await conn.execute(closures.insert(), _closure_values(outcome.closure))
 
-    async def save_order(self, order: OrderRef, now: datetime, fence: Fence | None = None) -> None:
-        """Insert or update one order of ours (with a `fence`: only while its lease holds)."""
-        values = {
-            "position_id": order.position_id,
-            "symbol": order.symbol,
-            "purpose": order.purpose.value,
-            "side": order.side,
-            "quantity": order.quantity,
-            "status": order.status.value,
-            "trigger_price": order.trigger_price,
-            "exchange_order_id": order.exchange_order_id,
-            "algo_id": order.algo_id,
-            "updated_at": now,
-        }
+    def save_order(self, order: OrderRef, now: datetime, fence: Fence | None = None) -> asyncio.Future[None]:
+        """Insert or update one order of ours (with a `fence`: only while its lease holds); the future resolves
+        once it is durable. Queued with the transitions: order rows ready at the same moment share their
+        transaction (see the module docstring)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue(_PendingOrder(order, now, done, fence))
+        return done
+
+    async def _save_order_now(self, order: OrderRef, now: datetime, fence: Fence | None) -> None:
+        values = _order_values(order, now)
         async with self._write() as conn:
             await _check_fence(conn, fence)
             result = await conn.execute(orders.update().where(orders.c.client_id == order.client_id).values(**values))
@@ -586,6 +623,48 @@ def _journal_from_row(r: Any) -> JournalEntry:
     )
 
 
+def _order_values(order: OrderRef, now: datetime) -> dict[str, Any]:
+    return {
+        "position_id": order.position_id,
+        "symbol": order.symbol,
+        "purpose": order.purpose.value,
+        "side": order.side,
+        "quantity": order.quantity,
+        "status": order.status.value,
+        "trigger_price": order.trigger_price,
+        "exchange_order_id": order.exchange_order_id,
+        "algo_id": order.algo_id,
+        "updated_at": now,
+    }
+
+
+_UPDATE_ORDER = (
+    orders.update()
+    .where(orders.c.client_id == sa.bindparam("_client_id"))
+    .values({name: sa.bindparam(name) for name in (
+        "position_id", "symbol", "purpose", "side", "quantity", "status", "trigger_price", "exchange_order_id",
+        "algo_id", "updated_at")})
+)
+
+
+async def _write_orders(conn: AsyncConnection, items: list[_PendingOrder]) -> None:
+    """Order rows of a batch (one per client id: `_write_batches` keeps the second write of one for the next
+    batch): an update for the rows there, an insert for the others, one executemany each."""
+    ids = [item.order.client_id for item in items]
+    there = {row[0] for row in await conn.execute(sa.select(orders.c.client_id).where(orders.c.client_id.in_(ids)))}
+    updates, inserts = [], []
+    for item in items:
+        values = _order_values(item.order, item.now)
+        if item.order.client_id in there:
+            updates.append({**values, "_client_id": item.order.client_id})
+        else:
+            inserts.append({**values, "client_id": item.order.client_id, "created_at": item.order.created_at})
+    if updates:
+        await conn.execute(_UPDATE_ORDER, updates)
+    if inserts:
+        await conn.execute(orders.insert(), inserts)
+
+
 async def _check_fence(conn: AsyncConnection, fence: Fence | None) -> None:
     if fence is not None and await fences_broken(conn, [fence]):
         raise _lease_lost(fence)
@@ -610,8 +689,8 @@ class FencedStore:
     def commit(self, position: Position, outcome: Outcome) -> asyncio.Future[None]:
         return self.repo.commit(position, outcome, self.fence)
 
-    async def save_order(self, order: OrderRef, now: datetime) -> None:
-        await self.repo.save_order(order, now, self.fence)
+    def save_order(self, order: OrderRef, now: datetime) -> asyncio.Future[None]:
+        return self.repo.save_order(order, now, self.fence)
 
     async def load_live(self, accounts: Sequence[str] | None = None) -> list[Position]:
         return await self.repo.load_live(accounts)
@@ -628,7 +707,7 @@ async def _outcome_of(work: Any) -> BaseException | None:
     return None
 
 
-def _settle(item: _Pending, error: BaseException | None) -> None:
+def _settle(item: _Pending | _PendingOrder, error: BaseException | None) -> None:
     """Answer the member's caller (unless it stopped waiting: the write stands either way)."""
     if item.done.done():
         return

@@ -34,7 +34,10 @@ T = TypeVar("T")
 # when they start, until that adapter closes. A recreated client (a stream wedged or dropped) loads the
 # markets afresh, as before (new filters and listings); the owner's recreated client becomes the source.
 _LOADED_MARKETS: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-STREAM_CACHE = 100_000  # updates ccxt may hold for our stream consumers between two of their turns
+# Updates ccxt may hold for our stream consumers between two of their turns. Not larger: ccxt finds an updated
+# order in its cache by a linear search (2.7 ms per update at 100,000 entries, which a long-running service
+# reaches, 0.18 ms at 5,000); a cascade that overflows it is noticed and resynced from REST (_Fresh.take).
+STREAM_CACHE = 5_000
 
 
 @dataclass(frozen=True)
@@ -681,6 +684,9 @@ class CcxtExchange:
                 if not done:
                     for item in fresh.take((), cached(client) if cached else ()):
                         yield item
+                    if fresh.overflowed:
+                        fresh.overflowed = False
+                        yield await self._overflow_resync(name, snapshot)
                     if loop.time() - last_message >= quiet_s:
                         last_message = loop.time()
                         if probe is None or not await probe(client):
@@ -716,9 +722,27 @@ class CcxtExchange:
                 for item in fresh.take(batch, cached(client) if cached else ()):
                     yield item
                 soon = cached is not None
+                if fresh.overflowed:
+                    fresh.overflowed = False
+                    yield await self._overflow_resync(name, snapshot)
         finally:
             if pending is not None:
                 pending.cancel()
+
+    async def _overflow_resync(self, name: str,
+                               snapshot: Callable[[], Awaitable[list[Any]]] | None) -> Resynced:
+        """ccxt's cache of this stream filled up between two of our turns: what it dropped is unknown, so the
+        engine gets a REST snapshot as after a reconnection (positions missing from it are confirmed by
+        reconciliation, stops missing are put back; a flat whose fill was dropped takes its cause from REST)."""
+        logger.warning("{} stream: more updates at once than ccxt's cache holds ({}); some may be lost, "
+                       "resyncing from REST", name, STREAM_CACHE)
+        state: tuple[Any, ...] | None = None
+        if snapshot is not None:
+            try:
+                state = tuple(await snapshot())
+            except errors.ExchangeError as e:
+                logger.warning("{} stream: REST snapshot after an overflow failed: {}", name, e)
+        return Resynced(name, "cache overflow", state)
 
     # --- conversions ---------------------------------------------------------------------------
 
@@ -992,11 +1016,28 @@ class _Fresh:
         self.recent = 0  # entries items() found new or first seen in this turn
         self.latest: OrderedDict[Any, Any] = OrderedDict()
         self.failed: OrderedDict[int, None] = OrderedDict()  # ids of cached updates that did not convert
+        # id of a ccxt cache entry -> (its fingerprint, the turn it was converted in); the fingerprint holds
+        # the entry's `info`, so that object's id cannot be reused while it is remembered
+        self.raw_seen: OrderedDict[int, tuple[tuple[Any, ...], int]] = OrderedDict()
         self.malformed = 0
+        self.overflowed = False  # a take read a full ccxt cache to its end: updates may have been dropped
 
     def items(self, raws: Any) -> list[Any]:
         out = []
         for raw in raws:
+            # ccxt updates a cached entry in place with the new message's `info`: the same entry with the same
+            # `info` (and top-level fields) was converted before, by this very take or an earlier one. Not
+            # converting it again is most of a sweep's cost in a cascade (bench.burst: every take walks at
+            # least one chunk of the cache).
+            mark = _fingerprint(raw)
+            if mark is not None:
+                prior = self.raw_seen.get(id(raw))
+                if prior is not None and prior[0] == mark:
+                    self.recent += prior[1] == self.turn
+                    continue
+                self.raw_seen[id(raw)] = (mark, self.turn)
+                if len(self.raw_seen) > MEMORY:
+                    self.raw_seen.popitem(last=False)
             try:
                 item = self.convert(raw)
             except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count, go on
@@ -1047,6 +1088,11 @@ class _Fresh:
             while True:
                 chunk = list(islice(newest_first, SWEEP_TAIL))
                 if not chunk:
+                    # Read to its oldest entry and everything was new: if the cache is full, ccxt may have
+                    # dropped older updates nobody read. Said once per take; the stream resyncs from REST.
+                    limit = getattr(getattr(part, "_deque", None), "maxlen", None)
+                    if self.recent and limit is not None and len(part) >= limit:
+                        self.overflowed = True
                     break
                 self.recent = 0
                 got = self.items(chunk[::-1])
@@ -1057,6 +1103,16 @@ class _Fresh:
             for got in reversed(older):
                 out.extend(got)
         return out
+
+
+def _fingerprint(raw: Any) -> tuple[Any, ...] | None:
+    """What tells one state of a ccxt cache entry from another without converting it: the message it came
+    from (`info`, a new object with every update) and the fields ccxt sets itself. None: not a dict."""
+    if not isinstance(raw, dict):
+        return None
+    get = raw.get
+    return (get("info"), get("status"), get("filled"), get("contracts"), get("timestamp"), get("symbol"),
+            get("markPrice"))
 
 
 SWEEP_TAIL = 64  # cache entries read per chunk of a sweep, newest first (see _Fresh.take)

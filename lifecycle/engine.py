@@ -206,8 +206,9 @@ class Engine:
         self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
         self.records.emit(TransitionRecord(
             account=draft.account, symbol=draft.symbol, position_id=draft.id, at=outcome.journal.at,
-            seq=outcome.journal.seq, source=outcome.source.value, trigger=outcome.journal.event,
-            dest=outcome.dest.value, cause=outcome.journal.cause, payload=outcome.journal.payload))
+            committed_at=self.clock(), seq=outcome.journal.seq, source=outcome.source.value,
+            trigger=outcome.journal.event, dest=outcome.dest.value, cause=outcome.journal.cause,
+            payload=outcome.journal.payload))
         for listener in self.listeners:
             try:
                 listener(draft, outcome)

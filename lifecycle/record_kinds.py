@@ -45,9 +45,11 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TransitionRecord(Record):
-    """A committed transition of a position's machine (its journal row)."""
+    """A committed transition of a position's machine (its journal row). `at`: when the machine decided it;
+    `committed_at`: when its rows were durable (the commit acknowledged) and it took effect."""
 
     kind: ClassVar[str] = "transition"
+    committed_at: datetime
     seq: int
     source: str
     trigger: str

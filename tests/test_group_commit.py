@@ -123,6 +123,46 @@ async def test_a_failed_batch_fails_each_of_its_members_and_the_next_batch_commi
         assert [e.seq for e in await repo.journal(pid)] == [0, 1]
 
 
+async def test_order_rows_ready_with_transitions_share_their_transactions(engine: Engine, repo: Repository) -> None:
+    """A cascade writes an order status per expired stop and per fill next to the flats: one transaction each
+    queued the flats behind them. Order rows go in the batches; a second write of one order waits for the
+    next batch, so the newest status is the one kept."""
+    from datetime import UTC, datetime
+
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    ids = await _open(engine, 30)
+    now = datetime.now(UTC)
+    stops = [OrderRef(f"lc-{pid}-s1", pid, f"S{i}", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                      trigger_price=D(90), created_at=now) for i, pid in enumerate(ids)]
+    await asyncio.gather(*(repo.save_order(o, now) for o in stops))  # inserts
+    commits: list[object] = []
+
+    def counted(conn: object) -> None:
+        commits.append(conn)
+
+    sa.event.listen(repo.engine.sync_engine, "commit", counted)
+    expired = [OrderRef(o.client_id, o.position_id, o.symbol, o.purpose, o.side, o.quantity, OrderStatus.EXPIRED,
+                        trigger_price=o.trigger_price, created_at=now) for o in stops]
+    drafts = [await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100))) for pid in ids]
+    # The engine writes one order at a time (under its position's lock); two writes of one order at once
+    # are ordered only by SQLite's single writer (PostgreSQL's writers run batches side by side).
+    writes = [*(repo.save_order(o, now) for o in expired),  # updates of the rows there (queued when called)...
+              *(repo.commit(d, o) for d, o in drafts)]  # type: ignore[arg-type]
+    again = [repo.save_order(stops[0], now)] if repo.writers == 1 else []  # ...and the same order again, last
+    await asyncio.gather(*writes, *again)
+    sa.event.remove(repo.engine.sync_engine, "commit", counted)
+    assert len(commits) < 10, f"61 writes took {len(commits)} transactions: order rows went one transaction each"
+    async with repo.engine.connect() as conn:
+        rows: dict[str, str] = dict((await conn.execute(sa.text("SELECT client_id, status FROM orders"))).all())
+    if again:
+        assert rows.pop(stops[0].client_id) == OrderStatus.NEW.value  # written after its EXPIRED, a batch later
+    assert set(rows.values()) == {OrderStatus.EXPIRED.value} and len(rows) == 30 - len(again)
+    for pid in ids:
+        stored = await repo.get_position(pid)
+        assert stored is not None and stored.seq == 1
+
+
 async def test_a_lone_transition_is_written_at_once_in_a_batch_of_one(engine: Engine, repo: Repository) -> None:
     [pid] = await _open(engine, 1)
     batches = repo.batch_stats.batches

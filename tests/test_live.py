@@ -325,6 +325,21 @@ async def test_a_stop_the_venue_expires_while_the_position_stays_is_placed_again
     assert rig.state(p.id) is S.OPEN
 
 
+async def test_a_stop_the_venue_expires_just_before_the_flat_arrives_is_not_placed_again(rig: Rig) -> None:
+    """In a cascade the venue's expiry of the stop (the position it closed is gone) may reach the engine before
+    the flat does: the engine waits for the flat (up to cause_wait_s) instead of putting a stop on a position
+    that is already gone (bench.burst with 500 positions re-placed 249 such stops)."""
+    p = await rig.open(btc_long())
+    [stop] = rig.stop_algos("BTCUSDT")
+    placed = len(rig.account.algos)
+    stop.status = "EXPIRED"  # the order stream first...
+    rig.sim.venue._emit_algo(rig.account, stop)
+    asyncio.get_running_loop().call_later(0.1, rig.sim.venue.force_close, rig.account, "BTCUSDT", "manual")
+    await assert_clean_end(rig, p.id, S.CLOSED_EXTERNAL, CloseCause.MANUAL)  # ...the flat 100 ms later
+    assert [a for a in rig.alarms() if "placed again" in a[1]] == []
+    assert len(rig.account.algos) == placed  # no stop sent for the flat position
+
+
 async def test_a_failed_move_after_a_cancel_restores_the_old_stop(rig: Rig) -> None:
     p = await rig.open(btc_long(trailing_activation=D(60100), trailing_callback_pct=D("0.5")))
     rig.sim.set_faults(single_stop=True)

@@ -14,7 +14,7 @@ from decimal import Decimal as D
 import pytest
 
 from exchange.ccxt_adapter import CcxtExchange
-from exchange.port import OrderSnapshot, PositionSnapshot
+from exchange.port import OrderSnapshot, PositionSnapshot, Resynced
 from exchange.sim.server import SimServer
 from exchange.sim.venue import SimOrder, Venue, VenueConfig
 from tests.livekit import settings_for
@@ -41,6 +41,30 @@ async def test_a_cascade_of_1500_order_updates_in_one_go_is_delivered_whole(sim:
             sim.venue._emit_order(account, order, "NEW", D(0), D(0))
         delivered = await _until_count(orders, count)
         assert delivered == count, f"{count - delivered} of {count} order updates never reached the engine"
+    finally:
+        await orders.stop()
+        await venue.close()
+
+
+async def test_a_cascade_larger_than_ccxts_cache_is_noticed_and_resynced_from_rest(
+        sim: SimServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ccxt's order cache is bounded (its linear search makes a huge one slow): more updates in one turn than
+    it holds cannot all be delivered, so the stream says so and hands the engine a REST snapshot (a Resynced
+    with the open orders) instead of losing them silently."""
+    import exchange.ccxt_adapter as adapter
+
+    monkeypatch.setattr(adapter, "STREAM_CACHE", 300)
+    account = sim.venue.add_account("overflow")
+    venue = await CcxtExchange(settings_for(sim, account)).start()
+    orders = Collector(venue.order_updates())
+    try:
+        await orders.wait_for(lambda item: not isinstance(item, OrderSnapshot))  # subscribed (its resync)
+        for i in range(900):
+            order = SimOrder(20_000 + i, f"web_cascade{i}", "BTCUSDT", "SELL", "MARKET", D("0.001"),
+                             reduce_only=True, account=account.name)
+            sim.venue._emit_order(account, order, "NEW", D(0), D(0))
+        resync = await orders.wait_for(lambda item: isinstance(item, Resynced) and item.reason == "cache overflow")
+        assert isinstance(resync, Resynced) and resync.snapshot is not None  # the open orders from REST
     finally:
         await orders.stop()
         await venue.close()

@@ -407,11 +407,14 @@ def metrics_text(service: ServiceView) -> str:
            amended)
     batches = service.repo.batch_stats if service.repo is not None else None
     metric("lifecycle_commit_transactions_total", "counter",
-           "Database transactions that committed transitions (group commit: several per transaction).",
+           "Database transactions that committed transitions and order rows (group commit: several per transaction).",
            [({}, batches.batches if batches else 0)])
     metric("lifecycle_commit_transitions_total", "counter", "Transitions written through those transactions.",
            [({}, batches.members if batches else 0)])
-    metric("lifecycle_commit_batch_largest", "gauge", "The most transitions committed in one transaction.",
+    metric("lifecycle_commit_order_rows_total", "counter", "Order rows written through those transactions.",
+           [({}, batches.order_rows if batches else 0)])
+    metric("lifecycle_commit_batch_largest", "gauge",
+           "The most writes (transitions and order rows) committed in one transaction.",
            [({}, batches.largest if batches else 0)])
     records = service.records
     metric("lifecycle_records_failing", "gauge", "1 while records cannot be written.",

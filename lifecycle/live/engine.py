@@ -252,7 +252,7 @@ class LiveEngine:
 
     def on_position(self, snap: PositionSnapshot) -> None:
         self.view.spoke()
-        self.view.live[snap.symbol] = snap
+        self.view.position_update(snap)
         for side in (Side.LONG, Side.SHORT):
             position = self.engine.live_position(self.account, snap.symbol, side)
             if position is None or position.state not in FLATTENABLE or position.quantity == 0:
@@ -299,7 +299,9 @@ class LiveEngine:
                 self.ctx.gone[known.client_id] = None
                 while len(self.ctx.gone) > 10_000:
                     self.ctx.gone.popitem(last=False)
-                self.ctx.spawn(self.stops.reprotect(position.id, known.client_id), f"re-protection of {position.id}")
+                self.ctx.spawn(self.stops.reprotect(position.id, known.client_id,
+                                                    expired=order.status is OrderStatus.EXPIRED),
+                               f"re-protection of {position.id}")
 
     def _on_transition(self, position: Position, outcome: Outcome) -> None:
         """The one place where what this process knew of a position is dropped: at its terminal transition."""

@@ -42,6 +42,7 @@ class StreamView:
         self.live: dict[str, PositionSnapshot] = {}  # the private stream's latest position per symbol
         self.fills: dict[str, deque[SeenFill]] = {}
         self.fill_signal: dict[str, asyncio.Event] = {}
+        self.position_signal: dict[str, asyncio.Event] = {}  # set by a position update while someone waits
         self.triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
         # Closed with cause unknown, recently: a late fill amends them (position, monotonic time of the close).
         self.unexplained: OrderedDict[str, tuple[Position, float]] = OrderedDict()
@@ -246,6 +247,29 @@ class StreamView:
             remaining = deadline - self.ctx.monotonic()
             if remaining <= 0:
                 return None
+            signal.clear()
+            try:
+                await asyncio.wait_for(signal.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def position_update(self, snap: PositionSnapshot) -> None:
+        """The private stream's newest position for its symbol (wakes `flat_within`)."""
+        self.live[snap.symbol] = snap
+        signal = self.position_signal.get(snap.symbol)
+        if signal is not None:
+            signal.set()
+
+    async def flat_within(self, position: Position, wait_s: float) -> bool:
+        """Whether, within `wait_s`, the stream shows the position flat or it ends (True), else False."""
+        deadline = self.ctx.monotonic() + wait_s
+        signal = self.position_signal.setdefault(position.symbol, asyncio.Event())
+        while True:
+            if position.id not in self.ctx.engine.positions or self.is_flat(position):
+                return True
+            remaining = deadline - self.ctx.monotonic()
+            if remaining <= 0:
+                return False
             signal.clear()
             try:
                 await asyncio.wait_for(signal.wait(), remaining)
