@@ -30,10 +30,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def run(closes: int, db_url: str) -> None:
+async def run(closes: int, db_url: str, tune: bool = True) -> None:
     sim = await SimServer(mark_interval_s=1.0).start()
     rig = await Rig(sim, sim.venue.add_account("bench"), db_url, Path(tempfile.mkdtemp()) / "records").start()
     assert rig.live is not None and rig.engine is not None
+    if tune:
+        from lifecycle.app.service import tune_gc
+
+        tune_gc()  # as `lifecycle run` does once started (CPython's defaults paused this process 135-400 ms)
     flattened: dict[str, float] = {}  # symbol -> perf_counter when the simulator flattened it
     received: list[float] = []
     detected: list[float] = []
@@ -78,15 +82,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--closes", type=int, default=1000)
     parser.add_argument("--pg", help="measure on a scratch PostgreSQL database made from this admin URL instead")
+    parser.add_argument("--default-gc", action="store_true", help="leave the garbage collector's defaults")
     args = parser.parse_args()
     logger.remove()
     if args.pg:
         from bench.pgscratch import scratch_database
 
         async with scratch_database(args.pg) as url:
-            await run(args.closes, url)
+            await run(args.closes, url, not args.default_gc)
     else:
-        await run(args.closes, f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.sqlite'}")
+        await run(args.closes, f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.sqlite'}", not args.default_gc)
 
 
 if __name__ == "__main__":

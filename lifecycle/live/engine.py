@@ -299,9 +299,16 @@ class LiveEngine:
                 self.ctx.gone[known.client_id] = None
                 while len(self.ctx.gone) > 10_000:
                     self.ctx.gone.popitem(last=False)
-                self.ctx.spawn(self.stops.reprotect(position.id, known.client_id,
-                                                    expired=order.status is OrderStatus.EXPIRED),
-                               f"re-protection of {position.id}")
+                again = (self._unless_flat(position, known.client_id) if order.status is OrderStatus.EXPIRED
+                         else self.stops.reprotect(position.id, known.client_id))
+                self.ctx.spawn(again, f"re-protection of {position.id}")
+
+    async def _unless_flat(self, position: Position, lost_client_id: str) -> None:
+        """A stop the venue expired: it does so with the flat, which the position stream may deliver after
+        the order stream delivered the expiry. Wait up to `cause_wait_s` for that flat and put the stop back
+        only if it does not come (bench.burst re-placed stops on positions already flat)."""
+        if not await self.view.flat_within(position, self.ctx.config.cause_wait_s):
+            await self.stops.reprotect(position.id, lost_client_id)
 
     def _on_transition(self, position: Position, outcome: Outcome) -> None:
         """The one place where what this process knew of a position is dropped: at its terminal transition."""

@@ -292,20 +292,10 @@ class Stops:
                      position.id, mode, target, position.stop_price, short(error))
         return StopResult.FAILED
 
-    async def reprotect(self, position_id: str, lost_client_id: str, *, verify: bool = False,
-                        expired: bool = False) -> None:
+    async def reprotect(self, position_id: str, lost_client_id: str, *, verify: bool = False) -> None:
         """Put a removed stop back. `verify`: the removal was only inferred from a REST snapshot after a
-        resync; re-place only if a targeted REST query shows the position (else reconciliation decides).
-        `expired`: the venue expired it, which it does when the position it closes is gone (a liquidation, a
-        close by another client): the flat usually follows on the position stream within milliseconds, so
-        wait for it up to `cause_wait_s` before placing (a 500-position cascade re-placed 249 stops for
-        positions already flat, each behind the rate limiter, bench.burst)."""
+        resync; re-place only if a targeted REST query shows the position (else reconciliation decides)."""
         await self.ctx.recovered.wait()  # no order before restart recovery (which checks every stop itself)
-        position = self.ctx.engine.positions.get(position_id)
-        if position is None or position.stop_price is None:
-            return
-        if expired and await self.view.flat_within(position, self.ctx.config.cause_wait_s):
-            return
         position = self.ctx.engine.positions.get(position_id)
         if position is None or position.stop_price is None:
             return
