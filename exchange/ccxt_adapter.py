@@ -1016,8 +1016,8 @@ class _Fresh:
         self.recent = 0  # entries items() found new or first seen in this turn
         self.latest: OrderedDict[Any, Any] = OrderedDict()
         self.failed: OrderedDict[int, None] = OrderedDict()  # ids of cached updates that did not convert
-        # id of a ccxt cache entry -> (its fingerprint, the turn it was converted in); the fingerprint holds
-        # the entry's `info`, so that object's id cannot be reused while it is remembered
+        # id() of a ccxt cache entry -> (its fingerprint, the turn it was converted in). Compared by value: an
+        # id reused by a new entry skips it only if its content is the same. Bounded near the cache's size.
         self.raw_seen: OrderedDict[int, tuple[tuple[Any, ...], int]] = OrderedDict()
         self.malformed = 0
         self.overflowed = False  # a take read a full ccxt cache to its end: updates may have been dropped
@@ -1036,8 +1036,12 @@ class _Fresh:
                     self.recent += prior[1] == self.turn
                     continue
                 self.raw_seen[id(raw)] = (mark, self.turn)
-                if len(self.raw_seen) > MEMORY:
+                self.raw_seen.move_to_end(id(raw))
+                if len(self.raw_seen) > 2 * STREAM_CACHE:
                     self.raw_seen.popitem(last=False)
+                # The entry changed since the last look, whatever its key says (an algo's TRIGGERING has the
+                # key of its NEW): the walk back through the cache goes on past it.
+                self.recent += 1
             try:
                 item = self.convert(raw)
             except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # bad fields: skip, count, go on
@@ -1083,6 +1087,9 @@ class _Fresh:
         self.turn += 1
         out = self.items(batch)
         for part in parts:
+            if not hasattr(part, "_deque"):  # not one of ccxt's caches (the marks: by symbol, not by recency)
+                out.extend(self.items(part))
+                continue
             newest_first = reversed(part)
             older: list[list[Any]] = []
             while True:

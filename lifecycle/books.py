@@ -33,6 +33,7 @@ from lifecycle.retry import Backoff
 
 STARVED_SHARE = 0.25  # a timeout timer later than this share of the timeout found the event loop busy
 CONFIRM_SHARE = 0.1  # a store found stuck is looked at once more this share of the timeout later
+STARVED_CAP = 4  # timeouts after which a write is judged even on late timers (a loop busy for that long)
 
 
 @dataclass(slots=True)
@@ -97,6 +98,7 @@ class Books:
             answer.set_result(None)
             return answer
         attempt = asyncio.ensure_future(call())  # a store that returns a future runs no extra task here
+        started = loop.time()
         timer: asyncio.TimerHandle | None = None
 
         queued = False
@@ -114,11 +116,17 @@ class Books:
             if queued or attempt.done():
                 return
             assert timer is not None
-            if loop.time() - timer.when() > self.timeout_s * STARVED_SHARE:
+            if self._queue:  # another writer found the store stuck meanwhile: keep the order, queue behind it
+                queue_it(attempt)
+                return
+            if (loop.time() - timer.when() > self.timeout_s * STARVED_SHARE
+                    and loop.time() - started < self.timeout_s * STARVED_CAP):
                 # This timer ran late: the event loop itself was busy (a cascade of stream updates), and the
                 # store's answers may be waiting behind it in the loop's queue. That says nothing about the
                 # store: judge it only on a timer that fires on time (a false "storage failing" queued every
-                # write of a 500-position burst and told /health so: bench.burst, issue 13).
+                # write of a 500-position burst and told /health so: bench.burst, issue 13). Not forever: after
+                # STARVED_CAP timeouts a write is judged whatever the loop does (a database that died during a
+                # cascade must not hold protection up for as long as the cascade lasts).
                 timer = loop.call_later(self.timeout_s, on_timeout)
                 return
             # Busy is not stuck: while other writes complete (a burst queued on SQLite's one writer), wait on.
@@ -131,8 +139,6 @@ class Books:
                 return
             if self.monotonic() - self._progress >= self.timeout_s:
                 self._failed(what, f"no write completed for {self.timeout_s:g} s")
-                queue_it(attempt)
-            elif self._queue:  # another writer found the store stuck meanwhile: keep the order, queue behind it
                 queue_it(attempt)
             else:
                 timer = loop.call_later(self.timeout_s, on_timeout)

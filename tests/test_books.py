@@ -105,6 +105,29 @@ async def test_a_pause_of_the_whole_process_that_ends_just_before_the_timeout_is
     assert books.behind == 0 and books.failing is None and books.stats.failures == 0
 
 
+async def test_a_dead_store_is_judged_even_while_the_event_loop_stays_busy() -> None:
+    """Late timers do not judge the store, but not forever: a database that died during a long cascade (the loop
+    busy the whole time) must not hold the write, and the protection waiting behind it, up until it ends."""
+    store, books = FakeStore(), Books(timeout_s=0.3, retry_initial_s=0.01)
+    store.hang.clear()  # the database never answers
+    busy = True
+
+    async def cascade() -> None:  # every turn of the loop takes 0.1 s: every timer fires late
+        while busy:
+            time.sleep(0.1)
+            await asyncio.sleep(0)
+
+    churn = asyncio.ensure_future(cascade())
+    try:
+        await asyncio.wait_for(_write(books, store, 1), 5)  # queued, not waited for until the loop calms down
+        assert books.behind == 1 and books.failing is not None
+    finally:
+        busy = False
+        await churn
+        store.hang.set()
+    assert await books.drain(5) and store.applied == [1]
+
+
 async def test_a_write_whose_answer_was_lost_is_not_written_twice() -> None:
     store, books = FakeStore(), Books(timeout_s=0.2, retry_initial_s=0.01)
     store.lose_answer_once = True

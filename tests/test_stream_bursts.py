@@ -113,3 +113,38 @@ async def _until_count(orders: Collector | Callable[[], int], count: int, timeou
             return now
         await asyncio.sleep(0.05)
     return seen()
+
+
+def test_the_sweep_walks_past_updates_that_change_an_entry_but_not_its_key() -> None:
+    """An algo's TRIGGERING has the key of its NEW (nothing new by key) but is a changed cache entry: the walk
+    back through ccxt's cache must go on past a run of them to the fill behind (the review found a FILLED
+    update left unswept behind 64 such updates)."""
+    from ccxt.async_support.base.ws.cache import ArrayCacheBySymbolById
+
+    from exchange.ccxt_adapter import _Fresh
+
+    def key(item: tuple[str, str]) -> tuple[str, str]:
+        return item[0], "open" if item[1] == "triggering" else item[1]
+
+    fresh = _Fresh("orders", lambda raw: (raw["id"], raw["status"]), key, None, lambda *_: None)
+    cache = ArrayCacheBySymbolById(1000)
+    for i in range(200):
+        cache.append({"symbol": "X", "id": str(i), "status": "open", "info": {"n": i}})
+    assert len(fresh.take([], [cache])) == 200
+    cache.append({"symbol": "X", "id": "0", "status": "closed", "info": {"fill": 0}})
+    for i in range(100, 170):
+        cache.append({"symbol": "X", "id": str(i), "status": "triggering", "info": {"trigger": i}})
+    assert ("0", "closed") in fresh.take([], [cache])
+
+
+def test_marks_are_read_whole_not_by_recency() -> None:
+    """The marks part lists one ticker per symbol in symbol order, not by recency: a new mark for an early
+    symbol behind 64 unchanged later ones is still read."""
+    from exchange.ccxt_adapter import _Fresh
+
+    fresh = _Fresh("marks", lambda raw: (raw["symbol"], raw["markPrice"]), lambda m: m, None, lambda *_: None)
+    tickers = [{"symbol": f"S{i:03d}", "markPrice": 1, "info": {"n": i}} for i in range(100)]
+    assert len(fresh.take([], [tickers])) == 100
+    tickers[0] = {"symbol": "S000", "markPrice": 2, "info": {"n": "new"}}
+    assert fresh.take([], [tickers]) == [("S000", 2)]
+

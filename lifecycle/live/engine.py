@@ -59,6 +59,7 @@ from lifecycle.live.stream_view import StreamView
 from lifecycle.live.trailing_watch import TrailingWatch
 from lifecycle.machines.states import FLATTENABLE, PROTECTED
 
+EXPIRED_WAIT_MAX_S = 1.0  # the most a stop the venue expired waits for its flat before it is put back
 COMMAND_WAIT_S = 10.0  # how long an open or close waits for the account's restart recovery before it is refused
 
 
@@ -305,9 +306,9 @@ class LiveEngine:
 
     async def _unless_flat(self, position: Position, lost_client_id: str) -> None:
         """A stop the venue expired: it does so with the flat, which the position stream may deliver after
-        the order stream delivered the expiry. Wait up to `cause_wait_s` for that flat and put the stop back
-        only if it does not come (bench.burst re-placed stops on positions already flat)."""
-        if not await self.view.flat_within(position, self.ctx.config.cause_wait_s):
+        the order stream delivered the expiry. Wait up to `cause_wait_s` (at most 1 s) for that flat and put
+        the stop back only if it does not come (bench.burst re-placed stops on positions already flat)."""
+        if not await self.view.flat_within(position, min(self.ctx.config.cause_wait_s, EXPIRED_WAIT_MAX_S)):
             await self.stops.reprotect(position.id, lost_client_id)
 
     def _on_transition(self, position: Position, outcome: Outcome) -> None:
