@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -113,6 +114,31 @@ class Env:
     pg_why: str | None = None
 
 
+SCHEDULE_TIMEOUT_S = 120.0  # a schedule takes seconds; one that runs this long is hung, reported as a failure
+
+
+class ScheduleHung(Exception):
+    """The schedule did not finish in time: something awaited forever (its tasks' stacks are in the message)."""
+
+
+async def _bounded(work: Any, timeout_s: float) -> Any:
+    """Await `work`; past `timeout_s`, describe where every task of the loop waits, cancel it (waiting at most
+    30 s for its cleanup) and raise ScheduleHung: a hang is a failure to report, never a CI run that hangs
+    (CI hung on one schedule of 500, 2026-12-04, which did not hang again in replays)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        return task.result()
+    stacks = io.StringIO()
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            other.print_stack(limit=12, file=stacks)
+    task.cancel()
+    await asyncio.wait({task}, timeout=30)
+    raise ScheduleHung(f"the schedule did not finish within {timeout_s:g} s; where its tasks waited:\n"
+                       + stacks.getvalue()[-20000:])
+
+
 async def run_schedule(schedule: Schedule, env: Env) -> dict[str, Any]:
     """Run one schedule and judge it; a JSON-able result."""
     from chaos.checks import judge
@@ -129,7 +155,7 @@ async def run_schedule(schedule: Schedule, env: Env) -> dict[str, Any]:
                               "kill": schedule.kill_at_ms is not None, "notes": notes}
     try:
         world = World(schedule, workdir, pg_url=env.pg.url if env.pg else None, pg_admin=env.pg, disk=env.disk)
-        run = await world.run()
+        run = await _bounded(world.run(), SCHEDULE_TIMEOUT_S)
         verdict = judge(run)
         result.update(
             violations=[{"invariant": x.invariant, "text": x.describe()} for x in verdict.violations],
@@ -142,8 +168,9 @@ async def run_schedule(schedule: Schedule, env: Env) -> dict[str, Any]:
             result["output_tail"] = run.output[-6000:]
             result["venue"] = run.venue[-60:]
     except Exception as e:  # noqa: BLE001 - the harness itself failed: reported as such, never as a pass
+        detail = "" if isinstance(e, ScheduleHung) else traceback.format_exc()[-3000:]  # its message says where
         result.update(violations=[{"invariant": 0, "text": f"harness error: {type(e).__name__}: {e}\n"
-                                                              + traceback.format_exc()[-3000:]}],
+                                                              + detail}],
                       checks={}, applied={}, skipped={})
     result["duration_s"] = round(time.monotonic() - started, 3)
     if result["violations"]:

@@ -91,3 +91,17 @@ async def test_ci_schedules_break_no_invariant(tmp_path: Path, capsys: pytest.Ca
         shrunk = f"\n\nshrunk schedule of seed {first['seed']} (replay the seed: python -m chaos --replay " \
                  f"{first['seed']}):\n{small.timeline()}"
     assert not summary.failures, f"{len(summary.failures)} schedule(s) broke an invariant:\n{failures}{shrunk}"
+
+
+async def test_a_hung_schedule_is_a_reported_failure_with_where_it_waited_not_a_hung_run() -> None:
+    """CI hung once on one schedule of 500 (2026-12-04): a schedule past its bound is cancelled and reported
+    with the stacks of the tasks that waited."""
+    import asyncio
+
+    from chaos.runner import ScheduleHung, _bounded
+
+    async def never_ends() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(ScheduleHung, match="never_ends"):
+        await _bounded(never_ends(), 0.2)
