@@ -970,7 +970,7 @@ market_silent_after_s = {t.market_silent_after_s}
         if repo is None:
             return
         if on and self._db_hook is None:
-            self._db_hook = DriverErrors(repo.engine)
+            self._db_hook = DriverErrors(repo)
             self._db_hook.on()
         elif not on and self._db_hook is not None:
             self._db_hook.off()

@@ -103,7 +103,7 @@ def create_engine(url: str, *, idle_in_transaction_s: float = PG_IDLE_IN_TRANSAC
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(parsed, **kwargs)
-        sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     parsed, ssl_args = _libpq_ssl(parsed)
     given = kwargs.get("connect_args", {})
@@ -155,7 +155,7 @@ def _sqlite_directory(url: str) -> Path | None:
     return Path(parsed.database).parent
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL: readers never block the writer. synchronous=FULL: a commit survives power loss, not
     # only a process crash; the cost is measured in bench/transitions.py.

@@ -293,8 +293,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def fences_broken(conn: AsyncConnection, fences: Sequence[Fence]) -> set[Fence]:
-    """Inside a write transaction: the fences that no longer hold (the lease taken over, released or expired).
+def fences_broken(conn: sa.Connection, fences: Sequence[Fence]) -> set[Fence]:
+    """Inside a write transaction (a synchronous connection: the repository's writes run as one synchronous
+    function, see `db.repository`): the fences that no longer hold (the lease taken over, released or expired).
     The rows of those that hold are locked `FOR KEY SHARE` until the transaction ends: a takeover (FOR UPDATE)
     waits for it, a renewal does not."""
     accounts = sorted({f.account for f in fences})
@@ -302,5 +303,5 @@ async def fences_broken(conn: AsyncConnection, fences: Sequence[Fence]) -> set[F
              .where(leases.c.account.in_(accounts), leases.c.expires_at > _NOW)
              .order_by(leases.c.account)
              .with_for_update(key_share=True, read=True))
-    holding = {(r[0], r[1], r[2]) for r in (await conn.execute(query)).all()}
+    holding = {(r[0], r[1], r[2]) for r in conn.execute(query).all()}
     return {f for f in fences if (f.account, f.token, f.epoch) not in holding}

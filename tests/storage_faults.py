@@ -119,28 +119,30 @@ def postgres(action: str) -> None:
 
 class DriverErrors:
     """The database driver's own error (its DBAPI `OperationalError`, "disk I/O error"), raised at the
-    connection level for every statement of `engine` (a SQLAlchemy AsyncEngine) while switched on: what a
-    lost connection or a failing disk looks like to the code above the driver."""
+    connection level for every statement of `repo` (a Repository: each of its engines, the SQLite writer's
+    included) while switched on: what a lost connection or a failing disk looks like to the code above the
+    driver."""
 
-    def __init__(self, engine: Any) -> None:
-        self._sync = engine.sync_engine
-        self._hook: Any = None
+    def __init__(self, repo: Any) -> None:
+        self._engines = repo.sync_engines
+        self._hooks: list[tuple[Any, Any]] = []
 
     def on(self) -> None:
         from sqlalchemy import event
 
-        if self._hook is None:
-            dbapi = self._sync.dialect.dbapi
+        if not self._hooks:
+            for engine in self._engines:
+                dbapi = engine.dialect.dbapi
 
-            def fail(*_: Any) -> None:
-                raise dbapi.OperationalError("chaos: disk I/O error (connection lost)")
+                def fail(*_: Any, dbapi: Any = dbapi) -> None:
+                    raise dbapi.OperationalError("chaos: disk I/O error (connection lost)")
 
-            self._hook = fail
-            event.listen(self._sync, "before_cursor_execute", fail)
+                event.listen(engine, "before_cursor_execute", fail)
+                self._hooks.append((engine, fail))
 
     def off(self) -> None:
         from sqlalchemy import event
 
-        if self._hook is not None:
-            event.remove(self._sync, "before_cursor_execute", self._hook)
-            self._hook = None
+        for engine, hook in self._hooks:
+            event.remove(engine, "before_cursor_execute", hook)
+        self._hooks = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from dataclasses import replace
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -109,7 +110,7 @@ async def test_a_failed_batch_fails_each_of_its_members_and_the_next_batch_commi
                                                                                   repo: Repository) -> None:
     ids = await _open(engine, 4)
     drafts = [await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100))) for pid in ids]
-    faults = DriverErrors(repo.engine)
+    faults = DriverErrors(repo)
     faults.on()
     try:
         results = await asyncio.gather(*(repo.commit(d, o) for d, o in drafts),  # type: ignore[arg-type]
@@ -141,17 +142,19 @@ async def test_order_rows_ready_with_transitions_share_their_transactions(engine
     def counted(conn: object) -> None:
         commits.append(conn)
 
-    sa.event.listen(repo.engine.sync_engine, "commit", counted)
+    for sync_engine in repo.sync_engines:
+        sa.event.listen(sync_engine, "commit", counted)
     expired = [OrderRef(o.client_id, o.position_id, o.symbol, o.purpose, o.side, o.quantity, OrderStatus.EXPIRED,
                         trigger_price=o.trigger_price, created_at=now) for o in stops]
     drafts = [await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100))) for pid in ids]
-    # The engine writes one order at a time (under its position's lock); two writes of one order at once
-    # are ordered only by SQLite's single writer (PostgreSQL's writers run batches side by side).
+    # Two writes of one order queued at once are written in the order queued, on PostgreSQL too (its writers
+    # run batches side by side: the second write waits until the first one's batch is done).
     writes = [*(repo.save_order(o, now) for o in expired),  # updates of the rows there (queued when called)...
               *(repo.commit(d, o) for d, o in drafts)]  # type: ignore[arg-type]
-    again = [repo.save_order(stops[0], now)] if repo.writers == 1 else []  # ...and the same order again, last
+    again = [repo.save_order(stops[0], now)]  # ...and the same order again, last
     await asyncio.gather(*writes, *again)
-    sa.event.remove(repo.engine.sync_engine, "commit", counted)
+    for sync_engine in repo.sync_engines:
+        sa.event.remove(sync_engine, "commit", counted)
     assert len(commits) < 10, f"61 writes took {len(commits)} transactions: order rows went one transaction each"
     async with repo.engine.connect() as conn:
         rows: dict[str, str] = dict((await conn.execute(sa.text("SELECT client_id, status FROM orders"))).all())
@@ -161,6 +164,106 @@ async def test_order_rows_ready_with_transitions_share_their_transactions(engine
     for pid in ids:
         stored = await repo.get_position(pid)
         assert stored is not None and stored.seq == 1
+
+
+async def test_a_lazy_order_row_rides_with_the_next_transition_or_goes_alone_soon(engine: Engine,
+                                                                                   repo: Repository) -> None:
+    """An order's status (bookkeeping) queued lazily waits a few milliseconds for a transition to share its
+    transaction: the flat right behind a stop's expiry then waits for one fsync, not two."""
+    from datetime import UTC, datetime
+
+    from db.repository import ORDER_LINGER_S
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    [pid] = await _open(engine, 1)
+    now = datetime.now(UTC)
+    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+    await repo.save_order(stop, now)
+    draft, outcome = await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100)))
+    commits: list[object] = []
+
+    def counted(conn: object) -> None:
+        commits.append(conn)
+
+    for sync_engine in repo.sync_engines:
+        sa.event.listen(sync_engine, "commit", counted)
+    try:
+        lazy = repo.save_order(replace(stop, status=OrderStatus.EXPIRED), now, lazy=True)
+        await asyncio.sleep(0)  # the row waits: no writer started for it
+        assert not lazy.done() and not commits
+        await asyncio.gather(lazy, repo.commit(draft, outcome))  # type: ignore[arg-type]
+        assert len(commits) == 1 and repo.batch_stats.sizes[-1] == 2, "the lazy row took a transaction of its own"
+        alone = repo.save_order(replace(stop, status=OrderStatus.CANCELED), now, lazy=True)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(alone, 5.0)  # with no transition coming, it goes once the linger is over
+        assert asyncio.get_running_loop().time() - started >= ORDER_LINGER_S * 0.9 and len(commits) == 2
+    finally:
+        for sync_engine in repo.sync_engines:
+            sa.event.remove(sync_engine, "commit", counted)
+    async with repo.engine.connect() as conn:
+        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
+                                     {"c": stop.client_id})).scalar_one()
+    assert status == OrderStatus.CANCELED.value
+    stored = await repo.get_position(pid)
+    assert stored is not None and stored.seq == 1
+
+
+async def test_a_second_write_of_one_order_waits_for_the_first_ones_batch_on_parallel_writers(
+        engine: Engine, repo: Repository) -> None:
+    """PostgreSQL's writers write batches side by side; two writes of one order queued together must not be in
+    flight at once (the second could commit first and the older status would stay). The engine no longer
+    holds the position's lock while an order's status is written, so the repository keeps the order."""
+    from datetime import UTC, datetime
+
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    if repo.writers == 1:
+        pytest.skip("one writer (SQLite): nothing runs side by side")
+    [pid] = await _open(engine, 1)
+    now = datetime.now(UTC)
+    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+    await repo.save_order(stop, now)
+    seen: list[tuple[str, int]] = []
+
+    def executed(conn: sa.Connection, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("UPDATE orders"):
+            seen.append(("update", id(conn)))
+
+    def committed(conn: sa.Connection) -> None:
+        seen.append(("commit", id(conn)))
+
+    sync_engine = repo.engine.sync_engine
+    sa.event.listen(sync_engine, "before_cursor_execute", executed)
+    sa.event.listen(sync_engine, "commit", committed)
+    try:
+        async with repo.engine.connect() as blocker, blocker.begin():  # holds the row: the first write waits
+            await blocker.execute(sa.text("SELECT 1 FROM orders WHERE client_id = :c FOR UPDATE"),
+                                  {"c": stop.client_id})
+            writes = asyncio.gather(repo.save_order(replace(stop, status=OrderStatus.EXPIRED), now),
+                                    repo.save_order(replace(stop, status=OrderStatus.CANCELED), now))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5.0
+            while sum(kind == "update" for kind, _ in seen) < 1 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            # The first write is blocked in the database; give a second writer time to send its own (the
+            # defect: it would), then let them go.
+            late = loop.time() + 0.3
+            while sum(kind == "update" for kind, _ in seen) < 2 and loop.time() < late:
+                await asyncio.sleep(0.01)
+        await writes
+    finally:
+        sa.event.remove(sync_engine, "before_cursor_execute", executed)
+        sa.event.remove(sync_engine, "commit", committed)
+    updates = [i for i, (kind, _) in enumerate(seen) if kind == "update"]
+    assert len(updates) == 2, seen
+    first_commit = seen.index(("commit", seen[updates[0]][1]), updates[0])
+    assert first_commit < updates[1], f"the second write of the order started before the first committed: {seen}"
+    async with repo.engine.connect() as conn:
+        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
+                                     {"c": stop.client_id})).scalar_one()
+    assert status == OrderStatus.CANCELED.value
 
 
 async def test_a_lone_transition_is_written_at_once_in_a_batch_of_one(engine: Engine, repo: Repository) -> None:

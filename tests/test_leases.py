@@ -188,7 +188,7 @@ async def test_a_writer_stuck_in_its_transaction_stalls_no_takeover_and_no_renew
         owner = await _take(store, "x", "old")
         conn = await stuck_engine.connect()
         transaction = await conn.begin()
-        assert await fences_broken(conn, [owner]) == set()  # the old owner is mid-write, then goes silent
+        assert await conn.run_sync(fences_broken, [owner]) == set()  # the old owner is mid-write, then goes silent
         began = time.monotonic()
         assert [r.account for r in await store.renew(["x"], token="old", lease_s=LEASE)] == ["x"]  # not blocked
         assert await store.request_release("x") == "old"  # not blocked either

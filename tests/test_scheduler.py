@@ -100,7 +100,7 @@ async def test_the_orphan_sweep_leaves_an_order_alone_while_the_database_cannot_
     orphan = make_client_id("0123456789abcdef0123", OrderPurpose.STOP, 4)
     await rig.exchange.place_stop("ETHUSDT", Side.LONG, D("0.1"), D(2500), orphan)
     scheduler = ReconciliationScheduler(Reconciler.of(rig.live), ScheduleConfig())
-    failing = DriverErrors(rig.repo.engine)
+    failing = DriverErrors(rig.repo)
     failing.on()
     try:
         summary = await scheduler.sweep_orphans()

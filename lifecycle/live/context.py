@@ -189,7 +189,7 @@ class LiveContext:
         if known is None or known.status is status:
             return
         try:
-            await self.engine.track_order(position_id, replace(known, status=status))
+            await self.engine.order_status(position_id, replace(known, status=status))
         except UnknownPosition:
             pass  # ended meanwhile; its cleanup saw the order
 
