@@ -132,7 +132,12 @@ async def _trailing_moved(cluster: Cluster, accounts: list[str]) -> bool:
         live = await repo.load_live(accounts)
     finally:
         await repo.close()
-    return len(live) == len(accounts) and all(p.state is PositionState.TS_ACTIVE for p in live)
+    # Active and moved (a long's stop above its entry): the activation commits before the move's orders go out,
+    # and the requests counted next must include the move's place and cancel (seen in CI once the commit got
+    # faster: the count was taken between the activation and the move).
+    return len(live) == len(accounts) and all(
+        p.state is PositionState.TS_ACTIVE and p.stop_price is not None and p.entry_price is not None
+        and p.stop_price > p.entry_price for p in live)
 
 
 async def _said(member: object, *lines: str) -> bool:
