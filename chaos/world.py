@@ -310,10 +310,14 @@ class InProcess(_Handle):
         self.service: Service | None = None
         self.lines: list[str] = []
         self._sink: int | None = None
+        self.db_errors: DriverErrors | None = None
 
     async def start(self) -> None:
         self._sink = logger.add(lambda m: self.lines.append(m), level="INFO", format="{level} {message}")
         self.service = await Service(self.config).start()
+        # Its hooks go in now, before the fault (installing them while the SQLite writer's thread dispatches
+        # the same event is not safe); the fault only switches them.
+        self.db_errors = DriverErrors(self.service.repo) if self.service.repo is not None else None
 
     @property
     def live(self) -> Any:
@@ -966,11 +970,11 @@ market_silent_after_s = {t.market_silent_after_s}
     async def _db_errors(self, on: bool) -> None:
         """The database driver's own error, raised at the connection level for every statement."""
         handle = getattr(self, "handle", None)
-        repo = handle.repo() if handle is not None else None
-        if repo is None:
+        hook = handle.db_errors if isinstance(handle, InProcess) else None
+        if hook is None:
             return
         if on and self._db_hook is None:
-            self._db_hook = DriverErrors(repo)
+            self._db_hook = hook
             self._db_hook.on()
         elif not on and self._db_hook is not None:
             self._db_hook.off()

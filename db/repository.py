@@ -168,6 +168,8 @@ class Repository:
         if self._linger is not None:
             self._linger.cancel()
             self._linger_over()  # lazy rows still waiting for company go now
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s  # one bound for the whole close (the writer's thread included)
         if self._writer_tasks:
             _, pending = await asyncio.wait(list(self._writer_tasks), timeout=timeout_s)
             for task in pending:
@@ -175,7 +177,7 @@ class Repository:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._writer is not None:
-            await self._writer.close(timeout_s)
+            await self._writer.close(max(0.0, deadline - loop.time()))
         await self.engine.dispose()
 
     @property
@@ -763,7 +765,9 @@ class _SqliteWriter:
             return
         disposed = asyncio.get_running_loop().run_in_executor(thread, self.engine.dispose)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(disposed, timeout_s)  # a write hung in the thread: left to the process's end
+            # A write hung in the thread (a disk that does not answer) is not waited for past the bound; the
+            # interpreter's exit still joins the thread (as it joined aiosqlite's).
+            await asyncio.wait_for(disposed, timeout_s)
         thread.shutdown(wait=False)
 
 

@@ -249,14 +249,17 @@ class Engine:
             else:
                 position.orders[order.client_id] = order
 
-    async def order_status(self, position_id: str, order: OrderRef) -> None:
+    async def order_status(self, position_id: str, order: OrderRef, *, lazy: bool = False) -> None:
         """A new status of an order already tracked (`track_order` registered it, durably): memory changes and
         the row's write is queued under the position's lock, in event order, and the write is awaited after the
         lock is released. A status row is bookkeeping: a transition of the position (a flat right behind the
         venue's expiry of its stop) must not wait for its fsync (bench.closure_latency: ~0.6 ms on every
-        close), and the row is written lazily: it rides with the next transition's transaction if one comes
-        within a few milliseconds (on SQLite's one writer, the flat queued behind it would wait for a second
-        fsync). If the write fails, the books retry it in order; restart recovery asks the venue anyway."""
+        close). `lazy` (a status the stream reported, that no protection path waits for): the row rides with
+        the next transition's transaction if one comes within a few milliseconds (on SQLite's one writer, the
+        flat queued behind it would wait for a second fsync); a retry by the books is never lazy. If the write
+        fails, the books retry it in order; restart recovery asks the venue anyway. Memory is ahead of the row
+        meanwhile: a refusal (a lost lease) reaches the caller after memory changed, and a reload after a
+        ConcurrentModification may bring a finished order back as working (its cancel then finds it gone)."""
         if order.position_id != position_id:
             raise InvalidEvent(f"order {order.client_id} belongs to {order.position_id}, not {position_id}")
         async with self._lock_of(position_id):
@@ -264,8 +267,13 @@ class Engine:
             if position is None:
                 raise UnknownPosition(f"no live position {position_id}")
             frozen, now = replace(order), self.clock()
-            written = self.books.submit(f"order {order.client_id}",
-                                        lambda: self.store.save_order(frozen, now, lazy=True))
+            attempts = [lazy]
+
+            def save() -> Awaitable[None]:  # lazy on the first attempt only: the books' replay goes at once
+                first = attempts.pop() if attempts else False
+                return self.store.save_order(frozen, now, lazy=first)
+
+            written = self.books.submit(f"order {order.client_id}", save)
             if order.status.is_final:
                 position.orders.pop(order.client_id, None)
             else:

@@ -124,25 +124,22 @@ class DriverErrors:
     driver."""
 
     def __init__(self, repo: Any) -> None:
-        self._engines = repo.sync_engines
-        self._hooks: list[tuple[Any, Any]] = []
-
-    def on(self) -> None:
         from sqlalchemy import event
 
-        if not self._hooks:
-            for engine in self._engines:
-                dbapi = engine.dialect.dbapi
+        # The hooks are installed once, here, and switched by a flag: SQLAlchemy's listen/remove must not run
+        # while another thread (the SQLite writer's) dispatches the same event.
+        self.active = False
+        for engine in repo.sync_engines:
+            dbapi = engine.dialect.dbapi
 
-                def fail(*_: Any, dbapi: Any = dbapi) -> None:
+            def fail(*_: Any, dbapi: Any = dbapi) -> None:
+                if self.active:
                     raise dbapi.OperationalError("chaos: disk I/O error (connection lost)")
 
-                event.listen(engine, "before_cursor_execute", fail)
-                self._hooks.append((engine, fail))
+            event.listen(engine, "before_cursor_execute", fail)
+
+    def on(self) -> None:
+        self.active = True
 
     def off(self) -> None:
-        from sqlalchemy import event
-
-        for engine, hook in self._hooks:
-            event.remove(engine, "before_cursor_execute", hook)
-        self._hooks = []
+        self.active = False

@@ -14,11 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.repository import Repository, closures
+from exchange.paper import PaperExchange
 from lifecycle.domain import CloseReason, Side, TrailingState
 from lifecycle.engine import Engine
 from lifecycle.errors import ConcurrentModification, StoreRefused
 from lifecycle.events import CloseRequested, EntryFilled, Event, Flat, StopMoved, TsActivated
 from lifecycle.journal import Outcome
+from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay
 from tests.storage_faults import DriverErrors
 
@@ -312,3 +314,65 @@ async def test_a_sigkill_in_the_middle_of_batches_keeps_every_acknowledged_trans
             assert (replayed.state, replayed.stop_price, replayed.seq) == (stored.state, stored.stop_price, stored.seq)
     finally:
         await repo.close()
+
+
+async def test_our_own_order_statuses_go_at_once_and_the_streams_ride_with_the_next_transition(
+        engine: Engine, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A status the engine waits for on a protection path (the old stop's cancel in a stop move, under the
+    symbol's stop lock) is written at once; only a status the stream reported waits for company. With the
+    linger made 30 s, an eager write that lingered would miss the 5 s deadline."""
+    from datetime import UTC, datetime
+
+    import db.repository
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    monkeypatch.setattr(db.repository, "ORDER_LINGER_S", 30.0)
+    [pid] = await _open(engine, 1)
+    now = datetime.now(UTC)
+    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+    await engine.track_order(pid, stop)
+    await asyncio.wait_for(engine.order_status(pid, replace(stop, status=OrderStatus.CANCELED)), 5.0)
+    assert stop.client_id not in engine.positions[pid].orders
+    take_profit = OrderRef(f"lc-{pid}-t1", pid, "S0", OrderPurpose.TAKE_PROFIT, "sell", D(1), OrderStatus.NEW,
+                           trigger_price=D(120), created_at=now)
+    await engine.track_order(pid, take_profit)
+    lazy = asyncio.ensure_future(engine.order_status(pid, replace(take_profit, status=OrderStatus.EXPIRED),
+                                                     lazy=True))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not lazy.done(), "a lazy status went alone at once"
+    assert take_profit.client_id not in engine.positions[pid].orders  # memory is ahead of the row meanwhile
+    await engine.fire(pid, EntryFilled(quantity=D(1), price=D(100)))  # the transition takes the row along
+    await asyncio.wait_for(lazy, 5.0)
+    async with repo.engine.connect() as conn:
+        rows: dict[str, str] = dict((await conn.execute(sa.text("SELECT client_id, status FROM orders"))).all())
+    assert rows == {stop.client_id: OrderStatus.CANCELED.value, take_profit.client_id: OrderStatus.EXPIRED.value}
+
+
+async def test_closing_with_a_hung_sqlite_write_keeps_to_its_one_bound(tmp_path: Path) -> None:
+    """A write hung in the SQLite writer's thread (a disk that does not answer): `close(timeout_s)` returns
+    within that bound, not twice it (the writer tasks and the thread's dispose waited one bound each)."""
+    import threading
+    import time
+
+    repo = await Repository.open(f"sqlite:///{tmp_path / 'hung.sqlite'}")
+    engine = Engine(repo, canceller=PaperExchange(), records=JsonlRecords(tmp_path / "records"))
+    [pid] = await _open(engine, 1)
+    release = threading.Event()
+
+    def hang(*_: object) -> None:
+        release.wait(30)
+
+    [writer_engine] = [e for e in repo.sync_engines if e is not repo.engine.sync_engine]
+    sa.event.listen(writer_engine, "before_cursor_execute", hang)
+    try:
+        draft, outcome = await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100)))
+        stuck = repo.commit(draft, outcome)  # type: ignore[arg-type]
+        began = time.monotonic()
+        await repo.close(timeout_s=1.0)
+        took = time.monotonic() - began
+        assert took < 1.6, f"close(timeout_s=1.0) took {took:.2f} s"
+        assert not stuck.done() or stuck.cancelled() or stuck.exception() is not None
+    finally:
+        release.set()

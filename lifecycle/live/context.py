@@ -183,13 +183,17 @@ class LiveContext:
         await self.engine.track_order(position.id, ref)
         return ref
 
-    async def set_order_status(self, position_id: str, client_id: str, status: OrderStatus) -> None:
+    async def set_order_status(self, position_id: str, client_id: str, status: OrderStatus, *,
+                               lazy: bool = False) -> None:
+        """`lazy`: a status the stream reported, which nobody waits for on a protection path (see
+        `Engine.order_status`); our own cancels and refusals are written at once (a stop move waits for them
+        under the symbol's stop lock)."""
         position = self.engine.positions.get(position_id)
         known = position.orders.get(client_id) if position is not None else None
         if known is None or known.status is status:
             return
         try:
-            await self.engine.order_status(position_id, replace(known, status=status))
+            await self.engine.order_status(position_id, replace(known, status=status), lazy=lazy)
         except UnknownPosition:
             pass  # ended meanwhile; its cleanup saw the order
 

@@ -291,7 +291,8 @@ class LiveEngine:
         known = position.orders.get(client_id or "")
         if order.algo_id is not None and known is not None and order.status is not known.status and (
                 order.status.is_final or known.status is OrderStatus.NEW):
-            self.ctx.spawn(self.ctx.set_order_status(position.id, known.client_id, order.status), "order status")
+            self.ctx.spawn(self.ctx.set_order_status(position.id, known.client_id, order.status, lazy=True),
+                           "order status")
             if (known.purpose is OrderPurpose.STOP and order.status in {OrderStatus.CANCELED, OrderStatus.EXPIRED}
                     and known.client_id not in self.ctx.own_cancels
                     and position.state in PROTECTED and position.stop_price is not None):

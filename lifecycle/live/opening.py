@@ -274,7 +274,7 @@ class Opening:
             quantity=order.filled, price=price, exchange_order_id=order.exchange_order_id),
             only_in={S.OPENING, S.CLOSING_BY_BOT})
         # Protection first; the entry order's own row is bookkeeping and follows in the background.
-        self.ctx.spawn(self.ctx.set_order_status(position_id, order.client_id or "", OrderStatus.FILLED),
+        self.ctx.spawn(self.ctx.set_order_status(position_id, order.client_id or "", OrderStatus.FILLED, lazy=True),
                     f"entry status of {position_id}", essential=True)
         if outcome is None:
             return
