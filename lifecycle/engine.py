@@ -269,11 +269,14 @@ class Engine:
             frozen, now = replace(order), self.clock()
             attempts = [lazy]
 
-            def save() -> Awaitable[None]:  # lazy on the first attempt only: the books' replay goes at once
+            def save() -> Awaitable[None]:
                 first = attempts.pop() if attempts else False
                 return self.store.save_order(frozen, now, lazy=first)
 
             written = self.books.submit(f"order {order.client_id}", save)
+            # Lazy only for the attempt made right here: a write the books queued (the store failing) or retry
+            # later goes at once, since their flusher writes one at a time and nothing would come to share it.
+            attempts.clear()
             if order.status.is_final:
                 position.orders.pop(order.client_id, None)
             else:

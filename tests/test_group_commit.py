@@ -376,3 +376,33 @@ async def test_closing_with_a_hung_sqlite_write_keeps_to_its_one_bound(tmp_path:
         assert not stuck.done() or stuck.cancelled() or stuck.exception() is not None
     finally:
         release.set()
+
+
+async def test_a_stream_status_the_books_queued_behind_a_failing_store_is_replayed_at_once(
+        engine: Engine, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the store fails, the books queue writes and replay them one at a time: a lazy status replayed
+    lazily would wait out its linger with nothing to share it (made 30 s here: the drain would time out)."""
+    from datetime import UTC, datetime
+
+    import db.repository
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    monkeypatch.setattr(db.repository, "ORDER_LINGER_S", 30.0)
+    [pid] = await _open(engine, 1)
+    now = datetime.now(UTC)
+    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+    await engine.track_order(pid, stop)
+    faults = DriverErrors(repo)
+    faults.on()
+    try:
+        await engine.fire(pid, EntryFilled(quantity=D(1), price=D(100)))  # fails: the books queue it
+        assert engine.books.behind >= 1
+        await asyncio.wait_for(engine.order_status(pid, replace(stop, status=OrderStatus.EXPIRED), lazy=True), 5.0)
+    finally:
+        faults.off()
+    assert await engine.books.drain(5.0), f"{engine.books.behind} write(s) still queued after 5 s"
+    async with repo.engine.connect() as conn:
+        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
+                                     {"c": stop.client_id})).scalar_one()
+    assert status == OrderStatus.EXPIRED.value
