@@ -66,6 +66,7 @@ class Engine:
         self.positions: dict[str, Position] = {}  # live positions only, by id
         self._live_keys: dict[tuple[str, str, Side], str] = {}  # (account, symbol, side) -> position id
         self._order: dict[str, asyncio.Lock] = {}  # per-position event ordering, created on demand
+        self._status_writes: dict[str, asyncio.Future[None]] = {}  # client id -> its latest status write
         # Called after every committed transition with the new position (sync, must be quick).
         self.listeners: list[Callable[[Position, Outcome], None]] = []
 
@@ -262,26 +263,44 @@ class Engine:
         ConcurrentModification may bring a finished order back as working (its cancel then finds it gone)."""
         if order.position_id != position_id:
             raise InvalidEvent(f"order {order.client_id} belongs to {order.position_id}, not {position_id}")
+        client_id = order.client_id
         async with self._lock_of(position_id):
             position = self.positions.get(position_id)
             if position is None:
                 raise UnknownPosition(f"no live position {position_id}")
+            if client_id not in position.orders:
+                return  # finished while this waited for the lock (its final status came first): kept finished
             frozen, now = replace(order), self.clock()
-            attempts = [lazy]
-
-            def save() -> Awaitable[None]:
-                first = attempts.pop() if attempts else False
-                return self.store.save_order(frozen, now, lazy=first)
-
-            written = self.books.submit(f"order {order.client_id}", save)
-            # Lazy only for the attempt made right here: a write the books queued (the store failing) or retry
-            # later goes at once, since their flusher writes one at a time and nothing would come to share it.
-            attempts.clear()
-            if order.status.is_final:
-                position.orders.pop(order.client_id, None)
+            previous = self._status_writes.get(client_id)
+            if previous is None or previous.done():
+                written = self._submit_status(frozen, now, lazy)
             else:
-                position.orders[order.client_id] = order
+                # The order's previous status is not yet written nor queued by the books: this one goes to the
+                # books after it, so that a failed attempt the books retry can never land after a newer status.
+                written = asyncio.get_running_loop().create_future()
+                previous.add_done_callback(lambda _: _chain(lambda: self._submit_status(frozen, now, False), written))
+            self._status_writes[client_id] = written
+            written.add_done_callback(
+                lambda done: self._status_writes.pop(client_id) if self._status_writes.get(client_id) is done else None)
+            if order.status.is_final:
+                position.orders.pop(client_id, None)
+            else:
+                position.orders[client_id] = order
         await asyncio.shield(written)
+
+    def _submit_status(self, frozen: OrderRef, now: datetime, lazy: bool) -> asyncio.Future[None]:
+        """Hand an order's status row to the books: resolves when it is written or queued by them."""
+        attempts = [lazy]
+
+        def save() -> Awaitable[None]:
+            first = attempts.pop() if attempts else False
+            return self.store.save_order(frozen, now, lazy=first)
+
+        written = self.books.submit(f"order {frozen.client_id}", save)
+        # Lazy only for the attempt made right here: a write the books queued (the store failing) or retry later
+        # goes at once, since their flusher writes one at a time and nothing would come to share it.
+        attempts.clear()
+        return written
 
     async def rehydrate(self, accounts: list[str] | None = None) -> int:
         """Load every live position (of these accounts: the ones this process owns) into memory.
@@ -394,6 +413,28 @@ async def _outlast(work: asyncio.Future[None]) -> bool:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
+
+
+def _chain(start: Callable[[], asyncio.Future[None]], into: asyncio.Future[None]) -> None:
+    """Start a write now and hand its answer (or the error starting it) to `into`."""
+    try:
+        started = start()
+    except Exception as e:  # noqa: BLE001 - the waiting caller gets it
+        if not into.done():
+            into.set_exception(e)
+        return
+
+    def copy(done: asyncio.Future[None]) -> None:
+        if into.done():
+            return
+        if done.cancelled():
+            into.cancel()
+        elif done.exception() is not None:
+            into.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            into.set_result(None)
+
+    started.add_done_callback(copy)
 
 
 async def _finish(work: Awaitable[None]) -> bool:

@@ -406,3 +406,63 @@ async def test_a_stream_status_the_books_queued_behind_a_failing_store_is_replay
         status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
                                      {"c": stop.client_id})).scalar_one()
     assert status == OrderStatus.EXPIRED.value
+
+
+async def test_an_older_status_retried_by_the_books_never_lands_after_a_newer_one(
+        engine: Engine, repo: Repository) -> None:
+    """An order's status write fails once and the books retry it; a newer status of the same order, queued
+    meanwhile, must still be the one the row keeps (the retry went to the end of the books' queue, behind the
+    newer write already in the store: the row said `open` for a cancelled stop, and a restart loaded it as
+    working)."""
+    from datetime import UTC, datetime
+
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    [pid] = await _open(engine, 1)
+    now = datetime.now(UTC)
+    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+    await engine.track_order(pid, stop)
+    failures = [1]  # the next update of an order row fails, once
+
+    def fail_once(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("UPDATE orders") and failures:
+            failures.pop()
+            raise sa.exc.DBAPIError(statement, None, RuntimeError("injected: the disk hiccupped"))
+
+    for sync_engine in repo.sync_engines:  # installed before any write is in flight
+        sa.event.listen(sync_engine, "before_cursor_execute", fail_once)
+    older = asyncio.ensure_future(engine.order_status(pid, replace(stop, status=OrderStatus.OPEN)))
+    newer = asyncio.ensure_future(engine.order_status(pid, replace(stop, status=OrderStatus.CANCELED), lazy=True))
+    await asyncio.wait_for(asyncio.gather(older, newer), 5.0)
+    assert await engine.books.drain(5.0)
+    assert not failures, "the injected failure did not happen: the test tests nothing"
+    async with repo.engine.connect() as conn:
+        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
+                                     {"c": stop.client_id})).scalar_one()
+    assert status == OrderStatus.CANCELED.value, "an older status was written after the newer one"
+    assert stop.client_id not in engine.positions[pid].orders
+    assert not [o for p in await repo.load_live() if p.id == pid for o in p.orders.values()]
+
+
+async def test_a_status_for_an_order_that_finished_meanwhile_neither_revives_nor_rewrites_it(
+        engine: Engine, repo: Repository) -> None:
+    """Two statuses of one order pass the caller's "still tracked?" look before the position's lock (the stream's
+    FILLED and our CANCELED after the cancel found it gone): the one that comes second under the lock must not
+    put the finished order back into memory or write over its row."""
+    from datetime import UTC, datetime
+
+    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
+
+    [pid] = await _open(engine, 1)
+    now = datetime.now(UTC)
+    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+    await engine.track_order(pid, stop)
+    await engine.order_status(pid, replace(stop, status=OrderStatus.FILLED))
+    await engine.order_status(pid, replace(stop, status=OrderStatus.OPEN))  # looked before FILLED took the lock
+    assert stop.client_id not in engine.positions[pid].orders
+    async with repo.engine.connect() as conn:
+        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
+                                     {"c": stop.client_id})).scalar_one()
+    assert status == OrderStatus.FILLED.value
