@@ -505,7 +505,6 @@ class World:
         self.notes: list[str] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._activation: dict[str, D] = {}
-        self._db_hook: DriverErrors | None = None
         self.restarts = 0
         self.stalls = 0
 
@@ -973,12 +972,10 @@ market_silent_after_s = {t.market_silent_after_s}
         hook = handle.db_errors if isinstance(handle, InProcess) else None
         if hook is None:
             return
-        if on and self._db_hook is None:
-            self._db_hook = hook
-            self._db_hook.on()
-        elif not on and self._db_hook is not None:
-            self._db_hook.off()
-            self._db_hook = None
+        if on:
+            hook.on()
+        else:
+            hook.off()
 
     async def _do_pg_outage(self, step: Step, a: dict[str, Any]) -> None:
         if self.schedule.database != "postgres" or self.pg_admin is None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from db.repository import Repository, closures
 from exchange.paper import PaperExchange
-from lifecycle.domain import CloseReason, Side, TrailingState
+from lifecycle.domain import CloseReason, OrderPurpose, OrderRef, OrderStatus, Side, TrailingState
 from lifecycle.engine import Engine
 from lifecycle.errors import ConcurrentModification, StoreRefused
 from lifecycle.events import CloseRequested, EntryFilled, Event, Flat, StopMoved, TsActivated
@@ -44,6 +45,19 @@ async def _outcome(engine: Engine, position_id: str, event: Event) -> tuple[obje
     """What `Engine.fire` would commit for `event`, without committing it."""
     draft = engine.positions[position_id].clone()
     return draft, await engine.machine.apply(draft, event, engine.clock())
+
+
+def _stop(position_id: str, now: datetime) -> OrderRef:
+    """A working stop order of the position (symbol S0), as the engine tracks one."""
+    return OrderRef(f"lc-{position_id}-s1", position_id, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
+                    trigger_price=D(90), created_at=now)
+
+
+async def _row_status(repo: Repository, client_id: str) -> str:
+    async with repo.engine.connect() as conn:
+        status: str = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
+                                          {"c": client_id})).scalar_one()
+    return status
 
 
 async def test_concurrent_transitions_share_transactions_and_each_journal_replays(engine: Engine,
@@ -130,10 +144,6 @@ async def test_order_rows_ready_with_transitions_share_their_transactions(engine
     """A cascade writes an order status per expired stop and per fill next to the flats: one transaction each
     queued the flats behind them. Order rows go in the batches; a second write of one order waits for the
     next batch, so the newest status is the one kept."""
-    from datetime import UTC, datetime
-
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
-
     ids = await _open(engine, 30)
     now = datetime.now(UTC)
     stops = [OrderRef(f"lc-{pid}-s1", pid, f"S{i}", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
@@ -172,15 +182,11 @@ async def test_a_lazy_order_row_rides_with_the_next_transition_or_goes_alone_soo
                                                                                    repo: Repository) -> None:
     """An order's status (bookkeeping) queued lazily waits a few milliseconds for a transition to share its
     transaction: the flat right behind a stop's expiry then waits for one fsync, not two."""
-    from datetime import UTC, datetime
-
     from db.repository import ORDER_LINGER_S
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
 
     [pid] = await _open(engine, 1)
     now = datetime.now(UTC)
-    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
-                    trigger_price=D(90), created_at=now)
+    stop = _stop(pid, now)
     await repo.save_order(stop, now)
     draft, outcome = await _outcome(engine, pid, EntryFilled(quantity=D(1), price=D(100)))
     commits: list[object] = []
@@ -203,9 +209,7 @@ async def test_a_lazy_order_row_rides_with_the_next_transition_or_goes_alone_soo
     finally:
         for sync_engine in repo.sync_engines:
             sa.event.remove(sync_engine, "commit", counted)
-    async with repo.engine.connect() as conn:
-        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
-                                     {"c": stop.client_id})).scalar_one()
+    status = await _row_status(repo, stop.client_id)
     assert status == OrderStatus.CANCELED.value
     stored = await repo.get_position(pid)
     assert stored is not None and stored.seq == 1
@@ -216,16 +220,11 @@ async def test_a_second_write_of_one_order_waits_for_the_first_ones_batch_on_par
     """PostgreSQL's writers write batches side by side; two writes of one order queued together must not be in
     flight at once (the second could commit first and the older status would stay). The engine no longer
     holds the position's lock while an order's status is written, so the repository keeps the order."""
-    from datetime import UTC, datetime
-
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
-
     if repo.writers == 1:
         pytest.skip("one writer (SQLite): nothing runs side by side")
     [pid] = await _open(engine, 1)
     now = datetime.now(UTC)
-    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
-                    trigger_price=D(90), created_at=now)
+    stop = _stop(pid, now)
     await repo.save_order(stop, now)
     seen: list[tuple[str, int]] = []
 
@@ -262,9 +261,7 @@ async def test_a_second_write_of_one_order_waits_for_the_first_ones_batch_on_par
     assert len(updates) == 2, seen
     first_commit = seen.index(("commit", seen[updates[0]][1]), updates[0])
     assert first_commit < updates[1], f"the second write of the order started before the first committed: {seen}"
-    async with repo.engine.connect() as conn:
-        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
-                                     {"c": stop.client_id})).scalar_one()
+    status = await _row_status(repo, stop.client_id)
     assert status == OrderStatus.CANCELED.value
 
 
@@ -321,16 +318,12 @@ async def test_our_own_order_statuses_go_at_once_and_the_streams_ride_with_the_n
     """A status the engine waits for on a protection path (the old stop's cancel in a stop move, under the
     symbol's stop lock) is written at once; only a status the stream reported waits for company. With the
     linger made 30 s, an eager write that lingered would miss the 5 s deadline."""
-    from datetime import UTC, datetime
-
     import db.repository
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
 
     monkeypatch.setattr(db.repository, "ORDER_LINGER_S", 30.0)
     [pid] = await _open(engine, 1)
     now = datetime.now(UTC)
-    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
-                    trigger_price=D(90), created_at=now)
+    stop = _stop(pid, now)
     await engine.track_order(pid, stop)
     await asyncio.wait_for(engine.order_status(pid, replace(stop, status=OrderStatus.CANCELED)), 5.0)
     assert stop.client_id not in engine.positions[pid].orders
@@ -382,16 +375,12 @@ async def test_a_stream_status_the_books_queued_behind_a_failing_store_is_replay
         engine: Engine, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the store fails, the books queue writes and replay them one at a time: a lazy status replayed
     lazily would wait out its linger with nothing to share it (made 30 s here: the drain would time out)."""
-    from datetime import UTC, datetime
-
     import db.repository
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
 
     monkeypatch.setattr(db.repository, "ORDER_LINGER_S", 30.0)
     [pid] = await _open(engine, 1)
     now = datetime.now(UTC)
-    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
-                    trigger_price=D(90), created_at=now)
+    stop = _stop(pid, now)
     await engine.track_order(pid, stop)
     faults = DriverErrors(repo)
     faults.on()
@@ -402,9 +391,7 @@ async def test_a_stream_status_the_books_queued_behind_a_failing_store_is_replay
     finally:
         faults.off()
     assert await engine.books.drain(5.0), f"{engine.books.behind} write(s) still queued after 5 s"
-    async with repo.engine.connect() as conn:
-        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
-                                     {"c": stop.client_id})).scalar_one()
+    status = await _row_status(repo, stop.client_id)
     assert status == OrderStatus.EXPIRED.value
 
 
@@ -414,14 +401,9 @@ async def test_an_older_status_retried_by_the_books_never_lands_after_a_newer_on
     meanwhile, must still be the one the row keeps (the retry went to the end of the books' queue, behind the
     newer write already in the store: the row said `open` for a cancelled stop, and a restart loaded it as
     working)."""
-    from datetime import UTC, datetime
-
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
-
     [pid] = await _open(engine, 1)
     now = datetime.now(UTC)
-    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
-                    trigger_price=D(90), created_at=now)
+    stop = _stop(pid, now)
     await engine.track_order(pid, stop)
     failures = [1]  # the next update of an order row fails, once
 
@@ -437,9 +419,7 @@ async def test_an_older_status_retried_by_the_books_never_lands_after_a_newer_on
     await asyncio.wait_for(asyncio.gather(older, newer), 5.0)
     assert await engine.books.drain(5.0)
     assert not failures, "the injected failure did not happen: the test tests nothing"
-    async with repo.engine.connect() as conn:
-        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
-                                     {"c": stop.client_id})).scalar_one()
+    status = await _row_status(repo, stop.client_id)
     assert status == OrderStatus.CANCELED.value, "an older status was written after the newer one"
     assert stop.client_id not in engine.positions[pid].orders
     assert not [o for p in await repo.load_live() if p.id == pid for o in p.orders.values()]
@@ -450,19 +430,12 @@ async def test_a_status_for_an_order_that_finished_meanwhile_neither_revives_nor
     """Two statuses of one order pass the caller's "still tracked?" look before the position's lock (the stream's
     FILLED and our CANCELED after the cancel found it gone): the one that comes second under the lock must not
     put the finished order back into memory or write over its row."""
-    from datetime import UTC, datetime
-
-    from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus
-
     [pid] = await _open(engine, 1)
     now = datetime.now(UTC)
-    stop = OrderRef(f"lc-{pid}-s1", pid, "S0", OrderPurpose.STOP, "sell", D(1), OrderStatus.NEW,
-                    trigger_price=D(90), created_at=now)
+    stop = _stop(pid, now)
     await engine.track_order(pid, stop)
     await engine.order_status(pid, replace(stop, status=OrderStatus.FILLED))
     await engine.order_status(pid, replace(stop, status=OrderStatus.OPEN))  # looked before FILLED took the lock
     assert stop.client_id not in engine.positions[pid].orders
-    async with repo.engine.connect() as conn:
-        status = (await conn.execute(sa.text("SELECT status FROM orders WHERE client_id = :c"),
-                                     {"c": stop.client_id})).scalar_one()
+    status = await _row_status(repo, stop.client_id)
     assert status == OrderStatus.FILLED.value
