@@ -195,13 +195,25 @@ async def _round(http: aiohttp.ClientSession, api: str, auth: dict[str, str], co
             raise RuntimeError(f"positions not protected within {limit:.0f} s")
         await asyncio.sleep(0.2)
     opened_s = time.monotonic() - started
+    initial = Closures(closures.directory, "stop_move", keep=lambda record: record.get("mode") == "initial")
+    wanted = set(opened.values())
+    deadline = time.monotonic() + 10
+    while not wanted <= initial.seen.keys() and time.monotonic() < deadline:  # written by the records thread
+        initial.poll()
+        await asyncio.sleep(0.05)
+    stop_ms = [float(initial.seen[pid][1]["latency_ms"]) for pid in wanted if pid in initial.seen]
     kind_of = {symbol: KINDS[i % len(KINDS)] for i, symbol in enumerate(symbols)}
-    profile = os.environ.get("BURST_PROFILE")  # a py-spy flame graph of the service during the cascade
+    profile = os.environ.get("BURST_PROFILE")  # a py-spy profile of the service during the cascade
+    # (BURST_PROFILE_FORMAT=speedscope keeps the order of the samples: a timeline)
     spy = None if not profile else await asyncio.create_subprocess_exec(
         "py-spy", "record", "--pid", str(service_pid), "--duration", "3", "--rate", "500", "--format",
-        "raw", "-o", f"{profile}.{round_no}", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        os.environ.get("BURST_PROFILE_FORMAT", "raw"), "-o", f"{profile}.{round_no}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     if spy is not None:
         await asyncio.sleep(1.0)  # py-spy attached
+    if os.environ.get("LC_CPROFILE"):
+        os.kill(service_pid, signal.SIGUSR1)
+        await asyncio.sleep(0.2)
     async with http.post(f"{control}/burst", json={"api_key": api_key, "closes": [
             {"symbol": s, "kind": kind_of[s]} for s in symbols]}) as answer:
         venue = await answer.json()
@@ -213,6 +225,8 @@ async def _round(http: aiohttp.ClientSession, api: str, auth: dict[str, str], co
         closures.poll()
         terminal.poll()
         await asyncio.sleep(0.02)  # the figure is committed_at: polling often would only take CPU from the service
+    if os.environ.get("LC_CPROFILE"):
+        os.kill(service_pid, signal.SIGUSR2)
     if spy is not None:
         await spy.wait()
     by_kind: dict[str, list[float]] = {k: [] for k in KINDS}  # venue close -> terminal transition committed
@@ -237,6 +251,9 @@ async def _round(http: aiohttp.ClientSession, api: str, auth: dict[str, str], co
               f"{_pct(decided, 0.5):.1f} ms, p99 {_pct(decided, 0.99):.1f} ms, max {max(decided):.1f} ms)")
     print(f"round {round_no}: {len(opened)} positions opened and protected in {opened_s:.1f} s, flattened on the "
           f"venue within {spread:.1f} ms")
+    if stop_ms:
+        print(f"  initial stops, request -> the venue's acknowledgement (rate limiter wait included): n={len(stop_ms)} "
+              f"p50 {_pct(stop_ms, 0.5):.0f} ms  p99 {_pct(stop_ms, 0.99):.0f} ms  max {max(stop_ms):.0f} ms")
     print("  venue close -> terminal transition committed (its record's committed_at):")
     for kind, values in [*by_kind.items(), ("all", every), ("(closure record seen on disk)", on_disk)]:
         if values:

@@ -6,6 +6,7 @@ translated here into `exchange.errors`; nothing of ccxt crosses the port.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
@@ -22,7 +23,17 @@ import ccxt.pro as ccxtpro
 from loguru import logger
 
 from exchange import errors
-from exchange.port import Fill, MarkPrice, OrderRules, OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.port import (
+    Fill,
+    MarkPrice,
+    OrderRules,
+    OrderSnapshot,
+    PositionSnapshot,
+    Resynced,
+    StreamHealth,
+    is_protective,
+    protective,
+)
 from exchange.secret import Secret as Secret  # re-exported: chaos/world.py, bench/ and a test import it from here
 from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
 
@@ -232,7 +243,10 @@ class CcxtExchange:
         # ordersLimit / tradesLimit: ccxt keeps the order updates not yet handed to watch_orders in a cache of
         # 1,000 by default; a cascade of hundreds of positions (a fill, a NEW, an expired stop each) within
         # one turn of our consumer overflowed it, and the oldest updates were never delivered (bench/burst.py).
+        # ws.compress 0: no permessage-deflate on the streams. The frames are small and the link is a server's;
+        # inflating every frame was CPU taken from the cascade (bench.burst) on both ends.
         options = {"fetchCurrencies": False, "watchPositions": {"fetchPositionsSnapshot": False},
+                   "ws": {"compress": 0},
                    "fetchOpenOrders": {"warnWithoutSymbol": False},
                    "ordersLimit": STREAM_CACHE, "tradesLimit": STREAM_CACHE,
                    "listenKeyRefreshRate": int(self.settings.listen_key_keepalive_s * 1000),
@@ -417,13 +431,14 @@ class CcxtExchange:
         """A reduce-only conditional market order (Binance: the Algo Service, /fapi/v1/algoOrder)."""
         closing_side = position_side.exit_order_side
         trigger_param = "takeProfitPrice" if purpose is OrderPurpose.TAKE_PROFIT else "stopLossPrice"
-        raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
-                               float(quantity), None,
-                               {trigger_param: str(trigger_price), "reduceOnly": True, "clientAlgoId": client_id,
-                                "newClientOrderId": client_id,
-                                # trigger on the mark, the price the safe-side guard checks (Binance's
-                                # default, CONTRACT_PRICE, is the last trade)
-                                "workingType": "MARK_PRICE"})
+        with protective():  # ahead of entries, leftover cancels and reads waiting for the rate limiter
+            raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
+                                   float(quantity), None,
+                                   {trigger_param: str(trigger_price), "reduceOnly": True, "clientAlgoId": client_id,
+                                    "newClientOrderId": client_id,
+                                    # trigger on the mark, the price the safe-side guard checks (Binance's
+                                    # default, CONTRACT_PRICE, is the last trade)
+                                    "workingType": "MARK_PRICE"})
         return self._order(raw)
 
     async def cancel_order(self, order: OrderRef) -> None:
@@ -438,8 +453,9 @@ class CcxtExchange:
     async def close_position(self, symbol: str, position_side: Side, quantity: Decimal,
                              client_id: str) -> OrderSnapshot:
         closing_side = position_side.exit_order_side
-        raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
-                               float(quantity), None, {"reduceOnly": True, "newClientOrderId": client_id})
+        with protective():
+            raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
+                                   float(quantity), None, {"reduceOnly": True, "newClientOrderId": client_id})
         return self._order(raw)
 
     async def fills(self, symbol: str, since: datetime) -> list[Fill]:
@@ -832,12 +848,27 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
                 owner._drops.note("handler_error", f"{kind}: ccxt could not handle it: {type(e).__name__}: {e}")
                 return None
 
+        if binance:
+            # Parts of ccxt's user-stream handling whose results nobody reads: we watch neither balances nor
+            # liquidations through ccxt (the balance is fetched over REST when it is needed; a liquidation is
+            # known by its order's client id). In a cascade they were a tenth of ccxt's work per frame.
+            def handle_balance(self, client: Any, message: Any) -> None:
+                return None
+
+            def handle_my_liquidation(self, client: Any, message: Any) -> None:
+                return None
+
         def client(self, url: str) -> Any:
             ws = super().client(url)
             if not getattr(ws, "_lc_guarded", False):
                 ws._lc_guarded = True
                 ws.handle_text_or_binary_message = _guard_text(ws.handle_text_or_binary_message, owner, binance)
             return ws
+
+        async def throttle(self, cost: Any = None) -> Any:
+            if is_protective() and self.throttler is not None:
+                return await _ahead(self.throttler, cost)
+            return await super().throttle(cost)
 
         async def fetch(self, url: str, method: str = "GET", headers: Any = None, body: Any = None) -> Any:
             gate = owner.may_act
@@ -854,6 +885,32 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
 
     Guarded.__name__ = Guarded.__qualname__ = base.__name__
     return Guarded
+
+
+def _ahead(throttler: Any, cost: Any) -> asyncio.Future[None]:
+    """Queue a protective request in ccxt's rate limiter behind the protective ones already waiting and ahead
+    of every other (`exchange.port.protective`). The limiter's loop takes the head of its queue and either
+    releases it at once or sleeps and looks again, so an entry put at the head while it sleeps is the next
+    one released; the pace (tokens, window) is untouched. With nothing waiting it is ccxt's own path."""
+    queue = throttler.queue
+    if not queue:
+        future: asyncio.Future[None] = throttler(cost)
+        _PROTECTIVE_WAITING.add(future)
+        future.add_done_callback(_PROTECTIVE_WAITING.discard)
+        return future
+    future = asyncio.get_running_loop().create_future()
+    index = 0
+    for waiting, _ in queue:  # protective ones stay in their own order
+        if waiting not in _PROTECTIVE_WAITING:
+            break
+        index += 1
+    queue.insert(index, (future, cost))
+    _PROTECTIVE_WAITING.add(future)
+    future.add_done_callback(_PROTECTIVE_WAITING.discard)
+    return future
+
+
+_PROTECTIVE_WAITING: set[asyncio.Future[None]] = set()  # the limiter's protective entries not yet released
 
 
 def _guard_text(original: Callable[[Any], Any], owner: CcxtExchange, binance: bool) -> Callable[[Any], Any]:
@@ -961,8 +1018,8 @@ def _is_number(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     try:
-        return Decimal(str(value)).is_finite()
-    except ArithmeticError:
+        return math.isfinite(float(value))  # what Decimal accepts as finite, float does (and faster)
+    except (TypeError, ValueError, OverflowError):
         return False
 
 
@@ -1092,8 +1149,10 @@ class _Fresh:
                 continue
             newest_first = reversed(part)
             older: list[list[Any]] = []
+            size = SWEEP_FIRST
             while True:
-                chunk = list(islice(newest_first, SWEEP_TAIL))
+                chunk = list(islice(newest_first, size))
+                size = min(size * 4, SWEEP_TAIL)
                 if not chunk:
                     # Read to its oldest entry and everything was new: if the cache is full, ccxt may have
                     # dropped older updates nobody read. Said once per take; the stream resyncs from REST.
@@ -1123,6 +1182,11 @@ def _fingerprint(raw: Any) -> tuple[Any, ...] | None:
 
 
 SWEEP_TAIL = 64  # cache entries read per chunk of a sweep, newest first (see _Fresh.take)
+# The first chunk is smaller: most looks find one new entry or none, and every entry looked at costs its
+# fingerprint (a chunk of 64 per look was most of the sweeps' cost in bench.burst's cascade). The chunks then
+# grow to SWEEP_TAIL; the walk stops at the first chunk with nothing new whatever its size (what changed since
+# the last look is a suffix of the cache).
+SWEEP_FIRST = 4
 
 
 def _cached(cache: Any) -> list[Any]:

@@ -215,8 +215,11 @@ class Engine:
                 listener(draft, outcome)
             except Exception as e:  # noqa: BLE001 - a listener must not undo a committed transition
                 logger.error("transition listener failed: {}: {}", type(e).__name__, e)
+        # One line per transition; a closing one says the closure's cause and reason on the same line (its
+        # EmitClosure action logs nothing: two lines per close were a tenth of a cascade's work, issue 13).
+        closure = next((a.closure for a in outcome.actions if isinstance(a, EmitClosure)), None)
         logger.info(
-            "{} {} {} {} --{}--> {}{}",
+            "{} {} {} {} --{}--> {}{}{}",
             draft.account,
             draft.symbol,
             draft.id,
@@ -224,6 +227,7 @@ class Engine:
             outcome.journal.event,
             outcome.dest,
             f" (cause {outcome.journal.cause})" if outcome.journal.cause else "",
+            f"; closed: cause={closure.cause} reason={closure.reason}" if closure is not None else "",
         )
 
     async def _reload(self, position_id: str) -> None:
@@ -381,17 +385,7 @@ class Engine:
                     logger.info("cancelled leftover {} order {} of {}", order.purpose, order.client_id,
                                 order.position_id)
         elif isinstance(action, EmitClosure):
-            record = action.closure.as_record()
-            self.records.emit(record)
-            logger.info(
-                "{} {} {} closed: {} cause={} reason={}",
-                record["account"],
-                record["symbol"],
-                record["position_id"],
-                record["state"],
-                record["cause"],
-                record["reason"],
-            )
+            self.records.emit(action.closure.as_record())  # its log line is the transition's (`_committed`)
         elif isinstance(action, DropPosition):
             self._forget(action.position_id)
         else:  # pragma: no cover - the Action union is closed

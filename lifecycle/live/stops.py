@@ -18,7 +18,7 @@ from enum import Enum
 from loguru import logger
 
 from exchange import errors as xerr
-from exchange.port import OrderSnapshot
+from exchange.port import OrderSnapshot, protective
 from lifecycle.client_ids import make_client_id, parse_client_id
 from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Position, Side
 from lifecycle.errors import OrderAlreadyGone, TransitionRefused, UnknownPosition
@@ -228,9 +228,8 @@ class Stops:
 
     async def cancel_then_place(self, position: Position, old: list[OrderRef], target: Decimal,
                                  client_id: str) -> tuple[OrderSnapshot, int, float]:
-        """The venue refuses a second stop: cancel first, then place. The window is measured from before the
-        first cancel is sent to the new stop's acknowledgement (an upper bound of the venue-side gap); the
-        bookkeeping of the cancelled orders waits until the new stop is in place."""
+        """The venue refuses a second stop: cancel first (protective requests), then place. The window: from the first
+        cancel to the new stop's acknowledgement. The cancelled orders' bookkeeping waits for the new stop."""
         calls = 0
         gap_started = self.ctx.monotonic()
         cancelled = []
@@ -239,7 +238,8 @@ class Stops:
             self.ctx.cancelling(previous)
             self.ctx.gone[previous.client_id] = None  # from here on it protects nothing: health and audit know
             try:
-                await self.ctx.exchange.cancel_order(previous)
+                with protective():
+                    await self.ctx.exchange.cancel_order(previous)
             except OrderAlreadyGone:
                 pass
             cancelled.append(previous)
