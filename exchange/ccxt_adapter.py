@@ -32,7 +32,6 @@ from exchange.port import (
     Resynced,
     StreamHealth,
     is_protective,
-    protective,
 )
 from exchange.secret import Secret as Secret  # re-exported: chaos/world.py, bench/ and a test import it from here
 from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Side
@@ -431,14 +430,13 @@ class CcxtExchange:
         """A reduce-only conditional market order (Binance: the Algo Service, /fapi/v1/algoOrder)."""
         closing_side = position_side.exit_order_side
         trigger_param = "takeProfitPrice" if purpose is OrderPurpose.TAKE_PROFIT else "stopLossPrice"
-        with protective():  # ahead of entries, leftover cancels and reads waiting for the rate limiter
-            raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
-                                   float(quantity), None,
-                                   {trigger_param: str(trigger_price), "reduceOnly": True, "clientAlgoId": client_id,
-                                    "newClientOrderId": client_id,
-                                    # trigger on the mark, the price the safe-side guard checks (Binance's
-                                    # default, CONTRACT_PRICE, is the last trade)
-                                    "workingType": "MARK_PRICE"})
+        raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
+                               float(quantity), None,
+                               {trigger_param: str(trigger_price), "reduceOnly": True, "clientAlgoId": client_id,
+                                "newClientOrderId": client_id,
+                                # trigger on the mark, the price the safe-side guard checks (Binance's
+                                # default, CONTRACT_PRICE, is the last trade)
+                                "workingType": "MARK_PRICE"})
         return self._order(raw)
 
     async def cancel_order(self, order: OrderRef) -> None:
@@ -453,9 +451,8 @@ class CcxtExchange:
     async def close_position(self, symbol: str, position_side: Side, quantity: Decimal,
                              client_id: str) -> OrderSnapshot:
         closing_side = position_side.exit_order_side
-        with protective():
-            raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
-                                   float(quantity), None, {"reduceOnly": True, "newClientOrderId": client_id})
+        raw = await self._call(self.client.create_order, self._unified(symbol), "market", closing_side,
+                               float(quantity), None, {"reduceOnly": True, "newClientOrderId": client_id})
         return self._order(raw)
 
     async def fills(self, symbol: str, since: datetime) -> list[Fill]:

@@ -142,13 +142,15 @@ _PROTECTIVE: ContextVar[bool] = ContextVar("protective_request", default=False)
 
 
 @contextmanager
-def protective() -> Iterator[None]:
-    """Venue requests made inside (in this task, and in tasks it starts) protect a position: a stop placed, a
-    close, the cancel that makes room for a new stop. An adapter that paces its requests (ccxt's rate limiter)
-    sends them ahead of every other waiting request, in their own order: an initial stop waited seconds
-    behind a burst of entries, leftover cancels or reads (bench.burst: 4-7 s for 50 positions opened at once).
-    Only the order changes: the pace stays the venue's."""
-    token = _PROTECTIVE.set(True)
+def protective(really: bool = True) -> Iterator[None]:
+    """Venue requests made inside (in this task, and in tasks it starts) protect a position: an initial or a
+    restored stop, the bot's close, the cancel that makes room for a stop on a venue that takes one. An adapter
+    that paces its requests (ccxt's rate limiter) sends them ahead of every other waiting request, in their own
+    order: an initial stop waited seconds behind a burst of entries (bench.burst: 4.2-7.0 s for 50 positions
+    opened at once). Only the order changes, the pace stays the venue's. Not protective: entries, trailing moves
+    and take-profits (the old stop still holds), leftover cancels, reads; they would starve each other's turn.
+    `really=False`: a no-op (for a caller that decides per request)."""
+    token = _PROTECTIVE.set(really or _PROTECTIVE.get())
     try:
         yield
     finally:

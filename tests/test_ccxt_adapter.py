@@ -277,32 +277,38 @@ async def test_the_accounts_of_one_process_share_one_copy_of_the_markets(sim: Si
 async def test_a_protective_request_goes_ahead_of_the_requests_waiting_for_the_rate_limiter(
         sim: SimServer, account: Account) -> None:
     """ccxt's rate limiter is first come, first served: an initial stop waited 4-7 s behind a burst of entries
-    (bench.burst, 50 positions opened at once). A stop, a close and the cancel that makes room for a stop go
-    ahead of every waiting request that is not one of them, in their own order; the pace is unchanged."""
+    (bench.burst, 50 positions opened at once). Requests made inside `protective()` go ahead of every waiting
+    request that is not, in their own order; others (a take-profit here) keep their place; the pace is unchanged."""
+    from exchange.port import protective
     from tests.waiting import until
 
     venue = await CcxtExchange(settings_for(sim, account, rate_limit=True)).start()
     try:
-        await venue.place_entry("BTCUSDT", Side.LONG, D("0.03"), make_client_id(PID, OrderPurpose.ENTRY))
+        entry = make_client_id(PID, OrderPurpose.ENTRY)
+        await venue.place_entry("BTCUSDT", Side.LONG, D("0.03"), entry)
         finished: list[str] = []
 
-        async def timed(name: str, call: Any) -> None:
-            await call
+        async def timed(name: str, call: Any, first: bool = False) -> None:
+            with protective(first):
+                await call
             finished.append(name)
 
         throttler = venue.client.throttler
-        entry = make_client_id(PID, OrderPurpose.ENTRY)
         reads = [asyncio.create_task(timed(f"read{i}", venue.order_by_client_id("BTCUSDT", entry)))
                  for i in range(10)]
         await until(lambda: len(throttler.queue) >= 8, what="the reads waiting for the rate limiter")
         stop = asyncio.create_task(timed("stop", venue.place_stop(
-            "BTCUSDT", Side.LONG, D("0.03"), D(58000), make_client_id(PID, OrderPurpose.STOP))))
+            "BTCUSDT", Side.LONG, D("0.03"), D(58000), make_client_id(PID, OrderPurpose.STOP)), first=True))
+        tp = asyncio.create_task(timed("tp", venue.place_stop(
+            "BTCUSDT", Side.LONG, D("0.03"), D(65000), make_client_id(PID, OrderPurpose.TAKE_PROFIT),
+            OrderPurpose.TAKE_PROFIT)))
         close = asyncio.create_task(timed("close", venue.close_position(
-            "BTCUSDT", Side.LONG, D("0.01"), make_client_id(PID, OrderPurpose.CLOSE))))
-        await asyncio.gather(stop, close, *reads)
+            "BTCUSDT", Side.LONG, D("0.01"), make_client_id(PID, OrderPurpose.CLOSE)), first=True))
+        await asyncio.gather(stop, tp, close, *reads)
         # The reads sent before the stop was asked for (at most one released meanwhile) finish before it; every
-        # other read finishes after both protective requests, which keep their own order.
+        # other read finishes after both protective requests, which keep their own order; the take-profit last.
         assert finished.index("stop") <= 2 and finished.index("close") == finished.index("stop") + 1, finished
-        assert [o.client_id for o in await venue.open_orders("BTCUSDT")] == [make_client_id(PID, OrderPurpose.STOP)]
+        assert finished[-1] == "tp", finished
+        assert len(await venue.open_orders("BTCUSDT")) == 2  # the stop and the take-profit
     finally:
         await venue.close()

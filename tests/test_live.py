@@ -561,3 +561,27 @@ async def test_stop_leaves_no_background_work_running(rig: Rig) -> None:
     await rig.until(lambda: rig.sim.calls["POST /fapi/v1/algoOrder"] > placed, what="the slow move on its way")
     await rig.live.stop(timeout=5)
     assert [t for t in rig.live.ctx.tasks if not t.done()] == []
+
+
+async def test_initial_stops_and_closes_are_protective_requests_trailing_moves_and_entries_are_not(rig: Rig) -> None:
+    """What goes ahead of waiting requests at the rate limiter (`exchange.port.protective`): the initial stop and
+    the bot's close; a trailing move (the old stop still holds) and the entry wait their turn. The requests are
+    the real ones (the adapter's calls are only watched on their way)."""
+    from exchange.port import is_protective
+
+    assert rig.exchange is not None and rig.live is not None
+    seen: list[tuple[str, bool]] = []
+    exchange = rig.exchange
+    for name in ("place_entry", "place_stop", "close_position"):
+        def watched(*args: object, _real: object = getattr(exchange, name), _name: str = name, **kw: object) -> object:
+            seen.append((_name, is_protective()))
+            return _real(*args, **kw)  # type: ignore[operator]
+
+        setattr(exchange, name, watched)
+    p = await rig.open(btc_long(trailing_activation=D(60300), trailing_callback_pct=D("0.5")))
+    rig.set_mark("BTCUSDT", 61000)
+    await rig.until(lambda: rig.engine.positions[p.id].stop_price == D("60695.0"),  # type: ignore[union-attr]
+                    what="the trailing move")
+    assert await rig.live.close(p.id, CloseReason.SIGNAL)
+    await rig.ended(p.id)
+    assert seen == [("place_entry", False), ("place_stop", True), ("place_stop", False), ("close_position", True)]

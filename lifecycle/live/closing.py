@@ -17,7 +17,7 @@ from typing import Any
 from loguru import logger
 
 from exchange import errors as xerr
-from exchange.port import PositionSnapshot
+from exchange.port import PositionSnapshot, protective
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
@@ -192,9 +192,10 @@ class Closing:
             return current is None or current.state is not S.CLOSING_BY_BOT or self.ctx.stopping
 
         try:
-            answer = await until_done(
-                lambda: self.ctx.exchange.close_position(position.symbol, position.side, quantity, client_id),
-                retry_on=(xerr.Retryable,), backoff=self.ctx.backoff, on_retry=resending, give_up=moved_on)
+            with protective():  # ahead of the requests waiting for the venue's rate limit (exchange.port)
+                answer = await until_done(
+                    lambda: self.ctx.exchange.close_position(position.symbol, position.side, quantity, client_id),
+                    retry_on=(xerr.Retryable,), backoff=self.ctx.backoff, on_retry=resending, give_up=moved_on)
         except RetryAbandoned:
             return None
         except (xerr.DuplicateOrder, xerr.ReduceOnlyRejected) as e:

@@ -3,10 +3,10 @@
 Every change of a stop runs under the symbol's stop lock (`StopLockRegistry`), through `request` (which
 coalesces requests per owner) or `apply` (for a caller that already holds the lock). The new stop is placed
 first and the old one cancelled after (no unprotected window); where the venue refuses a second stop
-(Binance -4045 / -4130), the old one is cancelled first and the window measured and recorded. The outcome is
-a `StopResult`; this module never closes a position: a stop that cannot be sent because the mark is
-beyond it (CROSSED), or a position left with no stop at all (LOST), goes to `on_result`, which the engine
-wires to the closing side.
+(Binance -4045 / -4130), the old one is cancelled first and the window measured and recorded. Initial, synced
+and restored stops are `protective` requests (ahead of others at the rate limiter; trailing moves are not).
+The outcome is a `StopResult`; this module never closes a position: a stop that cannot be sent because the mark
+is beyond it (CROSSED), or a position left with no stop at all (LOST), goes to `on_result` (the closing side).
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ class Stops:
         for attempt in range(0 if fallback else self.ctx.config.stop_retries + 1):
             calls += 1
             try:
-                answer = await self.ctx.exchange.place_stop(symbol, side, quantity, target, client_id)
+                with protective(mode != "trail"):  # a trailing move can wait its turn: the old stop still holds
+                    answer = await self.ctx.exchange.place_stop(symbol, side, quantity, target, client_id)
                 break
             except xerr.StopWouldTrigger:
                 return await self.stop_crossed(position, target, mark, "the exchange answered -2021")
@@ -233,27 +234,27 @@ class Stops:
         calls = 0
         gap_started = self.ctx.monotonic()
         cancelled = []
-        for previous in old:
-            calls += 1
-            self.ctx.cancelling(previous)
-            self.ctx.gone[previous.client_id] = None  # from here on it protects nothing: health and audit know
-            try:
-                with protective():
+        with protective():  # every request of it: the position is unprotected from the first cancel on
+            for previous in old:
+                calls += 1
+                self.ctx.cancelling(previous)
+                self.ctx.gone[previous.client_id] = None  # from here on it protects nothing: health and audit know
+                try:
                     await self.ctx.exchange.cancel_order(previous)
-            except OrderAlreadyGone:
-                pass
-            cancelled.append(previous)
-        calls += 1
-        try:
-            answer = await self.ctx.exchange.place_stop(position.symbol, position.side, position.quantity, target,
-                                                    client_id)
-        except xerr.ExchangeError as e:
-            if not await self.restore_stop(position, cancelled, client_id, e):
-                raise StopLost(f"{position.id}: the old stop is cancelled and none could be placed") from e
-            raise
-        finally:
-            for previous in cancelled:
-                await self.ctx.set_order_status(previous.position_id, previous.client_id, OrderStatus.CANCELED)
+                except OrderAlreadyGone:
+                    pass
+                cancelled.append(previous)
+            calls += 1
+            try:
+                answer = await self.ctx.exchange.place_stop(position.symbol, position.side, position.quantity,
+                                                            target, client_id)
+            except xerr.ExchangeError as e:
+                if not await self.restore_stop(position, cancelled, client_id, e):
+                    raise StopLost(f"{position.id}: the old stop is cancelled and none could be placed") from e
+                raise
+            finally:
+                for previous in cancelled:
+                    await self.ctx.set_order_status(previous.position_id, previous.client_id, OrderStatus.CANCELED)
         window_ms = round((self.ctx.monotonic() - gap_started) * 1000, 3)
         logger.warning("{} {} {}: the venue refuses a second stop; cancelled first, unprotected for {} ms",
                        self.ctx.account, position.symbol, position.id, window_ms)
@@ -261,8 +262,7 @@ class Stops:
 
     async def restore_stop(self, position: Position, cancelled: list[OrderRef], failed_client_id: str,
                            error: BaseException) -> bool:
-        """The old stop is cancelled and the new one failed: put the old price back. False: it could not be
-        restored, the position has no stop at all (the caller reports LOST)."""
+        """The old stop is cancelled and the new one failed: put the old price back (False: no stop at all, LOST)."""
         if isinstance(error, xerr.StopWouldTrigger) or not cancelled or position.stop_price is None:
             return True  # crossed: the caller reports it; nothing cancelled: the old stop still works
         failed = parse_client_id(failed_client_id)
