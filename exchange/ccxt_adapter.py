@@ -244,12 +244,13 @@ class CcxtExchange:
         # one turn of our consumer overflowed it, and the oldest updates were never delivered (bench/burst.py).
         # ws.compress 0: no permessage-deflate on the streams. The frames are small and the link is a server's;
         # inflating every frame was CPU taken from the cascade (bench.burst) on both ends.
+        extra = dict(self.settings.options)
         options = {"fetchCurrencies": False, "watchPositions": {"fetchPositionsSnapshot": False},
-                   "ws": {"compress": 0},
+                   "ws": {"compress": 0, **(extra.pop("ws", None) or {})},
                    "fetchOpenOrders": {"warnWithoutSymbol": False},
                    "ordersLimit": STREAM_CACHE, "tradesLimit": STREAM_CACHE,
                    "listenKeyRefreshRate": int(self.settings.listen_key_keepalive_s * 1000),
-                   **dict(self.settings.options)}
+                   **extra}
         client = cls({"apiKey": self.settings.api_key.reveal(), "secret": self.settings.secret.reveal(),
                       "enableRateLimit": self.settings.rate_limit, "options": options})
         if self.settings.sandbox:
@@ -896,11 +897,12 @@ def _ahead(throttler: Any, cost: Any) -> asyncio.Future[None]:
         future.add_done_callback(_PROTECTIVE_WAITING.discard)
         return future
     future = asyncio.get_running_loop().create_future()
+    # Right behind the last protective one waiting: they stay in their own order even when one in the middle
+    # was given up (its caller cancelled: out of the set, still in the queue until the loop reaches it).
     index = 0
-    for waiting, _ in queue:  # protective ones stay in their own order
-        if waiting not in _PROTECTIVE_WAITING:
-            break
-        index += 1
+    for position, (waiting, _) in enumerate(queue):
+        if waiting in _PROTECTIVE_WAITING:
+            index = position + 1
     queue.insert(index, (future, cost))
     _PROTECTIVE_WAITING.add(future)
     future.add_done_callback(_PROTECTIVE_WAITING.discard)
@@ -1015,7 +1017,7 @@ def _is_number(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     try:
-        return math.isfinite(float(value))  # what Decimal accepts as finite, float does (and faster)
+        return math.isfinite(float(value))  # faster than Decimal; stricter at the edges (1e400 is not finite)
     except (TypeError, ValueError, OverflowError):
         return False
 
@@ -1180,9 +1182,10 @@ def _fingerprint(raw: Any) -> tuple[Any, ...] | None:
 
 SWEEP_TAIL = 64  # cache entries read per chunk of a sweep, newest first (see _Fresh.take)
 # The first chunk is smaller: most looks find one new entry or none, and every entry looked at costs its
-# fingerprint (a chunk of 64 per look was most of the sweeps' cost in bench.burst's cascade). The chunks then
-# grow to SWEEP_TAIL; the walk stops at the first chunk with nothing new whatever its size (what changed since
-# the last look is a suffix of the cache).
+# fingerprint. The chunks then grow to SWEEP_TAIL; the walk stops at the first chunk with nothing new whatever
+# its size (what changed since the last look is a suffix of the cache: ccxt moves an updated entry to its end).
+# Not covered: SWEEP_FIRST verbatim repeats of frames already read, arriving after newer updates, would end the
+# walk early (neither Binance nor the simulator repeats a frame that way; 64 tolerated more of them).
 SWEEP_FIRST = 4
 
 

@@ -312,3 +312,29 @@ async def test_a_protective_request_goes_ahead_of_the_requests_waiting_for_the_r
         assert len(await venue.open_orders("BTCUSDT")) == 2  # the stop and the take-profit
     finally:
         await venue.close()
+
+
+async def test_protective_requests_keep_their_order_when_one_in_the_middle_is_given_up() -> None:
+    """ccxt's own throttler: a protective request whose caller was cancelled stays in the queue until the loop
+    reaches it; the protective ones behind it must not be overtaken by the next one (review: the scan stopped
+    at the given-up entry and put the newest protective request before an older one)."""
+    from ccxt.async_support.base.throttler import Throttler
+
+    from exchange.ccxt_adapter import _ahead
+
+    throttler = Throttler({"refillRate": 1 / 20, "delay": 0.001, "capacity": 1.0, "tokens": 0, "cost": 1.0})
+    released: list[str] = []
+
+    def note(name: str, future: asyncio.Future[None]) -> asyncio.Future[None]:
+        future.add_done_callback(lambda f: None if f.cancelled() else released.append(name))
+        return future
+
+    plain = [note(f"plain{i}", throttler(1)) for i in range(3)]
+    first = note("first", _ahead(throttler, 1))
+    given_up = _ahead(throttler, 1)
+    second = note("second", _ahead(throttler, 1))
+    given_up.cancel()
+    await asyncio.sleep(0)  # one turn of the loop: the cancelled future's callbacks run (it leaves the set)
+    third = note("third", _ahead(throttler, 1))
+    await asyncio.wait_for(asyncio.gather(first, second, third, *plain), 5)
+    assert released.index("first") < released.index("second") < released.index("third") < released.index("plain2")

@@ -122,63 +122,63 @@ class Stops:
         started = self.ctx.monotonic()
         answer: OrderSnapshot | None = None
         fallback = bool(old) and symbol in self.single_stop  # learnt: this venue takes one stop per symbol
-        for attempt in range(0 if fallback else self.ctx.config.stop_retries + 1):
-            calls += 1
-            try:
-                with protective(mode != "trail"):  # a trailing move can wait its turn: the old stop still holds
+        with protective(mode != "trail"):  # look-ups of lost answers too; a trailing move waits (the old stop holds)
+            for attempt in range(0 if fallback else self.ctx.config.stop_retries + 1):
+                calls += 1
+                try:
                     answer = await self.ctx.exchange.place_stop(symbol, side, quantity, target, client_id)
-                break
-            except xerr.StopWouldTrigger:
-                return await self.stop_crossed(position, target, mark, "the exchange answered -2021")
-            except xerr.DuplicateOrder as e:
-                # An order with this id is open: an earlier attempt whose answer was lost. It is the answer
-                # only if it is this stop; else (an older stop of ours under a reused id) it is tracked as
-                # what it is, cancelled after the new one, and the new one gets a fresh id.
-                found = await self.ctx.open_order_by_client_id(symbol, client_id)
-                if found is None:
-                    return self.stop_failed(position, target, mode, e)
-                if found.trigger_price == target and found.quantity == quantity:
-                    answer = found
                     break
-                old.append(await self.ctx.track_foreign_stop(position, client_id, found, target, quantity))
-                position = self.ctx.engine.positions.get(position_id) or position
-                client_id = self.ctx.next_client_id(position, OrderPurpose.STOP)
-            except xerr.Rejected as e:
-                if e.code in TWO_STOPS_REFUSED and old:
-                    self.single_stop.add(symbol)
-                    fallback = True
-                    break
-                return self.stop_failed(position, target, mode, e)
-            except xerr.Retryable as e:
-                self.ctx.stats.exchange_errors += 1
-                if attempt == self.ctx.config.stop_retries:
-                    # Every answer lost: the stop may be working all the same. Found: that is the answer;
-                    # found at another price: tracked (so it is cancelled, never left behind), and failed.
+                except xerr.StopWouldTrigger:
+                    return await self.stop_crossed(position, target, mark, "the exchange answered -2021")
+                except xerr.DuplicateOrder as e:
+                    # An order with this id is open: an earlier attempt whose answer was lost. It is the answer
+                    # only if it is this stop; else (an older stop of ours under a reused id) it is tracked as
+                    # what it is, cancelled after the new one, and the new one gets a fresh id.
                     found = await self.ctx.open_order_by_client_id(symbol, client_id)
+                    if found is None:
+                        return self.stop_failed(position, target, mode, e)
+                    if found.trigger_price == target and found.quantity == quantity:
+                        answer = found
+                        break
+                    old.append(await self.ctx.track_foreign_stop(position, client_id, found, target, quantity))
+                    position = self.ctx.engine.positions.get(position_id) or position
+                    client_id = self.ctx.next_client_id(position, OrderPurpose.STOP)
+                except xerr.Rejected as e:
+                    if e.code in TWO_STOPS_REFUSED and old:
+                        self.single_stop.add(symbol)
+                        fallback = True
+                        break
+                    return self.stop_failed(position, target, mode, e)
+                except xerr.Retryable as e:
+                    self.ctx.stats.exchange_errors += 1
+                    if attempt == self.ctx.config.stop_retries:
+                        # Every answer lost: the stop may be working all the same. Found: that is the answer;
+                        # found at another price: tracked (so it is cancelled, never left behind), and failed.
+                        found = await self.ctx.open_order_by_client_id(symbol, client_id)
+                        if found is not None and found.trigger_price == target and found.quantity == quantity:
+                            answer = found
+                            break
+                        if found is not None:
+                            await self.ctx.track_foreign_stop(position, client_id, found, target, quantity)
+                            self.ctx.spawn(self.request(position_id, None, None, "sync"), f"stop check {position_id}")
+                        return self.stop_failed(position, target, mode, e)
+                    await asyncio.sleep(self.ctx.stop_backoff.delay(attempt + 1))
+                    # The attempt may have landed (a lost answer): that is the answer, never a second order.
+                    found = await self.ctx.open_order_by_client_id(symbol, client_id)
+                    current = self.ctx.engine.positions.get(position_id)
+                    if current is None or current.state not in PROTECTED or self.view.is_flat(current):
+                        # Ended (or closing, or flat) during the wait: no stop for it now; one that landed is
+                        # cancelled rather than left to act on the symbol's next position.
+                        if found is not None:
+                            await self.ctx.cancel_quietly(OrderRef(client_id, position_id, symbol, OrderPurpose.STOP,
+                                                                side.exit_order_side, quantity, OrderStatus.OPEN,
+                                                                target, found.exchange_order_id, found.algo_id))
+                        return StopResult.SKIPPED
                     if found is not None and found.trigger_price == target and found.quantity == quantity:
                         answer = found
                         break
-                    if found is not None:
-                        await self.ctx.track_foreign_stop(position, client_id, found, target, quantity)
-                        self.ctx.spawn(self.request(position_id, None, None, "sync"), f"stop check of {position_id}")
+                except xerr.ExchangeError as e:
                     return self.stop_failed(position, target, mode, e)
-                await asyncio.sleep(self.ctx.stop_backoff.delay(attempt + 1))
-                # The attempt may have landed (a lost answer): that is the answer, never a second order.
-                found = await self.ctx.open_order_by_client_id(symbol, client_id)
-                current = self.ctx.engine.positions.get(position_id)
-                if current is None or current.state not in PROTECTED or self.view.is_flat(current):
-                    # Ended (or closing, or flat) during the wait: no stop for it now; one that landed is
-                    # cancelled rather than left to act on the symbol's next position.
-                    if found is not None:
-                        await self.ctx.cancel_quietly(OrderRef(client_id, position_id, symbol, OrderPurpose.STOP,
-                                                            side.exit_order_side, quantity, OrderStatus.OPEN, target,
-                                                            found.exchange_order_id, found.algo_id))
-                    return StopResult.SKIPPED
-                if found is not None and found.trigger_price == target and found.quantity == quantity:
-                    answer = found
-                    break
-            except xerr.ExchangeError as e:
-                return self.stop_failed(position, target, mode, e)
         if fallback:
             try:
                 answer, extra, window_ms = await self.cancel_then_place(position, old, target, client_id)
