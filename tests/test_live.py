@@ -585,3 +585,24 @@ async def test_initial_stops_and_closes_are_protective_requests_trailing_moves_a
     assert await rig.live.close(p.id, CloseReason.SIGNAL)
     await rig.ended(p.id)
     assert seen == [("place_entry", False), ("place_stop", True), ("place_stop", False), ("close_position", True)]
+
+
+async def test_the_look_up_of_a_stop_whose_answer_was_lost_is_protective_too(rig: Rig) -> None:
+    """A stop's retry path looks the order up before placing it again: that look-up goes ahead of waiting
+    requests like the placement (review: it waited 2.1 s behind 40 queued reads, the stop's turn lost)."""
+    from exchange.port import is_protective
+
+    p = await rig.open(btc_long())
+    assert rig.exchange is not None and rig.live is not None
+    seen: list[bool] = []
+    real = rig.exchange.open_orders
+
+    async def watched(symbol: str | None = None) -> object:
+        seen.append(is_protective())
+        return await real(symbol)
+
+    rig.exchange.open_orders = watched  # type: ignore[method-assign]
+    rig.sim.set_faults(lost_answers=1, lost_answers_on="POST /fapi/v1/algoOrder")  # placed, its answer lost
+    await rig.live.stops.request(p.id, D("59500.0"), None, "initial")
+    assert rig.engine.positions[p.id].stop_price == D("59500.0")  # type: ignore[union-attr]
+    assert rig.sim.faults.lost_answers == 0 and seen and all(seen), seen
