@@ -590,14 +590,14 @@ async def test_initial_stops_and_closes_are_protective_requests_trailing_moves_a
 async def test_the_look_up_of_a_stop_whose_answer_was_lost_is_protective_too(rig: Rig) -> None:
     """A stop's retry path looks the order up before placing it again: that look-up goes ahead of waiting
     requests like the placement (review: it waited 2.1 s behind 40 queued reads, the stop's turn lost)."""
-    from exchange.port import is_protective
+    from exchange.port import OrderSnapshot, is_protective
 
     p = await rig.open(btc_long())
     assert rig.exchange is not None and rig.live is not None
     seen: list[bool] = []
     real = rig.exchange.open_orders
 
-    async def watched(symbol: str | None = None) -> object:
+    async def watched(symbol: str | None = None) -> list[OrderSnapshot]:
         seen.append(is_protective())
         return await real(symbol)
 
