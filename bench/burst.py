@@ -12,7 +12,7 @@ is seen in its file (after the records thread's write and this script's poll) is
 Printed: p50 / p99 / max per cause and overall, how many ended in the right terminal state with the right
 cause, and the service's group-commit figures (transitions per transaction) from its metrics.
 
-Run: python -m bench.burst [--positions 50] [--rounds 1]
+Run: python -m bench.burst [--positions 50] [--rounds 1]   (BURST_KEEP=1 keeps the service's files)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -160,6 +161,10 @@ secret_env = "BURST_SECRET"
                     await asyncio.wait_for(process.wait(), 30)
                 except TimeoutError:
                     process.kill()
+        if os.environ.get("BURST_KEEP"):
+            print(f"  (kept: {work}: the service's database, records and log)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return failures
 
 
