@@ -891,19 +891,18 @@ def _ahead(throttler: Any, cost: Any) -> asyncio.Future[None]:
     releases it at once or sleeps and looks again, so an entry put at the head while it sleeps is the next
     one released; the pace (tokens, window) is untouched. With nothing waiting it is ccxt's own path."""
     queue = throttler.queue
-    if not queue:
-        future: asyncio.Future[None] = throttler(cost)
-        _PROTECTIVE_WAITING.add(future)
-        future.add_done_callback(_PROTECTIVE_WAITING.discard)
-        return future
-    future = asyncio.get_running_loop().create_future()
-    # Right behind the last protective one waiting: they stay in their own order even when one in the middle
-    # was given up (its caller cancelled: out of the set, still in the queue until the loop reaches it).
-    index = 0
-    for position, (waiting, _) in enumerate(queue):
-        if waiting in _PROTECTIVE_WAITING:
-            index = position + 1
-    queue.insert(index, (future, cost))
+    future: asyncio.Future[None]
+    if queue:
+        future = asyncio.get_running_loop().create_future()
+        # Right behind the last protective one waiting: they stay in their own order even when one in the middle
+        # was given up (its caller cancelled: out of the set, still in the queue until the loop reaches it).
+        index = 0
+        for position, (waiting, _) in enumerate(queue):
+            if waiting in _PROTECTIVE_WAITING:
+                index = position + 1
+        queue.insert(index, (future, cost))
+    else:
+        future = throttler(cost)
     _PROTECTIVE_WAITING.add(future)
     future.add_done_callback(_PROTECTIVE_WAITING.discard)
     return future
