@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
+from db import multirow
 from db.engine import create_engine, migrate, sqlite_pragmas
 from db.leases import Fence, fences_broken
 from db.tables import ClosureRow, JournalRow, OrderRow, PositionRow, TrailingStateRow
@@ -667,11 +668,13 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
         transitions = [item for item in batch if isinstance(item, _Pending)]
         if not transitions:
             return stale
-        check = sa.select(positions.c.id, positions.c.seq).where(
-            positions.c.id.in_([item.position.id for item in transitions]))
-        if conn.dialect.name != "sqlite":  # SQLite: its one writer is held; elsewhere lock the rows read
-            check = check.with_for_update()
-        stored = {row[0]: row[1] for row in conn.execute(check)}
+        sqlite = conn.dialect.name == "sqlite"  # multi-row statements there (db/multirow.py says why)
+        ids = [item.position.id for item in transitions]
+        if sqlite:  # its one writer is held (this process's write lock): nothing to lock
+            stored = multirow.pairs(conn, positions, "id", "seq", ids)
+        else:  # lock the rows read
+            check = sa.select(positions.c.id, positions.c.seq).where(positions.c.id.in_(ids)).with_for_update()
+            stored = {row[0]: row[1] for row in conn.execute(check)}
         good = []
         for item in transitions:
             position, seq = item.position, item.outcome.journal.seq
@@ -689,24 +692,36 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
             values = _position_values(item.position)
             values["_id"], values["_prev_seq"] = item.position.id, item.outcome.journal.seq - 1
             rows.append(values)
-        result = conn.execute(_UPDATE_POSITION, rows)
-        if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(rows):
-            raise _BatchRefused(f"{result.rowcount} of {len(rows)} position rows matched their guard")
-        conn.execute(_INSERT_JOURNAL, [_journal_values(item.outcome.journal) for item in good])
-        gone = [{"_id": item.position.id} for item in good if item.position.trailing is None]
-        if gone:
-            conn.execute(_DELETE_TRAILING, gone)
+        if sqlite:
+            matched: int | None = multirow.update(conn, positions, "id", rows, key_param="_id",
+                                                  guard=("seq", "_prev_seq"))
+        else:
+            result = conn.execute(_UPDATE_POSITION, rows)
+            matched = result.rowcount if conn.dialect.supports_sane_multi_rowcount else None
+        if matched is not None and matched != len(rows):
+            raise _BatchRefused(f"{matched} of {len(rows)} position rows matched their guard")
+        entries = [_journal_values(item.outcome.journal) for item in good]
+        gone = [item.position.id for item in good if item.position.trailing is None]
         kept = []
         for item in good:
             if item.position.trailing is not None:
                 values = _trailing_values(item.position)
                 values["_id"] = values.pop("position_id")
                 kept.append(values)
-        if kept:
-            conn.execute(_UPDATE_TRAILING, kept)
         ended = [_closure_values(item.outcome.closure) for item in good if item.outcome.closure is not None]
-        if ended:
-            conn.execute(_INSERT_CLOSURE, ended)
+        if sqlite:
+            multirow.insert(conn, journal, entries)
+            multirow.delete(conn, trailing_states, "position_id", gone)
+            multirow.update(conn, trailing_states, "position_id", kept, key_param="_id")
+            multirow.insert(conn, closures, ended)
+        else:
+            conn.execute(_INSERT_JOURNAL, entries)
+            if gone:
+                conn.execute(_DELETE_TRAILING, [{"_id": i} for i in gone])
+            if kept:
+                conn.execute(_UPDATE_TRAILING, kept)
+            if ended:
+                conn.execute(_INSERT_CLOSURE, ended)
     except IntegrityError as e:
         raise _BatchRefused(str(e.orig).splitlines()[0]) from e
     return stale
@@ -714,7 +729,13 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
 
 def _write_orders(conn: sa.Connection, items: list[_PendingOrder]) -> None:
     """Order rows of a batch (one per client id: `_write_batches` keeps the second write of one for the next
-    batch): an update for the rows there, an insert for the others, one executemany each."""
+    batch): an update for the rows there, an insert for the others, one executemany each; on SQLite one
+    multi-row upsert (the row's `created_at` is kept)."""
+    if conn.dialect.name == "sqlite":
+        multirow.insert(conn, orders, [{**_order_values(item.order, item.now), "client_id": item.order.client_id,
+                                        "created_at": item.order.created_at} for item in items],
+                        upsert_on="client_id", keep=("created_at",))
+        return
     ids = [item.order.client_id for item in items]
     there = {row[0] for row in conn.execute(sa.select(orders.c.client_id).where(orders.c.client_id.in_(ids)))}
     updates, inserts = [], []
