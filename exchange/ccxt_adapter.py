@@ -23,6 +23,7 @@ import ccxt.pro as ccxtpro
 from loguru import logger
 
 from exchange import errors
+from exchange.binance_lean import lean_order
 from exchange.port import (
     Fill,
     MarkPrice,
@@ -855,6 +856,11 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
 
             def handle_my_liquidation(self, client: Any, message: Any) -> None:
                 return None
+
+            def parse_ws_order(self, order: Any, market: Any = None) -> Any:
+                # The same unified order, a third of the work (exchange/binance_lean.py); ccxt's for the rest.
+                lean = lean_order(self, order) if market is None else None
+                return lean if lean is not None else super().parse_ws_order(order, market)
 
         def client(self, url: str) -> Any:
             ws = super().client(url)
