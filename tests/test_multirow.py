@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from db.repository import Repository
@@ -46,9 +47,19 @@ def _stop(position: Position, status: OrderStatus, now: datetime) -> OrderRef:
                     trigger_price=D("90.5"), created_at=now, exchange_order_id=None, algo_id="77")
 
 
-async def test_a_batch_stores_exactly_what_one_statement_per_row_stores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variables", [None, 100], ids=["default-limit", "chunked"])
+async def test_a_batch_stores_exactly_what_one_statement_per_row_stores(tmp_path: Path, variables: int | None) -> None:
+    """`chunked`: the connection allows 100 parameters per statement, so every statement of a batch is split
+    (a position row has 21 values): the guard's count and the rows must come out the same."""
     clock = FakeClock()
     engine, batched = await _engine(tmp_path / "batched.sqlite", clock)
+    statements: list[str] = []
+    if variables is not None:
+        def limit(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+            dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+            dbapi_conn.set_trace_callback(statements.append)
+
+        sa.event.listen(batched.sync_engines[-1], "connect", limit)
     alone = await Repository.open(f"sqlite:///{tmp_path / 'alone.sqlite'}")
     try:
         ids = []
@@ -79,6 +90,8 @@ async def test_a_batch_stores_exactly_what_one_statement_per_row_stores(tmp_path
             for draft, _ in drafts:
                 engine.positions[draft.id] = draft
         assert batched.batch_stats.largest > 10 and alone.batch_stats.largest == 1
+        if variables is not None:  # the batches' updates of the positions did go in several statements
+            assert sum(s.startswith("UPDATE positions SET") for s in statements) > 2 * batched.batch_stats.batches
     finally:
         await batched.close()
         await alone.close()
