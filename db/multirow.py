@@ -24,6 +24,26 @@ from typing import Any
 import sqlalchemy as sa
 
 _processors: dict[tuple[str, str], dict[str, Callable[[Any], Any] | None]] = {}
+_supported: bool | None = None
+
+
+def supported() -> bool:
+    """Whether this process's SQLite has what the statements need: `UPDATE ... FROM` (3.33) and the JSON
+    functions (built in from 3.38, optional before). Older libraries (a distribution's Python linked against
+    its system SQLite) keep executemany."""
+    global _supported
+    if _supported is None:
+        ok = sqlite3.sqlite_version_info >= (3, 33)
+        if ok:
+            probe = sqlite3.connect(":memory:")
+            try:
+                probe.execute("SELECT json_group_array(json_array(1, 2))").fetchone()
+            except sqlite3.Error:
+                ok = False
+            finally:
+                probe.close()
+        _supported = ok
+    return _supported
 
 
 def _bind(table: sa.Table, dialect: sa.Dialect) -> dict[str, Callable[[Any], Any] | None]:
@@ -59,7 +79,7 @@ def _values(table: sa.Table, dialect: sa.Dialect, sources: Sequence[tuple[str, s
     for row in rows:
         for key, proc in zip(keys, procs, strict=True):
             value = row[key]
-            append(value if proc is None or value is None else proc(value))
+            append(value if proc is None else proc(value))  # None too, as SQLAlchemy does (JSON: 'null')
     return out
 
 

@@ -668,11 +668,11 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
         transitions = [item for item in batch if isinstance(item, _Pending)]
         if not transitions:
             return stale
-        sqlite = conn.dialect.name == "sqlite"  # multi-row statements there (db/multirow.py says why)
+        multi = conn.dialect.name == "sqlite" and multirow.supported()  # multi-row statements (db/multirow.py)
         ids = [item.position.id for item in transitions]
-        if sqlite:  # its one writer is held (this process's write lock): nothing to lock
+        if multi:  # SQLite: its one writer is held (this process's write lock): nothing to lock
             stored = multirow.pairs(conn, positions, "id", "seq", ids)
-        else:  # lock the rows read
+        else:  # lock the rows read (SQLite renders no FOR UPDATE: its writer is held)
             check = sa.select(positions.c.id, positions.c.seq).where(positions.c.id.in_(ids)).with_for_update()
             stored = {row[0]: row[1] for row in conn.execute(check)}
         good = []
@@ -692,7 +692,7 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
             values = _position_values(item.position)
             values["_id"], values["_prev_seq"] = item.position.id, item.outcome.journal.seq - 1
             rows.append(values)
-        if sqlite:
+        if multi:
             matched: int | None = multirow.update(conn, positions, "id", rows, key_param="_id",
                                                   guard=("seq", "_prev_seq"))
         else:
@@ -709,7 +709,7 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
                 values["_id"] = values.pop("position_id")
                 kept.append(values)
         ended = [_closure_values(item.outcome.closure) for item in good if item.outcome.closure is not None]
-        if sqlite:
+        if multi:
             multirow.insert(conn, journal, entries)
             multirow.delete(conn, trailing_states, "position_id", gone)
             multirow.update(conn, trailing_states, "position_id", kept, key_param="_id")
@@ -731,7 +731,7 @@ def _write_orders(conn: sa.Connection, items: list[_PendingOrder]) -> None:
     """Order rows of a batch (one per client id: `_write_batches` keeps the second write of one for the next
     batch): an update for the rows there, an insert for the others, one executemany each; on SQLite one
     multi-row upsert (the row's `created_at` is kept)."""
-    if conn.dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite" and multirow.supported():
         multirow.insert(conn, orders, [{**_order_values(item.order, item.now), "client_id": item.order.client_id,
                                         "created_at": item.order.created_at} for item in items],
                         upsert_on="client_id", keep=("created_at",))

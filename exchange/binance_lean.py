@@ -13,14 +13,15 @@ execution type and order type, and on the simulator's.
 """
 from __future__ import annotations
 
-from decimal import Context, Decimal, DecimalException
+from decimal import Context, Decimal, DecimalException, DivisionByZero, Inexact, InvalidOperation, Overflow
 from typing import Any
 
 from ccxt.base.precise import Precise
 
 # Precise's sums and products are exact; so are Decimal's within this many digits (a price times a quantity
-# needs ~30 at most). Their floats (all ccxt keeps of them) are then the same.
-_EXACT = Context(prec=80)
+# needs ~30 at most), and a result that would need more raises (Inexact): ccxt parses that update itself. Their
+# floats (all ccxt keeps of them) are then the same.
+_EXACT = Context(prec=80, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
 
 _TAKE_PROFIT = ("take_profit", "take_profit_market", "take_profit_limit")
 _TEXT = ("q", "z", "Z", "ap", "p", "P", "sp", "tp", "n")  # numbers Binance sends as text
@@ -46,7 +47,7 @@ def _lean_order(ex: Any, order: Any) -> dict[str, Any] | None:
         if value is not None and type(value) is not str:
             return None
     market_id, raw_status = get("s"), get("X")
-    if type(market_id) is not str or type(raw_status) is not str:
+    if type(market_id) is not str or type(raw_status) is not str or not market_id or not raw_status:
         return None
     execution = get("x")
     timestamp = _integer(get("O"))
@@ -87,13 +88,13 @@ def _lean_order(ex: Any, order: Any) -> dict[str, Any] | None:
         filled = amount
     remaining: str | Decimal | None = None
     if amount is not None and filled is not None:
-        remaining = _EXACT.subtract(Decimal(amount), Decimal(filled))
+        remaining = _unsigned_zero(_EXACT.subtract(Decimal(amount), Decimal(filled)))
     elif status == "closed":
         remaining = "0"
     if average is None and filled is not None and cost is not None and Decimal(filled) > 0:
         average = Precise.string_div(cost, filled)  # Precise's division (18 digits, truncated) as ccxt's
     if parse_cost and filled is not None and (average is not None or price is not None):
-        cost = _EXACT.multiply(Decimal(filled), Decimal(price if average is None else average))
+        cost = _unsigned_zero(_EXACT.multiply(Decimal(filled), Decimal(price if average is None else average)))
     if (price is None or Decimal(price) == 0) and order_type == "market":
         price = average
     if time_in_force is None:
@@ -133,6 +134,11 @@ def _lean_order(ex: Any, order: Any) -> dict[str, Any] | None:
         "fees": [] if fee is None else [{"cost": number(fee["cost"]), "currency": fee["currency"]}],
         "stopLossPrice": None,
     }
+
+
+def _unsigned_zero(value: Decimal) -> Decimal:
+    """Precise has no negative zero ("-0" times a price is 0 there, -0.0 in Decimal)."""
+    return value if value else Decimal(0)
 
 
 def _number(value: Any) -> float | None:
