@@ -231,7 +231,9 @@ class Cluster:
                 health = await asyncio.to_thread(member.api, "GET", "/health")
             except OSError:
                 continue
-            out[name] = set(health.get("accounts", {}))
+            # Listed and running: an account still starting (health says "not started") refuses commands.
+            out[name] = {a for a, state in health.get("accounts", {}).items()
+                         if "not started" not in state.get("reasons", [])}
         return out
 
     async def settled(self, expect: set[str] | None = None) -> dict[str, str | None]:

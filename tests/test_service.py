@@ -343,6 +343,18 @@ port = 0
                 health = await r.json()
                 assert health["status"] == "ok", health
                 assert health["accounts"]["sim"]["live_positions"] == 2
+            # An account is listed while it starts (its positions loading, its live engine not yet running; a
+            # takeover in CI hit that window): a command then is refused with 503 and says why, never a 500.
+            runtime = service.accounts["sim"]
+            runtime.live = None
+            try:
+                async with session.post(base + "/positions", headers=good, json={
+                        "symbol": "BTCUSDT", "side": "long", "quantity": "0.01"}) as r:
+                    assert r.status == 503 and "starting" in (await r.json())["error"]
+                async with session.post(base + f"/positions/{pid}/close", headers=good, json={}) as r:
+                    assert r.status == 503 and "starting" in (await r.json())["error"]
+            finally:
+                runtime.live = live
             sim.venue.force_close(account, "ETHUSDT", "liquidation")
             for _ in range(200):
                 if pid not in live.engine.positions:
