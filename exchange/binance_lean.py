@@ -102,8 +102,7 @@ def _lean_order(ex: Any, order: Any) -> dict[str, Any] | None:
             time_in_force = "IOC"
         if post_only:
             time_in_force = "PO"
-    number = _number
-    trigger_number = number(trigger)
+    trigger_number = _number(trigger)
     reduce_only = get("R")
     return {
         "info": order,
@@ -119,19 +118,19 @@ def _lean_order(ex: Any, order: Any) -> dict[str, Any] | None:
         "postOnly": post_only,
         "reduceOnly": reduce_only if type(reduce_only) is bool else None,
         "side": _lower(get("S")),
-        "price": number(price),
+        "price": _number(price),
         "stopPrice": trigger_number,
         "triggerPrice": trigger_number,
-        "takeProfitPrice": number(trigger if type_lower in _TAKE_PROFIT else None),
-        "amount": number(amount),
-        "cost": number(cost),
-        "average": number(average),
-        "filled": number(filled),
-        "remaining": number(remaining),
+        "takeProfitPrice": _number(trigger if type_lower in _TAKE_PROFIT else None),
+        "amount": _number(amount),
+        "cost": _number(cost),
+        "average": _number(average),
+        "filled": _number(filled),
+        "remaining": _number(remaining),
         "status": status,
         "fee": fee,
         "trades": [],
-        "fees": [] if fee is None else [{"cost": number(fee["cost"]), "currency": fee["currency"]}],
+        "fees": [] if fee is None else [{"cost": _number(fee["cost"]), "currency": fee["currency"]}],
         "stopLossPrice": None,
     }
 

@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from db import multirow
 from db.repository import Repository
 from exchange.paper import PaperExchange
-from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Position, Side, TrailingState
+from lifecycle.domain import OrderPurpose, OrderRef, OrderStatus, Position
 from lifecycle.engine import Engine
 from lifecycle.events import EntryFilled, Event, Flat, TsActivated
 from lifecycle.journal import Outcome
 from lifecycle.records import JsonlRecords
 from tests.conftest import FakeClock
+from tests.test_group_commit import _open
 
 TABLES = ("positions", "journal", "trailing_states", "closures", "orders")
 
@@ -67,11 +68,7 @@ async def test_a_batch_stores_exactly_what_one_statement_per_row_stores(tmp_path
         sa.event.listen(batched.sync_engines[-1], "connect", limit)
     alone = await Repository.open(f"sqlite:///{tmp_path / 'alone.sqlite'}")
     try:
-        ids = []
-        for i in range(24):
-            p = await engine.open_position(account="acct", symbol=f"S{i}", side=Side.LONG, quantity=D(1),
-                                           trailing=TrailingState(activation_price=D(110), callback_rate=D(1)))
-            ids.append(p.id)
+        ids = await _open(engine, 24)
         for pid in ids:  # the same positions in the second database
             stored = await batched.get_position(pid)
             assert stored is not None
@@ -120,11 +117,7 @@ async def test_a_batch_is_a_few_statements_whatever_its_size(tmp_path: Path) -> 
     assert writer is not repo.engine.sync_engine
     sa.event.listen(writer, "connect", trace)
     try:
-        ids = []
-        for i in range(150):
-            p = await engine.open_position(account="acct", symbol=f"S{i}", side=Side.LONG, quantity=D(1),
-                                           trailing=TrailingState(activation_price=D(110), callback_rate=D(1)))
-            ids.append(p.id)
+        ids = await _open(engine, 150)
         now = datetime.now(UTC)
         counts: list[tuple[int, int]] = []
         for chosen in (ids[:30], ids[30:]):
