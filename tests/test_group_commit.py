@@ -82,6 +82,34 @@ async def test_concurrent_transitions_share_transactions_and_each_journal_replay
         assert await repo.closure(pid) is not None
 
 
+async def test_the_members_of_a_batch_are_live_before_any_of_them_is_recorded(engine: Engine,
+                                                                            repo: Repository) -> None:
+    """A batch's members are swapped into memory (and the listeners told) together, when their transaction
+    commits, not one task wake-up after another (bench.burst, issue 13): when the first record of a batch is
+    written, every member of that batch is already live in its new state, and carries that swap's time."""
+    ids = await _open(engine, 30)
+    sizes_before = len(repo.batch_stats.sizes)
+    live_when_recorded: list[int] = []
+    heard: list[str] = []
+    engine.listeners.append(lambda position, outcome: heard.append(position.id))
+    emit = engine.records.emit
+
+    def counting(record: object) -> None:
+        live_when_recorded.append(sum(engine.positions[pid].state.value == "OPEN" for pid in ids))
+        emit(record)  # type: ignore[arg-type]
+
+    engine.records.emit = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(engine.fire(pid, EntryFilled(quantity=D(1), price=D(100))) for pid in ids))
+    sizes = list(repo.batch_stats.sizes)[sizes_before:]
+    assert sum(sizes) == 30 and max(sizes) > 1
+    expected, done = [], 0
+    for size in sizes:  # every record of a batch sees all of that batch (and the batches before it) live
+        done += size
+        expected += [done] * size
+    assert live_when_recorded == expected
+    assert sorted(heard) == sorted(ids)
+
+
 async def test_a_stale_member_fails_alone_and_the_rest_of_its_batch_commits(engine: Engine,
                                                                            repo: Repository) -> None:
     a, b, c = await _open(engine, 3)

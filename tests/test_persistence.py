@@ -1,16 +1,20 @@
 """Persistence, run on a SQLite file and on PostgreSQL (skipped with a reason when it is absent)."""
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal as D
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from db.repository import Repository, journal, positions
 from db.tables import metadata
+from db.types import UTCDateTime
 from exchange.paper import PaperExchange
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, Side, TrailingState
 from lifecycle.engine import Engine
@@ -192,3 +196,18 @@ async def test_rehydration_loads_only_the_accounts_this_process_owns(repo: Repos
     mine = Engine(repo, canceller=PaperExchange(), records=records)
     assert await mine.rehydrate(["alpha"]) == 1
     assert {p.account for p in mine.positions.values()} == {"alpha"}
+
+
+@given(at=st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 30),
+                       timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))])))
+@settings(max_examples=2000, deadline=None)
+def test_a_time_is_stored_on_sqlite_as_fixed_width_utc_text_that_parses_back(at: datetime) -> None:
+    """The text SQLite stores (issue 13 made it with isoformat): for years from 1000 the very text strftime made
+    before, so it sorts with rows already written; below 1000 padded to four digits (it did not parse back)."""
+    bind = UTCDateTime().dialect_impl(sqlite_dialect()).bind_processor(sqlite_dialect())
+    text = bind(at)
+    utc = at.astimezone(UTC)
+    assert len(text) == 32 and text.endswith("+00:00")
+    assert datetime.fromisoformat(text) == at
+    if utc.year >= 1000:
+        assert text == f"{utc:%Y-%m-%d %H:%M:%S.%f}+00:00"
