@@ -6,11 +6,11 @@ from decimal import Decimal as D
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 
 from db.repository import Repository, journal, positions
 from db.tables import metadata
@@ -198,8 +198,11 @@ async def test_rehydration_loads_only_the_accounts_this_process_owns(repo: Repos
     assert {p.account for p in mine.positions.values()} == {"alpha"}
 
 
+_OFFSETS = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+
+
 @given(at=st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 30),
-                       timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))])))
+                       timezones=st.sampled_from(_OFFSETS)))
 @settings(max_examples=2000, deadline=None)
 def test_a_time_is_stored_on_sqlite_as_fixed_width_utc_text_that_parses_back(at: datetime) -> None:
     """The text SQLite stores (issue 13 made it with isoformat): for years from 1000 the very text strftime made
