@@ -188,8 +188,10 @@ class Engine:
         The draft becomes live (and the listeners hear of it) in a callback of the books' answer, not when this
         coroutine resumes: the members of one group commit are all swapped in within the loop's turn that
         follows their transaction, instead of one task wake-up after another (a 500-position cascade's
-        acknowledgements took ~0.2 ms each, in a row: bench.burst, issue 13). The transition record and the log
-        line follow when this coroutine resumes; the record's `committed_at` is the swap's time."""
+        acknowledgements took 0.1-0.3 ms each, in a row: bench.burst, issue 13). The transition record and the log
+        line follow when this coroutine resumes; the record's `committed_at` is the swap's time. The swap is
+        claimed (its time taken) before it runs, so that a listener raising past `_swap` (a BaseException, which
+        the loop's handler then reports) cannot make the coroutine swap and notify a second time."""
         # The committed draft is not changed after this (later events work on clones; only its working-order
         # dict, which a commit does not write, is), so a queued retry can write it as it is.
         seq = outcome.journal.seq
@@ -203,7 +205,10 @@ class Engine:
 
         def swap(done: asyncio.Future[None]) -> None:
             if not swapped and not done.cancelled() and done.exception() is None:
-                swapped.append(self._swap(draft, outcome))
+                # Claimed before anything runs: whatever a listener raises (a BaseException escapes `_swap`),
+                # the coroutine must not swap and notify a second time.
+                swapped.append(self.clock())
+                self._swap(draft, outcome)
 
         answer.add_done_callback(swap)  # registered before `_outlast` waits: it runs first
         try:
@@ -213,12 +218,13 @@ class Engine:
             await _finish(self._reload(draft.id))
             raise
         if not swapped:  # answered before it was awaited (the books queued it): its callback has not run yet
-            swapped.append(self._swap(draft, outcome))
+            swapped.append(self.clock())
+            self._swap(draft, outcome)
         self._committed(draft, outcome, swapped[0])
         return cancelled
 
-    def _swap(self, draft: Position, outcome: Outcome) -> datetime:
-        """The committed draft becomes the live position and the listeners hear of it; returns the time."""
+    def _swap(self, draft: Position, outcome: Outcome) -> None:
+        """The committed draft becomes the live position and the listeners hear of it."""
         self.positions[draft.id] = draft
         self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
         for listener in self.listeners:
@@ -226,7 +232,6 @@ class Engine:
                 listener(draft, outcome)
             except Exception as e:  # noqa: BLE001 - a listener must not undo a committed transition
                 logger.error("transition listener failed: {}: {}", type(e).__name__, e)
-        return self.clock()
 
     def _committed(self, draft: Position, outcome: Outcome, committed_at: datetime) -> None:
         """The transition's record and its log line (after `_swap`)."""

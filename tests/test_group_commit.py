@@ -21,6 +21,7 @@ from lifecycle.engine import Engine
 from lifecycle.errors import ConcurrentModification, StoreRefused
 from lifecycle.events import CloseRequested, EntryFilled, Event, Flat, StopMoved, TsActivated
 from lifecycle.journal import Outcome
+from lifecycle.record_kinds import TransitionRecord
 from lifecycle.records import JsonlRecords
 from lifecycle.replay import replay
 from tests.storage_faults import DriverErrors
@@ -467,3 +468,40 @@ async def test_a_status_for_an_order_that_finished_meanwhile_neither_revives_nor
     assert stop.client_id not in engine.positions[pid].orders
     status = await _row_status(repo, stop.client_id)
     assert status == OrderStatus.FILLED.value
+
+
+async def test_a_listener_that_raises_past_the_swap_callback_hears_of_a_transition_once(
+        engine: Engine, repo: Repository) -> None:
+    """The swap runs in a callback of the books' answer; a listener raising what `except Exception` does not
+    catch (a BaseException) leaves that callback half done. The coroutine must not swap and notify again when
+    it resumes: one listener call, one transition counted, one record."""
+
+    class Escapes(BaseException):
+        pass
+
+    [pid] = await _open(engine, 1)
+    heard: list[int] = []
+
+    def listener(position: object, outcome: Outcome) -> None:
+        heard.append(outcome.journal.seq)
+        raise Escapes
+
+    engine.listeners.append(listener)
+    recorded: list[int] = []
+    emit = engine.records.emit
+
+    def recording(record: TransitionRecord) -> None:
+        recorded.append(record.seq)
+        emit(record)
+
+    engine.records.emit = recording  # type: ignore[method-assign,assignment]
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda loop, context: None)  # the callback's error goes to the loop's handler
+    try:
+        await engine.fire(pid, EntryFilled(quantity=D(1), price=D(100)))
+    finally:
+        loop.set_exception_handler(handler)
+    assert heard == [1] and recorded == [1]
+    assert sum(engine.metrics.transitions.values()) == 1
+    assert engine.positions[pid] == await repo.get_position(pid)
