@@ -208,6 +208,7 @@ def test_a_time_is_stored_on_sqlite_as_fixed_width_utc_text_that_parses_back(at:
     """The text SQLite stores (issue 13 made it with isoformat): for years from 1000 the very text strftime made
     before, so it sorts with rows already written; below 1000 padded to four digits (it did not parse back)."""
     bind = UTCDateTime().dialect_impl(sqlite_dialect()).bind_processor(sqlite_dialect())
+    assert bind is not None
     text = bind(at)
     utc = at.astimezone(UTC)
     assert len(text) == 32 and text.endswith("+00:00")
