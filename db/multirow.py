@@ -46,6 +46,11 @@ def supported() -> bool:
     return _supported
 
 
+def applies(conn: sa.Connection) -> bool:
+    """Whether a batch on this connection is written with these statements (SQLite, recent enough)."""
+    return conn.dialect.name == "sqlite" and supported()
+
+
 def _bind(table: sa.Table, dialect: sa.Dialect) -> dict[str, Callable[[Any], Any] | None]:
     key = (table.name, dialect.name)
     found = _processors.get(key)

@@ -668,7 +668,7 @@ def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]
         transitions = [item for item in batch if isinstance(item, _Pending)]
         if not transitions:
             return stale
-        multi = conn.dialect.name == "sqlite" and multirow.supported()  # multi-row statements (db/multirow.py)
+        multi = multirow.applies(conn)  # multi-row statements (db/multirow.py says why)
         ids = [item.position.id for item in transitions]
         if multi:  # SQLite: its one writer is held (this process's write lock): nothing to lock
             stored = multirow.pairs(conn, positions, "id", "seq", ids)
@@ -731,7 +731,7 @@ def _write_orders(conn: sa.Connection, items: list[_PendingOrder]) -> None:
     """Order rows of a batch (one per client id: `_write_batches` keeps the second write of one for the next
     batch): an update for the rows there, an insert for the others, one executemany each; on SQLite one
     multi-row upsert (the row's `created_at` is kept)."""
-    if conn.dialect.name == "sqlite" and multirow.supported():
+    if multirow.applies(conn):
         multirow.insert(conn, orders, [{**_order_values(item.order, item.now), "client_id": item.order.client_id,
                                         "created_at": item.order.created_at} for item in items],
                         upsert_on="client_id", keep=("created_at",))

@@ -35,7 +35,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             value = value.astimezone(UTC)
         if dialect.name == "sqlite":
             # "YYYY-MM-DD HH:MM:SS.ffffff+00:00"; isoformat writes it in a third of strftime's time (a fifth of
-            # a group commit's work was this line: bench.burst, issue 13) and pads a year below 1000 to four
+            # a group commit's work was this line: bench.transitions, issue 13) and pads a year below 1000 to four
             # digits, which strftime's %Y did not (such a text did not parse back).
             return value.isoformat(" ", "microseconds")
         return value

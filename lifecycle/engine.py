@@ -203,14 +203,17 @@ class Engine:
         answer = self.books.submit(f"commit {draft.id} #{seq}", lambda: self.store.commit(draft, outcome), written)
         swapped: list[datetime] = []
 
-        def swap(done: asyncio.Future[None]) -> None:
-            if not swapped and not done.cancelled() and done.exception() is None:
-                # Claimed before anything runs: whatever a listener raises (a BaseException escapes `_swap`),
-                # the coroutine must not swap and notify a second time.
-                swapped.append(self.clock())
-                self._swap(draft, outcome)
+        def swap() -> None:
+            # Claimed before anything runs: whatever a listener raises (a BaseException escapes `_swap`), the
+            # coroutine must not swap and notify a second time.
+            swapped.append(self.clock())
+            self._swap(draft, outcome)
 
-        answer.add_done_callback(swap)  # registered before `_outlast` waits: it runs first
+        def on_answer(done: asyncio.Future[None]) -> None:
+            if not swapped and not done.cancelled() and done.exception() is None:
+                swap()
+
+        answer.add_done_callback(on_answer)  # registered before `_outlast` waits: it runs first
         try:
             cancelled = await _outlast(answer)
         except ConcurrentModification:
@@ -218,8 +221,7 @@ class Engine:
             await _finish(self._reload(draft.id))
             raise
         if not swapped:  # answered before it was awaited (the books queued it): its callback has not run yet
-            swapped.append(self.clock())
-            self._swap(draft, outcome)
+            swap()
         self._committed(draft, outcome, swapped[0])
         return cancelled
 

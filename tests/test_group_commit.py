@@ -87,7 +87,7 @@ async def test_the_members_of_a_batch_are_live_before_any_of_them_is_recorded(en
                                                                             repo: Repository) -> None:
     """A batch's members are swapped into memory (and the listeners told) together, when their transaction
     commits, not one task wake-up after another (bench.burst, issue 13): when the first record of a batch is
-    written, every member of that batch is already live in its new state, and carries that swap's time."""
+    written, every member of that batch is already live in its new state, and every listener heard of it."""
     ids = await _open(engine, 30)
     sizes_before = len(repo.batch_stats.sizes)
     live_when_recorded: list[int] = []
