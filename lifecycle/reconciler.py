@@ -148,7 +148,11 @@ class Reconciler:
         report.rest_calls += 1
         snapshot = await commands.venue_positions()
         report.snapshot = snapshot
-        shown = {(s.symbol, s.side) for s in snapshot}
+        # One pass over the venue's list, looked up by key after: a scan per tracked position made a sync of
+        # 500 positions 250,000 comparisons on the event loop every tick (bench.burst's profile: 36 ms).
+        shown: dict[tuple[str, Side | None], PositionSnapshot] = {}
+        for s in snapshot:
+            shown.setdefault((s.symbol, s.side), s)  # the first one, as a scan would have found
         for pid in [pid for pid in self._doubt_since if view.position(pid) is None]:
             del self._doubt_since[pid]  # ended meanwhile
         for pid in [pid for pid in self._absent_since if view.position(pid) is None]:
@@ -164,8 +168,7 @@ class Reconciler:
                     again = await commands.venue_positions([position.symbol])
                     if any(s.symbol == position.symbol and s.side is position.side for s in again):
                         commands.settled(position.id)  # REST shows it twice: the resync's absence was stale
-                snap = next(s for s in snapshot if (s.symbol, s.side) == (position.symbol, position.side))
-                if abs(snap.amount) < position.quantity:
+                if abs(shown[(position.symbol, position.side)].amount) < position.quantity:
                     await self._smaller(position, report)
                 continue
             current = view.position(position.id)
