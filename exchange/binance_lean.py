@@ -168,3 +168,41 @@ def _integer(value: Any) -> int | None:
         return int(float(value))
     except Exception:  # noqa: BLE001 - as ccxt: whatever does not convert is absent
         return None
+
+
+# --- the positions list (REST) ------------------------------------------------------------------------------
+
+# Options of ccxt's that change which endpoint `fetch_positions` asks or how it reads the answer: with any of them
+# set, ccxt does the whole call itself.
+POSITION_OPTIONS = frozenset({"fetchPositions", "fetchPositionsRisk", "defaultType", "defaultSubType", "subType",
+                              "type", "portfolioMargin", "defaultMarginMode", "useV2"})
+
+
+def lean_position_risk(response: Any, markets_by_id: Any) -> list[dict[str, Any]] | None:
+    """The entries of a USDⓈ-M positionRisk (v3) answer that ccxt's `fetch_positions` lists, their fields checked
+    for the adapter to read as they are (`symbol` a listed market id, `positionAmt` and `entryPrice` finite
+    numbers as text, `updateTime` an integer or absent); None where ccxt must parse the answer itself.
+
+    ccxt keeps an entry whose entry price is above zero and turns each into a unified position (~56 us each with
+    Precise's text arithmetic: 28 ms for 500 positions, on the event loop at every sync tick, bench.burst's
+    profile); the adapter then reads only the market, `positionAmt`, `entryPrice` and `updateTime` of Binance's
+    own payload. tests/test_binance_lean.py compares the two on generated answers and on the simulator's."""
+    if not isinstance(response, list) or not isinstance(markets_by_id, dict):
+        return None
+    kept = []
+    for entry in response:
+        if not isinstance(entry, dict):
+            return None
+        symbol, amount, price, at = (entry.get("symbol"), entry.get("positionAmt"), entry.get("entryPrice"),
+                                     entry.get("updateTime"))
+        if type(symbol) is not str or symbol not in markets_by_id or type(amount) is not str \
+                or type(price) is not str or not (at is None or type(at) is int):
+            return None
+        try:
+            if not (Decimal(amount).is_finite() and Decimal(price).is_finite()):
+                return None
+        except DecimalException:
+            return None
+        if Decimal(price) > 0:
+            kept.append(entry)
+    return kept

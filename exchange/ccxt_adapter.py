@@ -23,7 +23,7 @@ import ccxt.pro as ccxtpro
 from loguru import logger
 
 from exchange import errors
-from exchange.binance_lean import lean_order
+from exchange.binance_lean import POSITION_OPTIONS, lean_order, lean_position_risk
 from exchange.port import (
     Fill,
     MarkPrice,
@@ -152,6 +152,13 @@ def _ms(value: Any) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+def _risk_position(entry: dict[str, Any]) -> PositionSnapshot:
+    """One entry of Binance's positionRisk answer as `lean_position_risk` kept it: what `_position` reads of the
+    unified position ccxt would have made of it (its market id, `positionAmt`, `entryPrice`, `updateTime`)."""
+    return PositionSnapshot(entry["symbol"], Decimal(entry["positionAmt"]), Decimal(entry["entryPrice"]),
+                            _ms(entry.get("updateTime")))
+
+
 # TRIGGERED means the algo placed its order, not that anything filled: still working until FINISHED.
 _BINANCE_ALGO_STATUS = {
     "NEW": OrderStatus.OPEN, "TRIGGERING": OrderStatus.OPEN, "TRIGGERED": OrderStatus.OPEN,
@@ -189,6 +196,9 @@ class CcxtExchange:
         self._keepalive_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._binance = settings.exchange_id.startswith("binance")
+        # USDⓈ-M with ccxt's default endpoint for positions: the answer is read without ccxt's parsing
+        # (exchange/binance_lean.py lean_position_risk).
+        self._lean_positions = settings.exchange_id == "binanceusdm" and not POSITION_OPTIONS & set(settings.options)
         self._closed = False
         # Several processes on one database (issue 14): asked before every request that changes the venue (any
         # method but GET, listen keys aside), at the moment it is sent (after ccxt's rate limiter); False:
@@ -401,6 +411,15 @@ class CcxtExchange:
         """
         unified = [self._unified(s) for s in symbols] if symbols else None
         params = {"symbol": self._market_id(unified[0])} if unified and len(unified) == 1 else {}
+        if self._lean_positions:
+            client = self.client
+            entries = lean_position_risk(await self._call(client.fapiPrivateV3GetPositionRisk, params),
+                                         client.markets_by_id)
+            if entries is not None:
+                wanted = {self._market_id(u) for u in unified} if unified else None
+                return [p for p in map(_risk_position, entries)
+                        if p.amount != 0 and (wanted is None or p.symbol in wanted)]
+            # an answer of a shape the lean reading does not know: ccxt asks and reads it itself
         raw = await self._call(self.client.fetch_positions, unified, params)
         return [p for p in (self._position(r) for r in raw) if p.amount != 0]
 

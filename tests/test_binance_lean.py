@@ -3,6 +3,7 @@ leaves the update to ccxt: on generated updates of every status, execution type 
 the simulator sends, and through the adapter's client."""
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Iterator
 from decimal import Decimal as D
@@ -13,8 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exchange.binance_lean import lean_order
+from exchange.binance_lean import lean_order, lean_position_risk
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, _guarded
+from exchange.secret import Secret
+from exchange.sim.server import SimServer
 from exchange.sim.venue import SimAlgo, Venue
 
 MARKETS = [{
@@ -169,3 +172,118 @@ ABOVE_MIDPOINT = "1.00000000000000011102230246251565404236316680908203125" + "0"
 def test_the_reviews_cases_parse_as_ccxt_parses_them(ccxt_binance: Any, body: dict[str, Any]) -> None:
     """Cases the review of 5475b0e found where the lean parsing differed; each now matches or goes to ccxt."""
     _same(ccxt_binance, body)
+
+
+# --- the positions list (REST): lean_position_risk --------------------------------------------------------------
+
+RISK_NUMBERS = st.sampled_from(["0", "0.000", "0.00000", "-0.000", "0.010", "-0.010", "1", "-3", "100000.5",
+                                "2500.10", "12345678.12345678", "0.00000001", "1e-5", "7E+2", "-1E-3"])
+RISK_STAMPS = st.one_of(st.none(), st.just(0), st.integers(min_value=1_600_000_000_000, max_value=1_900_000_000_000))
+
+
+@st.composite
+def risk_entries(draw: st.DrawFn) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "symbol": draw(st.sampled_from(["BTCUSDT", "ETHUSDT"])), "positionSide": draw(st.sampled_from(
+            ["BOTH", "LONG", "SHORT"])), "positionAmt": draw(RISK_NUMBERS), "entryPrice": draw(RISK_NUMBERS),
+        "breakEvenPrice": "0", "markPrice": draw(RISK_NUMBERS), "unRealizedProfit": draw(RISK_NUMBERS),
+        "liquidationPrice": "0", "isolatedMargin": "0", "notional": draw(RISK_NUMBERS), "marginAsset": "USDT",
+        "isolatedWallet": "0", "initialMargin": "0", "maintMargin": "0", "positionInitialMargin": "0",
+        "openOrderInitialMargin": "0", "adl": 0, "bidNotional": "0", "askNotional": "0",
+    }
+    _put(entry, "updateTime", draw(RISK_STAMPS))
+    return entry
+
+
+@pytest.fixture(scope="module")
+def risk_client() -> Iterator[tuple[CcxtExchange, Any, list[Any]]]:
+    """The adapter over its ccxt client (keys set, rate limiter off), whose HTTP layer answers what the test puts
+    in the list's last place; the URLs asked are appended to it before."""
+    adapter = CcxtExchange(ExchangeSettings(exchange_id="binanceusdm"))
+    client = _guarded(ccxtpro.binanceusdm, adapter)({"options": {"fetchCurrencies": False}, "apiKey": "k" * 16,
+                                                      "secret": "s" * 16, "enableRateLimit": False})
+    client.set_markets(copy.deepcopy(MARKETS))
+    client.options["leverageBrackets"] = {}  # (ccxt would load them once, over REST, for fields we do not read)
+    exchange: list[Any] = [None]
+
+    async def fetch(url: str, method: str = "GET", headers: Any = None, body: Any = None) -> Any:
+        exchange.insert(-1, url)
+        return copy.deepcopy(exchange[-1])
+
+    client.fetch = fetch  # the HTTP layer under ccxt: the venue's answer
+    adapter.client = client
+    yield adapter, client, exchange
+    asyncio.run(client.close())
+
+
+def _positions_both_ways(risk_client: tuple[CcxtExchange, Any, list[Any]], answer: Any,
+                         symbols: list[str] | None) -> tuple[Any, Any, list[str]]:
+    """The adapter's `positions` on one REST answer, read the lean way and by ccxt; the URLs asked."""
+    adapter, _, exchange = risk_client
+    exchange[:] = [answer]
+    outcomes: list[Any] = []
+    for lean in (True, False):
+        adapter._lean_positions = lean
+        try:
+            got = asyncio.run(adapter.positions(symbols))
+            outcomes.append(sorted((p.symbol, p.amount, p.entry_price, p.at.timestamp()) for p in got))
+        except Exception as e:  # noqa: BLE001 - compared: both ways fail alike
+            outcomes.append(type(e).__name__)
+    return outcomes[0], outcomes[1], exchange[:-1]
+
+
+def _same_positions(lean: Any, ccxt_way: Any) -> None:
+    if isinstance(ccxt_way, str):
+        assert lean == ccxt_way
+        return
+    assert [p[:3] for p in lean] == [p[:3] for p in ccxt_way]
+    # a position without an update time is stamped "now" both ways, a few milliseconds apart
+    assert all(abs(a[3] - b[3]) < 5 for a, b in zip(lean, ccxt_way, strict=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(answer=st.lists(risk_entries(), max_size=6),
+       symbols=st.sampled_from([None, ["BTCUSDT"], ["ETHUSDT"], ["BTCUSDT", "ETHUSDT"]]))
+def test_generated_position_lists_read_as_ccxt_reads_them(risk_client: Any, answer: list[dict[str, Any]],
+                                                          symbols: list[str] | None) -> None:
+    lean, ccxt_way, asked = _positions_both_ways(risk_client, answer, symbols)
+    _same_positions(lean, ccxt_way)
+    assert "v3/positionRisk" in asked[0] and len(asked) == 2, asked  # the lean way asked once, then ccxt
+
+
+@pytest.mark.parametrize("entry", [
+    {"symbol": "DOGEUSDT", "positionAmt": "1", "entryPrice": "0.2"},  # a market the client does not list
+    {"symbol": "BTCUSDT", "positionAmt": 1, "entryPrice": "100"},  # a number that is not text
+    {"symbol": "BTCUSDT", "positionAmt": "1", "entryPrice": "abc"},  # not a number at all
+    {"symbol": "BTCUSDT", "positionAmt": "NaN", "entryPrice": "100"},
+    {"symbol": "BTCUSDT", "positionAmt": "1", "entryPrice": "100", "updateTime": "1796400000000"},
+], ids=["unlisted", "number", "not-a-number", "nan", "text-time"])
+def test_position_lists_of_other_shapes_are_left_to_ccxt(risk_client: Any, entry: dict[str, Any]) -> None:
+    assert lean_position_risk([entry], {m["id"]: [m] for m in MARKETS}) is None
+    lean, ccxt_way, asked = _positions_both_ways(risk_client, [entry], None)
+    _same_positions(lean, ccxt_way)
+    assert len(asked) == 3, asked  # the lean way asked, fell back to ccxt (asked again); then ccxt alone
+
+
+async def test_the_simulators_positions_take_the_lean_path_and_read_as_ccxt_reads_them() -> None:
+    server = await SimServer().start()
+    account = server.venue.add_account("lean")
+    adapter = await CcxtExchange(ExchangeSettings(api_key=Secret(account.api_key), secret=Secret(account.secret),
+                                                  urls=server.ccxt_urls(), rate_limit=False)).start()
+    try:
+        assert adapter._lean_positions
+        for symbol, side, quantity in (("BTCUSDT", "BUY", D("0.010")), ("ETHUSDT", "SELL", D("0.300"))):
+            server.venue.new_order(account, symbol=symbol, side=side, type_="MARKET", quantity=quantity, price=None,
+                                   client_id=f"lean-{symbol}", reduce_only=False)
+        client: Any = adapter.client
+        base: Any = type(client).__mro__[1]
+        for symbols in (None, ["ETHUSDT"], ["BTCUSDT", "ETHUSDT"], ["SOLUSDT"]):
+            lean = await adapter.positions(symbols)
+            parsed = await base.fetch_positions(client, [adapter._unified(s) for s in symbols] if symbols else None)
+            ccxt_way = [p for p in map(adapter._position, parsed) if p.amount != 0]
+            assert sorted(lean, key=str) == sorted(ccxt_way, key=str), symbols
+        assert {(p.symbol, p.amount) for p in await adapter.positions()} == {("BTCUSDT", D("0.010")),
+                                                                           ("ETHUSDT", D("-0.300"))}
+    finally:
+        await adapter.close()
+        await server.stop()
