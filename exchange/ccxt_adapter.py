@@ -24,6 +24,7 @@ from loguru import logger
 
 from exchange import errors
 from exchange.binance_lean import POSITION_OPTIONS, lean_order, lean_position_risk
+from exchange.binance_user_stream import FeeBook, order_update, position_update
 from exchange.port import (
     Fill,
     MarkPrice,
@@ -196,6 +197,10 @@ class CcxtExchange:
         self._keepalive_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._binance = settings.exchange_id.startswith("binance")
+        # Binance's user-stream events read straight into snapshots (exchange/binance_user_stream.py): the taps of
+        # the running order and position streams, by stream; the fees of the orders' fills seen.
+        self._taps: dict[str, list[_Tap]] = {}
+        self._fees = FeeBook()
         # USDⓈ-M with ccxt's default endpoint for positions: the answer is read without ccxt's parsing
         # (exchange/binance_lean.py lean_position_risk).
         self._lean_positions = settings.exchange_id == "binanceusdm" and not POSITION_OPTIONS & set(settings.options)
@@ -491,13 +496,13 @@ class CcxtExchange:
                                key=lambda p: (p.symbol, p.amount, p.entry_price, p.at),
                                order=lambda p: (p.symbol, p.at), probe=self._listen_key_alive,
                                quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.positions),
-                               snapshot=self.positions)
+                               snapshot=self.positions, tapped=True)
 
     def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]:
         return self._supervise("orders", "orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
                                order=_order_progress, probe=self._listen_key_alive,
                                quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.orders),
-                               snapshot=self.open_orders)
+                               snapshot=self.open_orders, tapped=True)
 
     def mark_prices(self, symbols: list[str]) -> AsyncIterator[MarkPrice | Resynced]:
         def watch(client: Any) -> Awaitable[Any]:
@@ -655,7 +660,8 @@ class CcxtExchange:
                          key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
                          probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
                          cached: Callable[[Any], list[Any]] | None,  # the cache's parts (see _cached)
-                         snapshot: Callable[[], Awaitable[list[Any]]] | None) -> AsyncIterator[Any]:
+                         snapshot: Callable[[], Awaitable[list[Any]]] | None,
+                         tapped: bool = False) -> AsyncIterator[Any]:
         """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
         Resynced marker once the new subscription is live, notice silence, drop duplicates and
         updates older than ones already seen.
@@ -663,8 +669,15 @@ class CcxtExchange:
         ccxt resolves a watch only for a caller already waiting: an update that lands while the previous
         batch is being handled stays in ccxt's cache until the next message. So after every batch, and
         every SWEEP_S while idle, the cache is swept for states not yielded yet (the key de-duplicates).
+
+        `tapped` (Binance's order and position streams): the frames the adapter's client reads straight into
+        snapshots (`_tap`) come through a tap of this stream instead of ccxt's watch, and count as its messages
+        (health, silence); frames of any other shape still reach ccxt, and its watch and cache, as before.
         """
         fresh = _Fresh(name, convert, key, order, self._drops.note)
+        tap = _Tap() if tapped and self._binance else None
+        if tap is not None:
+            self._taps.setdefault(name, []).append(tap)
         if probe is not None:
             self._ensure_keepalive()
         backoff = self.settings.backoff_initial_s
@@ -682,6 +695,9 @@ class CcxtExchange:
                     continue
                 client = self.client
                 if generation != self.generation:
+                    if tap is not None and tap.items:  # read before the change: before its Resynced, in order
+                        for item in fresh.take((), ready=tap.take()):
+                            yield item
                     if pending is not None:
                         if pending.done() and not pending.cancelled() and pending.exception() is None:
                             for item in fresh.take(pending.result()):  # finished on the old client: keep it
@@ -713,9 +729,23 @@ class CcxtExchange:
                         yield Resynced(name, reason, state)
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
-                done, _ = await asyncio.wait({pending}, timeout=RESWEEP_S if soon else SWEEP_S)
+                await asyncio.wait({pending} if tap is None else {pending, tap.wait()},
+                                   timeout=RESWEEP_S if soon else SWEEP_S, return_when=asyncio.FIRST_COMPLETED)
                 soon = False
-                if not done:
+                if tap is not None and tap.news:
+                    backoff = self.settings.backoff_initial_s
+                    last_message = loop.time()
+                    self.health[name] = StreamHealth.HEALTHY
+                    self._heard(name, "it delivers again")
+                    for item in fresh.take((), cached(client) if cached else (), ready=tap.take()):
+                        yield item
+                    soon = cached is not None
+                    if fresh.overflowed:
+                        fresh.overflowed = False
+                        yield await self._overflow_resync(name, snapshot)
+                    if not pending.done():
+                        continue
+                if not pending.done():
                     for item in fresh.take((), cached(client) if cached else ()):
                         yield item
                     if fresh.overflowed:
@@ -762,6 +792,28 @@ class CcxtExchange:
         finally:
             if pending is not None:
                 pending.cancel()
+            if tap is not None:
+                self._taps[name].remove(tap)
+
+    def _tap(self, client: Any, event: str, body: dict[str, Any]) -> bool:
+        """A checked Binance user-stream frame of the current client, read straight into snapshots for the taps of
+        the stream it belongs to; False (ccxt handles it) when nobody taps that stream or its shape is not the
+        one `exchange/binance_user_stream.py` reads."""
+        name = "positions" if event == "ACCOUNT_UPDATE" else "orders"
+        taps = self._taps.get(name)
+        if not taps or client is not self.client:
+            return False
+        items: list[Any] | None
+        if event == "ACCOUNT_UPDATE":
+            items = position_update(body)
+        else:
+            order = order_update(event, body, self._fees)
+            items = None if order is None else [order]
+        if items is None:
+            return False
+        for tap in taps:
+            tap.put(items)
+        return True
 
     async def _overflow_resync(self, name: str,
                                snapshot: Callable[[], Awaitable[list[Any]]] | None) -> Resynced:
@@ -860,6 +912,8 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
                         return None
                     if not _binance_frame_ok(body, self.markets_by_id or {}, owner._drops.note):
                         return None
+                    if body.get("e") in _TAPPED and owner._tap(self, body["e"], body):
+                        return None
                 return super().handle_message(client, message)
             except Exception as e:  # noqa: BLE001 - a frame ccxt cannot handle is dropped and counted
                 kind = _event_of(message)
@@ -955,6 +1009,8 @@ def _guard_text(original: Callable[[Any], Any], owner: CcxtExchange, binance: bo
     return handle
 
 
+# The user-stream events read straight into snapshots when their stream is tapped (CcxtExchange._tap).
+_TAPPED = frozenset({"ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE"})
 # Binance USDⓈ-M events (user data and market streams): anything else is counted as unknown and handed on.
 _BINANCE_EVENTS = frozenset({
     "ACCOUNT_UPDATE", "ORDER_TRADE_UPDATE", "ALGO_UPDATE", "TRADE_LITE", "MARGIN_CALL", "ACCOUNT_CONFIG_UPDATE",
@@ -1134,28 +1190,33 @@ class _Fresh:
                     self.drop("bad_value", f"a {self.name} update ccxt parsed but we could not read: "
                                            f"{type(e).__name__}: {e}")
                 continue
-            if self.key is not None:
-                k = self.key(item)
-                if k in self.seen:
-                    self.seen.move_to_end(k)  # still in ccxt's cache: keep remembering it
-                    self.recent += self.seen[k] == self.turn
-                    continue
-                self.seen[k] = self.turn
-                if len(self.seen) > MEMORY:
-                    self.seen.popitem(last=False)
-            if self.order is not None:
-                ident, progress = self.order(item)
-                if ident in self.latest and progress < self.latest[ident]:
-                    continue  # an older update arriving late
-                self.latest[ident] = progress
-                self.latest.move_to_end(ident)
-                if len(self.latest) > MEMORY:
-                    self.latest.popitem(last=False)
-            self.recent += 1
-            out.append(item)
+            if self.admit(item):
+                out.append(item)
         return out
 
-    def take(self, batch: Any, parts: Any = ()) -> list[Any]:
+    def admit(self, item: Any) -> bool:
+        """Whether a converted update is new: not seen before (its key), not older than one already seen."""
+        if self.key is not None:
+            k = self.key(item)
+            if k in self.seen:
+                self.seen.move_to_end(k)  # still in ccxt's cache: keep remembering it
+                self.recent += self.seen[k] == self.turn
+                return False
+            self.seen[k] = self.turn
+            if len(self.seen) > MEMORY:
+                self.seen.popitem(last=False)
+        if self.order is not None:
+            ident, progress = self.order(item)
+            if ident in self.latest and progress < self.latest[ident]:
+                return False  # an older update arriving late
+            self.latest[ident] = progress
+            self.latest.move_to_end(ident)
+            if len(self.latest) > MEMORY:
+                self.latest.popitem(last=False)
+        self.recent += 1
+        return True
+
+    def take(self, batch: Any, parts: Any = (), ready: Any = ()) -> list[Any]:
         """What a watch returned, then what ccxt's cache holds that no watch handed over.
 
         ccxt moves an updated entry to the end of its cache (positions by symbol and side, orders by id), so
@@ -1165,7 +1226,8 @@ class _Fresh:
         two turns of the consumer is read whole (a fixed tail of 64 lost every flat beyond it:
         bench/burst.py with 500 positions)."""
         self.turn += 1
-        out = self.items(batch)
+        out = [item for item in ready if self.admit(item)]  # read from the frames by the adapter (`_Tap`)
+        out.extend(self.items(batch))
         for part in parts:
             if not hasattr(part, "_deque"):  # not one of ccxt's caches (the marks: by symbol, not by recency)
                 out.extend(self.items(part))
@@ -1192,6 +1254,34 @@ class _Fresh:
             for got in reversed(older):
                 out.extend(got)
         return out
+
+
+class _Tap:
+    """The updates `CcxtExchange._tap` read from the frames for one running stream, until its supervisor takes
+    them. `news`: a frame came since the last take, even one with nothing in it (an ACCOUNT_UPDATE of balances
+    only: the stream is alive, as ccxt's watch said when it resolved with no position); `wait()` is done then."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.news = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, items: list[Any]) -> None:
+        self.items.extend(items)
+        self.news = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        if self._waiter is None or self._waiter.done():
+            self._waiter = asyncio.get_running_loop().create_future()
+            if self.news:
+                self._waiter.set_result(None)
+        return self._waiter
+
+    def take(self) -> list[Any]:
+        items, self.items, self.news = self.items, [], False
+        return items
 
 
 def _fingerprint(raw: Any) -> tuple[Any, ...] | None:

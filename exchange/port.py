@@ -45,7 +45,7 @@ class OrderSnapshot:
     reduce_only: bool
     at: datetime
     realized_pnl: Decimal | None = None
-    fee: Decimal | None = None  # of the last fill (stream updates) or the order so far
+    fee: Decimal | None = None  # of the order's fills so far (stream: the fill updates seen, binance_user_stream)
 
     @property
     def is_conditional(self) -> bool:

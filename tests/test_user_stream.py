@@ -1,0 +1,230 @@
+"""Binance's user-stream events read straight into snapshots (exchange/binance_user_stream.py) give what the adapter
+made of ccxt's handling of the same frames: generated sequences of frames go through the adapter's client twice,
+once tapped and once through ccxt's handlers, cache and the adapter's conversion; and the simulator's frames do."""
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterator
+from decimal import Decimal as D
+from typing import Any
+
+import ccxt.pro as ccxtpro
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exchange.binance_user_stream import FeeBook, order_update, position_update
+from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, _binance_frame_ok, _guarded, _Tap
+from exchange.port import OrderSnapshot
+from exchange.sim.server import SimServer
+from exchange.sim.venue import SimAlgo, Venue
+from lifecycle.domain import OrderStatus
+from tests.test_binance_lean import MARKETS, STAMPS, algo_updates, order_updates
+
+Pipe = tuple[CcxtExchange, Any, Any, _Tap | None]
+
+
+def _pipe(tapped: bool) -> Pipe:
+    """The adapter over its ccxt client (markets set, nothing connected), a WebSocket client object for ccxt's
+    handlers to resolve on, and the adapter's tap of both user streams when `tapped`."""
+    adapter = CcxtExchange(ExchangeSettings(exchange_id="binanceusdm"))
+    client = _guarded(ccxtpro.binanceusdm, adapter)({"options": {"fetchCurrencies": False, "ordersLimit": 5000}})
+    client.set_markets(copy.deepcopy(MARKETS))
+    adapter.client = client
+    ws = client.client("wss://fstream.example/ws/key")
+    tap = None
+    if tapped:
+        tap = _Tap()
+        adapter._taps = {"orders": [tap], "positions": [tap]}
+    return adapter, client, ws, tap
+
+
+@pytest.fixture(scope="module")
+def pipes() -> Iterator[tuple[Pipe, Pipe]]:
+    """A tapped pipe and a plain one, made once (a ccxt client takes ~0.2 s to make) on a loop of their own."""
+    loop = asyncio.new_event_loop()
+
+    async def make() -> tuple[Pipe, Pipe]:
+        return _pipe(True), _pipe(False)
+
+    both = loop.run_until_complete(make())
+    yield both
+    for pipe in both:
+        loop.run_until_complete(pipe[1].close())
+    loop.close()
+
+
+def _compare(pipes: tuple[Pipe, Pipe], sequence: list[dict[str, Any]], *, fees_too: bool = False) -> int:
+    """Each frame through both pipes (emptied first); the frames the tap read: what it read equals what the old
+    way gave (the fee aside unless `fees_too`). How many snapshots the tap gave."""
+    tapped_pipe, ccxt_pipe = pipes
+    for adapter, client, _, tap in pipes:
+        client.orders = client.positions = None
+        adapter._fees = FeeBook()
+        if tap is not None:
+            tap.take()
+    taken = 0
+    for message in sequence:
+        expected = _through_ccxt(ccxt_pipe, message)
+        got, handled_by_ccxt = _tapped(tapped_pipe, message)
+        if handled_by_ccxt:
+            assert message["e"] != "ACCOUNT_UPDATE", message  # every generated position list is read here
+            continue  # left to ccxt whole: its watch delivers it, as before
+        if fees_too:
+            assert got == expected, message
+        else:
+            assert _without_fee(got) == _without_fee(expected), message
+        taken += len(got)
+    return taken
+
+
+def _through_ccxt(pipe: Pipe, message: dict[str, Any]) -> list[Any]:
+    """What the adapter made of one frame the old way: ccxt's handler, then `_order` of the order's cache entry;
+    `_position` of each position ccxt's handler makes of an ACCOUNT_UPDATE."""
+    adapter, client, ws, _ = pipe
+    checked = _binance_frame_ok(copy.deepcopy(message), client.markets_by_id, lambda *_: None)
+    client.handle_message(ws, copy.deepcopy(message))
+    if message["e"] == "ACCOUNT_UPDATE":  # the positions ccxt's handler resolves the watch with, one per entry
+        return [adapter._position({**client.parse_ws_position(copy.deepcopy(entry)), "timestamp": message["E"]})
+                for entry in message["a"]["P"]]
+    if not checked:
+        return []  # dropped by the adapter's checks, either way
+    o = message["o"]
+    entry = (client.orders.hashmap if client.orders is not None else {}).get(
+        client.safe_symbol(o["s"], None, None, "contract"), {}).get(str(o.get("i", o.get("aid"))))
+    return [] if entry is None else [adapter._order(entry)]
+
+
+def _tapped(pipe: Pipe, message: dict[str, Any]) -> tuple[list[Any], bool]:
+    """The same frame through the tapped client: what the tap got, and whether ccxt handled it instead (it
+    passed the adapter's checks and the tap got nothing)."""
+    _, client, ws, tap = pipe
+    assert tap is not None
+    checked = _binance_frame_ok(copy.deepcopy(message), client.markets_by_id, lambda *_: None)
+    client.handle_message(ws, copy.deepcopy(message))
+    got = tap.take()
+    return got, checked and not got and not (message["e"] == "ACCOUNT_UPDATE" and not message["a"]["P"])
+
+
+def _without_fee(items: list[Any]) -> list[Any]:
+    return [(i.__class__.__name__, {k: getattr(i, k) for k in i.__slots__ if k != "fee"}) for i in items]
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A few orders' updates in a row (ids reused, so ccxt's cache merges them), algo updates, ACCOUNT_UPDATEs."""
+    out = []
+    for _ in range(draw(st.integers(min_value=1, max_value=8))):
+        kind = draw(st.sampled_from(["ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE"]))
+        stamp = draw(st.integers(min_value=1_600_000_000_000, max_value=1_900_000_000_000))
+        if kind == "ACCOUNT_UPDATE":
+            entries = [{"s": draw(st.sampled_from(["BTCUSDT", "ETHUSDT"])),
+                        "pa": draw(st.sampled_from(["0", "0.000", "0.010", "-0.010", "1.5", "-3"])),
+                        "ep": draw(st.sampled_from(["0", "0.00000", "95000.5", "2500.10", "1e-5"])),
+                        "cr": "0", "up": "0", "mt": "cross", "iw": "0", "ps": "BOTH"}
+                       for _ in range(draw(st.integers(min_value=0, max_value=3)))]
+            out.append({"e": kind, "E": stamp, "T": stamp, "a": {"m": "ORDER", "B": [], "P": entries}})
+            continue
+        body = draw(order_updates() if kind == "ORDER_TRADE_UPDATE" else algo_updates())
+        if kind == "ORDER_TRADE_UPDATE":
+            body["i"] = draw(st.sampled_from([7, 8, 9]))  # the same orders again
+        else:
+            body["aid"] = draw(st.sampled_from([41, 42]))
+        message = {"e": kind, "E": stamp, "o": body}
+        if draw(st.booleans()):
+            message["T"] = draw(STAMPS) or stamp
+        out.append(message)
+    return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(sequence=frames())
+def test_generated_frames_read_straight_give_what_the_adapter_made_of_ccxts_parsing(
+        pipes: tuple[Pipe, Pipe], sequence: list[dict[str, Any]]) -> None:
+    _compare(pipes, sequence)
+
+
+def test_the_simulators_frames_are_read_straight_and_give_what_ccxt_gave(pipes: tuple[Pipe, Pipe]) -> None:
+    """An entry's NEW and fill, a liquidation and its flat, and every status of a stop, as the simulator sends
+    them: every one is read straight, and gives what the old way gave, the fees included."""
+    venue = Venue()
+    account = venue.add_account("frames")
+    sent: list[dict[str, Any]] = []
+    venue._emit = lambda account, event: sent.append(event)  # type: ignore[method-assign]
+    venue.new_order(account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D("0.010"), price=None,
+                    client_id="lc1-01a2b3c4d5e6f7a8b9c0-e", reduce_only=False)
+    venue.force_close(account, "BTCUSDT", "liquidation")
+    assert {m["e"] for m in sent} == {"ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE"}
+    for status in ("NEW", "TRIGGERED", "FINISHED", "CANCELED", "EXPIRED", "REJECTED"):
+        algo = SimAlgo(algo_id=41, client_id="lc1-01a2b3c4d5e6f7a8b9c0-s1", symbol="BTCUSDT", side="SELL",
+                       order_type="STOP_MARKET", qty=D("0.010"), trigger=D("95000"),
+                       reduce_only=True, close_position=False, working_type="MARK_PRICE")
+        algo.status = status
+        sent.append({"e": "ALGO_UPDATE", "T": 1796400000000, "E": 1796400000000, "o": Venue.algo_event_body(algo)})
+    every = sum(len(m["a"]["P"]) if m["e"] == "ACCOUNT_UPDATE" else 1 for m in sent)
+    assert every >= 5 and _compare(pipes, sent, fees_too=True) == every  # all read here; fees too (one fill each)
+
+
+def test_an_orders_fees_are_summed_over_its_fill_updates_per_currency() -> None:
+    fees = FeeBook()
+    base = {"s": "BTCUSDT", "c": "x", "S": "SELL", "o": "MARKET", "f": "GTC", "q": "0.030", "p": "0",
+            "sp": "0", "i": 7, "T": 1796400000000, "ps": "BOTH", "R": True, "N": "USDT"}
+    new = order_update("ORDER_TRADE_UPDATE", {"o": {**base, "x": "NEW", "X": "NEW", "z": "0", "ap": "0"}}, fees)
+    first = order_update("ORDER_TRADE_UPDATE", {"o": {**base, "x": "TRADE", "X": "PARTIALLY_FILLED", "z": "0.010",
+                                                      "ap": "100", "n": "0.02"}}, fees)
+    second = order_update("ORDER_TRADE_UPDATE", {"o": {**base, "x": "TRADE", "X": "FILLED", "z": "0.030",
+                                                       "ap": "100", "n": "0.04"}}, fees)
+    assert new is not None and first is not None and second is not None
+    assert (new.fee, first.fee, second.fee) == (None, D("0.02"), D("0.06"))
+    assert second.status is OrderStatus.FILLED and second.filled == D("0.03")
+    other = order_update("ORDER_TRADE_UPDATE", {"o": {**base, "i": 8, "x": "TRADE", "X": "FILLED", "z": "0.030",
+                                                      "ap": "100", "n": "0.01", "N": "BNB"}}, fees)
+    assert other is not None and other.fee == D("0.01")  # another order: its own sum
+    mixed = order_update("ORDER_TRADE_UPDATE", {"o": {**base, "i": 8, "x": "TRADE", "X": "FILLED", "z": "0.030",
+                                                      "ap": "100", "n": "0.01", "N": "USDT"}}, fees)
+    assert mixed is not None and mixed.fee is None  # paid in two currencies: no single figure
+
+
+@pytest.mark.parametrize("message", [
+    {"o": {"s": "BTCUSDT", "X": "NEW_ADL", "i": 7, "T": 1, "ps": "BOTH", "o": "MARKET"}},  # a status we do not map
+    {"o": {"s": "BTCUSDT", "X": "NEW", "i": 7, "T": 1, "ps": "BOTH", "o": "MARKET", "q": 0.01}},  # not text
+    {"o": {"s": "BTCUSDT", "X": "NEW", "i": 7, "T": 1, "o": "MARKET"}},  # no position side: not a futures order
+    {"o": {"s": "BTCUSDT", "X": "NEW", "i": 7, "ps": "BOTH", "o": "MARKET"}},  # no time
+    {"o": {"s": "BTCUSDT", "X": "NEW", "i": 7, "T": 1, "ps": "BOTH"}},  # no type
+    {"o": [{"s": "BTCUSDT"}]},  # the options shape
+], ids=["status", "number", "no-ps", "no-time", "no-type", "list"])
+def test_order_frames_of_other_shapes_are_left_to_ccxt(message: dict[str, Any]) -> None:
+    assert order_update("ORDER_TRADE_UPDATE", message, FeeBook()) is None
+
+
+@pytest.mark.parametrize("message", [
+    {"E": 0, "a": {"P": []}}, {"E": 1, "a": {"P": [{"s": "BTCUSDT", "pa": 1}]}},
+    {"E": 1, "a": {"P": [{"s": "BTCUSDT", "pa": "1", "ep": "NaN"}]}}, {"E": 1, "a": []},
+], ids=["no-time", "number", "nan", "no-account"])
+def test_position_frames_of_other_shapes_are_left_to_ccxt(message: dict[str, Any]) -> None:
+    assert position_update(message) is None
+
+
+async def test_through_the_simulator_the_streams_deliver_what_is_read_straight() -> None:
+    """Against the simulator: order and position updates come through the taps (ccxt's caches stay empty)."""
+    server = await SimServer().start()
+    account = server.venue.add_account("tap")
+    from tests.livekit import settings_for  # (the simulator's settings for an adapter)
+    from tests.test_ccxt_adapter import Collector
+    adapter = await CcxtExchange(settings_for(server, account)).start()
+    orders, positions = Collector(adapter.order_updates()), Collector(adapter.position_updates())
+    try:
+        await orders.wait_for(lambda item: not isinstance(item, OrderSnapshot))
+        await positions.wait_for(lambda item: not isinstance(item, OrderSnapshot))
+        server.venue.new_order(account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D("0.010"),
+                               price=None, client_id="lc1-01a2b3c4d5e6f7a8b9c0-e", reduce_only=False)
+        filled = await orders.wait_for(lambda i: isinstance(i, OrderSnapshot) and i.status is OrderStatus.FILLED)
+        assert filled.fee is not None and filled.filled == D("0.01")
+        await positions.wait_for(lambda i: getattr(i, "amount", None) == D("0.010"))
+        assert not (adapter.client.orders or []) and not any((adapter.client.positions or {}).values())
+    finally:
+        await orders.stop()
+        await positions.stop()
+        await adapter.close()
+        await server.stop()
