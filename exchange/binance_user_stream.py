@@ -12,10 +12,11 @@ frames and on the simulator's):
   floats are read through a float as it does (the same Decimal text comes out: "0.010" becomes 0.01).
 * ACCOUNT_UPDATE (`a.P`): the positions it lists, stamped with the event time `E`.
 
-One difference, on purpose: an order's `fee` is the sum of the commissions (`n`) of every fill update of that
-order seen on the stream (`FeeBook`), per currency (None when its fills paid in more than one). ccxt's cache
-summed them only when it had seen the order's NEW first and otherwise kept the first fill's; a single fill, the
-common case, gives the same figure both ways.
+Differences, on purpose: an order's `fee` is the sum of the commissions (`n`) of every fill update of that order
+seen on the stream (TRADE, and CALCULATED: a liquidation's), per currency (`FeeBook`; None when its fills paid in
+more than one). ccxt's cache summed them only when it had seen the order's NEW first and otherwise kept the first
+fill's; a single fill, the common case, gives the same figure both ways. A negative commission (a maker rebate)
+counts as such; ccxt gave no fee for it.
 
 Anything of a shape this does not know (a status or field Binance does not send, a number that is not text)
 returns None: the frame then goes to ccxt as before, and its update reaches the engine through ccxt's watch.
@@ -42,6 +43,8 @@ ALGO_STATUS = {
     "FINISHED": OrderStatus.FILLED, "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED,
     "REJECTED": OrderStatus.REJECTED,
 }
+# The execution types of a fill: a trade, and a liquidation's (or ADL's) execution, which carry the commission.
+_FILLS = ("TRADE", "CALCULATED")
 FEE_BOOK_SIZE = 5_000  # orders whose fees are remembered (ccxt's order cache held as many: STREAM_CACHE)
 
 
@@ -79,8 +82,8 @@ def order_update(event: str, message: dict[str, Any], fees: FeeBook) -> OrderSna
         if event == "ALGO_UPDATE":
             return _algo(order, message)
         return _order(order, fees)
-    except (DecimalException, ValueError, TypeError, OverflowError):
-        return None  # a number that is not one: ccxt's reading decides what it means
+    except (DecimalException, ValueError, TypeError, OverflowError, OSError):
+        return None  # a number that is not one, a time out of range: ccxt's reading decides what it means
 
 
 def position_update(message: dict[str, Any]) -> list[PositionSnapshot] | None:
@@ -93,9 +96,9 @@ def position_update(message: dict[str, Any]) -> list[PositionSnapshot] | None:
     entries = account.get("P", [])
     if not isinstance(entries, list):
         return None
-    stamp = _ms(at)
     out = []
     try:
+        stamp = _ms(at)
         for entry in entries:
             if not isinstance(entry, dict):
                 return None
@@ -107,8 +110,8 @@ def position_update(message: dict[str, Any]) -> list[PositionSnapshot] | None:
             if price is not None and not price.is_finite():
                 return None
             out.append(PositionSnapshot(symbol, Decimal(amount), price or Decimal(0), stamp))
-    except DecimalException:
-        return None
+    except (DecimalException, ValueError, OverflowError, OSError):
+        return None  # (a time out of range too)
     return out
 
 
@@ -127,9 +130,9 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     ident = str(order_id)
     # Everything that can fail is read before the fill's commission is counted (a frame left to ccxt counts none).
     quantity, filled_qty, average_price = _via_float(amount), _via_float(filled), _via_float(average)
-    trigger, kind, realized = _via_float(_trigger(o)), _type(o), _decimal(get("rp"))
+    trigger, kind, realized, stamp = _via_float(_trigger(o)), _type(o), _decimal(get("rp")), _ms(at)
     commission = _text(get("n"))
-    if get("x") == "TRADE" and commission is not None:
+    if get("x") in _FILLS and commission is not None:
         fees.add((symbol, ident), get("N") or "", Decimal(commission))
     return OrderSnapshot(
         symbol=symbol,
@@ -144,7 +147,7 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
         average_price=average_price,
         trigger_price=trigger,
         reduce_only=get("R") is True,
-        at=_ms(at),
+        at=stamp,
         realized_pnl=realized,
         fee=fees.of((symbol, ident)),
     )

@@ -228,3 +228,26 @@ async def test_through_the_simulator_the_streams_deliver_what_is_read_straight()
         await positions.stop()
         await adapter.close()
         await server.stop()
+
+
+def test_a_liquidations_fill_carries_its_commission_as_ccxt_gave_it(pipes: tuple[Pipe, Pipe]) -> None:
+    """Review of b586649: a liquidation's fill comes as execution type CALCULATED, not TRADE; its commission was
+    not counted (fee None, so the closure had no net PnL), where ccxt's reading gave it."""
+    liquidation = {"s": "BTCUSDT", "c": "autoclose-123", "S": "SELL", "o": "LIQUIDATION", "f": "IOC", "q": "0.030",
+                   "p": "0", "ap": "100", "sp": "0", "x": "CALCULATED", "X": "FILLED", "i": 9, "z": "0.030",
+                   "n": "0.01", "N": "USDT", "T": 1796400000000, "ps": "BOTH", "R": False, "rp": "-1.5"}
+    message = {"e": "ORDER_TRADE_UPDATE", "E": 1796400000000, "T": 1796400000000, "o": liquidation}
+    assert _compare(pipes, [message], fees_too=True) == 1
+    snapshot = order_update("ORDER_TRADE_UPDATE", message, FeeBook())
+    assert snapshot is not None and snapshot.fee == D("0.01")
+
+
+def test_frames_with_a_time_out_of_range_go_to_ccxt_and_count_no_fee() -> None:
+    """Review of b586649: such a frame raised out of the tap (dropped, not handed to ccxt), and an order's
+    commission was counted before its time was read."""
+    assert position_update({"E": 10**17, "a": {"P": []}}) is None
+    fees = FeeBook()
+    order = {"s": "BTCUSDT", "c": "x", "S": "SELL", "o": "MARKET", "q": "0.030", "ap": "100", "x": "TRADE",
+             "X": "FILLED", "i": 7, "z": "0.030", "n": "0.5", "N": "USDT", "T": 10**17, "ps": "BOTH", "R": True}
+    assert order_update("ORDER_TRADE_UPDATE", {"o": order}, fees) is None
+    assert fees.of(("BTCUSDT", "7")) is None
