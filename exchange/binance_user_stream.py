@@ -31,8 +31,9 @@ from typing import Any
 from exchange.port import OrderSnapshot, PositionSnapshot
 from lifecycle.domain import OrderStatus
 
-# Binance's order statuses and what ccxt's `parse_order_status` and the adapter's tables make of them; a status
-# outside these goes to ccxt.
+# Binance's order and algo statuses as the adapter reads them (ccxt's parsed ones too: `CcxtExchange._order`); a
+# status outside these goes to ccxt. TRIGGERED means the algo placed its order, not that anything filled: still
+# working until FINISHED.
 ORDER_STATUS = {
     "NEW": OrderStatus.OPEN, "PARTIALLY_FILLED": OrderStatus.OPEN, "FILLED": OrderStatus.FILLED,
     "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED, "EXPIRED_IN_MATCH": OrderStatus.EXPIRED,

@@ -24,7 +24,7 @@ from loguru import logger
 
 from exchange import errors
 from exchange.binance_lean import POSITION_OPTIONS, lean_order, lean_position_risk
-from exchange.binance_user_stream import FeeBook, order_update, position_update
+from exchange.binance_user_stream import ALGO_STATUS, ORDER_STATUS, FeeBook, order_update, position_update
 from exchange.port import (
     Fill,
     MarkPrice,
@@ -160,17 +160,6 @@ def _risk_position(entry: dict[str, Any]) -> PositionSnapshot:
                             _ms(entry.get("updateTime")))
 
 
-# TRIGGERED means the algo placed its order, not that anything filled: still working until FINISHED.
-_BINANCE_ALGO_STATUS = {
-    "NEW": OrderStatus.OPEN, "TRIGGERING": OrderStatus.OPEN, "TRIGGERED": OrderStatus.OPEN,
-    "FINISHED": OrderStatus.FILLED, "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED,
-    "REJECTED": OrderStatus.REJECTED,
-}
-_BINANCE_ORDER_STATUS = {
-    "NEW": OrderStatus.OPEN, "PARTIALLY_FILLED": OrderStatus.OPEN, "FILLED": OrderStatus.FILLED,
-    "CANCELED": OrderStatus.CANCELED, "EXPIRED": OrderStatus.EXPIRED, "EXPIRED_IN_MATCH": OrderStatus.EXPIRED,
-    "REJECTED": OrderStatus.REJECTED,
-}
 _UNIFIED_STATUS = {"open": OrderStatus.OPEN, "closed": OrderStatus.FILLED, "canceled": OrderStatus.CANCELED,
                    "expired": OrderStatus.EXPIRED, "rejected": OrderStatus.REJECTED}
 _STATUS_RANK = {OrderStatus.NEW: 0, OrderStatus.OPEN: 1}  # every final status ranks 2
@@ -846,7 +835,7 @@ class CcxtExchange:
         info: Any = raw.get("info") or {}  # Binance's own payload, as ccxt passes it on
         algo_id = info.get("algoId", info.get("aid"))
         if algo_id is not None:
-            status = _BINANCE_ALGO_STATUS.get(info.get("algoStatus", info.get("X")), OrderStatus.OPEN)
+            status = ALGO_STATUS.get(info.get("algoStatus", info.get("X")), OrderStatus.OPEN)
             actual = info.get("actualOrderId", info.get("ai"))
             order_type = info.get("orderType", info.get("o")) or "STOP_MARKET"
             # ccxt infers `filled` as the whole amount once an algo is "closed"; Binance's aq is the truth.
@@ -854,7 +843,7 @@ class CcxtExchange:
             average = _dec(info.get("ap")) or None
         else:
             raw_status = info.get("X", info.get("status"))
-            status = (_BINANCE_ORDER_STATUS.get(raw_status)
+            status = (ORDER_STATUS.get(raw_status)
                       or _UNIFIED_STATUS.get(raw.get("status") or "", OrderStatus.OPEN))
             actual = raw.get("id")
             order_type = info.get("o", info.get("type")) or str(raw.get("type", "")).upper()

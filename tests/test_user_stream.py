@@ -20,7 +20,9 @@ from exchange.port import OrderSnapshot
 from exchange.sim.server import SimServer
 from exchange.sim.venue import SimAlgo, Venue
 from lifecycle.domain import OrderStatus
+from tests.livekit import settings_for
 from tests.test_binance_lean import MARKETS, STAMPS, algo_updates, order_updates
+from tests.test_ccxt_adapter import Collector
 
 Pipe = tuple[CcxtExchange, Any, Any, _Tap | None]
 
@@ -210,8 +212,6 @@ async def test_through_the_simulator_the_streams_deliver_what_is_read_straight()
     """Against the simulator: order and position updates come through the taps (ccxt's caches stay empty)."""
     server = await SimServer().start()
     account = server.venue.add_account("tap")
-    from tests.livekit import settings_for  # (the simulator's settings for an adapter)
-    from tests.test_ccxt_adapter import Collector
     adapter = await CcxtExchange(settings_for(server, account)).start()
     orders, positions = Collector(adapter.order_updates()), Collector(adapter.position_updates())
     try:
