@@ -58,70 +58,18 @@ T = TypeVar("T")
 
 # The young generation collects after this many new objects (CPython's default: 700). A burst of transitions
 # allocates a few hundred objects each; with the default, collections that walk every live position ran
-# several times per burst and took a quarter of the engine's time (issue 13, bench/transitions.py). At 50,000 a
-# 500-position cascade (which allocates more than that) still had one 15-33 ms young collection inside it; at
-# 150,000, with `IdleCollector` emptying the young generation at quiet moments, it has none (bench.burst).
-GC_YOUNG_THRESHOLD = 150_000
+# several times per burst and took a quarter of the engine's time (issue 13, bench/transitions.py).
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def tune_gc() -> None:
     """Once started: what exists now (configuration, markets, loaded positions, ccxt's clients) moves out of
     the collector's sight (`gc.freeze`), and young collections run less often. Cycles are still collected;
-    memory stays bounded (a young collection every GC_YOUNG_THRESHOLD allocations at the latest)."""
+    memory stays bounded (a young collection every 50,000 allocations)."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
-class IdleCollector:
-    """Young collections at quiet moments, not in the middle of a burst.
-
-    A young collection comes wherever the allocation count runs out, and a liquidation cascade allocates a lot:
-    in a 500-position cascade (bench.burst, `gc.callbacks` timing, 50,000 as the threshold) one young collection
-    of 15-33 ms fell inside it and held every close decided after it. So every
-    `every_s`, on a loop that is not busy (the tick is not late by more than `busy_late_s`), the young
-    generation is collected once it holds `share` of its threshold (and the middle one, when the next automatic
-    collection would take it): a cascade then starts with the whole budget, and the collector's work is done
-    while nothing waits. Nothing is collected less: the same objects are examined, earlier. The oldest
-    generation stays with CPython's own rule (it runs rarely; collecting it here would only add full passes)."""
-
-    def __init__(self, every_s: float = 1.0, share: float = 0.1, busy_late_s: float = 0.02) -> None:
-        self.every_s, self.share, self.busy_late_s = every_s, share, busy_late_s
-        self.collections = [0, 0]  # young, middle: collected here
-        self.skipped_busy = 0  # ticks that found the loop busy
-        self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0
-
-    def start(self) -> None:
-        if self._handle is None:
-            self._schedule(asyncio.get_running_loop())
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._due = loop.time() + self.every_s
-        self._handle = loop.call_at(self._due, self._tick, loop)
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if loop.time() - self._due > self.busy_late_s:
-            self.skipped_busy += 1  # the loop is at work (a burst): the collection waits for a quiet tick
-        else:
-            self.collect()
-        self._schedule(loop)
-
-    def collect(self) -> int | None:
-        """Collect what is due now (the generation collected, or None when the young one is not full enough)."""
-        (young_max, middle_max, _), (young, middle, _) = gc.get_threshold(), gc.get_count()
-        if young < young_max * self.share:
-            return None
-        generation = 1 if middle >= middle_max else 0  # CPython would take the middle one at its next collection
-        gc.collect(generation)
-        self.collections[generation] += 1
-        return generation
 
 
 @dataclass(frozen=True)
@@ -204,7 +152,6 @@ class Service:
         self.api: ControlApi | None = None
         self.started = False
         self._stopping = False
-        self.collector = IdleCollector()  # young collections at quiet moments (started with the service)
         self._stopped = asyncio.Event()
         self._extra: asyncio.Task[Any] | None = None  # run(after_start=...)'s task
         self._sqlite_lock = sqlite_lock  # one service per SQLite file
@@ -276,7 +223,6 @@ class Service:
             raise
         self.started = True
         tune_gc()
-        self.collector.start()
         logger.info("service running: {} account(s), {} live position(s)", len(self.accounts),
                     sum(len(a.engine.positions) for a in self.accounts.values()))
         return self
@@ -410,7 +356,6 @@ class Service:
             await self._stopped.wait()
             return
         self._stopping = True
-        self.collector.stop()
         logger.info("stopping: scheduled jobs first, then in-flight work; stops stay on the exchange")
         try:
             if self.api is not None:  # no new commands from outside; the API never holds up the rest of the stop
