@@ -12,6 +12,11 @@ frames and on the simulator's):
   floats are read through a float as it does (the same Decimal text comes out: "0.010" becomes 0.01).
 * ACCOUNT_UPDATE (`a.P`): the positions it lists, stamped with the event time `E`.
 
+And one market stream's event, for the same reason: markPriceUpdate (`<symbol>@markPrice@1s`, one frame per symbol
+and second, ~35 us each through ccxt's ticker handling and the adapter's conversion, and the sweep after it converted
+ccxt's whole ticker table) becomes a `MarkPrice` as `CcxtExchange.mark_prices` made of ccxt's ticker: the symbol
+`s`, the price `p` read through a float, the event time `E`.
+
 Differences, on purpose: an order's `fee` is the sum of the commissions (`n`) of every fill update of that order
 seen on the stream (TRADE, and CALCULATED: a liquidation's), per currency (`FeeBook`; None when its fills paid in
 more than one). ccxt's cache summed them only when it had seen the order's NEW first and otherwise kept the first
@@ -28,7 +33,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, DecimalException
 from typing import Any
 
-from exchange.port import OrderSnapshot, PositionSnapshot
+from exchange.port import MarkPrice, OrderSnapshot, PositionSnapshot
 from lifecycle.domain import OrderStatus
 
 # Binance's order and algo statuses as the adapter reads them (ccxt's parsed ones too: `CcxtExchange._order`); a
@@ -114,6 +119,21 @@ def position_update(message: dict[str, Any]) -> list[PositionSnapshot] | None:
     except (DecimalException, ValueError, OverflowError, OSError):
         return None  # (a time out of range too)
     return out
+
+
+def mark_update(message: dict[str, Any]) -> MarkPrice | None:
+    """The mark of a markPriceUpdate message (its frame checked: `s` a market, `p` a number); None: leave it to
+    ccxt. ccxt's ticker keeps `p` as its `markPrice` and `E` as its time; the adapter read the price through a
+    float (a zero as Decimal(0)) and took a missing or zero time for now (here: left to ccxt, as is an options
+    mark, `mp`, which ccxt prefers to `p`)."""
+    symbol, price, at = message.get("s"), message.get("p"), message.get("E")
+    if "mp" in message or type(symbol) is not str or not symbol or type(price) is not str \
+            or type(at) is not int or not at:
+        return None
+    try:
+        return MarkPrice(symbol, _via_float(price) or Decimal(0), _ms(at))
+    except (DecimalException, ValueError, OverflowError, OSError):
+        return None  # not a finite number, a time out of range
 
 
 def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:

@@ -24,7 +24,14 @@ from loguru import logger
 
 from exchange import errors
 from exchange.binance_lean import POSITION_OPTIONS, lean_order, lean_position_risk
-from exchange.binance_user_stream import ALGO_STATUS, ORDER_STATUS, FeeBook, order_update, position_update
+from exchange.binance_user_stream import (
+    ALGO_STATUS,
+    ORDER_STATUS,
+    FeeBook,
+    mark_update,
+    order_update,
+    position_update,
+)
 from exchange.port import (
     Fill,
     MarkPrice,
@@ -186,9 +193,10 @@ class CcxtExchange:
         self._keepalive_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._binance = settings.exchange_id.startswith("binance")
-        # Binance's user-stream events read straight into snapshots (exchange/binance_user_stream.py): the taps of
-        # the running order and position streams, by stream; the fees of the orders' fills seen.
+        # Binance's user-stream events and marks read straight into snapshots (exchange/binance_user_stream.py): the
+        # taps of the running order, position and mark streams, by stream; the fees of the orders' fills seen.
         self._taps: dict[str, list[_Tap]] = {}
+        self._marks_to_ccxt = 0  # mark frames handed to ccxt's handler (not tapped): its ticker table changed
         self._fees = FeeBook()
         # USDⓈ-M with ccxt's default endpoint for positions: the answer is read without ccxt's parsing
         # (exchange/binance_lean.py lean_position_risk).
@@ -497,21 +505,25 @@ class CcxtExchange:
         def watch(client: Any) -> Awaitable[Any]:
             return client.watch_mark_prices([self._unified(s) for s in symbols])
 
-        def convert(raw: Any) -> MarkPrice:
-            return MarkPrice(self._market_id(raw["symbol"]), _dec(raw.get("markPrice")) or Decimal(0),
-                             _ms(raw.get("timestamp")))
+        swept = -1  # self._marks_to_ccxt at the last sweep
 
         def latest(client: Any) -> list[list[Any]]:
             # ccxt keeps the newest mark per symbol in `tickers`; a burst between two watches resolves
             # only its first frame, so the sweep picks up the newest (the key drops repeats). One part,
-            # like `_cached` gives.
+            # like `_cached` gives. Tapped (Binance), ccxt's table changes only with a frame the tap left to
+            # ccxt: no such frame since the last sweep, nothing to walk (500 symbols: ~0.4 ms a sweep).
+            nonlocal swept
+            if self._binance:
+                if swept == self._marks_to_ccxt:
+                    return []
+                swept = self._marks_to_ccxt
             tickers = getattr(client, "tickers", None) or {}
             return [[tickers[u] for u in (self._unified(s) for s in symbols) if u in tickers]]
 
-        return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), convert,
+        return self._supervise("marks", "markPrice", lambda c: _values(watch(c)), self._mark,
                                key=lambda m: (m.symbol, m.price, m.at), order=lambda m: (m.symbol, m.at),
                                probe=None, quiet_s=self.settings.market_silent_after_s, cached=latest,
-                               snapshot=None)
+                               snapshot=None, tapped=True, tap_symbols=frozenset(symbols))
 
     async def probe_user_stream(self, reason: str) -> bool | None:
         """REST showed what the user-data streams did not deliver: doubt them (`doubted`, until they deliver or
@@ -650,7 +662,7 @@ class CcxtExchange:
                          probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
                          cached: Callable[[Any], list[Any]] | None,  # the cache's parts (see _cached)
                          snapshot: Callable[[], Awaitable[list[Any]]] | None,
-                         tapped: bool = False) -> AsyncIterator[Any]:
+                         tapped: bool = False, tap_symbols: frozenset[str] | None = None) -> AsyncIterator[Any]:
         """Watch forever: reconnect with backoff and jitter, announce every (re)connection with a
         Resynced marker once the new subscription is live, notice silence, drop duplicates and
         updates older than ones already seen.
@@ -659,12 +671,13 @@ class CcxtExchange:
         batch is being handled stays in ccxt's cache until the next message. So after every batch, and
         every SWEEP_S while idle, the cache is swept for states not yielded yet (the key de-duplicates).
 
-        `tapped` (Binance's order and position streams): the frames the adapter's client reads straight into
+        `tapped` (Binance's order, position and mark streams): the frames the adapter's client reads straight into
         snapshots (`_tap`) come through a tap of this stream instead of ccxt's watch, and count as its messages
         (health, silence); frames of any other shape still reach ccxt, and its watch and cache, as before.
+        `tap_symbols`: the tap takes the updates of these symbols only (the marks this watch subscribed to).
         """
         fresh = _Fresh(name, convert, key, order, self._drops.note)
-        tap = _Tap() if tapped and self._binance else None
+        tap = _Tap(tap_symbols) if tapped and self._binance else None
         if tap is not None:
             self._taps.setdefault(name, []).append(tap)
         if probe is not None:
@@ -785,16 +798,21 @@ class CcxtExchange:
                 self._taps[name].remove(tap)
 
     def _tap(self, client: Any, event: str, body: dict[str, Any]) -> bool:
-        """A checked Binance user-stream frame of the current client, read straight into snapshots for the taps of
-        the stream it belongs to; False (ccxt handles it) when nobody taps that stream or its shape is not the
-        one `exchange/binance_user_stream.py` reads."""
-        name = "positions" if event == "ACCOUNT_UPDATE" else "orders"
+        """A checked Binance user-stream or mark frame of the current client, read straight into snapshots for the
+        taps of the stream it belongs to; False (ccxt handles it) when nobody taps that stream (a mark: of that
+        symbol) or its shape is not the one `exchange/binance_user_stream.py` reads."""
+        name = _TAPPED[event]
         taps = self._taps.get(name)
         if not taps or client is not self.client:
             return False
         items: list[Any] | None
         if event == "ACCOUNT_UPDATE":
             items = position_update(body)
+        elif name == "marks":
+            if not any(tap.wants(body.get("s")) for tap in taps):
+                return False
+            mark = mark_update(body)
+            items = None if mark is None else [mark]
         else:
             order = order_update(event, body, self._fees)
             items = None if order is None else [order]
@@ -830,6 +848,11 @@ class CcxtExchange:
         entry = _dec(info.get("entryPrice", info.get("ep"))) or _dec(raw.get("entryPrice")) or Decimal(0)
         return PositionSnapshot(self._market_id(raw["symbol"]), amount, entry,
                                 _ms(raw.get("timestamp") or info.get("updateTime")))
+
+    def _mark(self, raw: dict[str, Any]) -> MarkPrice:
+        """A ticker of ccxt's mark-price watch (`binance_user_stream.mark_update` reads Binance's frame the same)."""
+        return MarkPrice(self._market_id(raw["symbol"]), _dec(raw.get("markPrice")) or Decimal(0),
+                         _ms(raw.get("timestamp")))
 
     def _order(self, raw: dict[str, Any]) -> OrderSnapshot:
         info: Any = raw.get("info") or {}  # Binance's own payload, as ccxt passes it on
@@ -901,8 +924,12 @@ def _guarded(base: type, owner: CcxtExchange) -> type:
                         return None
                     if not _binance_frame_ok(body, self.markets_by_id or {}, owner._drops.note):
                         return None
-                    if body.get("e") in _TAPPED and owner._tap(self, body["e"], body):
-                        return None
+                    event = body.get("e")
+                    if event in _TAPPED:
+                        if owner._tap(self, event, body):
+                            return None
+                        if event == "markPriceUpdate":
+                            owner._marks_to_ccxt += 1
                 return super().handle_message(client, message)
             except Exception as e:  # noqa: BLE001 - a frame ccxt cannot handle is dropped and counted
                 kind = _event_of(message)
@@ -998,8 +1025,9 @@ def _guard_text(original: Callable[[Any], Any], owner: CcxtExchange, binance: bo
     return handle
 
 
-# The user-stream events read straight into snapshots when their stream is tapped (CcxtExchange._tap).
-_TAPPED = frozenset({"ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE"})
+# The events read straight into snapshots when their stream is tapped (CcxtExchange._tap): event -> stream.
+_TAPPED = {"ORDER_TRADE_UPDATE": "orders", "ALGO_UPDATE": "orders", "ACCOUNT_UPDATE": "positions",
+           "markPriceUpdate": "marks"}
 # Binance USDⓈ-M events (user data and market streams): anything else is counted as unknown and handed on.
 _BINANCE_EVENTS = frozenset({
     "ACCOUNT_UPDATE", "ORDER_TRADE_UPDATE", "ALGO_UPDATE", "TRADE_LITE", "MARGIN_CALL", "ACCOUNT_CONFIG_UPDATE",
@@ -1250,12 +1278,20 @@ class _Tap:
     them. `news`: a frame came since the last take, even one with nothing in it (an ACCOUNT_UPDATE of balances
     only: the stream is alive, as ccxt's watch said when it resolved with no position); `wait()` is done then."""
 
-    def __init__(self) -> None:
+    def __init__(self, symbols: frozenset[str] | None = None) -> None:
+        self.symbols = symbols  # None: every symbol's updates
         self.items: list[Any] = []
         self.news = False
         self._waiter: asyncio.Future[None] | None = None
 
+    def wants(self, symbol: Any) -> bool:
+        return self.symbols is None or symbol in self.symbols
+
     def put(self, items: list[Any]) -> None:
+        if self.symbols is not None:
+            items = [item for item in items if item.symbol in self.symbols]
+            if not items:
+                return  # another watch's symbol: not a message of this one
         self.items.extend(items)
         self.news = True
         if self._waiter is not None and not self._waiter.done():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Iterator
 from decimal import Decimal as D
 from typing import Any
@@ -14,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exchange.binance_user_stream import FeeBook, order_update, position_update
+from exchange.binance_user_stream import FeeBook, mark_update, order_update, position_update
 from exchange.ccxt_adapter import CcxtExchange, ExchangeSettings, _binance_frame_ok, _guarded, _Tap
-from exchange.port import OrderSnapshot
-from exchange.sim.server import SimServer
+from exchange.port import MarkPrice, OrderSnapshot, Resynced
+from exchange.sim.server import SimServer, _mark_event
 from exchange.sim.venue import SimAlgo, Venue
 from lifecycle.domain import OrderStatus
 from tests.livekit import settings_for
@@ -38,7 +39,7 @@ def _pipe(tapped: bool) -> Pipe:
     tap = None
     if tapped:
         tap = _Tap()
-        adapter._taps = {"orders": [tap], "positions": [tap]}
+        adapter._taps = {"orders": [tap], "positions": [tap], "marks": [tap]}
     return adapter, client, ws, tap
 
 
@@ -63,6 +64,7 @@ def _compare(pipes: tuple[Pipe, Pipe], sequence: list[dict[str, Any]], *, fees_t
     tapped_pipe, ccxt_pipe = pipes
     for adapter, client, _, tap in pipes:
         client.orders = client.positions = None
+        client.tickers = {}
         adapter._fees = FeeBook()
         if tap is not None:
             tap.take()
@@ -71,7 +73,8 @@ def _compare(pipes: tuple[Pipe, Pipe], sequence: list[dict[str, Any]], *, fees_t
         expected = _through_ccxt(ccxt_pipe, message)
         got, handled_by_ccxt = _tapped(tapped_pipe, message)
         if handled_by_ccxt:
-            assert message["e"] != "ACCOUNT_UPDATE", message  # every generated position list is read here
+            assert message["e"] not in ("ACCOUNT_UPDATE", "markPriceUpdate") or "mp" in message or not message.get(
+                "E"), message  # every generated position list and mark with its time is read here
             continue  # left to ccxt whole: its watch delivers it, as before
         if fees_too:
             assert got == expected, message
@@ -92,6 +95,8 @@ def _through_ccxt(pipe: Pipe, message: dict[str, Any]) -> list[Any]:
                 for entry in message["a"]["P"]]
     if not checked:
         return []  # dropped by the adapter's checks, either way
+    if message["e"] == "markPriceUpdate":  # the ticker ccxt's handler keeps (and resolves the watch with)
+        return [adapter._mark(client.tickers[client.safe_symbol(message["s"], None, None, "contract")])]
     o = message["o"]
     entry = (client.orders.hashmap if client.orders is not None else {}).get(
         client.safe_symbol(o["s"], None, None, "contract"), {}).get(str(o.get("i", o.get("aid"))))
@@ -138,6 +143,55 @@ def frames(draw: st.DrawFn) -> list[dict[str, Any]]:
             message["T"] = draw(STAMPS) or stamp
         out.append(message)
     return out
+
+
+@st.composite
+def mark_frames(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Mark-price updates as Binance sends them (`<symbol>@markPrice@1s`), with the prices' odd texts, and some of
+    other shapes: a symbol nobody loaded, a price that is no number, no time, an options mark (`mp`)."""
+    out = []
+    for _ in range(draw(st.integers(min_value=1, max_value=6))):
+        price = draw(st.one_of(
+            st.sampled_from(["0", "0.00000000", "95000.10000000", "2500.1", "1e-8", "1E+3", "-1.5", "NaN", "x", "",
+                             "0.1000000000000000055511151231257827"]),
+            st.decimals(min_value=0, max_value=10**7, places=8, allow_nan=False).map(str)))
+        symbol = draw(st.sampled_from(["BTCUSDT", "ETHUSDT", "XYZUSDT"]))
+        message: dict[str, Any] = {"e": "markPriceUpdate", "s": symbol, "p": price, "i": "1.0", "P": "1.0",
+                                   "r": "0.00010000", "T": 1796403600000}
+        stamp = draw(st.one_of(STAMPS, st.just(0)))
+        if stamp is not None:
+            message["E"] = stamp
+        if draw(st.integers(min_value=0, max_value=9)) == 0:
+            message["mp"] = "7.5"
+        out.append(message)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(sequence=mark_frames())
+def test_generated_marks_read_straight_give_what_the_adapter_made_of_ccxts_ticker(
+        pipes: tuple[Pipe, Pipe], sequence: list[dict[str, Any]]) -> None:
+    _compare(pipes, sequence)
+
+
+def test_the_simulators_marks_are_read_straight_and_give_what_ccxt_gave(pipes: tuple[Pipe, Pipe]) -> None:
+    sent = [_mark_event(symbol, D(price)) for symbol, price in (("BTCUSDT", "95000.1"), ("ETHUSDT", "2500"),
+                                                                 ("BTCUSDT", "0.00010"))]
+    assert _compare(pipes, sent) == 3
+    mark = mark_update(sent[2])
+    assert mark is not None and (mark.symbol, mark.price) == ("BTCUSDT", D("0.0001"))
+
+
+@pytest.mark.parametrize("message", [
+    {"e": "markPriceUpdate", "s": "BTCUSDT", "p": "1"}, {"e": "markPriceUpdate", "E": 0, "s": "BTCUSDT", "p": "1"},
+    {"e": "markPriceUpdate", "E": "1796400000000", "s": "BTCUSDT", "p": "1"},
+    {"e": "markPriceUpdate", "E": 1796400000000, "s": "BTCUSDT", "p": 1.5},
+    {"e": "markPriceUpdate", "E": 1796400000000, "s": "BTCUSDT", "p": "inf"},
+    {"e": "markPriceUpdate", "E": 10**17, "s": "BTCUSDT", "p": "1"},
+    {"e": "markPriceUpdate", "E": 1796400000000, "s": "BTCUSDT", "p": "1", "mp": "2"},
+], ids=["no-time", "zero-time", "time-as-text", "number", "infinite", "time-out-of-range", "options-mark"])
+def test_mark_frames_of_other_shapes_are_left_to_ccxt(message: dict[str, Any]) -> None:
+    assert mark_update(message) is None
 
 
 @settings(max_examples=500, deadline=None)
@@ -226,6 +280,37 @@ async def test_through_the_simulator_the_streams_deliver_what_is_read_straight()
     finally:
         await orders.stop()
         await positions.stop()
+        await adapter.close()
+        await server.stop()
+
+
+async def test_through_the_simulator_marks_come_through_the_tap_each_watch_its_own_symbols() -> None:
+    """Against the simulator: two mark watches of one adapter (different symbols) each get their own symbols'
+    marks through the tap, ccxt's ticker table stays empty; a frame the tap leaves to ccxt (an options mark
+    `mp`, sent by hand) still arrives, through ccxt's watch and the sweep of its table."""
+    server = await SimServer().start()
+    account = server.venue.add_account("marks")
+    adapter = await CcxtExchange(settings_for(server, account)).start()
+    btc, eth = Collector(adapter.mark_prices(["BTCUSDT"])), Collector(adapter.mark_prices(["ETHUSDT"]))
+    try:
+        await btc.wait_for(lambda item: isinstance(item, Resynced))
+        await eth.wait_for(lambda item: isinstance(item, Resynced))
+        server.venue.set_mark("BTCUSDT", D("58900.5"))
+        server.venue.set_mark("ETHUSDT", D("2400.25"))
+        await btc.wait_for(lambda m: isinstance(m, MarkPrice) and m.price == D("58900.5"))
+        await eth.wait_for(lambda m: isinstance(m, MarkPrice) and m.price == D("2400.25"))
+        assert {m.symbol for m in btc.items if isinstance(m, MarkPrice)} == {"BTCUSDT"}
+        assert {m.symbol for m in eth.items if isinstance(m, MarkPrice)} == {"ETHUSDT"}
+        assert not adapter.client.tickers  # nothing went through ccxt's handler
+        ws = next(iter(adapter.client.clients.values()))
+        adapter.client.handle_message(ws, {"stream": "btcusdt@markPrice@1s", "data": {
+            "e": "markPriceUpdate", "E": int(time.time() * 1000) + 10_000, "s": "BTCUSDT", "p": "1.0",
+            "mp": "61000.5"}})
+        await btc.wait_for(lambda m: isinstance(m, MarkPrice) and m.price == D("61000.5"))
+        assert adapter._marks_to_ccxt == 1 and adapter.client.tickers
+    finally:
+        await btc.stop()
+        await eth.stop()
         await adapter.close()
         await server.stop()
 
