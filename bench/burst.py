@@ -64,6 +64,35 @@ def _cpu_ms(pid: int) -> tuple[float, float] | None:
         return None
 
 
+async def _gc_figures(http: aiohttp.ClientSession, api: str, auth: dict[str, str]) -> dict[str, float]:
+    """The service's garbage-collection counters from its metrics (lifecycle/app/garbage.py)."""
+    async with http.get(f"{api}/metrics", headers=auth) as answer:
+        text = await answer.text()
+    figures = {}
+    for line in text.splitlines():
+        if line.startswith(("lifecycle_gc_collections_total{", "lifecycle_gc_pause_ms_total{",
+                            "lifecycle_gc_quiet_collections_total{")):
+            name, value = line.rsplit(" ", 1)
+            figures[name] = float(value)
+    return figures
+
+
+def _gc_window(before: dict[str, float], after: dict[str, float]) -> str:
+    parts = []
+    for g in range(3):
+        label = f'{{generation="{g}"}}'
+        count = after.get(f"lifecycle_gc_collections_total{label}", 0) - before.get(
+            f"lifecycle_gc_collections_total{label}", 0)
+        if count:
+            took = after.get(f"lifecycle_gc_pause_ms_total{label}", 0) - before.get(
+                f"lifecycle_gc_pause_ms_total{label}", 0)
+            quiet = after.get(f"lifecycle_gc_quiet_collections_total{label}", 0) - before.get(
+                f"lifecycle_gc_quiet_collections_total{label}", 0)
+            quietly = f", {quiet:.0f} at quiet moments" if quiet else ""
+            parts.append(f"generation {g}: {count:.0f} ({took:.1f} ms{quietly})")
+    return ", ".join(parts) or "none"
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -234,6 +263,7 @@ async def _round(http: aiohttp.ClientSession, api: str, auth: dict[str, str], co
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     if spy is not None:
         await asyncio.sleep(1.0)  # py-spy attached
+    gc_before = await _gc_figures(http, api, auth)
     cpu_before = _cpu_ms(service_pid)
     async with http.post(f"{control}/burst", json={"api_key": api_key, "closes": [
             {"symbol": s, "kind": kind_of[s]} for s in symbols]}) as answer:
@@ -247,6 +277,7 @@ async def _round(http: aiohttp.ClientSession, api: str, auth: dict[str, str], co
         terminal.poll()
         await asyncio.sleep(0.02)  # the figure is committed_at: polling often would only take CPU from the service
     cpu_after = _cpu_ms(service_pid)
+    gc_after = await _gc_figures(http, api, auth)
     if spy is not None:
         await spy.wait()
     by_kind: dict[str, list[float]] = {k: [] for k in KINDS}  # venue close -> terminal transition committed
@@ -283,6 +314,8 @@ async def _round(http: aiohttp.ClientSession, api: str, auth: dict[str, str], co
     if cpu_before is not None and cpu_after is not None:
         print(f"  the service's CPU from the flatten call to the last closure seen: event loop's thread "
               f"{cpu_after[0] - cpu_before[0]:.0f} ms, its other threads {cpu_after[1] - cpu_before[1]:.0f} ms")
+    print(f"  garbage collections in the service from the flatten call to the last closure seen: "
+          f"{_gc_window(gc_before, gc_after)}")
     for line in wrong[:20]:
         print("    " + line)
     return len(wrong)

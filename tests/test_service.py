@@ -371,12 +371,17 @@ port = 0
             assert 'lifecycle_storage_backlog{account="sim"} 0' in text
             assert 'lifecycle_unprotected_positions{account="sim"} 0' in text
             assert 'lifecycle_closure_cause_sources_total{account="sim",source="fill_update"} 1' in text
+            full = re.search(r'^lifecycle_gc_collections_total\{generation="2"\} (\d+)$', text, re.M)
+            assert full is not None and int(full.group(1)) >= 1  # the start's own gc.collect() at the least
+            assert re.search(r'^lifecycle_gc_pause_ms_total\{generation="0"\} [0-9.]+$', text, re.M)
+            assert service.collector.running
             # Not reachable on this machine's other addresses.
             for address in _non_loopback_addresses():
                 with pytest.raises(OSError), socket.create_connection((address, api.port), timeout=1):
                     pass
     finally:
         await service.stop()
+    assert not service.collector.running
 
 
 def _non_loopback_addresses() -> list[str]:

@@ -33,6 +33,7 @@ from loguru import logger
 
 from exchange.errors import ExchangeError
 from exchange.secret import Secret
+from lifecycle.app.garbage import GC_TIMES
 from lifecycle.app.page import COOKIE, PAGE_HEADER, PUBLIC_PATHS, PageHub, position_json
 from lifecycle.domain import CloseReason, Position, Side
 from lifecycle.errors import (
@@ -426,6 +427,16 @@ def metrics_text(service: ServiceView) -> str:
     metric("lifecycle_commit_batch_largest", "gauge",
            "The most writes (transitions and order rows) committed in one transaction.",
            [({}, batches.largest if batches else 0)])
+    generations = range(3)
+    metric("lifecycle_gc_collections_total", "counter", "Garbage collections by generation (0: young).",
+           [({"generation": str(g)}, GC_TIMES.collections[g]) for g in generations])
+    metric("lifecycle_gc_pause_ms_total", "counter", "Milliseconds the process stood still in those collections.",
+           [({"generation": str(g)}, round(GC_TIMES.ms[g], 3)) for g in generations])
+    metric("lifecycle_gc_quiet_collections_total", "counter",
+           "Of those, collections made while the event loop was idle (lifecycle/app/garbage.py).",
+           [({"generation": str(g)}, GC_TIMES.quiet[g]) for g in generations])
+    metric("lifecycle_gc_pause_ms_longest", "gauge", "The longest collection since start, milliseconds.",
+           [({}, round(GC_TIMES.longest_ms, 3))])
     records = service.records
     metric("lifecycle_records_failing", "gauge", "1 while records cannot be written.",
            [({}, 1 if records is not None and records.failing else 0)])
