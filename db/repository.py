@@ -49,6 +49,7 @@ from lifecycle.domain import (
     Side,
     TrailingState,
 )
+from lifecycle.eager import EagerFuture
 from lifecycle.errors import ConcurrentModification, DuplicateLivePosition, LeaseLost, StoreRefused
 from lifecycle.journal import JournalEntry, Outcome
 from lifecycle.machines.states import TERMINAL_STATES, PositionState
@@ -233,7 +234,8 @@ class Repository:
         module docstring); the answer, and any error, is this transition's own. (A future, not a coroutine:
         awaiting it costs no task, on the path of every transition.) With a `fence`, the transition is written
         only while the account's lease holds, in the same transaction (LeaseLost otherwise)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Eager: the books' and the engine's callbacks run when the batch settles it, not turns later (eager.py).
+        done: asyncio.Future[None] = EagerFuture(loop=asyncio.get_running_loop())
         self._queue(_Pending(position, outcome, done, fence))
         return done
 
@@ -293,8 +295,12 @@ class Repository:
         if len(batch) == 1:
             _settle(batch[0], await _outcome_of(self._write_one(batch[0])))
             return
+        def settle(stale: dict[int, StoreRefused | ConcurrentModification | LeaseLost]) -> None:
+            for item in batch:
+                _settle(item, stale.get(id(item)))
+
         try:
-            stale = await self._run(_commit_many, batch)
+            stale = await self._run(_commit_many, batch, settle)
         except _BatchRefused:
             stats.one_by_one += 1
             for item in batch:
@@ -318,15 +324,18 @@ class Repository:
             raise StoreRefused(
                 f"position {item.position.id} #{item.outcome.journal.seq}: {str(e.orig).splitlines()[0]}") from e
 
-    async def _run(self, write: Callable[[sa.Connection, _W], _R], work: _W) -> _R:
+    async def _run(self, write: Callable[[sa.Connection, _W], _R], work: _W,
+                   settle: Callable[[_R], None] | None = None) -> _R:
         """Run `write(connection, work)` in one write transaction. SQLite: the whole transaction in the
         writer's thread, one hop there and back (SQLAlchemy's async layer over aiosqlite makes a hop per
         statement: ~2 ms for a transition's five statements against ~0.6 ms in one hop, measured); elsewhere
-        (PostgreSQL, an in-memory SQLite) on the async engine's connection through `run_sync`."""
+        (PostgreSQL, an in-memory SQLite) on the async engine's connection through `run_sync`. `settle`: the
+        writer thread's answer is handed to it in the loop's first turn after the commit (the caller's own
+        wake-up is one turn later; on PostgreSQL the caller settles after its await)."""
         if self._writer is not None:
             assert self._write_lock is not None
             async with self._write_lock:
-                return await self._writer.run(write, work)
+                return await self._writer.run(write, work, settle)
         async with self._write() as conn:
             return await conn.run_sync(write, work)
 
@@ -771,10 +780,37 @@ class _SqliteWriter:
         sa.event.listen(self.engine, "connect", sqlite_pragmas)
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
-    async def run(self, write: Callable[[sa.Connection, _W], _R], work: _W) -> _R:
+    async def run(self, write: Callable[[sa.Connection, _W], _R], work: _W,
+                  settle: Callable[[_R], None] | None = None) -> _R:
+        """`write` in the thread; a successful result goes to `settle` in the loop's first turn after it (the
+        members of a batch answered there: `run_in_executor` woke the caller two turns later, and in a cascade a
+        turn of the loop is 20-50 ms), then to the caller. `settle` runs even if the caller stopped waiting: the
+        write is durable either way."""
         if self._thread is None:  # (again after `close`: like SQLAlchemy's engine after dispose, usable again)
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, write, work)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[_R] = loop.create_future()
+
+        def deliver(done: concurrent.futures.Future[_R]) -> None:  # on the loop
+            error = done.exception()
+            if error is None and settle is not None:
+                try:
+                    settle(done.result())
+                except Exception as e:  # noqa: BLE001 - the caller settles again (each member once): report only
+                    loop.call_exception_handler({"message": "settling a SQLite batch failed", "exception": e})
+            if answer.cancelled():
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(done.result())
+
+        def finished(done: concurrent.futures.Future[_R]) -> None:  # in the writer thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to answer
+                loop.call_soon_threadsafe(deliver, done)
+
+        self._thread.submit(self._transaction, write, work).add_done_callback(finished)
+        return await answer
 
     def _transaction(self, write: Callable[[sa.Connection, _W], _R], work: _W) -> _R:
         with self.engine.begin() as conn:

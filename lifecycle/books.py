@@ -28,6 +28,7 @@ from typing import Any
 
 from loguru import logger
 
+from lifecycle.eager import EagerFuture, when_answered
 from lifecycle.errors import ConcurrentModification, StoreRefused
 from lifecycle.retry import Backoff
 
@@ -92,7 +93,7 @@ class Books:
         ConcurrentModification / StoreRefused). Driven by callbacks, not a task: the hot path of every
         transition goes through here (issue 13)."""
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[None] = loop.create_future()
+        answer: asyncio.Future[None] = EagerFuture(loop=loop)
         if self._queue:
             self._enqueue(_Write(what, call, done))
             answer.set_result(None)
@@ -162,7 +163,7 @@ class Books:
                 queue_it(None)
 
         timer = loop.call_later(self.timeout_s, on_timeout)
-        attempt.add_done_callback(on_done)
+        when_answered(attempt, on_done)  # eagerly if the store's future is eager: no turn of the loop between
         return answer
 
     async def drain(self, timeout_s: float) -> bool:

@@ -20,6 +20,7 @@ from loguru import logger
 from lifecycle.actions import Action, CancelWorkingOrders, DropPosition, EmitClosure, ReleaseStopLock
 from lifecycle.books import Books
 from lifecycle.domain import OrderRef, OrderStatus, Position, Side, TrailingState, new_position_id, utcnow
+from lifecycle.eager import when_answered
 from lifecycle.errors import (
     ConcurrentModification,
     DuplicateLivePosition,
@@ -213,7 +214,7 @@ class Engine:
             if not swapped and not done.cancelled() and done.exception() is None:
                 swap()
 
-        answer.add_done_callback(on_answer)  # registered before `_outlast` waits: it runs first
+        when_answered(answer, on_answer)  # eager (the books' answer is): the swap comes with the answer itself
         try:
             cancelled = await _outlast(answer)
         except ConcurrentModification:
