@@ -295,9 +295,9 @@ class Repository:
         if len(batch) == 1:
             _settle(batch[0], await _outcome_of(self._write_one(batch[0])))
             return
+
         def settle(stale: dict[int, StoreRefused | ConcurrentModification | LeaseLost]) -> None:
-            for item in batch:
-                _settle(item, stale.get(id(item)))
+            _settle_all(batch, lambda item: stale.get(id(item)))
 
         try:
             stale = await self._run(_commit_many, batch, settle)
@@ -307,12 +307,11 @@ class Repository:
                 _settle(item, await _outcome_of(self._write_one(item)))
             return
         except Exception as e:  # noqa: BLE001 - the batch failed: each member fails with the error
-            for item in batch:
-                _settle(item, e)
+            failure: BaseException = e
+            _settle_all(batch, lambda item: failure)
             return
         stats.stale += len(stale)
-        for item in batch:
-            _settle(item, stale.get(id(item)))
+        settle(stale)  # (SQLite: done already, in the loop's first turn after the thread's answer)
 
     async def _write_one(self, item: _Pending | _PendingOrder) -> None:
         if isinstance(item, _PendingOrder):
@@ -793,17 +792,18 @@ class _SqliteWriter:
 
         def deliver(done: concurrent.futures.Future[_R]) -> None:  # on the loop
             error = done.exception()
-            if error is None and settle is not None:
-                try:
-                    settle(done.result())
-                except Exception as e:  # noqa: BLE001 - the caller settles again (each member once): report only
-                    loop.call_exception_handler({"message": "settling a SQLite batch failed", "exception": e})
-            if answer.cancelled():
-                return
-            if error is not None:
-                answer.set_exception(error)
-            else:
-                answer.set_result(done.result())
+            try:
+                if error is None and settle is not None:
+                    try:
+                        settle(done.result())
+                    except Exception as e:  # noqa: BLE001 - the caller settles again (each member once): report
+                        loop.call_exception_handler({"message": "settling a SQLite batch failed", "exception": e})
+            finally:  # (a KeyboardInterrupt or SystemExit goes on out, as from any callback: the caller is answered)
+                if not answer.cancelled():
+                    if error is not None:
+                        answer.set_exception(error)
+                    else:
+                        answer.set_result(done.result())
 
         def finished(done: concurrent.futures.Future[_R]) -> None:  # in the writer thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to answer
@@ -858,6 +858,21 @@ async def _outcome_of(work: Any) -> BaseException | None:
     except Exception as e:  # noqa: BLE001 - handed to the member's own caller
         return e
     return None
+
+
+def _settle_all(batch: list[_Pending | _PendingOrder],
+                error_of: Callable[[_Pending | _PendingOrder], BaseException | None]) -> None:
+    """Answer every member of a batch, whatever one member's callbacks raise: the members' futures are eager
+    (lifecycle/eager.py), so a KeyboardInterrupt or SystemExit from a listener comes out here; it goes on out
+    once every member is answered (a member left unanswered held the writer and every later write)."""
+    exiting: BaseException | None = None
+    for item in batch:
+        try:
+            _settle(item, error_of(item))
+        except (SystemExit, KeyboardInterrupt) as e:
+            exiting = exiting or e
+    if exiting is not None:
+        raise exiting
 
 
 def _settle(item: _Pending | _PendingOrder, error: BaseException | None) -> None:

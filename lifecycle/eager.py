@@ -6,8 +6,10 @@ through three of them (the repository's member future, the books' answer, the en
 turns for nothing (bench.burst). `EagerFuture.add_eager_callback` runs its callback inside `set_result` /
 `set_exception` / `cancel` instead, in the order added, before the ordinary done callbacks are scheduled; an
 exception from one is reported to the loop's exception handler (as asyncio does for a callback) and the
-others still run. On a future already answered it falls back to an ordinary done callback: it never runs inside
-the `add_eager_callback` call itself.
+others still run. A KeyboardInterrupt or SystemExit from one is raised again, as asyncio lets it out of a
+callback, but only once every other callback has run: a batch's members are never left half answered. On a
+future already answered it falls back to an ordinary done callback: it never runs inside the
+`add_eager_callback` call itself.
 
 Only small, non-blocking bookkeeping belongs there (settling the next future, swapping a committed draft in):
 it runs on the stack of whoever answers the future.
@@ -48,14 +50,17 @@ class EagerFuture(asyncio.Future[T]):
 
     def _answered(self) -> None:
         eager, self._eager = self._eager, []
+        exiting: BaseException | None = None
         for fn in eager:
             try:
                 fn(self)
-            except (SystemExit, KeyboardInterrupt):
-                raise
+            except (SystemExit, KeyboardInterrupt) as e:
+                exiting = exiting or e
             except BaseException as e:  # noqa: BLE001 - as asyncio's Handle reports a callback's error
                 self.get_loop().call_exception_handler({
                     "message": f"exception in an eager callback of {self!r}", "exception": e, "future": self})
+        if exiting is not None:
+            raise exiting
 
 
 def when_answered(future: asyncio.Future[Any], fn: Callable[[Any], None]) -> None:
