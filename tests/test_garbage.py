@@ -157,3 +157,57 @@ def test_bad_settings_are_refused() -> None:
 
 def test_pick_generation_reads_the_counts_as_they_are(thresholds: None) -> None:
     assert pick_generation() == 0
+
+
+def test_a_full_collection_waits_until_a_quarter_of_the_old_generation_is_new(thresholds: None) -> None:
+    """Review of 3300299: the count alone made a full collection every 133 quiet ones, its pause growing with the
+    heap (183 ms with 2 million objects). CPython also waits until what moved into the old generation since its
+    last full collection is a quarter of what it held after it; so does the collector now."""
+    collector = QuietCollector(young_min=100)
+    old = _young(40_000)  # long-lived: in the old generation after the first full collection
+    rounds = []
+    while collector.collected[2] == 0:
+        rounds.append(_young(200))
+        collector.collect()
+    assert collector.old_total >= 40_000 and collector.old_pending == 0
+    for _ in range(40):  # three full cycles of the count's rule, few survivors each: no second full collection
+        rounds.append(_young(200))
+        collector.collect()
+    assert collector.collected[2] == 1 and 0 < collector.old_pending < collector.old_total // 4
+    for _ in range(60):  # many survivors: once a quarter of the old generation is new, the full collection comes
+        rounds.append(_young(3_000))
+        collector.collect()
+        if collector.collected[2] == 2:
+            break
+    assert collector.collected[2] == 2 and collector.old_pending == 0
+    del old, rounds
+
+
+def test_a_loop_busy_half_the_time_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 3300299: 1 ms of work and 1 ms of sleep in turn gave a share of exactly 0.5, taken for quiet."""
+    import lifecycle.app.garbage as garbage
+
+    class Clock:
+        now = 10.0
+        cpu = 4.0
+
+        @staticmethod
+        def perf_counter() -> float:
+            return Clock.now
+
+        @staticmethod
+        def thread_time() -> float:
+            return Clock.cpu
+
+    class Loop:
+        @staticmethod
+        def time() -> float:
+            return 100.0
+
+    monkeypatch.setattr(garbage, "time", Clock)
+    collector = QuietCollector(interval_s=0.5)
+    collector._loop = Loop()  # type: ignore[assignment]
+    collector._due, collector._wall, collector._cpu = 100.0, 9.5, 3.75  # 0.25 s of CPU in 0.5 s
+    assert not collector.quiet()
+    collector._cpu = 3.76
+    assert collector.quiet()

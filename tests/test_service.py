@@ -13,6 +13,7 @@ import sys
 import time
 from decimal import Decimal as D
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -491,3 +492,36 @@ def test_one_lock_however_the_sqlite_file_is_named(tmp_path: Path, monkeypatch: 
     finally:
         assert held is not None
         held.release()
+
+
+async def test_a_stop_during_the_start_leaves_no_collector_ticking(sim: SimServer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 3300299: `stop()` while `start()` was still starting an account returned, then `start()` went on
+    and started the quiet collector, which ticked on after both."""
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "sqlite:///{tmp_path / 'stop.sqlite'}"
+[records]
+dir = "{tmp_path / 'records'}"
+[api]
+enabled = false
+''' + account_block(), sim.ccxt_urls())
+    service = Service(service_config(load(config)))
+    started_one = asyncio.Event()
+    go_on = asyncio.Event()
+    original = service._start_account
+
+    async def held(*args: Any, **kwargs: Any) -> None:  # the account started, the start not yet done
+        await original(*args, **kwargs)
+        started_one.set()
+        await go_on.wait()
+
+    monkeypatch.setattr(service, "_start_account", held)
+    start = asyncio.ensure_future(service.start())
+    await asyncio.wait_for(started_one.wait(), 30)
+    await service.stop()
+    go_on.set()
+    await asyncio.wait_for(start, 30)
+    assert not service.collector.running

@@ -227,7 +227,8 @@ class Service:
             raise
         self.started = True
         tune_gc()
-        self.collector.start()
+        if not self._stopping:  # (a stop during the start has stopped the collector already: not started again)
+            self.collector.start()
         logger.info("service running: {} account(s), {} live position(s)", len(self.accounts),
                     sum(len(a.engine.positions) for a in self.accounts.values()))
         return self
