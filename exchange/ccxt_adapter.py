@@ -1292,6 +1292,10 @@ class _Tap:
             items = [item for item in items if item.symbol in self.symbols]
             if not items:
                 return  # another watch's symbol: not a message of this one
+            if len(self.items) >= TAP_MARKS_PER_SYMBOL * len(self.symbols):
+                # A consumer that falls behind (one that awaits per mark) gets the newest mark of each symbol, as
+                # ccxt's ticker table gave it, not an ever longer queue (review of 2e0d702).
+                self.items = list({item.symbol: item for item in self.items}.values())
         self.items.extend(items)
         self.news = True
         if self._waiter is not None and not self._waiter.done():
@@ -1307,6 +1311,9 @@ class _Tap:
     def take(self) -> list[Any]:
         items, self.items, self.news = self.items, [], False
         return items
+
+
+TAP_MARKS_PER_SYMBOL = 4  # marks a tap holds per symbol of its watch before it keeps only the newest of each
 
 
 def _fingerprint(raw: Any) -> tuple[Any, ...] | None:

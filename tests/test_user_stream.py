@@ -336,3 +336,16 @@ def test_frames_with_a_time_out_of_range_go_to_ccxt_and_count_no_fee() -> None:
              "X": "FILLED", "i": 7, "z": "0.030", "n": "0.5", "N": "USDT", "T": 10**17, "ps": "BOTH", "R": True}
     assert order_update("ORDER_TRADE_UPDATE", {"o": order}, fees) is None
     assert fees.of(("BTCUSDT", "7")) is None
+
+
+def test_a_marks_tap_behind_its_consumer_keeps_the_newest_mark_of_each_symbol_not_every_one() -> None:
+    """Review of 2e0d702: a consumer that awaits per mark let the tap's queue grow without bound (ccxt's ticker
+    table kept the newest per symbol). Past a few marks per symbol of the watch, the tap keeps the newest of each."""
+    tap = _Tap(frozenset({"BTCUSDT", "ETHUSDT"}))
+    start = 1_796_400_000_000
+    for i in range(1_000):
+        tap.put([mark_update({"e": "markPriceUpdate", "E": start + i, "s": ("BTCUSDT", "ETHUSDT")[i % 2],
+                              "p": f"{100 + i}"})])
+    assert len(tap.items) <= 4 * 2 + 1
+    newest = {m.symbol: m.price for m in tap.take()}
+    assert newest == {"BTCUSDT": D("1098"), "ETHUSDT": D("1099")}
