@@ -10,7 +10,8 @@ transition record (the commit acknowledged, both clocks this machine's); the tim
 is seen in its file (after the records thread's write and this script's poll) is printed too.
 
 Printed: p50 / p99 / max per cause and overall, how many ended in the right terminal state with the right
-cause, and the service's group-commit figures (transitions per transaction) from its metrics.
+cause, the service's CPU and garbage collections (count and pause by generation, from its metrics) from the
+flatten call to the last closure seen, and its group-commit figures (transitions per transaction).
 
 Run: python -m bench.burst [--positions 50] [--rounds 1]   (BURST_KEEP=1 keeps the service's files)
 """
