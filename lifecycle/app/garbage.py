@@ -7,7 +7,7 @@ the count ran out (docs/measurements.md). `QuietCollector` runs that collection 
 do, so that a cascade starts with a nearly empty young generation:
 
 * every `interval_s` a timer looks at the loop: if the timer fired on time (the loop was not stuck in a long
-  step) and the loop's thread used at most `busy_share` of the interval's wall time, and the young generation
+  step) and the loop's thread used less than `busy_share` of the interval's wall time, and the young generation
   holds at least `young_min` objects, it collects;
 * it collects the generation CPython's own rule picks (`gc.collect(2)` when the middle generation's collections
   since the last full one exceed the third threshold, `gc.collect(1)` when the young collections since the last
