@@ -19,9 +19,11 @@ ccxt's whole ticker table) becomes a `MarkPrice` as `CcxtExchange.mark_prices` m
 
 Differences, on purpose: an order's `fee` is the sum of the commissions (`n`) of every fill update of that order
 seen on the stream (TRADE, and CALCULATED: a liquidation's), per currency (`FeeBook`; None when its fills paid in
-more than one). ccxt's cache summed them only when it had seen the order's NEW first and otherwise kept the first
-fill's; a single fill, the common case, gives the same figure both ways. A negative commission (a maker rebate)
-counts as such; ccxt gave no fee for it.
+more than one). ccxt's cache summed them only when it had seen the order's NEW first and otherwise kept the
+first fill's; a single fill, the common case, gives the same figure both ways. A negative commission (a maker
+rebate) counts as such; ccxt gave no fee for it. Its `realized_pnl` is the sum of their realized profits (`rp`,
+each trade id once; `CcxtExchange._order` sums the frames ccxt reads the same way): Binance's `rp` is the
+trade's own, and an order filled in several trades reported its last trade's profit.
 
 Anything of a shape this does not know (a status or field Binance does not send, a number that is not text)
 returns None: the frame then goes to ccxt as before, and its update reaches the engine through ccxt's watch.
@@ -50,17 +52,37 @@ ALGO_STATUS = {
     "REJECTED": OrderStatus.REJECTED,
 }
 # The execution types of a fill: a trade, and a liquidation's (or ADL's) execution, which carry the commission.
-_FILLS = ("TRADE", "CALCULATED")
+FILL_EXECUTIONS = ("TRADE", "CALCULATED")
 FEE_BOOK_SIZE = 5_000  # orders whose fees are remembered (ccxt's order cache held as many: STREAM_CACHE)
 
 
 class FeeBook:
-    """The commissions of each order's fills seen on the stream: (symbol, order id) -> (currency, sum), the sum
-    None once fills paid in two currencies. Bounded: the orders longest without a fill are forgotten first."""
+    """The commissions and realized profits of each order's fills seen on the stream, by (symbol, order id):
+    the commissions' currency and sum (None once fills paid in two currencies), and the realized profits' sum,
+    each trade (`t`) counted once. Binance's `n` and `rp` are the trade's own, not the order's: an order filled in
+    several trades reported only its last trade's profit. Bounded: the orders longest without a fill are
+    forgotten first."""
 
     def __init__(self, size: int = FEE_BOOK_SIZE) -> None:
         self.size = size
         self._sums: OrderedDict[tuple[str, str], tuple[str, Decimal | None]] = OrderedDict()
+        self._realized: OrderedDict[tuple[str, str], tuple[set[int], Decimal]] = OrderedDict()
+
+    def add_realized(self, key: tuple[str, str], trade: int, realized: Decimal) -> None:
+        """One trade's realized profit, once per trade id (a frame seen twice, a cache converted again)."""
+        prior = self._realized.pop(key) if key in self._realized else None
+        trades, total = prior if prior is not None else (set(), Decimal(0))
+        if trade not in trades:
+            trades.add(trade)
+            total += realized
+        self._realized[key] = (trades, total)
+        if len(self._realized) > self.size:
+            self._realized.popitem(last=False)
+
+    def realized_of(self, key: tuple[str, str], default: Decimal | None) -> Decimal | None:
+        """The order's realized profit over its trades seen; `default` when none was."""
+        entry = self._realized.get(key)
+        return entry[1] if entry is not None else default
 
     def add(self, key: tuple[str, str], currency: str, cost: Decimal) -> None:
         prior = self._sums.pop(key, None)
@@ -152,9 +174,12 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     # Everything that can fail is read before the fill's commission is counted (a frame left to ccxt counts none).
     quantity, filled_qty, average_price = _via_float(amount), _via_float(filled), _via_float(average)
     trigger, kind, realized, stamp = _via_float(_trigger(o)), _type(o), _decimal(get("rp")), _ms(at)
-    commission = _text(get("n"))
-    if get("x") in _FILLS and commission is not None:
-        fees.add((symbol, ident), get("N") or "", Decimal(commission))
+    commission, trade = _text(get("n")), get("t")
+    if get("x") in FILL_EXECUTIONS:
+        if commission is not None:
+            fees.add((symbol, ident), get("N") or "", Decimal(commission))
+        if realized is not None and type(trade) is int and trade > 0:
+            fees.add_realized((symbol, ident), trade, realized)
     return OrderSnapshot(
         symbol=symbol,
         client_id=_client_id(o),
@@ -169,7 +194,7 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
         trigger_price=trigger,
         reduce_only=get("R") is True,
         at=stamp,
-        realized_pnl=realized,
+        realized_pnl=fees.realized_of((symbol, ident), realized),
         fee=fees.of((symbol, ident)),
     )
 

@@ -26,6 +26,7 @@ from exchange import errors
 from exchange.binance_lean import POSITION_OPTIONS, lean_order, lean_position_risk
 from exchange.binance_user_stream import (
     ALGO_STATUS,
+    FILL_EXECUTIONS,
     ORDER_STATUS,
     FeeBook,
     mark_update,
@@ -886,9 +887,22 @@ class CcxtExchange:
             trigger_price=_dec(raw.get("triggerPrice")),
             reduce_only=bool(raw.get("reduceOnly")),
             at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
-            realized_pnl=_dec(info.get("rp")),
+            realized_pnl=self._realized(raw, info, algo_id),
             fee=_dec((raw.get("fee") or {}).get("cost")),
         )
+
+    def _realized(self, raw: dict[str, Any], info: Any, algo_id: Any) -> Decimal | None:
+        """The order's realized profit over its trades seen on the stream (Binance's `rp` is the trade's own),
+        summed in the fee book as `binance_user_stream` sums it for the frames it reads."""
+        realized = _dec(info.get("rp"))
+        order_id = raw.get("id")
+        if algo_id is not None or order_id in (None, "") or not raw.get("symbol"):
+            return realized
+        key = (self._market_id(raw["symbol"]), str(order_id))
+        trade = info.get("t")
+        if info.get("x") in FILL_EXECUTIONS and realized is not None and type(trade) is int and trade > 0:
+            self._fees.add_realized(key, trade, realized)
+        return self._fees.realized_of(key, realized)
 
 
 def _guarded(base: type, owner: CcxtExchange) -> type:

@@ -147,6 +147,29 @@ async def test_partial_close_resizes_the_stop_and_is_recorded(rig: Rig) -> None:
     assert reduced[0]["fee"] is not None and reduced[0]["realized_pnl"] is not None
 
 
+async def test_an_order_that_closes_in_two_fills_books_each_fill_once(rig: Rig) -> None:
+    """Another client's limit order takes the position in two fills: the reduction books the first fill's profit
+    and commission, the closure the second's. Binance's `rp` and `n` are each trade's own; the engine summed an
+    order's commissions and gave the flat the sums, so the first fill's fee was counted twice (and the
+    simulator's `rp` was the order's running sum, so its profit too)."""
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    price = venue.position(rig.account, "BTCUSDT").entry + 500
+    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
+                            price=price, client_id=None, reduce_only=True)
+    venue.fill_partially(rig.account, order.order_id, D("0.004"))
+    await rig.until(lambda: rig.records.read("reduced"), what="the reduction recorded")  # type: ignore[union-attr]
+    rig.set_mark("BTCUSDT", price)  # the rest fills at the limit
+    stored = await rig.ended(p.id)
+    assert stored.state is S.CLOSED_EXTERNAL
+    first, second = [t for t in rig.account.trades if t.order_id == order.order_id]
+    [reduced] = rig.records.read("reduced")  # type: ignore[union-attr]
+    [closure] = rig.records.read("closure")  # type: ignore[union-attr]
+    assert (D(reduced["realized_pnl"]), D(reduced["fee"])) == (first.realized, first.fee)
+    assert (D(closure["pnl"]), D(closure["fee"])) == (second.realized, second.fee)
+    assert D(closure["quantity"]) == second.qty
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

@@ -242,6 +242,44 @@ def test_an_orders_fees_are_summed_over_its_fill_updates_per_currency() -> None:
     assert mixed is not None and mixed.fee is None  # paid in two currencies: no single figure
 
 
+def test_an_orders_realized_profit_is_the_sum_of_its_trades_each_counted_once(pipes: tuple[Pipe, Pipe]) -> None:
+    """Binance's `rp` is the trade's own, like `n`: an order filled in two trades reported only the second trade's
+    profit. Summed per order, each trade id once (a frame seen twice counts once), kept on the order's later updates,
+    and the same through ccxt's path."""
+    fees = FeeBook()
+    base = {"s": "BTCUSDT", "c": "x", "S": "SELL", "o": "LIMIT", "f": "GTC", "q": "0.030", "p": "100",
+            "sp": "0", "i": 9, "T": 1796400000000, "ps": "BOTH", "R": True, "N": "USDT", "ap": "100"}
+    first_trade = {**base, "x": "TRADE", "X": "PARTIALLY_FILLED", "z": "0.010", "n": "0.02", "rp": "4", "t": 11}
+    frames = [{**base, "x": "NEW", "X": "NEW", "z": "0", "ap": "0", "rp": "0"}, first_trade, first_trade,
+              {**base, "x": "TRADE", "X": "PARTIALLY_FILLED", "z": "0.020", "n": "0.02", "rp": "-1.5", "t": 12},
+              {**base, "x": "CANCELED", "X": "CANCELED", "z": "0.020", "rp": "0"}]
+    got = [order_update("ORDER_TRADE_UPDATE", {"o": frame}, fees) for frame in frames]
+    assert [g.realized_pnl if g is not None else "-" for g in got] == [D(0), D(4), D(4), D("2.5"), D("2.5")]
+    untraded = order_update("ORDER_TRADE_UPDATE", {"o": {**first_trade, "i": 10, "t": 0}}, fees)
+    assert untraded is not None and untraded.realized_pnl == D(4)  # no trade id: the frame's own figure
+    messages = [{"e": "ORDER_TRADE_UPDATE", "E": 1796400000000, "T": 1796400000000, "o": frame} for frame in frames]
+    assert _compare(pipes, messages) == len(frames)  # ccxt's path gives the same profits
+
+
+def test_the_simulator_reports_each_trades_own_realized_profit() -> None:
+    """As Binance does: `rp` (and `n`) of an ORDER_TRADE_UPDATE are the trade's, not the order's so far."""
+    venue = Venue()
+    account = venue.add_account("rp")
+    sent: list[dict[str, Any]] = []
+    venue._emit = lambda account, event: sent.append(event)  # type: ignore[method-assign]
+    venue.new_order(account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D("0.010"), price=None,
+                    client_id=None, reduce_only=False)
+    entry = venue.position(account, "BTCUSDT").entry
+    order = venue.new_order(account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
+                            price=entry + 1000, client_id=None, reduce_only=True)
+    venue.fill_partially(account, order.order_id, D("0.004"))
+    venue.set_mark("BTCUSDT", entry + 1000)
+    trades = [m["o"] for m in sent if m["e"] == "ORDER_TRADE_UPDATE" and m["o"]["i"] == order.order_id
+              and m["o"]["x"] == "TRADE"]
+    assert [D(t["rp"]) for t in trades] == [D("4.000"), D("6.000")]
+    assert [D(t["rp"]) for t in trades] == [t.realized for t in account.trades if t.order_id == order.order_id]
+
+
 @pytest.mark.parametrize("message", [
     {"o": {"s": "BTCUSDT", "X": "NEW_ADL", "i": 7, "T": 1, "ps": "BOTH", "o": "MARKET"}},  # a status we do not map
     {"o": {"s": "BTCUSDT", "X": "NEW", "i": 7, "T": 1, "ps": "BOTH", "o": "MARKET", "q": 0.01}},  # not text

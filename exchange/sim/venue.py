@@ -447,7 +447,7 @@ class Venue:
                                        this, realized, fee, now_ms()))
         # Binance order: ACCOUNT_UPDATE with the new position first, then the fill's ORDER_TRADE_UPDATE.
         self._emit(account, self._account_update(account, order.symbol, "ORDER"))
-        self._emit_order(account, order, "TRADE", this, price, fee=fee)
+        self._emit_order(account, order, "TRADE", this, price, fee=fee, realized=realized)
         if pos.amount == 0 and not self.keep_stops_when_flat:
             for algo in [a for a in account.algos.values() if a.symbol == order.symbol and a.status == "NEW"
                          and (a.reduce_only or a.close_position)]:
@@ -478,7 +478,9 @@ class Venue:
         return (self.marks[symbol] - pos.entry) * pos.amount if pos.amount else ZERO
 
     def _emit_order(self, account: Account, order: SimOrder, execution: str, last_qty: D, last_price: D,
-                    fee: D = ZERO) -> None:
+                    fee: D = ZERO, realized: D = ZERO) -> None:
+        """An ORDER_TRADE_UPDATE. As on Binance, `n` (commission) and `rp` (realized profit) are this trade's own
+        (0 for an update that is not a trade), not the order's sums."""
         ts = now_ms()
         self._emit(account, {
             "e": "ORDER_TRADE_UPDATE", "E": ts, "T": ts,
@@ -489,7 +491,7 @@ class Venue:
                 "z": fmt(order.filled), "L": fmt(last_price), "N": "USDT", "n": fmt(fee), "T": ts,
                 "t": next(self._trade_ids) if last_qty else 0,
                 "b": "0", "a": "0", "m": False, "R": order.reduce_only, "wt": "CONTRACT_PRICE",
-                "ot": order.orig_type or order.type, "ps": "BOTH", "cp": False, "rp": fmt(order.realized),
+                "ot": order.orig_type or order.type, "ps": "BOTH", "cp": False, "rp": fmt(realized),
                 "pP": False, "si": 0, "ss": 0, "V": "EXPIRE_TAKER", "pm": "NONE", "gtd": 0, "er": "0",
             },
         })

@@ -243,8 +243,9 @@ class Closing:
             cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
             source = "fill_update"
             order = fill.order
-            exit_price, order_id, realized, fee = order.average_price, order.exchange_order_id, order.realized_pnl, \
-                order.fee
+            runtime = self.ctx.peek(position_id)
+            realized, fee = runtime.unclaimed(order) if runtime is not None else (order.realized_pnl, order.fee)
+            exit_price, order_id = order.average_price, order.exchange_order_id
         else:
             # The fill update is late (or lost): our own conditional order saying it fired, then REST. Also
             # while we close it: a stop or a liquidation may have come first (our close then finds nothing).
@@ -259,8 +260,10 @@ class Closing:
                 if late is not None:  # the fill update arrived while REST was asked
                     cause = classify_close(late.client_id, position_id=position_id, trailing_was_active=trailing_active)
                     source = "fill_update"
-                    exit_price, order_id, realized, fee = late.order.average_price, late.order.exchange_order_id, \
-                        late.order.realized_pnl, late.order.fee
+                    runtime = self.ctx.peek(position_id)
+                    realized, fee = (runtime.unclaimed(late.order) if runtime is not None
+                                     else (late.order.realized_pnl, late.order.fee))
+                    exit_price, order_id = late.order.average_price, late.order.exchange_order_id
                 elif found is not None:
                     rest_fill, client_id = found
                     cause = classify_close(client_id, position_id=position_id, trailing_was_active=trailing_active)
@@ -311,20 +314,21 @@ class Closing:
         current = self.ctx.engine.positions.get(position_id)
         if current is None or not 0 < remaining < current.quantity:
             return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
+        runtime = self.ctx.runtime(position_id)
+        realized, fee = runtime.unclaimed(order) if order is not None else (None, None)
         outcome = await self.ctx.engine.fire_if(position_id, Reduced(
-            remaining=remaining, price=order.average_price if order else None,
-            realized_pnl=order.realized_pnl if order else None, fee=order.fee if order else None),
+            remaining=remaining, price=order.average_price if order else None, realized_pnl=realized, fee=fee),
             only_in=FLATTENABLE)
         if outcome is None:
             return
         if order is not None and order.exchange_order_id:
-            self.ctx.runtime(position_id).reduced_by.add(order.exchange_order_id)
+            runtime.reduced_by.add(order.exchange_order_id)
+            runtime.claim(order)
         now = self.ctx.engine.clock()
         self.ctx.engine.records.emit(Reduction(
             account=self.ctx.account, symbol=position.symbol, position_id=position_id, at=now,
             side=position.side.value, closed_quantity=before - remaining, remaining=remaining,
-            price=order.average_price if order else None, realized_pnl=order.realized_pnl if order else None,
-            fee=order.fee if order else None,
+            price=order.average_price if order else None, realized_pnl=realized, fee=fee,
             cause=classify_close(fill.client_id if fill else None, position_id=position_id,
                                  trailing_was_active=False).value,
             duration_s=round((now - position.created_at).total_seconds(), 3)))

@@ -50,6 +50,29 @@ class PositionRuntime:
     unprotected_since: float | None = None  # monotonic time first seen without a working stop
     reduced_by: set[str] = field(default_factory=set)  # exchange order ids taken in as reductions
     attempts: dict[OrderPurpose, int] = field(default_factory=dict)  # newest client-id attempt used here
+    # What reductions already took of an order's realized profit and commission (exchange order id -> the
+    # order's sums when taken): a later reduction or the flat by the same order takes only the rest.
+    claimed: dict[str, tuple[Decimal | None, Decimal | None]] = field(default_factory=dict)
+
+    def unclaimed(self, order: OrderSnapshot) -> tuple[Decimal | None, Decimal | None]:
+        """The realized profit and commission of `order` (its sums over the trades seen) that no reduction of
+        this position took yet: an order filled in parts is reduction, then reduction or flat, and each of them
+        takes its own trades' figures, not the order's sums again."""
+        taken = self.claimed.get(order.exchange_order_id or "")
+        if taken is None:
+            return order.realized_pnl, order.fee
+        return _less(order.realized_pnl, taken[0]), _less(order.fee, taken[1])
+
+    def claim(self, order: OrderSnapshot) -> None:
+        """A reduction took `order`'s figures so far."""
+        if order.exchange_order_id:
+            self.claimed[order.exchange_order_id] = (order.realized_pnl, order.fee)
+
+
+def _less(total: Decimal | None, taken: Decimal | None) -> Decimal | None:
+    if total is None:
+        return None
+    return total - taken if taken is not None else total
 
 
 # Up to this many symbols, venue-wide order listings go symbol by symbol (2 x weight 1 each on Binance) rather
