@@ -79,6 +79,11 @@ class FeeBook:
         if len(self._realized) > self.size:
             self._realized.popitem(last=False)
 
+    def seen(self, key: tuple[str, str], trade: int) -> bool:
+        """Whether this trade of the order was counted already (its frame seen twice)."""
+        entry = self._realized.get(key)
+        return entry is not None and trade in entry[0]
+
     def realized_of(self, key: tuple[str, str], default: Decimal | None) -> Decimal | None:
         """The order's realized profit over its trades seen; `default` when none was."""
         entry = self._realized.get(key)
@@ -174,11 +179,12 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     # Everything that can fail is read before the fill's commission is counted (a frame left to ccxt counts none).
     quantity, filled_qty, average_price = _via_float(amount), _via_float(filled), _via_float(average)
     trigger, kind, realized, stamp = _via_float(_trigger(o)), _type(o), _decimal(get("rp")), _ms(at)
-    commission, trade = _text(get("n")), get("t")
-    if get("x") in FILL_EXECUTIONS:
+    commission, t = _text(get("n")), get("t")
+    trade = t if type(t) is int and t > 0 else None  # a trade id: each trade counted once
+    if get("x") in FILL_EXECUTIONS and not (trade is not None and fees.seen((symbol, ident), trade)):
         if commission is not None:
             fees.add((symbol, ident), get("N") or "", Decimal(commission))
-        if realized is not None and type(trade) is int and trade > 0:
+        if realized is not None and trade is not None:
             fees.add_realized((symbol, ident), trade, realized)
     return OrderSnapshot(
         symbol=symbol,

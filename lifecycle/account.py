@@ -88,7 +88,8 @@ class AccountCommands(Protocol):
         """From REST: the fill that closed `position`, and its order's client id."""
         ...
 
-    async def fire_if(self, position_id: str, event: Event, *, only_in: Collection[PositionState]) -> Outcome | None:
+    async def fire_if(self, position_id: str, event: Event | Callable[[], Event], *,
+                      only_in: Collection[PositionState]) -> Outcome | None:
         ...
 
     async def doubt_stream(self, reason: str, *, resubscribe: bool) -> None: ...

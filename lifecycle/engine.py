@@ -145,18 +145,23 @@ class Engine:
         assert outcome is not None
         return outcome
 
-    async def fire_if(self, position_id: str, event: Event,
+    async def fire_if(self, position_id: str, event: Event | Callable[[], Event],
                       only_in: Collection[PositionState] | None) -> Outcome | None:
         """`fire`, but only while the position is live and in one of `only_in` (checked under its lock).
 
         For observations that may arrive twice or late (a stream update and a REST answer for the same
         fill, a flat after another path already closed the position): returns None, quietly, when the
         position has moved on, instead of a refusal that would read as an alarm in the logs.
+
+        `event` may be a function that makes the event: it is called under the position's lock, once the
+        position passed the check, so that what it reads and takes (the part of an order's figures a reduction
+        books) follows the order in which the position's events are applied.
         """
         live = self.positions.get(position_id)
         if live is None:
             if only_in is not None:
                 return None
+            event = event if isinstance(event, Event) else event()
             self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
             logger.warning("event {} for position {} refused: not a live position", event.name, position_id)
             raise UnknownPosition(f"no live position {position_id}")
@@ -164,6 +169,8 @@ class Engine:
             live = self.positions.get(position_id)
             if only_in is not None and (live is None or live.state not in only_in):
                 return None
+            if not isinstance(event, Event):
+                event = event()
             if live is None:  # became terminal while this event waited
                 self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
                 raise UnknownPosition(f"position {position_id} is no longer live")

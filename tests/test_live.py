@@ -170,6 +170,51 @@ async def test_an_order_that_closes_in_two_fills_books_each_fill_once(rig: Rig) 
     assert D(closure["quantity"]) == second.qty
 
 
+def _booked(rig: Rig) -> tuple[list[tuple[D, D]], list[tuple[D, D]]]:
+    reduced = [(D(r["realized_pnl"]), D(r["fee"])) for r in rig.records.read("reduced")]  # type: ignore[union-attr]
+    closed = [(D(c["pnl"]), D(c["fee"])) for c in rig.records.read("closure")]  # type: ignore[union-attr]
+    return reduced, closed
+
+
+async def test_an_order_whose_fills_come_together_books_each_fill_once(rig: Rig) -> None:
+    """A partial fill and the rest in the same instant (several makers matched at once): the reduction and the
+    flat were handled side by side, each took the order's figures before the other had taken its part, and the
+    first fill was booked twice (review of 9c7ac6b). Each takes its part under the position's lock now."""
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    price = venue.position(rig.account, "BTCUSDT").entry + 500
+    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
+                            price=price, client_id=None, reduce_only=True)
+    venue.fill_partially(rig.account, order.order_id, D("0.004"))
+    rig.set_mark("BTCUSDT", price)  # the rest at once
+    await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
+    reduced, closed = _booked(rig)
+    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
+    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
+
+
+async def test_two_partial_fills_at_once_book_one_trade_each(rig: Rig) -> None:
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    price = venue.position(rig.account, "BTCUSDT").entry + 500
+    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
+                            price=price, client_id=None, reduce_only=True)
+    venue.fill_partially(rig.account, order.order_id, D("0.002"))
+    venue.fill_partially(rig.account, order.order_id, D("0.003"))
+    await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.005"),  # type: ignore[union-attr]
+                    what="both reductions taken in")
+    rig.set_mark("BTCUSDT", price)
+    await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
+    reduced, closed = _booked(rig)
+    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
+    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
+    assert closed == [(trades[-1].realized, trades[-1].fee)]
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

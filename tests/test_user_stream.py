@@ -245,7 +245,7 @@ def test_an_orders_fees_are_summed_over_its_fill_updates_per_currency() -> None:
 def test_an_orders_realized_profit_is_the_sum_of_its_trades_each_counted_once(pipes: tuple[Pipe, Pipe]) -> None:
     """Binance's `rp` is the trade's own, like `n`: an order filled in two trades reported only the second trade's
     profit. Summed per order, each trade id once (a frame seen twice counts once), kept on the order's later updates,
-    and the same through ccxt's path."""
+    and the same through ccxt's path. The commission of a frame seen twice counts once too."""
     fees = FeeBook()
     base = {"s": "BTCUSDT", "c": "x", "S": "SELL", "o": "LIMIT", "f": "GTC", "q": "0.030", "p": "100",
             "sp": "0", "i": 9, "T": 1796400000000, "ps": "BOTH", "R": True, "N": "USDT", "ap": "100"}
@@ -255,6 +255,7 @@ def test_an_orders_realized_profit_is_the_sum_of_its_trades_each_counted_once(pi
               {**base, "x": "CANCELED", "X": "CANCELED", "z": "0.020", "rp": "0"}]
     got = [order_update("ORDER_TRADE_UPDATE", {"o": frame}, fees) for frame in frames]
     assert [g.realized_pnl if g is not None else "-" for g in got] == [D(0), D(4), D(4), D("2.5"), D("2.5")]
+    assert [g.fee if g is not None else "-" for g in got] == [None, D("0.02"), D("0.02"), D("0.04"), D("0.04")]
     untraded = order_update("ORDER_TRADE_UPDATE", {"o": {**first_trade, "i": 10, "t": 0}}, fees)
     assert untraded is not None and untraded.realized_pnl == D(4)  # no trade id: the frame's own figure
     messages = [{"e": "ORDER_TRADE_UPDATE", "E": 1796400000000, "T": 1796400000000, "o": frame} for frame in frames]

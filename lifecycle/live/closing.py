@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 from loguru import logger
 
 from exchange import errors as xerr
-from exchange.port import PositionSnapshot, protective
+from exchange.port import OrderSnapshot, PositionSnapshot, protective
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
@@ -239,12 +240,11 @@ class Closing:
         cause: CloseCause | None = CloseCause.UNKNOWN
         source = "none"
         exit_price = order_id = realized = fee = None
+        taking: OrderSnapshot | None = None  # the flattening order, whose figures no reduction took yet
         if fill is not None:
             cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
             source = "fill_update"
-            order = fill.order
-            runtime = self.ctx.peek(position_id)
-            realized, fee = runtime.unclaimed(order) if runtime is not None else (order.realized_pnl, order.fee)
+            taking = order = fill.order
             exit_price, order_id = order.average_price, order.exchange_order_id
         else:
             # The fill update is late (or lost): our own conditional order saying it fired, then REST. Also
@@ -260,9 +260,7 @@ class Closing:
                 if late is not None:  # the fill update arrived while REST was asked
                     cause = classify_close(late.client_id, position_id=position_id, trailing_was_active=trailing_active)
                     source = "fill_update"
-                    runtime = self.ctx.peek(position_id)
-                    realized, fee = (runtime.unclaimed(late.order) if runtime is not None
-                                     else (late.order.realized_pnl, late.order.fee))
+                    taking = late.order
                     exit_price, order_id = late.order.average_price, late.order.exchange_order_id
                 elif found is not None:
                     rest_fill, client_id = found
@@ -276,9 +274,16 @@ class Closing:
             cause, source = None, "none"  # our close is in flight, nothing else found: the state's default (bot)
         elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
             cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
-        outcome = await self.ctx.engine.fire_if(position_id, Flat(
-            cause=cause, exit_price=exit_price, exchange_order_id=order_id, realized_pnl=realized, fee=fee,
-            exchange_ts_ms=int(snap.at.timestamp() * 1000), cause_source=source), only_in=FLATTENABLE)
+
+        def flat() -> Flat:  # under the position's lock: after any reduction that took part of the same order
+            gain, paid = realized, fee
+            if taking is not None:
+                runtime = self.ctx.peek(position_id)
+                gain, paid = runtime.unclaimed(taking) if runtime is not None else (taking.realized_pnl, taking.fee)
+            return Flat(cause=cause, exit_price=exit_price, exchange_order_id=order_id, realized_pnl=gain, fee=paid,
+                        exchange_ts_ms=int(snap.at.timestamp() * 1000), cause_source=source)
+
+        outcome = await self.ctx.engine.fire_if(position_id, flat, only_in=FLATTENABLE)
         if outcome is not None:
             self.view.closed_with_cause(position, cause, source)
 
@@ -315,15 +320,27 @@ class Closing:
         if current is None or not 0 < remaining < current.quantity:
             return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
         runtime = self.ctx.runtime(position_id)
-        realized, fee = runtime.unclaimed(order) if order is not None else (None, None)
-        outcome = await self.ctx.engine.fire_if(position_id, Reduced(
-            remaining=remaining, price=order.average_price if order else None, realized_pnl=realized, fee=fee),
-            only_in=FLATTENABLE)
+        realized = fee = None
+        claimed: list[tuple[Decimal, Decimal | None, Decimal | None] | None] = []
+
+        def reduced() -> Reduced:  # under the position's lock: the order's figures taken in the events' order
+            nonlocal realized, fee
+            if order is not None:
+                realized, fee = runtime.unclaimed(order)
+                claimed.append(runtime.claim(order))
+            return Reduced(remaining=remaining, price=order.average_price if order else None, realized_pnl=realized,
+                           fee=fee)
+
+        try:
+            outcome = await self.ctx.engine.fire_if(position_id, reduced, only_in=FLATTENABLE)
+        except BaseException:
+            if order is not None and claimed:  # refused: nothing booked (no other taker ran since: one lock)
+                runtime.unclaim(order, claimed[0])
+            raise
         if outcome is None:
             return
         if order is not None and order.exchange_order_id:
             runtime.reduced_by.add(order.exchange_order_id)
-            runtime.claim(order)
         now = self.ctx.engine.clock()
         self.ctx.engine.records.emit(Reduction(
             account=self.ctx.account, symbol=position.symbol, position_id=position_id, at=now,
