@@ -66,15 +66,17 @@ class FeeBook:
     def __init__(self, size: int = FEE_BOOK_SIZE) -> None:
         self.size = size
         self._sums: OrderedDict[tuple[str, str], tuple[str, Decimal | None]] = OrderedDict()
-        self._realized: OrderedDict[tuple[str, str], tuple[set[int], Decimal]] = OrderedDict()
+        self._realized: OrderedDict[tuple[str, str], tuple[set[int], Decimal | None]] = OrderedDict()
 
-    def add_realized(self, key: tuple[str, str], trade: int, realized: Decimal) -> None:
-        """One trade's realized profit, once per trade id (a frame seen twice, a cache converted again)."""
+    def add_realized(self, key: tuple[str, str], trade: int, realized: Decimal | None) -> None:
+        """One trade (its id remembered: `seen`) and its realized profit, once per trade id (a frame seen twice,
+        a cache converted again)."""
         prior = self._realized.pop(key) if key in self._realized else None
-        trades, total = prior if prior is not None else (set(), Decimal(0))
+        trades, total = prior if prior is not None else (set(), None)
         if trade not in trades:
             trades.add(trade)
-            total += realized
+            if realized is not None:
+                total = realized if total is None else total + realized
         self._realized[key] = (trades, total)
         if len(self._realized) > self.size:
             self._realized.popitem(last=False)
@@ -87,7 +89,7 @@ class FeeBook:
     def realized_of(self, key: tuple[str, str], default: Decimal | None) -> Decimal | None:
         """The order's realized profit over its trades seen; `default` when none was."""
         entry = self._realized.get(key)
-        return entry[1] if entry is not None else default
+        return entry[1] if entry is not None and entry[1] is not None else default
 
     def add(self, key: tuple[str, str], currency: str, cost: Decimal) -> None:
         prior = self._sums.pop(key, None)
@@ -184,7 +186,7 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     if get("x") in FILL_EXECUTIONS and not (trade is not None and fees.seen((symbol, ident), trade)):
         if commission is not None:
             fees.add((symbol, ident), get("N") or "", Decimal(commission))
-        if realized is not None and trade is not None:
+        if trade is not None:
             fees.add_realized((symbol, ident), trade, realized)
     return OrderSnapshot(
         symbol=symbol,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR
 from decimal import Decimal as D
+from typing import Any
 
 import aiohttp
 import pytest
@@ -213,6 +214,57 @@ async def test_two_partial_fills_at_once_book_one_trade_each(rig: Rig) -> None:
     assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
     assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
     assert closed == [(trades[-1].realized, trades[-1].fee)]
+
+
+async def test_reductions_taken_side_by_side_record_what_each_closed(rig: Rig) -> None:
+    """Three partial fills at once: each reduction's closed quantity is from the size the one before left (the
+    size was read before the wait: 0.002, 0.005 and 0.006 were recorded for 0.006 closed; review of 9061f0b)."""
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    price = venue.position(rig.account, "BTCUSDT").entry + 500
+    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
+                            price=price, client_id=None, reduce_only=True)
+    for quantity in ("0.002", "0.003", "0.001"):
+        venue.fill_partially(rig.account, order.order_id, D(quantity))
+    await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.004"),  # type: ignore[union-attr]
+                    what="the reductions taken in")
+    assert rig.live is not None
+    await rig.live.idle()
+    reduced = rig.records.read("reduced")  # type: ignore[union-attr]
+    assert sum(D(r["closed_quantity"]) for r in reduced) == D("0.006")
+    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
+    assert sum(D(r["realized_pnl"]) for r in reduced) == sum(t.realized for t in trades)
+
+
+async def test_a_reduction_committed_then_cancelled_keeps_what_it_took(rig: Rig) -> None:
+    """`Engine.fire_if` raises a cancellation only after the commit of an accepted event: the reduction is in the
+    journal with its figures, and what it took of the order must stay taken (it was given back, and the flat booked
+    the first fill again; review of 9061f0b)."""
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    price = venue.position(rig.account, "BTCUSDT").entry + 500
+    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
+                            price=price, client_id=None, reduce_only=True)
+    engine = rig.engine
+    assert engine is not None and rig.live is not None and rig.repo is not None
+    commit = engine._commit
+
+    async def cancelled_meanwhile(draft: Any, outcome: Any) -> bool:
+        return await commit(draft, outcome) or outcome.journal.event == "reduced"
+
+    engine._commit = cancelled_meanwhile  # type: ignore[method-assign]
+    venue.fill_partially(rig.account, order.order_id, D("0.004"))
+    await rig.until(lambda: engine.positions[p.id].quantity == D("0.006"), what="the reduction committed")
+    await rig.live.idle()
+    engine._commit = commit  # type: ignore[method-assign]
+    rig.set_mark("BTCUSDT", price)
+    await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    journal = await rig.repo.journal(p.id)
+    reduced = [D(str(e.payload["realized_pnl"])) for e in journal if e.event == "reduced"]
+    [closure] = rig.records.read("closure")  # type: ignore[union-attr]
+    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
+    assert sum(reduced) + D(closure["pnl"]) == sum(t.realized for t in trades)
 
 
 # --- the seeds ------------------------------------------------------------------------------------------

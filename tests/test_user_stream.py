@@ -258,6 +258,9 @@ def test_an_orders_realized_profit_is_the_sum_of_its_trades_each_counted_once(pi
     assert [g.fee if g is not None else "-" for g in got] == [None, D("0.02"), D("0.02"), D("0.04"), D("0.04")]
     untraded = order_update("ORDER_TRADE_UPDATE", {"o": {**first_trade, "i": 10, "t": 0}}, fees)
     assert untraded is not None and untraded.realized_pnl == D(4)  # no trade id: the frame's own figure
+    no_profit = {k: v for k, v in first_trade.items() if k != "rp"} | {"i": 11}
+    twice = [order_update("ORDER_TRADE_UPDATE", {"o": no_profit}, fees) for _ in range(2)]
+    assert [(t.fee, t.realized_pnl) for t in twice if t is not None] == [(D("0.02"), None)] * 2  # one trade, once
     messages = [{"e": "ORDER_TRADE_UPDATE", "E": 1796400000000, "T": 1796400000000, "o": frame} for frame in frames]
     assert _compare(pipes, messages) == len(frames)  # ccxt's path gives the same profits
 

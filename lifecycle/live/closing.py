@@ -321,10 +321,13 @@ class Closing:
             return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
         runtime = self.ctx.runtime(position_id)
         realized = fee = None
+        seq = -1  # the position's journal sequence when the event was made
         claimed: list[tuple[Decimal, Decimal | None, Decimal | None] | None] = []
 
-        def reduced() -> Reduced:  # under the position's lock: the order's figures taken in the events' order
-            nonlocal realized, fee
+        def reduced() -> Reduced:  # under the position's lock: what it was, and the order's figures, in order
+            nonlocal realized, fee, before, seq
+            live = self.ctx.engine.positions[position_id]
+            before, seq = live.quantity, live.seq  # (reductions taken side by side: each from the one before)
             if order is not None:
                 realized, fee = runtime.unclaimed(order)
                 claimed.append(runtime.claim(order))
@@ -334,7 +337,11 @@ class Closing:
         try:
             outcome = await self.ctx.engine.fire_if(position_id, reduced, only_in=FLATTENABLE)
         except BaseException:
-            if order is not None and claimed:  # refused: nothing booked (no other taker ran since: one lock)
+            live = self.ctx.engine.positions.get(position_id)
+            if live is not None and live.seq > seq >= 0:  # committed, then cancelled: the reduction stands
+                if order is not None and order.exchange_order_id:
+                    runtime.reduced_by.add(order.exchange_order_id)
+            elif order is not None and claimed:  # refused: nothing booked (no other taker ran since: one lock)
                 runtime.unclaim(order, claimed[0])
             raise
         if outcome is None:
