@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
-from db import multirow
+from db import driver_sql, multirow
 from db.engine import create_engine, migrate, sqlite_pragmas
 from db.leases import Fence, fences_broken
 from db.tables import ClosureRow, JournalRow, OrderRow, PositionRow, TrailingStateRow
@@ -628,32 +629,42 @@ _INSERT_ORDER = orders.insert()
 # --- the writes, as synchronous functions of one connection in one transaction (see `Repository._run`) ---
 
 
+def _statements(conn: sa.Connection) -> Callable[[driver_sql.Statement, dict[str, Any]], int]:
+    """How a lone write runs its statements on `conn` (returns the row count): on the SQLite writer's thread
+    straight on the driver's connection (`db/driver_sql.py` says why), elsewhere through SQLAlchemy."""
+    if driver_sql.applies(conn):
+        return functools.partial(driver_sql.execute, conn)
+    return lambda statement, values: conn.execute(statement, values).rowcount
+
+
 def _commit_one(conn: sa.Connection, item: _Pending) -> None:
     position, outcome = item.position, item.outcome
     entry = outcome.journal
     _check_fence(conn, item.fence)
+    run = _statements(conn)
     values = _position_values(position)
     values["_id"], values["_prev_seq"] = position.id, entry.seq - 1
-    if conn.execute(_UPDATE_POSITION, values).rowcount != 1:
+    if run(_UPDATE_POSITION, values) != 1:
         raise ConcurrentModification(
             f"position {position.id}: row is not at seq {entry.seq - 1}; refusing to overwrite")
-    conn.execute(_INSERT_JOURNAL, _journal_values(entry))
+    run(_INSERT_JOURNAL, _journal_values(entry))
     if position.trailing is None:
-        conn.execute(_DELETE_TRAILING, {"_id": position.id})
+        run(_DELETE_TRAILING, {"_id": position.id})
     else:
         values = _trailing_values(position)
         values["_id"] = values.pop("position_id")
-        conn.execute(_UPDATE_TRAILING, values)
+        run(_UPDATE_TRAILING, values)
     if outcome.closure is not None:
-        conn.execute(_INSERT_CLOSURE, _closure_values(outcome.closure))
+        run(_INSERT_CLOSURE, _closure_values(outcome.closure))
 
 
 def _save_order(conn: sa.Connection, item: _PendingOrder) -> None:
     order = item.order
     _check_fence(conn, item.fence)
+    run = _statements(conn)
     values = _order_values(order, item.now)
-    if conn.execute(_UPDATE_ORDER, {**values, "_client_id": order.client_id}).rowcount == 0:
-        conn.execute(_INSERT_ORDER, {**values, "client_id": order.client_id, "created_at": order.created_at})
+    if run(_UPDATE_ORDER, {**values, "_client_id": order.client_id}) == 0:
+        run(_INSERT_ORDER, {**values, "client_id": order.client_id, "created_at": order.created_at})
 
 
 def _commit_many(conn: sa.Connection, batch: list[_Pending | _PendingOrder]

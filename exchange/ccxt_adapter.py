@@ -732,8 +732,10 @@ class CcxtExchange:
                         yield Resynced(name, reason, state)
                 if pending is None:
                     pending = asyncio.ensure_future(watch(client))
-                await asyncio.wait({pending} if tap is None else {pending, tap.wait()},
-                                   timeout=RESWEEP_S if soon else SWEEP_S, return_when=asyncio.FIRST_COMPLETED)
+                if tap is None:
+                    await asyncio.wait({pending}, timeout=RESWEEP_S if soon else SWEEP_S)
+                else:
+                    await tap.until_news(pending, RESWEEP_S if soon else SWEEP_S)
                 soon = False
                 if tap is not None and tap.news:
                     backoff = self.settings.backoff_initial_s
@@ -1290,7 +1292,7 @@ class _Fresh:
 class _Tap:
     """The updates `CcxtExchange._tap` read from the frames for one running stream, until its supervisor takes
     them. `news`: a frame came since the last take, even one with nothing in it (an ACCOUNT_UPDATE of balances
-    only: the stream is alive, as ccxt's watch said when it resolved with no position); `wait()` is done then."""
+    only: the stream is alive, as ccxt's watch said when it resolved with no position); `until_news` returns then."""
 
     def __init__(self, symbols: frozenset[str] | None = None) -> None:
         self.symbols = symbols  # None: every symbol's updates
@@ -1315,12 +1317,28 @@ class _Tap:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def wait(self) -> asyncio.Future[None]:
-        if self._waiter is None or self._waiter.done():
-            self._waiter = asyncio.get_running_loop().create_future()
-            if self.news:
-                self._waiter.set_result(None)
-        return self._waiter
+    async def until_news(self, watch: asyncio.Future[Any], timeout_s: float) -> None:
+        """Until this tap has news, `watch` (ccxt's watch of the stream) is done, or `timeout_s` passed. `put`
+        answers the future awaited here itself, so the stream's supervisor wakes in the loop's next turn;
+        `asyncio.wait` over a tap's future and the watch woke it a turn later (its own callback ran first), on
+        every frame of the user stream (bench.closure_latency)."""
+        if self.news or watch.done():
+            return
+        loop = asyncio.get_running_loop()
+        woke = self._waiter = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woke.done():
+                woke.set_result(None)
+
+        watch.add_done_callback(wake)
+        timer = loop.call_later(timeout_s, wake)
+        try:
+            await woke
+        finally:
+            timer.cancel()
+            watch.remove_done_callback(wake)
+            self._waiter = None
 
     def take(self) -> list[Any]:
         items, self.items, self.news = self.items, [], False

@@ -1,0 +1,127 @@
+"""A lone write on SQLite goes to the driver's connection (db/driver_sql.py): the rows it stores are the ones
+SQLAlchemy's own execution stores, and the engine's statement listeners still see every statement."""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from decimal import Decimal as D
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from db import driver_sql
+from db.repository import Repository
+from exchange.paper import PaperExchange
+from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus, Side, TrailingState
+from lifecycle.engine import Engine
+from lifecycle.events import CloseRequested, EntryFilled, Flat, Reduced, StopMoved, TsActivated
+from lifecycle.records import JsonlRecords
+from tests.conftest import FakeClock
+
+TABLES = ("positions", "journal", "trailing_states", "closures", "orders")
+
+
+async def _one_life(path: Path) -> tuple[dict[str, list[tuple[Any, ...]]], list[tuple[str, bool]]]:
+    """One position's whole life, one transition at a time (each goes alone: the lone path), and its order rows;
+    returns every stored row (the position's id replaced) after the trailing stop's activation and at the end, and the
+    statements the engine's `before_cursor_execute` listener saw (text, whether SQLAlchemy ran it)."""
+    path.parent.mkdir(parents=True)
+    repo = await Repository.open(f"sqlite:///{path}")
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    seen: list[tuple[str, bool]] = []
+
+    def listen(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
+        seen.append((statement.split(" (")[0], context is not None))
+
+    for engine_ in repo.sync_engines:
+        sa.event.listen(engine_, "before_cursor_execute", listen)
+    clock = FakeClock()
+    engine = Engine(repo, canceller=PaperExchange(), records=JsonlRecords(path.parent / "records"), clock=clock)
+    try:
+        p = await engine.open_position(account="acct", symbol="BTCUSDT", side=Side.LONG, quantity=D("0.5"),
+                                       trailing=TrailingState(activation_price=D(110), callback_rate=D("0.8")))
+        stop = OrderRef(f"lc-{p.id}-s1", p.id, "BTCUSDT", OrderPurpose.STOP, "sell", D("0.5"), OrderStatus.NEW,
+                        trigger_price=D("95.5"), created_at=clock())
+        for step in (EntryFilled(quantity=D("0.5"), price=D("100.25")),
+                     StopMoved(stop_price=D("97.125"), mark=D(104)),
+                     Reduced(remaining=D("0.3"), price=D("105.5"), realized_pnl=D("1.05"), fee=D("0.0211")),
+                     TsActivated(mark=D(111)),
+                     CloseRequested(reason=CloseReason.SIGNAL),
+                     Flat(cause=CloseCause.BOT, exit_price=D("110.75"), realized_pnl=D("3.15"), fee=D("0.0332"),
+                          exchange_order_id="778", exchange_ts_ms=1_767_225_600_000, cause_source="fill_update")):
+            clock.advance(seconds=1.5)
+            await engine.fire(p.id, step)
+            if isinstance(step, EntryFilled):
+                await engine.track_order(p.id, stop)  # an insert
+            elif isinstance(step, StopMoved):
+                await engine.order_status(p.id, replace(stop, trigger_price=D("97.125")))  # an update
+            elif isinstance(step, TsActivated):
+                rows = _rows(path, p.id, "trailing active")  # the trailing row goes with the close
+    finally:
+        await repo.close()
+    rows.update(_rows(path, p.id))
+    return rows, seen
+
+
+def _rows(path: Path, position_id: str, when: str = "end") -> dict[str, list[tuple[Any, ...]]]:
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    db = sqlite3.connect(path)
+    try:
+        for table in TABLES:
+            found = db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            rows[f"{table} ({when})"] = [  # the id (also inside the client ids): the one thing that differs
+                tuple(value.replace(position_id, "P") if isinstance(value, str) else value for value in row)
+                for row in found]
+    finally:
+        db.close()
+    return rows
+
+
+async def test_a_lone_write_stores_the_rows_sqlalchemy_stores_and_listeners_see_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct, direct_seen = await _one_life(tmp_path / "direct" / "db.sqlite")
+    monkeypatch.setattr(driver_sql, "applies", lambda _conn: False)  # the same writes through SQLAlchemy
+    through, through_seen = await _one_life(tmp_path / "through" / "db.sqlite")
+    assert len(direct) == 2 * len(TABLES) and direct.keys() == through.keys()
+    assert direct["trailing_states (trailing active)"] and not direct["trailing_states (end)"]
+    assert all(direct[f"{t} (end)"] for t in TABLES if t != "trailing_states")
+    for key in direct:  # money as exact text, UTC times as text, the payload's JSON: byte for byte
+        assert direct[key] == through[key], key
+    # Both runs ran the same statements, and the listener saw each: on the driver's connection (no SQLAlchemy
+    # execution context) in the first, through SQLAlchemy in the second.
+    assert [s for s, _ in direct_seen] == [s for s, _ in through_seen]
+    lone = [s for s, sqlalchemy_ran in direct_seen if not sqlalchemy_ran]
+    assert {s.split(" SET")[0] for s in lone if s.startswith("UPDATE")} == {
+        "UPDATE positions", "UPDATE trailing_states", "UPDATE orders"}
+    assert any(s.startswith("INSERT INTO closures") for s in lone)
+    assert all(sqlalchemy_ran for _, sqlalchemy_ran in through_seen)
+
+
+async def test_a_listener_that_fails_a_lone_statement_fails_the_write_as_sqlalchemy_would(tmp_path: Path) -> None:
+    """The storage faults of the tests and of the chaos runs fail statements from a listener with the driver's
+    own error: the writer raises it wrapped as SQLAlchemy does, and nothing of the transition is stored."""
+    repo = await Repository.open(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = Engine(repo, canceller=PaperExchange(), records=JsonlRecords(tmp_path / "records"))
+    try:
+        p = await engine.open_position(account="acct", symbol="BTCUSDT", side=Side.LONG, quantity=D(1))
+        draft = p.clone()
+        outcome = await engine.machine.apply(draft, EntryFilled(quantity=D(1), price=D(100)), engine.clock())
+
+        def fail(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if statement.startswith("INSERT INTO journal"):  # the second statement: the first one is undone
+                raise sqlite3.OperationalError("injected: disk I/O error")
+
+        [writer] = [e for e in repo.sync_engines if e is not repo.engine.sync_engine]
+        sa.event.listen(writer, "before_cursor_execute", fail)
+        with pytest.raises(sa.exc.OperationalError, match="injected: disk I/O error"):
+            await repo.commit(draft, outcome)
+        sa.event.remove(writer, "before_cursor_execute", fail)
+        stored = await repo.get_position(p.id)
+        assert stored is not None and stored.seq == 0 and stored.entry_price is None
+        await repo.commit(draft, outcome)  # the connection is fine afterwards
+        stored = await repo.get_position(p.id)
+        assert stored is not None and stored.seq == 1 and stored.entry_price == D(100)
+    finally:
+        await repo.close()
