@@ -253,3 +253,24 @@ async def test_a_failed_reconnect_is_retried_until_the_venue_answers_again(venue
         await orders.wait_for(lambda o: isinstance(o, OrderSnapshot) and o.client_id == "lc-after")
     finally:
         await orders.stop()
+
+
+async def test_a_fill_update_delayed_by_a_fraction_of_a_second_is_delayed(sim: SimServer) -> None:
+    """The switches took the type of their default: `delay_fill_updates_s` (default 0, an int) cut 0.35 s to 0, so
+    every sub-second delay (the chaos schedules' 0.3 and 0.8 s, five regression tests' 0.2-0.4 s) never happened."""
+    sim.set_faults(delay_fill_updates_s=0.35, stale_positions_s=1.5)
+    assert (sim.faults.delay_fill_updates_s, sim.faults.stale_positions_s) == (0.35, 1.5)
+    account = sim.venue.add_account("late")
+    sent: list[tuple[float, str]] = []
+
+    def deliver(_account: Account, text: str) -> None:  # what the simulator sends, when
+        sent.append((time.monotonic(), (json.loads(text).get("o") or {}).get("x", "")))
+
+    sim._deliver = deliver  # type: ignore[method-assign,assignment]
+    started = time.monotonic()
+    sim.venue.new_order(account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D("0.01"), price=None,
+                        client_id="late-1", reduce_only=False)
+    await until(lambda: any(x == "TRADE" for _, x in sent), what="the fill update sent")
+    [(at, _)] = [(at, x) for at, x in sent if x == "TRADE"]
+    assert at - started >= 0.3, f"the fill update went after {at - started:.3f} s"
+    sim.set_faults(delay_fill_updates_s=0, stale_positions_s=0)
