@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -367,6 +368,21 @@ class Child(_Handle):
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        """Start the process and wait until it is healthy. Its API port was free when it was picked, but any
+        process's outgoing connection may take it as its local port before the service listens (CI, seed 430: the
+        service exited with "Address already in use"): then it starts again on another free port."""
+        for _ in range(PORT_TRIES - 1):
+            try:
+                await self._start()
+                return
+            except _PortTaken:
+                self.port = _free_port()
+                config = self.config_path.read_text(encoding="utf-8")
+                self.config_path.write_text(re.sub(r"(?m)^port = \d+$", f"port = {self.port}", config, count=1),
+                                            encoding="utf-8")
+        await self._start()
+
+    async def _start(self) -> None:
         if self.session is None:
             self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"},
                                                  timeout=aiohttp.ClientTimeout(total=10))
@@ -379,8 +395,9 @@ class Child(_Handle):
         deadline = time.monotonic() + 30
         while True:
             if self.proc.returncode is not None:
-                raise WorldError(f"the service exited with {self.proc.returncode} while starting: "
-                                 f"{log.read_text(errors='replace')[-2000:]}")
+                said = log.read_text(errors="replace")
+                error = _PortTaken if f":{self.port}: Address already in use" in said else WorldError
+                raise error(f"the service exited with {self.proc.returncode} while starting: {said[-2000:]}")
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 async with self.session.get(self._url("/health")) as r:
                     health = await r.json(content_type=None)
@@ -478,6 +495,13 @@ class CommandRefused(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+PORT_TRIES = 5  # starts of a service process whose API port was taken meanwhile, each on a new free port
+
+
+class _PortTaken(WorldError):
+    """The service could not listen on its API port: something took it after it was picked."""
 
 
 def _free_port() -> int:

@@ -481,3 +481,32 @@ async def test_a_positions_listing_refused_while_the_service_starts_is_a_refused
     finally:
         await handle.session.close()
         await runner.cleanup()
+
+
+async def test_a_service_whose_api_port_was_taken_after_it_was_picked_starts_on_another(tmp_path: Path) -> None:
+    """CI, seed 430: the port picked for the service process's API was free when picked and taken by the time the
+    service listened (any process's outgoing connection may get it as its local port); the service exited with
+    "Address already in use" and the schedule was lost as a harness error. It starts on another free port now."""
+    import socket
+
+    from chaos.schedule import for_seed
+    from chaos.world import World
+
+    world = World(for_seed(430), tmp_path)
+    world.sim = await SimServer(mark_interval_s=0.2).start()
+    child = world._child(world.sim.venue.add_account("chaos"), f"sqlite:///{tmp_path / 'lifecycle.sqlite'}")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", child.port))
+    taken.listen()
+    try:
+        await child.start()
+        assert child.port != taken.getsockname()[1]
+        assert child.session is not None
+        async with child.session.get(child._url("/health")) as r:
+            assert r.status == 200
+        assert len(child.logs) == 2 and "Address already in use" in child.logs[0].read_text(errors="replace")
+        assert f"port = {child.port}" in child.config_path.read_text(encoding="utf-8")
+    finally:
+        taken.close()
+        await child.stop()
+        await world.sim.stop()
