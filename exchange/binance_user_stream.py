@@ -165,6 +165,11 @@ def mark_update(message: dict[str, Any]) -> MarkPrice | None:
         return None  # not a finite number, a time out of range
 
 
+def trade_id(value: Any) -> int | None:
+    """A fill's trade id (`t`): a positive integer, else None (not a trade's: nothing to count once)."""
+    return value if type(value) is int and value > 0 else None
+
+
 def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     get = o.get
     status = ORDER_STATUS.get(get("X"))  # type: ignore[arg-type]
@@ -181,8 +186,7 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     # Everything that can fail is read before the fill's commission is counted (a frame left to ccxt counts none).
     quantity, filled_qty, average_price = _via_float(amount), _via_float(filled), _via_float(average)
     trigger, kind, realized, stamp = _via_float(_trigger(o)), _type(o), _decimal(get("rp")), _ms(at)
-    commission, t = _text(get("n")), get("t")
-    trade = t if type(t) is int and t > 0 else None  # a trade id: each trade counted once
+    commission, trade = _text(get("n")), trade_id(get("t"))  # each trade counted once
     if get("x") in FILL_EXECUTIONS and not (trade is not None and fees.seen((symbol, ident), trade)):
         if commission is not None:
             fees.add((symbol, ident), get("N") or "", Decimal(commission))

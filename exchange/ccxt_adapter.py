@@ -32,6 +32,7 @@ from exchange.binance_user_stream import (
     mark_update,
     order_update,
     position_update,
+    trade_id,
 )
 from exchange.port import (
     Fill,
@@ -901,8 +902,8 @@ class CcxtExchange:
         if algo_id is not None or order_id in (None, "") or not raw.get("symbol"):
             return realized
         key = (self._market_id(raw["symbol"]), str(order_id))
-        trade = info.get("t")
-        if info.get("x") in FILL_EXECUTIONS and realized is not None and type(trade) is int and trade > 0:
+        trade = trade_id(info.get("t"))
+        if info.get("x") in FILL_EXECUTIONS and realized is not None and trade is not None:
             self._fees.add_realized(key, trade, realized)
         return self._fees.realized_of(key, realized)
 

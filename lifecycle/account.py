@@ -88,7 +88,7 @@ class AccountCommands(Protocol):
         """From REST: the fill that closed `position`, and its order's client id."""
         ...
 
-    async def fire_if(self, position_id: str, event: Event | Callable[[], Event], *,
+    async def fire_if(self, position_id: str, event: Event | Callable[[], Event | None], *,
                       only_in: Collection[PositionState]) -> Outcome | None:
         ...
 

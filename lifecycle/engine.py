@@ -145,7 +145,7 @@ class Engine:
         assert outcome is not None
         return outcome
 
-    async def fire_if(self, position_id: str, event: Event | Callable[[], Event],
+    async def fire_if(self, position_id: str, event: Event | Callable[[], Event | None],
                       only_in: Collection[PositionState] | None) -> Outcome | None:
         """`fire`, but only while the position is live and in one of `only_in` (checked under its lock).
 
@@ -155,22 +155,28 @@ class Engine:
 
         `event` may be a function that makes the event: it is called under the position's lock, once the
         position passed the check, so that what it reads and takes (the part of an order's figures a reduction
-        books) follows the order in which the position's events are applied.
+        books) follows the order in which the position's events are applied. It returns None when, seen under
+        the lock, its observation is no longer news (a newer update of the position was applied first): nothing
+        happens then, quietly, as for a position that moved on.
         """
         live = self.positions.get(position_id)
         if live is None:
             if only_in is not None:
                 return None
-            event = event if isinstance(event, Event) else event()
-            self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
-            logger.warning("event {} for position {} refused: not a live position", event.name, position_id)
+            made = event if isinstance(event, Event) else event()
+            what = made.name.value if made is not None else "-"
+            self.metrics.refused[("-", what, "unknown_position")] += 1
+            logger.warning("event {} for position {} refused: not a live position", what, position_id)
             raise UnknownPosition(f"no live position {position_id}")
         async with self._lock_of(position_id):
             live = self.positions.get(position_id)
             if only_in is not None and (live is None or live.state not in only_in):
                 return None
             if not isinstance(event, Event):
-                event = event()
+                made = event()
+                if made is None:
+                    return None
+                event = made
             if live is None:  # became terminal while this event waited
                 self.metrics.refused[("-", event.name.value, "unknown_position")] += 1
                 raise UnknownPosition(f"position {position_id} is no longer live")

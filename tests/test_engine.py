@@ -34,6 +34,25 @@ async def test_refusals_through_the_engine_are_counted_and_change_nothing(engine
     assert [e.event for e in await repo.journal(p.id)] == ["created", "entry_filled", "flat"]
 
 
+async def test_an_event_maker_that_finds_its_news_stale_under_the_lock_changes_nothing(
+        engine: Engine, repo: Repository) -> None:
+    """`fire_if` with a function that makes the event under the position's lock: None from it (what it saw is no
+    longer news there) applies nothing, journals nothing and counts no refusal."""
+    p = await engine.open_position(account="acct", symbol="BTCUSDT", side=Side.LONG, quantity=D(1))
+    await engine.fire(p.id, EntryFilled(quantity=D(1), price=D(100)))
+    asked: list[PositionState] = []
+
+    def stale() -> StopMoved | None:
+        asked.append(engine.positions[p.id].state)
+        return None
+
+    assert await engine.fire_if(p.id, stale, only_in={PositionState.OPEN}) is None
+    assert asked == [PositionState.OPEN] and not engine.metrics.refused
+    assert [e.event for e in await repo.journal(p.id)] == ["created", "entry_filled"]
+    outcome = await engine.fire_if(p.id, lambda: StopMoved(stop_price=D(95), mark=D(100)), only_in={PositionState.OPEN})
+    assert outcome is not None and engine.positions[p.id].stop_price == D(95)
+
+
 @pytest.mark.parametrize("seed", range(3))
 async def test_cancelling_a_caller_at_any_moment_never_splits_memory_from_the_database(
     engine: Engine, repo: Repository, exchange: PaperExchange, seed: int

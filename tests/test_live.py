@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import sqlalchemy as sa
 
 from exchange.port import PositionSnapshot, StreamHealth
 from lifecycle.domain import CloseCause, CloseReason, Side
@@ -148,16 +150,24 @@ async def test_partial_close_resizes_the_stop_and_is_recorded(rig: Rig) -> None:
     assert reduced[0]["fee"] is not None and reduced[0]["realized_pnl"] is not None
 
 
-async def test_an_order_that_closes_in_two_fills_books_each_fill_once(rig: Rig) -> None:
-    """Another client's limit order takes the position in two fills: the reduction books the first fill's profit
-    and commission, the closure the second's. Binance's `rp` and `n` are each trade's own; the engine summed an
-    order's commissions and gave the flat the sums, so the first fill's fee was counted twice (and the
-    simulator's `rp` was the order's running sum, so its profit too)."""
+async def _taken_by_a_limit_order(rig: Rig) -> tuple[Any, Any, D]:
+    """A protected BTC long of 0.010, and another client's reduce-only limit order for all of it, resting 500 above
+    the entry (the venue fills it in parts with `fill_partially`, the rest when the mark reaches its price)."""
     p = await rig.open(btc_long())
     venue = rig.sim.venue
     price = venue.position(rig.account, "BTCUSDT").entry + 500
     order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
                             price=price, client_id=None, reduce_only=True)
+    return p, order, price
+
+
+async def test_an_order_that_closes_in_two_fills_books_each_fill_once(rig: Rig) -> None:
+    """Another client's limit order takes the position in two fills: the reduction books the first fill's profit
+    and commission, the closure the second's. Binance's `rp` and `n` are each trade's own; the engine summed an
+    order's commissions and gave the flat the sums, so the first fill's fee was counted twice (and the
+    simulator's `rp` was the order's running sum, so its profit too)."""
+    p, order, price = await _taken_by_a_limit_order(rig)
+    venue = rig.sim.venue
     venue.fill_partially(rig.account, order.order_id, D("0.004"))
     await rig.until(lambda: rig.records.read("reduced"), what="the reduction recorded")  # type: ignore[union-attr]
     rig.set_mark("BTCUSDT", price)  # the rest fills at the limit
@@ -181,11 +191,8 @@ async def test_an_order_whose_fills_come_together_books_each_fill_once(rig: Rig)
     """A partial fill and the rest in the same instant (several makers matched at once): the reduction and the
     flat were handled side by side, each took the order's figures before the other had taken its part, and the
     first fill was booked twice (review of 9c7ac6b). Each takes its part under the position's lock now."""
-    p = await rig.open(btc_long())
+    p, order, price = await _taken_by_a_limit_order(rig)
     venue = rig.sim.venue
-    price = venue.position(rig.account, "BTCUSDT").entry + 500
-    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
-                            price=price, client_id=None, reduce_only=True)
     venue.fill_partially(rig.account, order.order_id, D("0.004"))
     rig.set_mark("BTCUSDT", price)  # the rest at once
     await rig.ended(p.id)
@@ -197,11 +204,8 @@ async def test_an_order_whose_fills_come_together_books_each_fill_once(rig: Rig)
 
 
 async def test_two_partial_fills_at_once_book_one_trade_each(rig: Rig) -> None:
-    p = await rig.open(btc_long())
+    p, order, price = await _taken_by_a_limit_order(rig)
     venue = rig.sim.venue
-    price = venue.position(rig.account, "BTCUSDT").entry + 500
-    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
-                            price=price, client_id=None, reduce_only=True)
     venue.fill_partially(rig.account, order.order_id, D("0.002"))
     venue.fill_partially(rig.account, order.order_id, D("0.003"))
     await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.005"),  # type: ignore[union-attr]
@@ -219,11 +223,8 @@ async def test_two_partial_fills_at_once_book_one_trade_each(rig: Rig) -> None:
 async def test_reductions_taken_side_by_side_record_what_each_closed(rig: Rig) -> None:
     """Three partial fills at once: each reduction's closed quantity is from the size the one before left (the
     size was read before the wait: 0.002, 0.005 and 0.006 were recorded for 0.006 closed; review of 9061f0b)."""
-    p = await rig.open(btc_long())
+    p, order, _ = await _taken_by_a_limit_order(rig)
     venue = rig.sim.venue
-    price = venue.position(rig.account, "BTCUSDT").entry + 500
-    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
-                            price=price, client_id=None, reduce_only=True)
     for quantity in ("0.002", "0.003", "0.001"):
         venue.fill_partially(rig.account, order.order_id, D(quantity))
     await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.004"),  # type: ignore[union-attr]
@@ -240,11 +241,8 @@ async def test_a_reduction_committed_then_cancelled_keeps_what_it_took(rig: Rig)
     """`Engine.fire_if` raises a cancellation only after the commit of an accepted event: the reduction is in the
     journal with its figures, and what it took of the order must stay taken (it was given back, and the flat booked
     the first fill again; review of 9061f0b)."""
-    p = await rig.open(btc_long())
+    p, order, price = await _taken_by_a_limit_order(rig)
     venue = rig.sim.venue
-    price = venue.position(rig.account, "BTCUSDT").entry + 500
-    order = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.010"),
-                            price=price, client_id=None, reduce_only=True)
     engine = rig.engine
     assert engine is not None and rig.live is not None and rig.repo is not None
     commit = engine._commit
@@ -265,6 +263,54 @@ async def test_a_reduction_committed_then_cancelled_keeps_what_it_took(rig: Rig)
     [closure] = rig.records.read("closure")  # type: ignore[union-attr]
     trades = [t for t in rig.account.trades if t.order_id == order.order_id]
     assert sum(reduced) + D(closure["pnl"]) == sum(t.realized for t in trades)
+
+
+async def test_a_reduction_that_gets_the_lock_after_a_newer_one_is_dropped_quietly(rig: Rig) -> None:
+    """Two partial fills of one order: the first one's fill update comes late, so its reduction reaches the
+    position's lock only after the second one's (which took in more) is being committed. It was applied anyway
+    and refused by the guard: a TransitionRefused, counted and logged as a refusal (review of 9061f0b). It is
+    history by then: dropped quietly, and each fill is still booked once."""
+    p, order, price = await _taken_by_a_limit_order(rig)
+    venue = rig.sim.venue
+    engine, live, repo = rig.engine, rig.live, rig.repo
+    assert engine is not None and live is not None and repo is not None
+    holding = threading.Event()  # set: the writer thread holds a position row's update until `release`
+    release = threading.Event()
+
+    def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if holding.is_set() and statement.startswith("UPDATE positions"):
+            release.wait(10)
+
+    [writer] = [e for e in repo.sync_engines if e is not repo.engine.sync_engine]
+    sa.event.listen(writer, "before_cursor_execute", hold)  # (never removed while the thread may dispatch)
+    rig.sim.set_faults(delay_fill_updates_s=0.35)
+    venue.fill_partially(rig.account, order.order_id, D("0.002"))  # its fill update 0.35 s late
+    await rig.until(lambda: live.closing.reducing.get(p.id), what="the first reduction waiting for its fill")
+    rig.sim.set_faults(delay_fill_updates_s=0)
+    # The second fill more than 100 ms after the first update: too new to explain it (`unused_fill`), so the first
+    # reduction, woken by the second fill's update, goes on waiting for its own.
+    await asyncio.sleep(0.15)
+    holding.set()
+    try:
+        venue.fill_partially(rig.account, order.order_id, D("0.003"))  # its fill update at once
+        lock = engine._lock_of(p.id)
+        await rig.until(lambda: lock.locked() and bool(getattr(lock, "_waiters", None)),
+                        what="the first reduction behind the second one's commit")
+    finally:
+        holding.clear()
+        release.set()
+    await rig.until(lambda: p.id not in live.closing.reducing, what="both reductions handled")
+    await live.idle()
+    assert engine.positions[p.id].quantity == D("0.005")
+    assert not [key for key in engine.metrics.refused if key[1] == "reduced"], engine.metrics.refused
+    rig.set_mark("BTCUSDT", price)  # the rest fills
+    await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
+    reduced, closed = _booked(rig)
+    assert len(reduced) == 1
+    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
+    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
 
 
 # --- the seeds ------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class LiveAccountCommands:
     async def closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
         return await self._view.rest_closing_fill(position)
 
-    async def fire_if(self, position_id: str, event: Event | Callable[[], Event], *,
+    async def fire_if(self, position_id: str, event: Event | Callable[[], Event | None], *,
                       only_in: Collection[PositionState]) -> Outcome | None:
         return await self._ctx.engine.fire_if(position_id, event, only_in=only_in)
 

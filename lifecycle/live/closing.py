@@ -324,9 +324,13 @@ class Closing:
         seq = -1  # the position's journal sequence when the event was made
         claimed: list[tuple[Decimal, Decimal | None, Decimal | None] | None] = []
 
-        def reduced() -> Reduced:  # under the position's lock: what it was, and the order's figures, in order
+        def reduced() -> Reduced | None:  # under the position's lock: what it was, and the order's figures, in order
             nonlocal realized, fee, before, seq
             live = self.ctx.engine.positions[position_id]
+            if not remaining < live.quantity:
+                # A newer update's reduction got the lock first and took in more than this one says (this update's
+                # fill came later): this one is history, not a refusal to count and log.
+                return None
             before, seq = live.quantity, live.seq  # (reductions taken side by side: each from the one before)
             if order is not None:
                 realized, fee = runtime.unclaimed(order)
