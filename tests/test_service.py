@@ -25,6 +25,7 @@ from lifecycle.app.service import Service
 from lifecycle.app.settings import ConfigError, load, service_config
 from lifecycle.domain import Side
 from lifecycle.machines.states import PositionState as S
+from tests.storage_faults import SmallDisk, small_disk  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-4b1d"
@@ -453,6 +454,27 @@ def test_a_killed_service_does_not_keep_its_sqlite_file_locked(tmp_path: Path) -
     lock = SqliteLock.take(url)
     assert lock is not None
     lock.release()
+
+
+def test_a_service_restarted_on_a_full_disk_takes_its_sqlite_lock(small_disk: SmallDisk) -> None:
+    """Chaos seed 503700 (CI, 2026-12-05): a service killed and started again while its disk was full failed to
+    write its pid into the lock file and exited with a traceback. The pid is only for a second service's message:
+    the lock is taken without it."""
+    from db.engine import SqliteInUse, SqliteLock
+
+    url = f"sqlite:///{small_disk.path / 'full.sqlite'}"
+    first = SqliteLock.take(url)  # the lock file is there, as the killed service left it
+    assert first is not None
+    first.release()
+    small_disk.fill()
+    try:
+        lock = SqliteLock.take(url)
+        assert lock is not None
+        with pytest.raises(SqliteInUse, match="is used by another lifecycle service"):
+            SqliteLock.take(url)  # held all the same
+        lock.release()
+    finally:
+        small_disk.free()
 
 
 def test_a_refused_second_service_touches_neither_the_database_nor_the_log(tmp_path: Path) -> None:
