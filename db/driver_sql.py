@@ -4,23 +4,27 @@ A transition that goes alone (a single close, with nothing else queued) is three
 SQLite writer's thread. Through SQLAlchemy's execution (the compiled cache's look-up, an execution context and
 a result object per statement) they took 0.27 ms of the thread's time; on the driver's connection 0.14 ms
 (bench.transitions' sequential run, instrumented). Next to a busy event loop the thread's time grows with the
-interpreter lock it waits for, and the single close's commit took 0.74 ms at p50 and 1.4-1.7 ms at p99 through
-SQLAlchemy, 0.53-0.66 and 0.9-1.4 ms here (bench.closure_latency, instrumented).
+interpreter lock it waits for, and the single close's commit took 0.74 ms at p50 through SQLAlchemy, 0.60-0.67
+ms here (bench.closure_latency, instrumented).
 
-What SQLAlchemy's execution would do is kept:
-* each statement is compiled by SQLAlchemy, once per dialect and set of columns;
+What SQLAlchemy's execution would store is kept:
+* each statement is compiled by SQLAlchemy, once per pooled connection and set of columns (the cache lives in
+  the connection's `info`, and goes with it);
 * every parameter goes through its bind parameter's type processing for the dialect (money as exact text,
   UTC times as ISO text, JSON), so the rows are the ones `Connection.execute` writes (tests/test_driver_sql.py);
-* the engine's `before_cursor_execute` listeners see every statement (the tests' storage faults, anyone's
-  tracing) and may fail it;
 * a driver error is raised as SQLAlchemy raises it (`DBAPIError.instance`: a constraint is its IntegrityError).
+
+Only while nobody watches statements: an engine with listeners of its statements' execution (`before_execute`,
+`after_execute`, `before_cursor_execute`, `after_cursor_execute`; its dialect's `handle_error`, `do_execute`: the
+tests' storage faults, anyone's tracing or timing) or with `echo` on runs them through SQLAlchemy, which calls
+those with their execution context (a review found a timing recipe leaking and a tracer failing every write when
+only some of them were called here).
 
 The transaction is still SQLAlchemy's (the caller's `engine.begin()`): the driver begins it at the first
 statement and the connection's commit ends it, as with SQLAlchemy's own statements.
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,22 +42,25 @@ class _Compiled:
     processors: tuple[tuple[str, Callable[[Any], Any] | None], ...]  # (parameter name, bind processing)
 
 
-_cache: weakref.WeakKeyDictionary[sa.Dialect, dict[tuple[int, tuple[str, ...]], _Compiled]] = (
-    weakref.WeakKeyDictionary())
+_INFO_KEY = "lifecycle.driver_sql"  # this module's compiled statements, in a pooled connection's `info`
+statements_run = 0  # statements run here since the process started (tests and diagnostics)
 
 
 def applies(conn: sa.Connection) -> bool:
     """Whether this connection's statements can go to its driver directly: Python's own sqlite3 (the SQLite
-    writer's thread), not an async adapter."""
-    return conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
+    writer's thread), not an async adapter, and nobody watching statements on its engine (see above)."""
+    if conn.dialect.name != "sqlite" or conn.dialect.driver != "pysqlite" or conn.engine.echo:
+        return False
+    events, dialect_events = conn.dispatch, conn.dialect.dispatch
+    return not (events.before_execute or events.after_execute or events.before_cursor_execute
+                or events.after_cursor_execute or dialect_events.handle_error or dialect_events.do_execute)
 
 
-def _compiled(dialect: sa.Dialect, statement: Statement, keys: tuple[str, ...]) -> _Compiled:
-    per_dialect = _cache.get(dialect)
-    if per_dialect is None:
-        per_dialect = _cache[dialect] = {}
-    found = per_dialect.get((id(statement), keys))
+def _compiled(conn: sa.Connection, statement: Statement, keys: tuple[str, ...]) -> _Compiled:
+    cache: dict[tuple[int, tuple[str, ...]], _Compiled] = conn.info.setdefault(_INFO_KEY, {})
+    found = cache.get((id(statement), keys))
     if found is None:
+        dialect = conn.dialect
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))
         assert isinstance(compiled, SQLCompiler)
         names = compiled.positiontup
@@ -61,29 +68,25 @@ def _compiled(dialect: sa.Dialect, statement: Statement, keys: tuple[str, ...]) 
             raise ValueError(f"{dialect.name}: positional parameters expected")
         processors = tuple((name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                            for name in names)
-        found = per_dialect[(id(statement), keys)] = _Compiled(statement, compiled.string, processors)
+        found = cache[(id(statement), keys)] = _Compiled(statement, compiled.string, processors)
     return found
 
 
 def execute(conn: sa.Connection, statement: Statement, values: dict[str, Any]) -> int:
     """Run `statement` with `values` (one row's parameters, by name) on the connection's driver connection, in
-    its current transaction; returns the driver's row count."""
-    dialect = conn.dialect
-    compiled = _compiled(dialect, statement, tuple(values))
+    its current transaction; returns the driver's row count. (Only where `applies(conn)`.)"""
+    global statements_run
+    compiled = _compiled(conn, statement, tuple(values))
     params: tuple[Any, ...] = tuple(
         value if process is None else process(value)
         for name, process in compiled.processors for value in (values[name],))
-    sql = compiled.sql
-    dbapi = dialect.loaded_dbapi
+    dbapi = conn.dialect.loaded_dbapi
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        listeners = conn.dispatch.before_cursor_execute
-        if listeners:
-            for listener in listeners:
-                sql, params = listener(conn, cursor, sql, params, None, False)
-        cursor.execute(sql, params)
+        cursor.execute(compiled.sql, params)
+        statements_run += 1
         return int(cursor.rowcount)
     except dbapi.Error as e:
-        raise sa.exc.DBAPIError.instance(sql, params, e, dbapi.Error) from e
+        raise sa.exc.DBAPIError.instance(compiled.sql, params, e, dbapi.Error) from e
     finally:
         cursor.close()
