@@ -181,10 +181,19 @@ async def test_an_order_that_closes_in_two_fills_books_each_fill_once(rig: Rig) 
     assert D(closure["quantity"]) == second.qty
 
 
-def _booked(rig: Rig) -> tuple[list[tuple[D, D]], list[tuple[D, D]]]:
+async def _rest_fills_and_each_trade_is_booked_once(rig: Rig, p: Any, order: Any, price: D
+                                                   ) -> tuple[list[tuple[D, D]], list[tuple[D, D]], list[Any]]:
+    """The mark reaches the order's price (its rest fills, the position ends); the reductions' and the closure's
+    PnL and fees add up to the order's trades. Returns what was booked (reductions, closures) and the trades."""
+    rig.set_mark("BTCUSDT", price)
+    await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
     reduced = [(D(r["realized_pnl"]), D(r["fee"])) for r in rig.records.read("reduced")]  # type: ignore[union-attr]
     closed = [(D(c["pnl"]), D(c["fee"])) for c in rig.records.read("closure")]  # type: ignore[union-attr]
-    return reduced, closed
+    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
+    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
+    return reduced, closed, trades
 
 
 async def test_an_order_whose_fills_come_together_books_each_fill_once(rig: Rig) -> None:
@@ -194,13 +203,7 @@ async def test_an_order_whose_fills_come_together_books_each_fill_once(rig: Rig)
     p, order, price = await _taken_by_a_limit_order(rig)
     venue = rig.sim.venue
     venue.fill_partially(rig.account, order.order_id, D("0.004"))
-    rig.set_mark("BTCUSDT", price)  # the rest at once
-    await rig.ended(p.id)
-    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
-    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
-    reduced, closed = _booked(rig)
-    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
-    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
+    await _rest_fills_and_each_trade_is_booked_once(rig, p, order, price)  # the rest at once
 
 
 async def test_two_partial_fills_at_once_book_one_trade_each(rig: Rig) -> None:
@@ -210,13 +213,7 @@ async def test_two_partial_fills_at_once_book_one_trade_each(rig: Rig) -> None:
     venue.fill_partially(rig.account, order.order_id, D("0.003"))
     await rig.until(lambda: rig.engine.positions[p.id].quantity == D("0.005"),  # type: ignore[union-attr]
                     what="both reductions taken in")
-    rig.set_mark("BTCUSDT", price)
-    await rig.ended(p.id)
-    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
-    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
-    reduced, closed = _booked(rig)
-    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
-    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
+    _, closed, trades = await _rest_fills_and_each_trade_is_booked_once(rig, p, order, price)
     assert closed == [(trades[-1].realized, trades[-1].fee)]
 
 
@@ -303,14 +300,8 @@ async def test_a_reduction_that_gets_the_lock_after_a_newer_one_is_dropped_quiet
     await live.idle()
     assert engine.positions[p.id].quantity == D("0.005")
     assert not [key for key in engine.metrics.refused if key[1] == "reduced"], engine.metrics.refused
-    rig.set_mark("BTCUSDT", price)  # the rest fills
-    await rig.ended(p.id)
-    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
-    trades = [t for t in rig.account.trades if t.order_id == order.order_id]
-    reduced, closed = _booked(rig)
+    reduced, _, _ = await _rest_fills_and_each_trade_is_booked_once(rig, p, order, price)
     assert len(reduced) == 1
-    assert sum(r for r, _ in reduced + closed) == sum(t.realized for t in trades)
-    assert sum(f for _, f in reduced + closed) == sum(t.fee for t in trades)
 
 
 # --- the seeds ------------------------------------------------------------------------------------------
