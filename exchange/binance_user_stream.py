@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, DecimalException
 from typing import Any
 
-from exchange.port import MarkPrice, OrderSnapshot, PositionSnapshot
+from exchange.port import MarkPrice, OrderSnapshot, OrderTrade, PositionSnapshot
 from lifecycle.domain import OrderStatus
 
 # Binance's order and algo statuses as the adapter reads them (ccxt's parsed ones too: `CcxtExchange._order`); a
@@ -170,6 +170,26 @@ def trade_id(value: Any) -> int | None:
     return value if type(value) is int and value > 0 else None
 
 
+def order_trade(o: Any) -> OrderTrade | None:
+    """The trade an order update (`o`) is about: a fill's (TRADE, or a liquidation's CALCULATED) quantity `l`,
+    trade id `t`, realized profit `rp` and commission `n` in `N`; None for any other update, or for one whose
+    trade reads as nothing (no quantity, a number that is not one). Both readings of a frame use it (ccxt's:
+    `CcxtExchange._order` from `info`)."""
+    if not isinstance(o, dict) or o.get("x") not in FILL_EXECUTIONS:
+        return None
+    try:
+        quantity = _decimal(o.get("l"))
+        if quantity is None or not quantity.is_finite() or quantity <= 0:
+            return None
+        realized, fee = _decimal(o.get("rp")), _decimal(o.get("n"))
+        if (realized is not None and not realized.is_finite()) or (fee is not None and not fee.is_finite()):
+            return None
+    except DecimalException:
+        return None
+    currency = o.get("N")
+    return OrderTrade(trade_id(o.get("t")), quantity, realized, fee, currency if type(currency) is str else "")
+
+
 def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     get = o.get
     status = ORDER_STATUS.get(get("X"))  # type: ignore[arg-type]
@@ -187,6 +207,7 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
     quantity, filled_qty, average_price = _via_float(amount), _via_float(filled), _via_float(average)
     trigger, kind, realized, stamp = _via_float(_trigger(o)), _type(o), _decimal(get("rp")), _ms(at)
     commission, trade = _text(get("n")), trade_id(get("t"))  # each trade counted once
+    own = order_trade(o)
     if get("x") in FILL_EXECUTIONS and not (trade is not None and fees.seen((symbol, ident), trade)):
         if commission is not None:
             fees.add((symbol, ident), get("N") or "", Decimal(commission))
@@ -208,6 +229,7 @@ def _order(o: dict[str, Any], fees: FeeBook) -> OrderSnapshot | None:
         at=stamp,
         realized_pnl=fees.realized_of((symbol, ident), realized),
         fee=fees.of((symbol, ident)),
+        trade=own,
     )
 
 

@@ -12,7 +12,7 @@ import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import islice
@@ -30,6 +30,7 @@ from exchange.binance_user_stream import (
     ORDER_STATUS,
     FeeBook,
     mark_update,
+    order_trade,
     order_update,
     position_update,
     trade_id,
@@ -499,7 +500,7 @@ class CcxtExchange:
 
     def order_updates(self) -> AsyncIterator[OrderSnapshot | Resynced]:
         return self._supervise("orders", "orders", lambda c: c.watch_orders(), self._order, key=lambda o: o.key,
-                               order=_order_progress, probe=self._listen_key_alive,
+                               order=_order_progress, late=_late_trade, probe=self._listen_key_alive,
                                quiet_s=self.settings.user_probe_after_s, cached=lambda c: _cached(c.orders),
                                snapshot=self.open_orders, tapped=True)
 
@@ -661,6 +662,7 @@ class CcxtExchange:
     async def _supervise(self, name: str, hint: str, watch: Callable[[Any], Awaitable[Any]],
                          convert: Callable[[Any], T], *,
                          key: Callable[[T], Any] | None, order: Callable[[T], Any] | None,
+                         late: Callable[[T], T | None] | None = None,
                          probe: Callable[[Any], Awaitable[bool]] | None, quiet_s: float,
                          cached: Callable[[Any], list[Any]] | None,  # the cache's parts (see _cached)
                          snapshot: Callable[[], Awaitable[list[Any]]] | None,
@@ -678,7 +680,7 @@ class CcxtExchange:
         (health, silence); frames of any other shape still reach ccxt, and its watch and cache, as before.
         `tap_symbols`: the tap takes the updates of these symbols only (the marks this watch subscribed to).
         """
-        fresh = _Fresh(name, convert, key, order, self._drops.note)
+        fresh = _Fresh(name, convert, key, order, self._drops.note, late)
         tap = _Tap(tap_symbols) if tapped and self._binance else None
         if tap is not None:
             self._taps.setdefault(name, []).append(tap)
@@ -892,6 +894,7 @@ class CcxtExchange:
             at=_ms(raw.get("lastUpdateTimestamp") or raw.get("timestamp")),
             realized_pnl=self._realized(raw, info, algo_id),
             fee=_dec((raw.get("fee") or {}).get("cost")),
+            trade=order_trade(info) if algo_id is None else None,
         )
 
     def _realized(self, raw: dict[str, Any], info: Any, algo_id: Any) -> Decimal | None:
@@ -1179,8 +1182,10 @@ class _Fresh:
     """Converts raw updates and keeps only new ones: not seen before, not older than one already seen."""
 
     def __init__(self, name: str, convert: Callable[[Any], Any], key: Callable[[Any], Any] | None,
-                 order: Callable[[Any], Any] | None, drop: Callable[[str, str], None]) -> None:
+                 order: Callable[[Any], Any] | None, drop: Callable[[str, str], None],
+                 late: Callable[[Any], Any] | None = None) -> None:
         self.name, self.convert, self.key, self.order, self.drop = name, convert, key, order, drop
+        self.late = late  # an update older than one already seen that still carries news: what to pass on
         self.seen: OrderedDict[Any, int] = OrderedDict()  # key -> the turn it was first seen in
         self.turn = 0  # one per take(): a batch and the sweep of the cache after it
         self.recent = 0  # entries items() found new or first seen in this turn
@@ -1224,31 +1229,36 @@ class _Fresh:
                     self.drop("bad_value", f"a {self.name} update ccxt parsed but we could not read: "
                                            f"{type(e).__name__}: {e}")
                 continue
-            if self.admit(item):
-                out.append(item)
+            if (news := self.admit(item)) is not None:
+                out.append(news)
         return out
 
-    def admit(self, item: Any) -> bool:
-        """Whether a converted update is new: not seen before (its key), not older than one already seen."""
+    def admit(self, item: Any) -> Any | None:
+        """A converted update if it is new: not seen before (its key), not older than one already seen (one that
+        is still carries news of its own, `late`: what that makes of it), else None."""
         if self.key is not None:
             k = self.key(item)
             if k in self.seen:
                 self.seen.move_to_end(k)  # still in ccxt's cache: keep remembering it
                 self.recent += self.seen[k] == self.turn
-                return False
+                return None
             self.seen[k] = self.turn
             if len(self.seen) > MEMORY:
                 self.seen.popitem(last=False)
         if self.order is not None:
             ident, progress = self.order(item)
             if ident in self.latest and progress < self.latest[ident]:
-                return False  # an older update arriving late
+                # An older update arriving late: dropped, unless it carries news (an order's earlier trade).
+                late = self.late(item) if self.late is not None else None
+                if late is not None:
+                    self.recent += 1
+                return late
             self.latest[ident] = progress
             self.latest.move_to_end(ident)
             if len(self.latest) > MEMORY:
                 self.latest.popitem(last=False)
         self.recent += 1
-        return True
+        return item
 
     def take(self, batch: Any, parts: Any = (), ready: Any = ()) -> list[Any]:
         """What a watch returned, then what ccxt's cache holds that no watch handed over.
@@ -1260,7 +1270,7 @@ class _Fresh:
         two turns of the consumer is read whole (a fixed tail of 64 lost every flat beyond it:
         bench/burst.py with 500 positions)."""
         self.turn += 1
-        out = [item for item in ready if self.admit(item)]  # read from the frames by the adapter (`_Tap`)
+        out = [news for item in ready if (news := self.admit(item)) is not None]  # read from the frames (`_Tap`)
         out.extend(self.items(batch))
         for part in parts:
             if not hasattr(part, "_deque"):  # not one of ccxt's caches (the marks: by symbol, not by recency)
@@ -1375,6 +1385,13 @@ def _cached(cache: Any) -> list[Any]:
     if cache is None:
         return []
     return [part for part in (cache.values() if isinstance(cache, dict) else [cache]) if part]
+
+
+def _late_trade(o: OrderSnapshot) -> OrderSnapshot | None:
+    """An order's update older than one already seen is still news when it carries a trade: an order filled in
+    parts whose first trade's update comes after the second's. It goes on, marked `late`: its trade is booked,
+    the order's state is not set back (review of f7ec545)."""
+    return replace(o, late=True) if o.trade is not None else None
 
 
 def _order_progress(o: OrderSnapshot) -> tuple[tuple[str, str, str], tuple[int, Decimal]]:

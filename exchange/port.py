@@ -28,6 +28,19 @@ class PositionSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class OrderTrade:
+    """The one trade a fill update is about (Binance: `t`, `l`, `rp`, `n` in `N`): an order filled in parts has
+    one update per trade, each carrying the order's cumulative fill and this trade's own quantity and figures.
+    Fills are joined to position updates by these, each trade once (`StreamView`)."""
+
+    id: int | None  # the venue's trade id; None when it gave none (the order's cumulative fill then names it)
+    quantity: Decimal
+    realized_pnl: Decimal | None
+    fee: Decimal | None
+    fee_currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class OrderSnapshot:
     """An order (regular or conditional) as the exchange reports it."""
 
@@ -46,6 +59,8 @@ class OrderSnapshot:
     at: datetime
     realized_pnl: Decimal | None = None
     fee: Decimal | None = None  # of the order's fills so far (stream: the fill updates seen, binance_user_stream)
+    trade: OrderTrade | None = None  # a fill update's own trade (stream only); None for any other update
+    late: bool = False  # older than an update of the order already seen: passed on for its trade only
 
     @property
     def is_conditional(self) -> bool:

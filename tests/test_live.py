@@ -300,8 +300,71 @@ async def test_a_reduction_that_gets_the_lock_after_a_newer_one_is_dropped_quiet
     await live.idle()
     assert engine.positions[p.id].quantity == D("0.005")
     assert not [key for key in engine.metrics.refused if key[1] == "reduced"], engine.metrics.refused
-    reduced, _, _ = await _rest_fills_and_each_trade_is_booked_once(rig, p, order, price)
-    assert len(reduced) == 1
+    await _rest_fills_and_each_trade_is_booked_once(rig, p, order, price)
+    # Each reduction waits for its own trade (the second for both: it counts from 0.010 until the first is taken
+    # in), so whichever gets the lock first books what it took off; a late one is dropped, none is refused.
+    reduced = rig.records.read("reduced")  # type: ignore[union-attr]
+    assert sum(D(r["closed_quantity"]) for r in reduced) == D("0.005")
+
+
+async def test_two_orders_taking_a_position_with_a_late_fill_update_book_each_trade_once(rig: Rig) -> None:
+    """Order A fills 0.004 with its fill update late; then A's last 0.001 and all of order B fill at once. The
+    reduction took A's later trade (its update carried A's cumulative fill), the flat found nothing left and
+    ended `unknown` without figures, and A's first trade was never booked (review of f7ec545). Fills are matched
+    by trade now: the reduction books A's first trade, the flat the other two."""
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    price = venue.position(rig.account, "BTCUSDT").entry + 500
+    a, b = (venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="LIMIT", quantity=D("0.005"),
+                            price=price, client_id=None, reduce_only=True) for _ in range(2))
+    live = rig.live
+    assert live is not None
+    rig.sim.set_faults(delay_fill_updates_s=0.3)
+    venue.fill_partially(rig.account, a.order_id, D("0.004"))  # its fill update 0.3 s late
+    await rig.until(lambda: live.closing.reducing.get(p.id), what="the reduction waiting for its fill")
+    rig.sim.set_faults(delay_fill_updates_s=0)
+    rig.set_mark("BTCUSDT", price)  # A's last 0.001 and all of B, their updates at once
+    stored = await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    await live.idle()
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.MANUAL)
+    trades = [t for t in rig.account.trades if t.order_id in (a.order_id, b.order_id)]
+    assert [t.qty for t in trades] == [D("0.004"), D("0.001"), D("0.005")]
+    # Which events book them depends on which gets the position's lock first (the reductions and the flat all
+    # wait for A's first trade); each books the next trades in the order they were made, each trade once.
+    booked = [(D(r["closed_quantity"]), D(r["realized_pnl"]), D(r["fee"]))
+              for r in rig.records.read("reduced")]  # type: ignore[union-attr]
+    [closure] = rig.records.read("closure")  # type: ignore[union-attr]
+    booked.append((D(closure["quantity"]), D(closure["pnl"]), D(closure["fee"])))
+    rest = list(trades)
+    for quantity, realized, fee in booked:
+        made: list[Any] = []
+        while sum(t.qty for t in made) < quantity:
+            made.append(rest.pop(0))
+        assert (quantity, realized, fee) == (sum(t.qty for t in made), sum(t.realized for t in made),
+                                             sum(t.fee for t in made)), booked
+    assert not rest
+
+
+@pytest.mark.parametrize(("fault", "parts"), [("duplicate_events", ("0.004",)), ("reorder_events", ("0.002", "0.003")),
+                                             ("reorder_events", ("0.004", "0.001"))])
+async def test_an_order_filled_in_parts_on_a_doubled_or_reordered_late_stream_books_each_trade_once(
+        rig: Rig, fault: str, parts: tuple[str, ...]) -> None:
+    """Every user-data frame sent twice, or in swapped pairs, and fill updates 0.3 s late: the partial fills and
+    the rest of one order are still booked once each, the closure with the last trade's figures. With swapped
+    pairs, the adapter dropped the earlier trade's update as older than the order's newest, and the closure
+    booked nothing or the first trade again (review of f7ec545)."""
+    p, order, price = await _taken_by_a_limit_order(rig)
+    rig.sim.set_faults(**{fault: True}, delay_fill_updates_s=0.3)
+    for quantity in parts:
+        rig.sim.venue.fill_partially(rig.account, order.order_id, D(quantity))
+    left = D("0.010") - sum(D(q) for q in parts)
+    await rig.until(lambda: rig.engine.positions[p.id].quantity == left,  # type: ignore[union-attr]
+                    what="the reductions taken in")
+    assert rig.live is not None
+    await rig.live.idle()
+    _, closed, trades = await _rest_fills_and_each_trade_is_booked_once(rig, p, order, price)
+    assert closed == [(trades[-1].realized, trades[-1].fee)]
 
 
 # --- the seeds ------------------------------------------------------------------------------------------

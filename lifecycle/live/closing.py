@@ -3,7 +3,7 @@ and reductions mean for a position.
 
 A bot close sends a reduce-only market order with an idempotent client id; a rejected close returns the
 position to its previous state and is retried. A flat (quantity 0 on the stream) ends the position with
-the cause of the fill that flattened it (`StreamView.closing_fill`, then the algo order that fired, then
+the cause of the trades that flattened it (`StreamView.trades_of`, then the algo order that fired, then
 REST). A reduction resizes the stop. `after_stop` is where a stop that could not be placed becomes a close
 (wired into `Stops` by the engine). Two callbacks into the opening side are wired by the engine too
 (`protect_initial`, `find_entry`), so this module imports nothing of it.
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from loguru import logger
 
 from exchange import errors as xerr
-from exchange.port import OrderSnapshot, PositionSnapshot, protective
+from exchange.port import PositionSnapshot, protective
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import make_client_id
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus
@@ -27,6 +27,7 @@ from lifecycle.events import CloseFailed, CloseRequested, Flat, Reduced
 from lifecycle.live.context import LiveContext, S, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
+from lifecycle.live.trades import Found, Taking, trade_figures
 from lifecycle.machines.states import FLATTENABLE, PROTECTED
 from lifecycle.record_kinds import Reduction
 from lifecycle.retry import RetryAbandoned, until_done
@@ -226,66 +227,68 @@ class Closing:
             await self.close_now(position_id, reason)
 
     async def on_flat(self, position_id: str, snap: PositionSnapshot) -> None:
+        """The stream shows the position flat: end it with the cause of the trades that flattened it (waited for up
+        to `cause_wait_s`), else of our conditional order that fired, else of the fill REST lists. The trades are
+        taken under the position's lock (`StreamView.take`), after any reduction that took some of them; when
+        another event took them meanwhile, the wait goes on until the deadline."""
         position = self.ctx.engine.positions.get(position_id)
         if position is None:
             return
-        fill = await self.view.closing_fill(position, snap)
-        current = self.view.live.get(snap.symbol)
-        if current is not None and current.side is position.side and current.at > snap.at:
-            return  # a newer update shows the position again: that flat was stale
-        position = self.ctx.engine.positions.get(position_id)  # as it is now, after the wait
-        if position is None:
-            return
-        trailing_active = position.trailing is not None and position.trailing.active
-        cause: CloseCause | None = CloseCause.UNKNOWN
-        source = "none"
-        exit_price = order_id = realized = fee = None
-        taking: OrderSnapshot | None = None  # the flattening order, whose figures no reduction took yet
-        if fill is not None:
-            cause = classify_close(fill.client_id, position_id=position_id, trailing_was_active=trailing_active)
-            source = "fill_update"
-            taking = order = fill.order
-            exit_price, order_id = order.average_price, order.exchange_order_id
-        else:
-            # The fill update is late (or lost): our own conditional order saying it fired, then REST. Also
-            # while we close it: a stop or a liquidation may have come first (our close then finds nothing).
-            runtime = self.ctx.peek(position_id)
-            fired = runtime.fired if runtime is not None else None
-            if fired is not None:
-                cause = classify_close(fired, position_id=position_id, trailing_was_active=trailing_active)
-                source = "algo_update"
-            else:
-                found = await self.view.rest_cause(position)
-                late = self.view.unused_fill(position, snap) if found is None else None
-                if late is not None:  # the fill update arrived while REST was asked
-                    cause = classify_close(late.client_id, position_id=position_id, trailing_was_active=trailing_active)
-                    source = "fill_update"
-                    taking = late.order
-                    exit_price, order_id = late.order.average_price, late.order.exchange_order_id
-                elif found is not None:
-                    rest_fill, client_id = found
-                    cause = classify_close(client_id, position_id=position_id, trailing_was_active=trailing_active)
-                    source = "rest"
-                    exit_price, order_id, realized, fee = rest_fill.price, rest_fill.order_id, \
-                        rest_fill.realized_pnl, rest_fill.fee
-        refused_flat = position_id in self.close_found_flat
+        deadline = self.ctx.monotonic() + self.ctx.config.cause_wait_s
+        fallback: Found | None = None  # what our conditional order that fired, or REST, said (asked once)
+        while True:
+            arrived = await self.view.trades_arrived(position, snap, deadline)
+            current = self.view.live.get(snap.symbol)
+            if current is not None and current.side is position.side and current.at > snap.at:
+                return  # a newer update shows the position again: that flat was stale
+            position = self.ctx.engine.positions.get(position_id)  # as it is now, after the wait
+            if position is None:
+                return
+            if not arrived and fallback is None:
+                fallback = await self.view.cause_without_trades(position)
+            attempt = Taking(arrived, deadline)
+            try:
+                outcome = await self.ctx.engine.fire_if(
+                    position_id, partial(self._flat_event, position_id, snap, attempt, fallback or Found()),
+                    only_in=FLATTENABLE)
+            except BaseException:
+                live = self.ctx.engine.positions.get(position_id)
+                if live is not None and not live.is_terminal:
+                    self.view.trades.give_back(attempt.taken)  # not applied: the trades are free again
+                raise
+            if not attempt.again:
+                break
         self.close_found_flat.discard(position_id)
-        if position.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN and not refused_flat:
+        if outcome is None:
+            return
+        self.view.wake(snap.symbol)
+        self.view.closed_with_cause(position, attempt.cause, attempt.source)
+
+    def _flat_event(self, position_id: str, snap: PositionSnapshot, attempt: Taking, fallback: Found
+                    ) -> Flat | None:
+        """The flat, made under the position's lock: with the trades that flattened it (after any reduction that
+        took some of them; their updates may also have come while REST was asked), else with `fallback`."""
+        live = self.ctx.engine.positions[position_id]
+        attempt.taken = self.view.trades.take(live, snap)
+        if not attempt.taken and attempt.arrived and self.ctx.monotonic() < attempt.deadline:
+            attempt.again = True  # another event took trades this one counted on: wait for the rest
+            return None
+        found = fallback
+        if attempt.taken:
+            newest = attempt.taken[0]
+            trailing = live.trailing is not None and live.trailing.active
+            found = Found(classify_close(newest.client_id, position_id=position_id, trailing_was_active=trailing),
+                          "fill_update", newest.order.average_price, newest.order.exchange_order_id,
+                          *trade_figures(attempt.taken))
+        cause, source = found.cause, found.source
+        if live.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN and position_id not in self.close_found_flat:
             cause, source = None, "none"  # our close is in flight, nothing else found: the state's default (bot)
-        elif cause is CloseCause.BOT and position.state is not S.CLOSING_BY_BOT:
+        elif cause is CloseCause.BOT and live.state is not S.CLOSING_BY_BOT:
             cause = CloseCause.UNKNOWN  # our close order, but not in flight: do not claim it
-
-        def flat() -> Flat:  # under the position's lock: after any reduction that took part of the same order
-            gain, paid = realized, fee
-            if taking is not None:
-                runtime = self.ctx.peek(position_id)
-                gain, paid = runtime.unclaimed(taking) if runtime is not None else (taking.realized_pnl, taking.fee)
-            return Flat(cause=cause, exit_price=exit_price, exchange_order_id=order_id, realized_pnl=gain, fee=paid,
-                        exchange_ts_ms=int(snap.at.timestamp() * 1000), cause_source=source)
-
-        outcome = await self.ctx.engine.fire_if(position_id, flat, only_in=FLATTENABLE)
-        if outcome is not None:
-            self.view.closed_with_cause(position, cause, source)
+        attempt.cause, attempt.source = cause, source
+        return Flat(cause=cause, exit_price=found.exit_price, exchange_order_id=found.order_id,
+                    realized_pnl=found.realized_pnl, fee=found.fee, exchange_ts_ms=int(snap.at.timestamp() * 1000),
+                    cause_source=source)
 
     def take_reduction(self, position_id: str, snap: PositionSnapshot) -> bool:
         """A reduction seen on REST only (reconciliation): taken in as the stream's would have been, in the
@@ -309,60 +312,69 @@ class Closing:
                 del self.reducing[position_id]
 
     async def take_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
+        """The stream (or REST) shows the position smaller: book the reduction with the trades that made it
+        (waited for up to `cause_wait_s`, taken under the position's lock: `StreamView.take`), and resize the
+        stop."""
         position = self.ctx.engine.positions.get(position_id)
         if position is None:
             return
-        before = position.quantity
         remaining = abs(snap.amount)
-        fill = await self.view.closing_fill(position, snap)
-        order = fill.order if fill is not None else None
-        current = self.ctx.engine.positions.get(position_id)
-        if current is None or not 0 < remaining < current.quantity:
-            return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
+        deadline = self.ctx.monotonic() + self.ctx.config.cause_wait_s
         runtime = self.ctx.runtime(position_id)
-        realized = fee = None
-        seq = -1  # the position's journal sequence when the event was made
-        claimed: list[tuple[Decimal, Decimal | None, Decimal | None] | None] = []
-
-        def reduced() -> Reduced | None:  # under the position's lock: what it was, and the order's figures, in order
-            nonlocal realized, fee, before, seq
-            live = self.ctx.engine.positions[position_id]
-            if not remaining < live.quantity:
-                # A newer update's reduction got the lock first and took in more than this one says (this update's
-                # fill came later): this one is history, not a refusal to count and log.
-                return None
-            before, seq = live.quantity, live.seq  # (reductions taken side by side: each from the one before)
-            if order is not None:
-                realized, fee = runtime.unclaimed(order)
-                claimed.append(runtime.claim(order))
-            return Reduced(remaining=remaining, price=order.average_price if order else None, realized_pnl=realized,
-                           fee=fee)
-
-        try:
-            outcome = await self.ctx.engine.fire_if(position_id, reduced, only_in=FLATTENABLE)
-        except BaseException:
-            live = self.ctx.engine.positions.get(position_id)
-            if live is not None and live.seq > seq >= 0:  # committed, then cancelled: the reduction stands
-                if order is not None and order.exchange_order_id:
-                    runtime.reduced_by.add(order.exchange_order_id)
-            elif order is not None and claimed:  # refused: nothing booked (no other taker ran since: one lock)
-                runtime.unclaim(order, claimed[0])
-            raise
+        while True:
+            arrived = await self.view.trades_arrived(position, snap, deadline)
+            current = self.ctx.engine.positions.get(position_id)
+            if current is None or not 0 < remaining < current.quantity:
+                return  # taken in meanwhile (the stream and reconciliation can both see one reduction)
+            attempt = Taking(arrived, deadline)
+            try:
+                outcome = await self.ctx.engine.fire_if(
+                    position_id, partial(self._reduced_event, position_id, snap, attempt), only_in=FLATTENABLE)
+            except BaseException:
+                live = self.ctx.engine.positions.get(position_id)
+                if live is not None and live.seq > attempt.seq >= 0:  # committed, then cancelled: it stands
+                    runtime.reduced_by.update(attempt.orders())
+                else:  # refused: nothing booked (no other taker ran since: one lock)
+                    self.view.trades.give_back(attempt.taken)
+                raise
+            if not attempt.again:
+                break
         if outcome is None:
             return
-        if order is not None and order.exchange_order_id:
-            runtime.reduced_by.add(order.exchange_order_id)
+        taken = attempt.taken
+        runtime.reduced_by.update(attempt.orders())
+        self.view.wake(snap.symbol)
+        realized, fee = trade_figures(taken)
         now = self.ctx.engine.clock()
         self.ctx.engine.records.emit(Reduction(
             account=self.ctx.account, symbol=position.symbol, position_id=position_id, at=now,
-            side=position.side.value, closed_quantity=before - remaining, remaining=remaining,
-            price=order.average_price if order else None, realized_pnl=realized, fee=fee,
-            cause=classify_close(fill.client_id if fill else None, position_id=position_id,
+            side=position.side.value, closed_quantity=attempt.before - remaining, remaining=remaining,
+            price=taken[0].order.average_price if taken else None, realized_pnl=realized, fee=fee,
+            cause=classify_close(taken[0].client_id if taken else None, position_id=position_id,
                                  trailing_was_active=False).value,
             duration_s=round((now - position.created_at).total_seconds(), 3)))
-        logger.info("{} {} {} reduced {} -> {}", self.ctx.account, position.symbol, position_id, before, remaining)
+        logger.info("{} {} {} reduced {} -> {}", self.ctx.account, position.symbol, position_id, attempt.before,
+                    remaining)
         if outcome.dest in PROTECTED:
             await self.stops.request(position_id, None, None, "sync")
+
+    def _reduced_event(self, position_id: str, snap: PositionSnapshot, attempt: Taking) -> Reduced | None:
+        """The reduction, made under the position's lock: from the size the event before left, with the trades
+        that made it (taken in the order the position's events are applied)."""
+        live = self.ctx.engine.positions[position_id]
+        remaining = abs(snap.amount)
+        if not remaining < live.quantity:
+            # A newer update's reduction got the lock first and took in more than this one says (this update's
+            # fill came later): this one is history, not a refusal to count and log.
+            return None
+        attempt.taken = self.view.trades.take(live, snap, lenient=not attempt.arrived)
+        if not attempt.taken and attempt.arrived and self.ctx.monotonic() < attempt.deadline:
+            attempt.again = True  # another event took trades this one counted on: wait for the rest
+            return None
+        attempt.before, attempt.seq = live.quantity, live.seq  # (reductions side by side: each from the one before)
+        realized, fee = trade_figures(attempt.taken)
+        return Reduced(remaining=remaining, price=attempt.taken[0].order.average_price if attempt.taken else None,
+                       realized_pnl=realized, fee=fee)
 
 
 async def _unwired(*_: Any, **__: Any) -> None:

@@ -50,49 +50,6 @@ class PositionRuntime:
     unprotected_since: float | None = None  # monotonic time first seen without a working stop
     reduced_by: set[str] = field(default_factory=set)  # exchange order ids taken in as reductions
     attempts: dict[OrderPurpose, int] = field(default_factory=dict)  # newest client-id attempt used here
-    # What reductions already took of an order (exchange order id -> the order's filled quantity, realized
-    # profit and commission when taken): a later reduction or the flat by the same order takes only the rest.
-    claimed: dict[str, tuple[Decimal, Decimal | None, Decimal | None]] = field(default_factory=dict)
-
-    def unclaimed(self, order: OrderSnapshot) -> tuple[Decimal | None, Decimal | None]:
-        """The realized profit and commission of `order` (its sums over the trades seen) that no reduction of
-        this position took yet: an order filled in parts is reduction, then reduction or flat, and each of them
-        takes its own trades' figures, not the order's sums again. A snapshot no further filled than what was
-        taken (an older update of the order) has nothing left: zero. Called under the position's lock (the
-        event's maker in `Engine.fire_if`), so that the takers follow the order the events are applied in."""
-        taken = self.claimed.get(order.exchange_order_id or "")
-        if taken is None:
-            return order.realized_pnl, order.fee
-        if order.filled <= taken[0]:
-            return (Decimal(0) if order.realized_pnl is not None else None,
-                    Decimal(0) if order.fee is not None else None)
-        return _less(order.realized_pnl, taken[1]), _less(order.fee, taken[2])
-
-    def claim(self, order: OrderSnapshot) -> tuple[Decimal, Decimal | None, Decimal | None] | None:
-        """A reduction takes `order`'s figures so far; returns what was claimed before (for `unclaim`)."""
-        key = order.exchange_order_id
-        if not key:
-            return None
-        before = self.claimed.get(key)
-        if before is None or order.filled > before[0]:
-            self.claimed[key] = (order.filled, order.realized_pnl, order.fee)
-        return before
-
-    def unclaim(self, order: OrderSnapshot, before: tuple[Decimal, Decimal | None, Decimal | None] | None) -> None:
-        """The reduction that claimed `order` was refused: what was claimed before stands again."""
-        key = order.exchange_order_id
-        if not key:
-            return
-        if before is None:
-            self.claimed.pop(key, None)
-        else:
-            self.claimed[key] = before
-
-
-def _less(total: Decimal | None, taken: Decimal | None) -> Decimal | None:
-    if total is None:
-        return None
-    return total - taken if taken is not None else total
 
 
 # Up to this many symbols, venue-wide order listings go symbol by symbol (2 x weight 1 each on Binance) rather

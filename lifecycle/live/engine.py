@@ -274,6 +274,8 @@ class LiveEngine:
 
     def on_order(self, order: OrderSnapshot) -> None:
         client_id = self.view.record_order(order)
+        if order.late:
+            return  # an earlier trade's update after a newer one of the order: its trade is all that is news
         ours = parse_client_id(client_id)
         if ours is None:
             return

@@ -1,18 +1,17 @@
 """What the private stream has shown, and the one place where fills are joined to flats.
 
-The stream's newest position update per symbol, the fills it delivered (newest 64 per symbol), the
+The stream's newest position update per symbol, the trades it delivered (newest 64 per symbol, `trades`), the
 algo orders that placed each triggered order, and the closes left unexplained (a late fill amends them).
-`closing_fill` (the stream's fill that flattened a position, waited for) and `rest_closing_fill` (the same
-from REST) are the two halves of the fill/flat join that closes and reconciliation both use. The stream's
-health comes from the exchange port (`StreamControl`); a doubt raised by REST lives here until the
+The trades (`TradeBook.take`: which event books each, waited for by `trades_arrived`) and `rest_closing_fill`
+(the flattening fill from REST) are the two halves of the fill/flat join that closes and reconciliation both
+use. The stream's health comes from the exchange port (`StreamControl`); a doubt raised by REST lives here until the
 stream speaks again.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict
 from datetime import timedelta
 from decimal import Decimal
 
@@ -22,17 +21,11 @@ from exchange import errors as xerr
 from exchange.port import Fill, OrderSnapshot, PositionSnapshot, StreamHealth
 from lifecycle.causes import classify_close
 from lifecycle.client_ids import parse_client_id
-from lifecycle.domain import CloseCause, OrderPurpose, Position
+from lifecycle.domain import CloseCause, Position
 from lifecycle.live.context import LiveContext, short
+from lifecycle.live.trades import Found, SeenFill, TradeBook
 from lifecycle.record_kinds import ClosureAmended
 from lifecycle.retry import Backoff
-
-
-@dataclass(slots=True)
-class SeenFill:
-    client_id: str | None
-    order: OrderSnapshot
-    used: bool = False
 
 
 class StreamView:
@@ -41,7 +34,7 @@ class StreamView:
     def __init__(self, ctx: LiveContext) -> None:
         self.ctx = ctx
         self.live: dict[str, PositionSnapshot] = {}  # the private stream's latest position per symbol
-        self.fills: dict[str, deque[SeenFill]] = {}
+        self.trades = TradeBook(ctx)  # the trades seen, and which event books each
         self.fill_signal: dict[str, asyncio.Event] = {}
         self.position_signal: dict[str, asyncio.Event] = {}  # set by a position update while someone waits
         self.triggered: OrderedDict[str, str] = OrderedDict()  # order id placed by an algo -> algo client id
@@ -62,13 +55,18 @@ class StreamView:
                 self.triggered.popitem(last=False)
         elif order.exchange_order_id is not None and order.exchange_order_id in self.triggered:
             client_id = self.triggered[order.exchange_order_id]
-        if order.algo_id is None and order.filled > 0:
-            fills = self.fills.setdefault(order.symbol, deque(maxlen=64))
-            fills.append(SeenFill(client_id, order))
+        if order.algo_id is None and order.trade is not None:
+            self.trades.record(SeenFill(client_id, order, order.trade))
             self.fill_signal.setdefault(order.symbol, asyncio.Event()).set()
             if self.unexplained:
                 self.amend(order, client_id)
         return client_id
+
+    def wake(self, symbol: str) -> None:
+        """A reduction or flat took trades in: whoever waits for the trades of another update rechecks."""
+        signal = self.fill_signal.get(symbol)
+        if signal is not None:
+            signal.set()
 
     def spoke(self) -> None:
         """The private stream delivered something: it is not silent (any doubt is lifted)."""
@@ -80,11 +78,7 @@ class StreamView:
         """The client id of an order seen on the stream (or placed by one of our conditional orders)."""
         if exchange_order_id in self.triggered:
             return self.triggered[exchange_order_id]
-        for fills in self.fills.values():
-            for seen in fills:
-                if seen.order.exchange_order_id == exchange_order_id:
-                    return seen.client_id
-        return None
+        return self.trades.client_id_of(exchange_order_id)
 
     def closed_with_cause(self, position: Position, cause: CloseCause | None, source: str) -> None:
         """Count where causes come from; remember an unexplained close, so a late fill can amend it."""
@@ -126,6 +120,22 @@ class StreamView:
             fill, client_id = found
             self._amended(position, client_id, "rest_retry", fill.order_id, fill.price, fill.realized_pnl, fill.fee)
             return
+
+    async def cause_without_trades(self, position: Position) -> Found:
+        """The fill update is late (or lost): our own conditional order saying it fired, then REST. Also while we
+        close it: a stop or a liquidation may have come first (our close then finds nothing)."""
+        trailing_active = position.trailing is not None and position.trailing.active
+        runtime = self.ctx.peek(position.id)
+        fired = runtime.fired if runtime is not None else None
+        if fired is not None:
+            return Found(classify_close(fired, position_id=position.id, trailing_was_active=trailing_active),
+                         "algo_update")
+        found = await self.rest_cause(position)
+        if found is None:
+            return Found()
+        fill, client_id = found
+        return Found(classify_close(client_id, position_id=position.id, trailing_was_active=trailing_active), "rest",
+                     fill.price, fill.order_id, fill.realized_pnl, fill.fee)
 
     async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
         """The newest fill on the closing side since the position was opened, with its order's client id
@@ -198,59 +208,16 @@ class StreamView:
         logger.warning("{} {} {}: closure cause amended: unknown -> {} ({})", self.ctx.account, position.symbol,
                        position.id, cause.value, source)
 
-    def unused_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
-        """The newest unused fill seen on the closing side of the symbol, no older than the update, once the
-        unused fills there add up to what the update took off the position: a partial close by someone else
-        is not what flattened it when another fill (a settlement, a liquidation) took the rest and its update
-        has not come yet (chaos soak seed 502732). Of several, one whose order took exactly that much."""
-        closing = position.side.exit_order_side
-        earliest = snap.at - timedelta(seconds=1)
-        entered = self.ctx.entry_at(position.id)
-        if entered is not None and entered > earliest:
-            earliest = entered  # a fill before this position's entry is about an earlier position
-        current = self.ctx.engine.positions.get(position.id) or position  # a reduction may have been taken in
-        need = current.quantity - (abs(snap.amount) if snap.side is position.side else 0)
-        # A reduction shown by an update is explained by a fill no newer than it (chaos seed 446: the partial
-        # close's fill was lost with a stream drop, and the later stop fill was taken for the reduction).
-        # (The fill's own update may be stamped a few milliseconds after the position's: 100 ms of slack.)
-        latest = snap.at + timedelta(milliseconds=100) if snap.amount != 0 and snap.side is position.side else None
-        found: list[SeenFill] = []
-        for seen in reversed(self.fills.get(snap.symbol, ())):
-            # The cheap tests first: most of the symbol's last 64 fills are used or older than the update, and
-            # reading a client id for each of them was a tenth of a close's time (bench.closure_latency).
-            if seen.used or seen.order.side != closing or seen.order.at < earliest or (
-                    latest is not None and seen.order.at > latest):
-                continue
-            ours = parse_client_id(seen.client_id)
-            if ours is not None and ours.purpose is OrderPurpose.ENTRY:
-                continue  # an entry opens a position, it never flattens one (one way: no flips of ours)
-            found.append(seen)
-        by_order: dict[str, Decimal] = {}  # an order's updates carry its cumulative fill: count the largest
-        for seen in found:
-            key = seen.order.exchange_order_id or seen.client_id or str(id(seen))
-            by_order[key] = max(by_order.get(key, Decimal(0)), seen.order.filled)
-        if not found or sum(by_order.values()) < need:
-            return None
-        # A fill of an order that took exactly what the update took off, else any: the oldest for a reduction
-        # (it came first), the newest for a flat. Of a partial close and a stop or settlement that arrive
-        # together, each update gets its own (soak seeds 502732, 504964).
-        order = found if snap.amount == 0 or snap.side is not position.side else found[::-1]
-        pick = next((f for f in order if f.order.filled == need), order[0])
-        pick.used = True
-        return pick
-
-    async def closing_fill(self, position: Position, snap: PositionSnapshot) -> SeenFill | None:
-        """The fill that flattened the position: the newest unused fill on the closing side of the symbol,
-        no older than the update, waiting up to `cause_wait_s` for it (the order update may come after)."""
-        deadline = self.ctx.monotonic() + self.ctx.config.cause_wait_s
+    async def trades_arrived(self, position: Position, snap: PositionSnapshot, deadline: float) -> bool:
+        """Wait until the trades that made this update are all here (`trades_of`), until `deadline`
+        (monotonic): the fill updates may come after the position's. False when they did not."""
         signal = self.fill_signal.setdefault(snap.symbol, asyncio.Event())
         while True:
-            found = self.unused_fill(position, snap)
-            if found is not None:
-                return found
+            if self.trades.trades_of(position, snap) is not None:
+                return True
             remaining = deadline - self.ctx.monotonic()
             if remaining <= 0:
-                return None
+                return False
             signal.clear()
             await _woken(signal, remaining)
 

@@ -1,0 +1,183 @@
+"""The trades the private stream delivered, and which event books each of them (one event per trade).
+
+An order filled in parts has one fill update per trade (Binance: `t`, `l`, `rp`, `n`), each carrying the order's
+cumulative fill. A reduction or a flat is joined to the trades that made it, trade by trade, and takes them
+under the position's lock (`TradeBook.take`), so that each is booked once, by the event it belongs to, in the
+order the position's events are applied. Matching the orders' cumulative fills instead booked a later trade of an
+order for an earlier reduction when the earlier trade's update came late; the flat then found nothing and ended
+`unknown` without figures, and the earlier trade was never booked (review of f7ec545).
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+
+from exchange.port import OrderSnapshot, OrderTrade, PositionSnapshot
+from lifecycle.client_ids import parse_client_id
+from lifecycle.domain import CloseCause, OrderPurpose, Position
+from lifecycle.live.context import LiveContext
+
+FILLS_KEPT = 64  # trades remembered per symbol
+
+
+@dataclass(slots=True)
+class SeenFill:
+    """One trade seen on the stream (an order filled in parts: one each), booked by at most one event."""
+
+    client_id: str | None
+    order: OrderSnapshot  # the update that carried it (the order's cumulative fill and average price)
+    trade: OrderTrade
+    used: bool = False
+
+    @property
+    def name(self) -> tuple[str, object]:
+        """Which trade it is: its id, else (none given) the order's cumulative fill after it."""
+        return (self.order.exchange_order_id or self.client_id or "",
+                self.trade.id if self.trade.id is not None else self.order.filled)
+
+
+def trade_figures(trades: Sequence[SeenFill]) -> tuple[Decimal | None, Decimal | None]:
+    """The realized profit and commission of these trades together (None: none known; commissions paid in two
+    currencies add up to nothing meaningful: None)."""
+    realized = [t.trade.realized_pnl for t in trades if t.trade.realized_pnl is not None]
+    fees = [t.trade for t in trades if t.trade.fee is not None]
+    fee = sum((t.fee for t in fees if t.fee is not None), Decimal(0)) if fees else None
+    if len({t.fee_currency for t in fees}) > 1:
+        fee = None
+    return (sum(realized, Decimal(0)) if realized else None), fee
+
+
+class TradeBook:
+    """The trades seen per symbol (the newest `FILLS_KEPT`), each once (a frame seen twice is one trade), and the
+    join of a position update to the trades that made it."""
+
+    def __init__(self, ctx: LiveContext) -> None:
+        self.ctx = ctx
+        self.fills: dict[str, deque[SeenFill]] = {}
+        self._names: dict[str, set[tuple[str, object]]] = {}
+
+    def record(self, seen: SeenFill) -> None:
+        names = self._names.setdefault(seen.order.symbol, set())
+        if seen.name in names:
+            return
+        fills = self.fills.setdefault(seen.order.symbol, deque())
+        if len(fills) >= FILLS_KEPT:
+            names.discard(fills.popleft().name)
+        fills.append(seen)
+        names.add(seen.name)
+
+    def client_id_of(self, exchange_order_id: str) -> str | None:
+        for fills in self.fills.values():
+            for seen in fills:
+                if seen.order.exchange_order_id == exchange_order_id:
+                    return seen.client_id
+        return None
+
+    def _candidates(self, position: Position, snap: PositionSnapshot) -> list[SeenFill]:
+        """The unused trades on the closing side of the symbol that may have made this update, oldest first."""
+        closing = position.side.exit_order_side
+        earliest = snap.at - timedelta(seconds=1)
+        entered = self.ctx.entry_at(position.id)
+        if entered is not None and entered > earliest:
+            earliest = entered  # a fill before this position's entry is about an earlier position
+        # A reduction shown by an update is explained by a fill no newer than it (chaos seed 446: the partial
+        # close's fill was lost with a stream drop, and the later stop fill was taken for the reduction).
+        # (The fill's own update may be stamped a few milliseconds after the position's: 100 ms of slack.)
+        latest = snap.at + timedelta(milliseconds=100) if snap.amount != 0 and snap.side is position.side else None
+        found: list[SeenFill] = []
+        for seen in self.fills.get(snap.symbol, ()):
+            # The cheap tests first: most of the symbol's last trades are used or older than the update, and
+            # reading a client id for each of them was a tenth of a close's time (bench.closure_latency).
+            if seen.used or seen.order.side != closing or seen.order.at < earliest or (
+                    latest is not None and seen.order.at > latest):
+                continue
+            ours = parse_client_id(seen.client_id)
+            if ours is not None and ours.purpose is OrderPurpose.ENTRY:
+                continue  # an entry opens a position, it never flattens one (one way: no flips of ours)
+            found.append(seen)
+        # In the order they were made: by time, then by trade id (Binance's grow per symbol); a trade of one
+        # millisecond may come after a later one (soak seeds 502732, 504964). (Stable: no ids, as they came.)
+        found.sort(key=lambda seen: (seen.order.at, seen.trade.id or 0))
+        return found
+
+    def trades_of(self, position: Position, snap: PositionSnapshot, *, lenient: bool = False
+                  ) -> list[SeenFill] | None:
+        """The trades that made this update of the position, matched trade by trade, or None while they are not
+        all here. What the update took off is what the engine holds of the position now less what it shows.
+
+        * A flat (or a flip): the newest unused trades, newest first, until they add up to the position's size
+          or more (a flip's last trade is larger). A partial close by someone else is not what flattened it when
+          another trade (a settlement, a liquidation) took the rest and its update has not come yet (chaos soak
+          seed 502732): then they do not add up yet.
+        * A reduction: the oldest unused trades, oldest first, that add up to exactly what it took off (a later
+          trade may be here already: a partial close and the stop that took the rest). `lenient` (the wait is
+          over and they never added up: an older trade's update is lost): else one trade of exactly that much.
+
+        An order filled in parts is one trade per update, and each trade is booked by one event: matching the
+        orders' cumulative fills instead booked a later trade of an order for an earlier reduction when the
+        earlier trade's update came late, and the flat then found nothing (review of f7ec545)."""
+        current = self.ctx.engine.positions.get(position.id) or position  # a reduction may have been taken in
+        flat = snap.amount == 0 or snap.side is not position.side
+        need = current.quantity - (0 if flat else abs(snap.amount))
+        if need <= 0:
+            return None
+        found = self._candidates(position, snap)
+        taken: list[SeenFill] = []
+        total = Decimal(0)
+        for seen in (reversed(found) if flat else found):
+            taken.append(seen)
+            total += seen.trade.quantity
+            if total == need or (flat and total > need):
+                return taken
+            if total > need:
+                break
+        if flat or not lenient:
+            return None
+        return next(([seen] for seen in found if seen.trade.quantity == need), None)
+
+    def take(self, position: Position, snap: PositionSnapshot, *, lenient: bool = False) -> list[SeenFill]:
+        """`trades_of`, taken (under the position's lock, by the event that books them): no other event takes
+        them, until `give_back`. Empty when they are not all here."""
+        trades = self.trades_of(position, snap, lenient=lenient) or []
+        for seen in trades:
+            seen.used = True
+        return trades
+
+    @staticmethod
+    def give_back(trades: Sequence[SeenFill]) -> None:
+        """The event that took these trades was not applied: they are free again."""
+        for seen in trades:
+            seen.used = False
+
+
+@dataclass(slots=True)
+class Found:
+    """What explains a flat: its cause (None: the state's default), where that came from, and the fill's figures."""
+
+    cause: CloseCause | None = CloseCause.UNKNOWN
+    source: str = "none"
+    exit_price: Decimal | None = None
+    order_id: str | None = None
+    realized_pnl: Decimal | None = None
+    fee: Decimal | None = None
+
+
+@dataclass(slots=True)
+class Taking:
+    """One try at booking an update's trades under the position's lock; tried again (`again`) when, under the lock,
+    another event had taken trades this update counted on and the deadline is not reached."""
+
+    arrived: bool  # the trades were all here when the wait ended
+    deadline: float  # monotonic
+    taken: list[SeenFill] = field(default_factory=list)
+    again: bool = False
+    before: Decimal = Decimal(0)  # a reduction: the size it reduced from
+    seq: int = -1  # a reduction: the position's journal sequence when the event was made
+    cause: CloseCause | None = None  # a flat: what it was booked with
+    source: str = "none"
+
+    def orders(self) -> set[str]:
+        return {t.order.exchange_order_id for t in self.taken if t.order.exchange_order_id}
