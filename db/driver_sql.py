@@ -12,7 +12,8 @@ What SQLAlchemy's execution would store is kept:
   the connection's `info`, and goes with it);
 * every parameter goes through its bind parameter's type processing for the dialect (money as exact text,
   UTC times as ISO text, JSON), so the rows are the ones `Connection.execute` writes (tests/test_driver_sql.py);
-* a driver error is raised as SQLAlchemy raises it (`DBAPIError.instance`: a constraint is its IntegrityError).
+* a driver error is raised as SQLAlchemy raises it (`DBAPIError.instance`: a constraint is its IntegrityError),
+  and so is a value its type refuses (a `StatementError` around the type's ValueError).
 
 Only while nobody watches statements: an engine with listeners of its statements' execution (`before_execute`,
 `after_execute`, `before_cursor_execute`, `after_cursor_execute`; its dialect's `handle_error`, `do_execute`: the
@@ -77,9 +78,13 @@ def execute(conn: sa.Connection, statement: Statement, values: dict[str, Any]) -
     its current transaction; returns the driver's row count. (Only where `applies(conn)`.)"""
     global statements_run
     compiled = _compiled(conn, statement, tuple(values))
-    params: tuple[Any, ...] = tuple(
-        value if process is None else process(value)
-        for name, process in compiled.processors for value in (values[name],))
+    hide = conn.engine.hide_parameters
+    try:
+        params: tuple[Any, ...] = tuple(
+            value if process is None else process(value)
+            for name, process in compiled.processors for value in (values[name],))
+    except Exception as e:  # a value its type refuses (a naive time, a float for money): as SQLAlchemy says it
+        raise sa.exc.StatementError(str(e), compiled.sql, values, e, hide_parameters=hide) from e
     dbapi = conn.dialect.loaded_dbapi
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
@@ -87,6 +92,6 @@ def execute(conn: sa.Connection, statement: Statement, values: dict[str, Any]) -
         statements_run += 1
         return int(cursor.rowcount)
     except dbapi.Error as e:
-        raise sa.exc.DBAPIError.instance(compiled.sql, params, e, dbapi.Error) from e
+        raise sa.exc.DBAPIError.instance(compiled.sql, params, e, dbapi.Error, hide_parameters=hide) from e
     finally:
         cursor.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 
 from db import driver_sql
 from db.repository import Repository
+from db.types import ExactDecimal, UTCDateTime
 from exchange.paper import PaperExchange
 from lifecycle.domain import CloseCause, CloseReason, OrderPurpose, OrderRef, OrderStatus, Side, TrailingState
 from lifecycle.engine import Engine
@@ -149,3 +151,25 @@ async def test_the_compiled_statements_go_with_the_repository(tmp_path: Path) ->
         del repo, engine, writer, p
     gc.collect()
     assert [d() for d in dialects] == [None, None, None]
+
+
+@pytest.mark.parametrize("value", [{"at": datetime(2026, 1, 1)}, {"money": 1.5}])  # naive time; money as a float
+def test_a_value_its_type_refuses_is_a_statement_error_both_ways(tmp_path: Path, value: dict[str, Any]) -> None:
+    """SQLAlchemy raises a StatementError around the type's ValueError; the driver path raised the bare ValueError
+    (review of f7ec545). Both say it the same way now, and nothing is stored."""
+    table = sa.Table("t", sa.MetaData(), sa.Column("at", UTCDateTime), sa.Column("money", ExactDecimal))
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 't.sqlite'}")
+    table.metadata.create_all(engine)
+    row = {"at": datetime(2026, 1, 1, tzinfo=UTC), "money": D("1.5"), **value}
+    errors = []
+    insert = table.insert()
+    for run in (lambda conn: conn.execute(insert, row), lambda conn: driver_sql.execute(conn, insert, row)):
+        with engine.begin() as conn:
+            assert driver_sql.applies(conn)
+            with pytest.raises(sa.exc.StatementError) as caught:
+                run(conn)
+            errors.append((type(caught.value.orig), str(caught.value.orig)))
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
+    assert errors[0] == errors[1] and errors[0][0] is ValueError
+    engine.dispose()

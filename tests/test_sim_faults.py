@@ -12,6 +12,7 @@ import pytest
 from exchange import errors
 from exchange.ccxt_adapter import CcxtExchange
 from exchange.port import OrderSnapshot, PositionSnapshot, Resynced, StreamHealth
+from exchange.sim.faults import Faults
 from exchange.sim.server import SimServer
 from exchange.sim.venue import Account
 from lifecycle.domain import OrderStatus, Side
@@ -274,3 +275,18 @@ async def test_a_fill_update_delayed_by_a_fraction_of_a_second_is_delayed(sim: S
     [(at, _)] = [(at, x) for at, x in sent if x == "TRADE"]
     assert at - started >= 0.3, f"the fill update went after {at - started:.3f} s"
     sim.set_faults(delay_fill_updates_s=0, stale_positions_s=0)
+
+
+@pytest.mark.parametrize(("change", "why"), [({"http_5xx": 0.9}, "a count"), ({"ws_silent": "false"}, "text"),
+                                             ({"delay_fill_updates_s": "soon"}, "not a number"),
+                                             ({"signal_on": 5}, "not text"), ({"timeouts": True}, "a switch")])
+def test_a_fault_value_that_would_lose_something_is_refused(change: dict[str, object], why: str) -> None:
+    """0.9 for a count became 0 and the text "false" for a switch became True (review of 782cbdb): now refused,
+    naming the fault, and nothing is switched (the other values of the same call neither)."""
+    faults = Faults()
+    with pytest.raises(ValueError, match=next(iter(change))):
+        faults.update({"rest_latency_ms": 7, **change})
+    assert faults == Faults(), why
+    faults.update({"http_5xx": 2.0, "ws_silent": 1, "delay_fill_updates_s": "0.25", "rest_latency_ms": "15"})
+    assert (faults.http_5xx, faults.ws_silent, faults.delay_fill_updates_s, faults.rest_latency_ms) == (2, True, 0.25,
+                                                                                                        15)

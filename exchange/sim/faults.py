@@ -8,6 +8,31 @@ _TYPES: dict[Any, type] = {"int": int, "float": float, "bool": bool, "str": str,
                            int: int, float: float, bool: bool, str: str}
 
 
+def _value(name: str, kind: type, value: Any) -> Any:
+    """`value` as the field's declared type (not its default's: `0` of a float field is an int, and 0.35 s became
+    0), without losing anything: 0.9 for a count, or the text "false" for a switch, is refused (a ValueError
+    naming the fault), not read as 0 or True."""
+    if kind is bool:
+        if type(value) is bool or (type(value) is int and value in (0, 1)):
+            return bool(value)
+    elif kind is int:
+        if type(value) is int or (type(value) is float and value.is_integer()):
+            return int(value)
+        if type(value) is str and value.strip().lstrip("+-").isdigit():
+            return int(value)
+    elif kind is float:
+        if type(value) in (int, float):
+            return float(value)
+        if type(value) is str:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str and type(value) is str:
+        return value
+    raise ValueError(f"fault {name} takes a {kind.__name__}, got {value!r}")
+
+
 @dataclass
 class Faults:
     """Switches of the simulator's misbehaviour (`SimServer.set_faults`, `POST /_sim/faults`).
@@ -66,9 +91,10 @@ class Faults:
             raise ValueError(f"unknown fault(s): {sorted(unknown)}; known: {sorted(known)}")
         if "signal_when" in changes and changes["signal_when"] not in ("before", "after"):
             raise ValueError(f"signal_when must be 'before' or 'after', got {changes['signal_when']!r}")
-        for name, value in changes.items():
-            # By the field's declared type: the default's (`0` of a float field is an int) cut 0.35 s to 0.
-            setattr(self, name, _TYPES[known[name]](value))
+        # All checked before any is set: a bad value switches nothing on.
+        converted = {name: _value(name, _TYPES[known[name]], value) for name, value in changes.items()}
+        for name, value in converted.items():
+            setattr(self, name, value)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

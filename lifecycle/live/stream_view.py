@@ -213,6 +213,8 @@ class StreamView:
         (monotonic): the fill updates may come after the position's. False when they did not."""
         signal = self.fill_signal.setdefault(snap.symbol, asyncio.Event())
         while True:
+            if position.id not in self.ctx.engine.positions:
+                return False  # ended meanwhile (a flat took the trades): nothing to wait for
             if self.trades.trades_of(position, snap) is not None:
                 return True
             remaining = deadline - self.ctx.monotonic()
