@@ -240,14 +240,20 @@ class Engine:
         return cancelled
 
     def _swap(self, draft: Position, outcome: Outcome) -> None:
-        """The committed draft becomes the live position and the listeners hear of it."""
+        """The committed draft becomes the live position and every listener hears of it (an exception from one is
+        logged; a BaseException, such as SystemExit, goes on out once the others heard)."""
         self.positions[draft.id] = draft
         self.metrics.transitions[(outcome.source.value, outcome.journal.event, outcome.dest.value)] += 1
+        escaped: BaseException | None = None
         for listener in self.listeners:
             try:
                 listener(draft, outcome)
             except Exception as e:  # noqa: BLE001 - a listener must not undo a committed transition
                 logger.error("transition listener failed: {}: {}", type(e).__name__, e)
+            except BaseException as e:  # noqa: BLE001 - SystemExit and the like: re-raised once the others heard
+                escaped = escaped or e
+        if escaped is not None:
+            raise escaped
 
     def _committed(self, draft: Position, outcome: Outcome, committed_at: datetime) -> None:
         """The transition's record and its log line (after `_swap`)."""
