@@ -367,6 +367,34 @@ async def test_an_order_filled_in_parts_on_a_doubled_or_reordered_late_stream_bo
     assert closed == [(trades[-1].realized, trades[-1].fee)]
 
 
+@pytest.mark.parametrize("flip", [False, True])
+async def test_a_late_stop_fill_then_another_clients_order_books_the_stop(rig: Rig, flip: bool) -> None:
+    """Our stop takes the whole position with its fill update 0.3 s late; right after, another client's market
+    sell opens a short (its update at once). The flat took the newest trades up to its size or more: the other
+    client's sell and the stop's, and the sell named the cause (`manual`, both fees; review of 8e0a57e). The
+    stop's trade alone makes the flat. `flip`: the flat's own position update is lost, and the flip's (short
+    0.003) is what the engine sees: the stop is still what flattened it, and the sell is not booked."""
+    p = await rig.open(btc_long())
+    venue = rig.sim.venue
+    live = rig.live
+    assert live is not None
+    if flip:
+        seen = live.on_position
+        live.on_position = lambda snap: None if snap.symbol == "BTCUSDT" and snap.amount == 0 else seen(snap)
+    rig.sim.set_faults(delay_fill_updates_s=0.3)
+    rig.set_mark("BTCUSDT", 59000)  # below the stop (59400): it fires
+    await rig.until(lambda: venue.position(rig.account, "BTCUSDT").amount == 0, what="flat at the venue")
+    rig.sim.set_faults(delay_fill_updates_s=0)
+    other = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.003"),
+                            price=None, client_id=None, reduce_only=False)
+    stored = await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    [closure] = rig.records.read("closure")  # type: ignore[union-attr]
+    [stop_trade] = [t for t in rig.account.trades if t.side == "SELL" and t.order_id != other.order_id]
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
+    assert (D(closure["pnl"]), D(closure["fee"])) == (stop_trade.realized, stop_trade.fee)
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

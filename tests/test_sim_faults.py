@@ -279,10 +279,14 @@ async def test_a_fill_update_delayed_by_a_fraction_of_a_second_is_delayed(sim: S
 
 @pytest.mark.parametrize(("change", "why"), [({"http_5xx": 0.9}, "a count"), ({"ws_silent": "false"}, "text"),
                                              ({"delay_fill_updates_s": "soon"}, "not a number"),
-                                             ({"signal_on": 5}, "not text"), ({"timeouts": True}, "a switch")])
+                                             ({"signal_on": 5}, "not text"), ({"timeouts": True}, "a switch"),
+                                             ({"delay_fill_updates_s": "nan"}, "nan"), ({"timeout_s": "inf"}, "inf"),
+                                             ({"stale_positions_s": -1.0}, "a negative time"),
+                                             ({"http_5xx": "+-3"}, "no count")])
 def test_a_fault_value_that_would_lose_something_is_refused(change: dict[str, object], why: str) -> None:
-    """0.9 for a count became 0 and the text "false" for a switch became True (review of 782cbdb): now refused,
-    naming the fault, and nothing is switched (the other values of the same call neither)."""
+    """0.9 for a count became 0 and the text "false" for a switch became True (review of 782cbdb), and a time of
+    nan or -1 was taken (review of b20d781): now refused, naming the fault, and nothing is switched (the other
+    values of the same call neither)."""
     faults = Faults()
     with pytest.raises(ValueError, match=next(iter(change))):
         faults.update({"rest_latency_ms": 7, **change})

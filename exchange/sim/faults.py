@@ -1,6 +1,8 @@
 """Misbehaviour the simulator can be told to show; every switch is off by default."""
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -10,24 +12,26 @@ _TYPES: dict[Any, type] = {"int": int, "float": float, "bool": bool, "str": str,
 
 def _value(name: str, kind: type, value: Any) -> Any:
     """`value` as the field's declared type (not its default's: `0` of a float field is an int, and 0.35 s became
-    0), without losing anything: 0.9 for a count, or the text "false" for a switch, is refused (a ValueError
-    naming the fault), not read as 0 or True."""
+    0), without losing anything: 0.9 for a count, the text "false" for a switch, or a time that is negative or not
+    a number (nan, inf), is refused (a ValueError naming the fault), not read as 0, True or nan."""
     if kind is bool:
         if type(value) is bool or (type(value) is int and value in (0, 1)):
             return bool(value)
     elif kind is int:
         if type(value) is int or (type(value) is float and value.is_integer()):
             return int(value)
-        if type(value) is str and value.strip().lstrip("+-").isdigit():
-            return int(value)
-    elif kind is float:
-        if type(value) in (int, float):
-            return float(value)
         if type(value) is str:
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                return int(value)
+    elif kind is float:  # (every float switch is a time: finite, not negative)
+        number: float | None = None
+        if type(value) in (int, float):
+            number = float(value)
+        elif type(value) is str:
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number) and number >= 0:
+            return number
     elif kind is str and type(value) is str:
         return value
     raise ValueError(f"fault {name} takes a {kind.__name__}, got {value!r}")

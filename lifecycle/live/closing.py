@@ -27,7 +27,7 @@ from lifecycle.events import CloseFailed, CloseRequested, Flat, Reduced
 from lifecycle.live.context import LiveContext, S, short
 from lifecycle.live.stops import StopResult, Stops
 from lifecycle.live.stream_view import StreamView
-from lifecycle.live.trades import Found, Taking, trade_figures
+from lifecycle.live.trades import Found, Taking, flattening, trade_figures
 from lifecycle.machines.states import FLATTENABLE, PROTECTED
 from lifecycle.record_kinds import Reduction
 from lifecycle.retry import RetryAbandoned, until_done
@@ -269,16 +269,16 @@ class Closing:
         """The flat, made under the position's lock: with the trades that flattened it (after any reduction that
         took some of them; their updates may also have come while REST was asked), else with `fallback`."""
         live = self.ctx.engine.positions[position_id]
-        attempt.taken = self.view.trades.take(live, snap)
+        attempt.taken = self.view.trades.take(live, snap, lenient=not attempt.arrived)
         if not attempt.taken and attempt.arrived and self.ctx.monotonic() < attempt.deadline:
             attempt.again = True  # another event took trades this one counted on: wait for the rest
             return None
         found = fallback
         if attempt.taken:
-            newest = attempt.taken[0]
+            closer = flattening(attempt.taken, live.quantity)
             trailing = live.trailing is not None and live.trailing.active
-            found = Found(classify_close(newest.client_id, position_id=position_id, trailing_was_active=trailing),
-                          "fill_update", newest.order.average_price, newest.order.exchange_order_id,
+            found = Found(classify_close(closer.client_id, position_id=position_id, trailing_was_active=trailing),
+                          "fill_update", closer.order.average_price, closer.order.exchange_order_id,
                           *trade_figures(attempt.taken))
         cause, source = found.cause, found.source
         if live.state is S.CLOSING_BY_BOT and cause is CloseCause.UNKNOWN and position_id not in self.close_found_flat:

@@ -105,38 +105,40 @@ class TradeBook:
 
     def trades_of(self, position: Position, snap: PositionSnapshot, *, lenient: bool = False
                   ) -> list[SeenFill] | None:
-        """The trades that made this update of the position, matched trade by trade, or None while they are not
-        all here. What the update took off is what the engine holds of the position now less what it shows.
+        """The trades that made this update of the position, matched trade by trade (oldest first), or None while
+        they are not all here. What they add up to: what the engine holds of the position now less what the update
+        shows (a flip: plus what it shows on the other side).
 
-        * A flat (or a flip): the newest unused trades, newest first, until they add up to the position's size
-          or more (a flip's last trade is larger). A partial close by someone else is not what flattened it when
-          another trade (a settlement, a liquidation) took the rest and its update has not come yet (chaos soak
-          seed 502732): then they do not add up yet.
-        * A reduction: the oldest unused trades, oldest first, that add up to exactly what it took off (a later
-          trade may be here already: a partial close and the stop that took the rest). `lenient` (the wait is
-          over and they never added up: an older trade's update is lost): else one trade of exactly that much.
+        * The oldest unused trades, in the order they were made, that add up to exactly that: a later trade may be
+          here already (a partial close and the stop that took the rest; another client's order right after a
+          flat). For a flat, else the newest that do (an older trade left over: a reduction booked without it).
+        * `lenient` (the wait is over and they never added up: a trade's update is lost): a flat takes the newest
+          trades until they reach the position's size or more; a reduction one trade of exactly that much.
 
-        An order filled in parts is one trade per update, and each trade is booked by one event: matching the
+        A partial close by someone else is not what flattened the position when another trade (a settlement, a
+        liquidation) took the rest and its update has not come yet (chaos soak seed 502732): they do not add up
+        yet. An order filled in parts is one trade per update, and each trade is booked by one event: matching the
         orders' cumulative fills instead booked a later trade of an order for an earlier reduction when the
-        earlier trade's update came late, and the flat then found nothing (review of f7ec545)."""
+        earlier trade's update came late, and the flat then found nothing (review of f7ec545). Taking the newest
+        trades up to the size or more took another client's order right after the flat as the flattening one (a
+        stop's update late: `manual` and two fees; review of 8e0a57e)."""
         current = self.ctx.engine.positions.get(position.id) or position  # a reduction may have been taken in
-        flat = snap.amount == 0 or snap.side is not position.side
-        need = current.quantity - (0 if flat else abs(snap.amount))
+        flip = snap.amount != 0 and snap.side is not position.side
+        flat = snap.amount == 0 or flip
+        need = current.quantity + abs(snap.amount) if flip else current.quantity - abs(snap.amount)
         if need <= 0:
             return None
         found = self._candidates(position, snap)
-        taken: list[SeenFill] = []
-        total = Decimal(0)
-        for seen in (reversed(found) if flat else found):
-            taken.append(seen)
-            total += seen.trade.quantity
-            if total == need or (flat and total > need):
-                return taken
-            if total > need:
-                break
-        if flat or not lenient:
+        run = _run(found, need) or (_run(found[::-1], need) if flat else None)
+        if run is None and lenient:
+            run = _run(found[::-1], current.quantity, reaching=True) if flat else next(
+                ([seen] for seen in found if seen.trade.quantity == need), None)
+        if run is None:
             return None
-        return next(([seen] for seen in found if seen.trade.quantity == need), None)
+        run.sort(key=lambda seen: (seen.order.at, seen.trade.id or 0))
+        if flat:  # a flip: the trades after the one that flattened it opened the other side, not of this position
+            run = run[:run.index(flattening(run, current.quantity)) + 1]
+        return run
 
     def take(self, position: Position, snap: PositionSnapshot, *, lenient: bool = False) -> list[SeenFill]:
         """`trades_of`, taken (under the position's lock, by the event that books them): no other event takes
@@ -151,6 +153,29 @@ class TradeBook:
         """The event that took these trades was not applied: they are free again."""
         for seen in trades:
             seen.used = False
+
+
+def _run(trades: Sequence[SeenFill], need: Decimal, *, reaching: bool = False) -> list[SeenFill] | None:
+    """The first trades of `trades` that add up to exactly `need` (`reaching`: to `need` or more), else None."""
+    total = Decimal(0)
+    for count, seen in enumerate(trades, 1):
+        total += seen.trade.quantity
+        if total == need or (reaching and total > need):
+            return list(trades[:count])
+        if total > need:
+            return None
+    return None
+
+
+def flattening(trades: Sequence[SeenFill], size: Decimal) -> SeenFill:
+    """Of a flat's trades (oldest first), the one that took the position of `size` to nothing: its cause (of a
+    flip, not a trade that opened the other side after it)."""
+    total = Decimal(0)
+    for seen in trades:
+        total += seen.trade.quantity
+        if total >= size:
+            return seen
+    return trades[-1]
 
 
 @dataclass(slots=True)
