@@ -380,7 +380,7 @@ async def test_a_late_stop_fill_then_another_clients_order_books_the_stop(rig: R
     assert live is not None
     if flip:
         seen = live.on_position
-        live.on_position = lambda snap: None if snap.symbol == "BTCUSDT" and snap.amount == 0 else seen(snap)
+        live.on_position = lambda snap: None if snap.symbol == "BTCUSDT" and snap.amount == 0 else seen(snap)  # type: ignore[method-assign]
     rig.sim.set_faults(delay_fill_updates_s=0.3)
     rig.set_mark("BTCUSDT", 59000)  # below the stop (59400): it fires
     await rig.until(lambda: venue.position(rig.account, "BTCUSDT").amount == 0, what="flat at the venue")
