@@ -367,13 +367,20 @@ async def test_an_order_filled_in_parts_on_a_doubled_or_reordered_late_stream_bo
     assert closed == [(trades[-1].realized, trades[-1].fee)]
 
 
-@pytest.mark.parametrize("flip", [False, True])
-async def test_a_late_stop_fill_then_another_clients_order_books_the_stop(rig: Rig, flip: bool) -> None:
+def _market(rig: Rig, side: str, quantity: str, *, reduce_only: bool = False) -> Any:
+    """Another client's market order on BTCUSDT (at the mark)."""
+    return rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side=side, type_="MARKET", quantity=D(quantity),
+                                   price=None, client_id=None, reduce_only=reduce_only)
+
+
+@pytest.mark.parametrize(("other", "flip"), [("0.003", False), ("0.003", True), ("0.010", False)])
+async def test_a_late_stop_fill_then_another_clients_order_books_the_stop(rig: Rig, other: str, flip: bool) -> None:
     """Our stop takes the whole position with its fill update 0.3 s late; right after, another client's market
     sell opens a short (its update at once). The flat took the newest trades up to its size or more: the other
-    client's sell and the stop's, and the sell named the cause (`manual`, both fees; review of 8e0a57e). The
-    stop's trade alone makes the flat. `flip`: the flat's own position update is lost, and the flip's (short
-    0.003) is what the engine sees: the stop is still what flattened it, and the sell is not booked."""
+    client's sell and the stop's, and the sell named the cause (`manual`, both fees; review of 8e0a57e); a sell
+    of the position's size alone added up exactly (review of 7dfbc37; so did the code before trade matching).
+    Our stop fired, so the flat's trades include its trade. `flip`: the flat's own position update is lost, and
+    the flip's (short 0.003) is what the engine sees: the stop is still what flattened it, the sell not booked."""
     p = await rig.open(btc_long())
     venue = rig.sim.venue
     live = rig.live
@@ -385,14 +392,60 @@ async def test_a_late_stop_fill_then_another_clients_order_books_the_stop(rig: R
     rig.set_mark("BTCUSDT", 59000)  # below the stop (59400): it fires
     await rig.until(lambda: venue.position(rig.account, "BTCUSDT").amount == 0, what="flat at the venue")
     rig.sim.set_faults(delay_fill_updates_s=0)
-    other = venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.003"),
-                            price=None, client_id=None, reduce_only=False)
+    sell = _market(rig, "SELL", other)
     stored = await rig.ended(p.id)
     await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
     [closure] = rig.records.read("closure")  # type: ignore[union-attr]
-    [stop_trade] = [t for t in rig.account.trades if t.side == "SELL" and t.order_id != other.order_id]
+    [stop_trade] = [t for t in rig.account.trades if t.side == "SELL" and t.order_id != sell.order_id]
     assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
     assert (D(closure["pnl"]), D(closure["fee"])) == (stop_trade.realized, stop_trade.fee)
+
+
+async def test_a_trade_that_changed_nothing_is_not_a_later_flats(rig: Rig) -> None:
+    """Someone adds 0.004 to our long and takes 0.004 off again (the engine's size never changed: that trade is
+    left unused), another client takes 0.006, then our stop the last 0.004. The flat took the oldest trades that
+    add up to 0.004: the one that changed nothing (`manual`, its price and fee), and the stop's trade was never
+    booked (review of 7dfbc37). The newest that add up come first (and our stop fired: its trade is in)."""
+    p = await rig.open(btc_long())
+    _market(rig, "BUY", "0.004")
+    await rig.until(lambda: any("above ours" in m for _, m in rig.log), what="the venue's size above ours")
+    _market(rig, "SELL", "0.004", reduce_only=True)
+    _market(rig, "SELL", "0.006", reduce_only=True)
+    await rig.until(lambda: [a.qty for a in rig.stop_algos("BTCUSDT")] == [D("0.004")], what="the stop resized")
+    assert rig.live is not None
+    await rig.live.idle()
+    rig.set_mark("BTCUSDT", 59000)  # the stop takes the last 0.004
+    stored = await rig.ended(p.id)
+    await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+    [closure] = rig.records.read("closure")  # type: ignore[union-attr]
+    stop_trade = rig.account.trades[-1]
+    assert (stored.close_cause, D(closure["exit_price"]), D(closure["fee"])) == (
+        CloseCause.STOP_LOSS, stop_trade.price, stop_trade.fee)
+
+
+@pytest.mark.parametrize("kind", ["manual", "liquidation", "flip"])
+async def test_a_flat_of_more_than_the_engine_held_is_not_held_up(sim: Any, tmp_path: Any, kind: str) -> None:
+    """Someone added 0.002 to our 0.010 long, then one trade closes the venue's 0.012 (or flips it). The flat
+    waited for trades adding up to exactly 0.010, asked REST, and took the trade only after `cause_wait_s`
+    (review of 7dfbc37): the oldest trades reaching the size or more explain it at once. (`cause_wait_s` is 5 s
+    here and the position must end well before.)"""
+    from dataclasses import replace
+
+    rig = await Rig(sim, sim.venue.add_account("more"), f"sqlite:///{tmp_path / 'live.sqlite'}", tmp_path / "records",
+                    config=replace(FAST, cause_wait_s=5.0)).start()
+    try:
+        p = await rig.open(btc_long())
+        _market(rig, "BUY", "0.002")
+        await rig.until(lambda: any("above ours" in m for _, m in rig.log), what="the venue's size above ours")
+        if kind == "flip":
+            _market(rig, "SELL", "0.020")
+        else:
+            sim.venue.force_close(rig.account, "BTCUSDT", kind)
+        stored = await rig.ended(p.id, timeout=2.5)
+        assert (stored.close_cause, stored.state) == (CloseCause(kind if kind != "flip" else "manual"),
+                                                      S.CLOSED_EXTERNAL)
+    finally:
+        await rig.stop()
 
 
 # --- the seeds ------------------------------------------------------------------------------------------

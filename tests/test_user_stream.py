@@ -70,8 +70,13 @@ def _compare(pipes: tuple[Pipe, Pipe], sequence: list[dict[str, Any]], *, fees_t
             tap.take()
     taken = 0
     for message in sequence:
+        choked = ccxt_pipe[0]._drops.counts["handler_error"]
         expected = _through_ccxt(ccxt_pipe, message)
         got, handled_by_ccxt = _tapped(tapped_pipe, message)
+        if ccxt_pipe[0]._drops.counts["handler_error"] > choked:
+            # ccxt's handler choked on it (a fee without its asset, after one of the order's updates had one: ccxt
+            # adds them with currencyToPrecision(None)): the old way dropped it, its cache holds the update before.
+            continue
         if handled_by_ccxt:
             assert message["e"] not in ("ACCOUNT_UPDATE", "markPriceUpdate") or "mp" in message or not message.get(
                 "E"), message  # every generated position list and mark with its time is read here

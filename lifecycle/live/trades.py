@@ -109,19 +109,21 @@ class TradeBook:
         they are not all here. What they add up to: what the engine holds of the position now less what the update
         shows (a flip: plus what it shows on the other side).
 
-        * The oldest unused trades, in the order they were made, that add up to exactly that: a later trade may be
-          here already (a partial close and the stop that took the rest; another client's order right after a
-          flat). For a flat, else the newest that do (an older trade left over: a reduction booked without it).
-        * `lenient` (the wait is over and they never added up: a trade's update is lost): a flat takes the newest
-          trades until they reach the position's size or more; a reduction one trade of exactly that much.
+        * A reduction: the oldest unused trades, in the order they were made (time, then trade id), that add up to
+          exactly that (a later trade may be here already: a partial close and the stop that took the rest).
+        * A flat: the newest unused trades that add up to exactly that, else the oldest (a later trade may be here
+          already: another client's order right after a stop whose update is late), else the oldest that reach
+          the position's size or more (the venue held more than the engine: someone added to it). When our own
+          stop or take-profit fired (`PositionRuntime.fired`), only trades that include its trade.
+        * `lenient` (the wait is over and they never added up: a trade's update is lost): a reduction takes one
+          trade of exactly that much; a flat the newest trades that reach its size or more, ours or not.
 
         A partial close by someone else is not what flattened the position when another trade (a settlement, a
         liquidation) took the rest and its update has not come yet (chaos soak seed 502732): they do not add up
         yet. An order filled in parts is one trade per update, and each trade is booked by one event: matching the
         orders' cumulative fills instead booked a later trade of an order for an earlier reduction when the
-        earlier trade's update came late, and the flat then found nothing (review of f7ec545). Taking the newest
-        trades up to the size or more took another client's order right after the flat as the flattening one (a
-        stop's update late: `manual` and two fees; review of 8e0a57e)."""
+        earlier trade's update came late, and the flat then found nothing (review of f7ec545). The reviews of
+        8e0a57e and 7dfbc37 found the flat's other cases (`tests/test_live.py`)."""
         current = self.ctx.engine.positions.get(position.id) or position  # a reduction may have been taken in
         flip = snap.amount != 0 and snap.side is not position.side
         flat = snap.amount == 0 or flip
@@ -129,16 +131,24 @@ class TradeBook:
         if need <= 0:
             return None
         found = self._candidates(position, snap)
-        run = _run(found, need) or (_run(found[::-1], need) if flat else None)
+        if not flat:
+            run = _run(found, need)
+            if run is None and lenient:
+                run = next(([seen] for seen in found if seen.trade.quantity == need), None)
+            return run
+        runtime = self.ctx.peek(position.id)
+        fired = runtime.fired if runtime is not None else None
+        newest = found[::-1]
+        runs = [_run(newest, need), _run(found, need), _run(found, current.quantity, reaching=True)]
+        run = next((r for r in runs if r is not None and (fired is None or any(t.client_id == fired for t in r))),
+                   None)
         if run is None and lenient:
-            run = _run(found[::-1], current.quantity, reaching=True) if flat else next(
-                ([seen] for seen in found if seen.trade.quantity == need), None)
+            run = _run(newest, current.quantity, reaching=True)
         if run is None:
             return None
         run.sort(key=lambda seen: (seen.order.at, seen.trade.id or 0))
-        if flat:  # a flip: the trades after the one that flattened it opened the other side, not of this position
-            run = run[:run.index(flattening(run, current.quantity)) + 1]
-        return run
+        # A flip: the trades after the one that flattened it opened the other side, not of this position.
+        return run[:run.index(flattening(run, current.quantity)) + 1]
 
     def take(self, position: Position, snap: PositionSnapshot, *, lenient: bool = False) -> list[SeenFill]:
         """`trades_of`, taken (under the position's lock, by the event that books them): no other event takes
