@@ -448,6 +448,82 @@ async def test_a_flat_of_more_than_the_engine_held_is_not_held_up(sim: Any, tmp_
         await rig.stop()
 
 
+async def _slow_rig(sim: Any, tmp_path: Any) -> Rig:
+    """A rig whose flats and reductions wait 5 s for their trades (`cause_wait_s`): one that waits it out shows."""
+    from dataclasses import replace
+
+    return await Rig(sim, sim.venue.add_account("slow"), f"sqlite:///{tmp_path / 'live.sqlite'}",
+                     tmp_path / "records", config=replace(FAST, cause_wait_s=5.0)).start()
+
+
+async def test_a_stop_whose_trade_a_reduction_took_does_not_hold_up_the_flat(sim: Any, tmp_path: Any) -> None:
+    """Another client's limit fills 0.005 of our 0.010 with its fill update late; our stop takes the other 0.005 at
+    once. The reduction takes the stop's trade (the documented swap), and the flat, whose only trade then is the
+    other client's, waited `cause_wait_s` for a run holding our stop's trade (review of d98b17f). Its trade was
+    booked already: the flat takes what is there."""
+    rig = await _slow_rig(sim, tmp_path)
+    try:
+        p, order, _ = await _taken_by_a_limit_order(rig)
+        venue = rig.sim.venue
+        emit = venue._emit
+
+        def late(account: Any, event: dict[str, Any]) -> None:  # the other client's fill update 0.3 s late
+            o = event.get("o") or {}
+            if event.get("e") == "ORDER_TRADE_UPDATE" and o.get("i") == order.order_id and o.get("x") == "TRADE":
+                asyncio.get_running_loop().call_later(0.3, emit, account, event)
+                return
+            emit(account, event)
+
+        venue._emit = late  # type: ignore[method-assign]
+        venue.fill_partially(rig.account, order.order_id, D("0.005"))
+        rig.set_mark("BTCUSDT", 59000)  # the stop takes the rest
+        await rig.ended(p.id, timeout=2.5)
+        await rig.until(lambda: rig.records.read("closure"), what="the closure recorded")  # type: ignore[union-attr]
+        booked = rig.records.read("reduced") + rig.records.read("closure")  # type: ignore[union-attr]
+        trades = [t for t in rig.account.trades if t.side == "SELL"]
+        assert sum(D(r.get("realized_pnl") or r["pnl"]) for r in booked) == sum(t.realized for t in trades)
+        assert sum(D(r["fee"]) for r in booked) == sum(t.fee for t in trades)
+    finally:
+        await rig.stop()
+
+
+async def test_a_stops_fill_before_its_trigger_update_is_the_stops(sim: Any, tmp_path: Any) -> None:
+    """Binance may send the order a conditional order placed, and its fill, before the ALGO_UPDATE that says it
+    triggered (nautilus_trader#3664). When that order has a client id of its own, the fill was remembered under it:
+    the flat waited `cause_wait_s` for a run holding our stop's trade and ended `manual` (review of d98b17f; the
+    cause was `manual` before too). The trigger update names the order's trades as our stop's."""
+    from exchange.sim import venue as vm
+
+    rig = await _slow_rig(sim, tmp_path)
+    venue = rig.sim.venue
+
+    def trigger(account: Any, algo: Any) -> None:  # NEW, the fill, then TRIGGERED: the order's own client id
+        algo.status, algo.triggered, algo.updated = "TRIGGERING", vm.now_ms(), vm.now_ms()
+        venue._emit_algo(account, algo)
+        pos = venue.position(account, algo.symbol)
+        qty = min(abs(pos.amount) if algo.close_position else algo.qty, abs(pos.amount))
+        order = vm.SimOrder(next(venue._ids), "x" + algo.client_id[1:], algo.symbol, algo.side, "MARKET", qty,
+                            reduce_only=True, time=vm.now_ms(), update=vm.now_ms(), orig_type=algo.order_type,
+                            stop_price=algo.trigger, account=account.name)
+        account.orders[order.order_id] = order
+        venue._emit_order(account, order, "NEW", vm.ZERO, vm.ZERO)
+        venue._fill(account, order, venue.marks[algo.symbol])
+        algo.actual_order_id, algo.status = order.order_id, "TRIGGERED"
+        venue._emit_algo(account, algo)
+        algo.avg_price, algo.filled = order.avg, order.filled
+        algo.status, algo.updated = "FINISHED", vm.now_ms()
+        venue._emit_algo(account, algo)
+
+    try:
+        p = await rig.open(btc_long())
+        venue._trigger = trigger  # type: ignore[method-assign]
+        rig.set_mark("BTCUSDT", 59000)
+        stored = await rig.ended(p.id, timeout=2.5)
+        assert stored.close_cause is CloseCause.STOP_LOSS
+    finally:
+        await rig.stop()
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

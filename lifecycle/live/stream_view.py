@@ -50,6 +50,8 @@ class StreamView:
         self.spoke()
         client_id = order.client_id
         if order.algo_id is not None and order.exchange_order_id and client_id:
+            if order.exchange_order_id not in self.triggered:
+                self.trades.placed_by(order.symbol, order.exchange_order_id, client_id)
             self.triggered[order.exchange_order_id] = client_id
             while len(self.triggered) > 10_000:
                 self.triggered.popitem(last=False)

@@ -69,6 +69,13 @@ class TradeBook:
         fills.append(seen)
         names.add(seen.name)
 
+    def placed_by(self, symbol: str, exchange_order_id: str, client_id: str) -> None:
+        """The order was placed by our conditional order `client_id` (its TRIGGERED update): trades of it seen
+        before that update (Binance may send the fill first) are that order's, for matching and for the cause."""
+        for seen in self.fills.get(symbol, ()):
+            if seen.order.exchange_order_id == exchange_order_id:
+                seen.client_id = client_id
+
     def client_id_of(self, exchange_order_id: str) -> str | None:
         for fills in self.fills.values():
             for seen in fills:
@@ -138,6 +145,8 @@ class TradeBook:
             return run
         runtime = self.ctx.peek(position.id)
         fired = runtime.fired if runtime is not None else None
+        if fired is not None and any(seen.used and seen.client_id == fired for seen in self.fills.get(snap.symbol, ())):
+            fired = None  # its trade was booked already (by a reduction): it cannot be in this flat's run
         newest = found[::-1]
         runs = [_run(newest, need), _run(found, need), _run(found, current.quantity, reaching=True)]
         run = next((r for r in runs if r is not None and (fired is None or any(t.client_id == fired for t in r))),
