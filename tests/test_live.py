@@ -524,6 +524,21 @@ async def test_a_stops_fill_before_its_trigger_update_is_the_stops(sim: Any, tmp
         await rig.stop()
 
 
+async def test_a_safety_close_of_a_position_that_ended_meanwhile_is_no_error(rig: Rig) -> None:
+    """A stop resize found the mark beyond the stop (its close is spawned) while the stop itself filled: by the time
+    the close starts the position has ended. It logged an ERROR ("stop-crossed close ... failed: UnknownPosition";
+    review of d98b17f): there is nothing to close."""
+    from lifecycle.live.stops import StopResult
+
+    p = await rig.open(btc_long())
+    rig.sim.venue.force_close(rig.account, "BTCUSDT", "manual")
+    await rig.ended(p.id)
+    assert rig.live is not None
+    rig.live.closing.after_stop(p.id, StopResult.CROSSED)
+    await rig.live.idle()
+    assert not [m for level, m in rig.log if "close of" in m and "failed" in m], rig.log
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

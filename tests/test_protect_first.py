@@ -150,9 +150,12 @@ async def test_an_entry_filled_while_the_records_directory_is_full_is_protected(
         await rig.until(lambda: rig.records.failing is not None, what="records failing")  # type: ignore[union-attr]
         assert any(r.startswith("records not written") for r in rig.live.health_reasons())
         small_disk.free()
-        assert rig.records.flush(timeout=10)
-        transitions = [r for r in rig.records.read("transition") if r["position_id"] == pid]
-        assert [r["seq"] for r in transitions] == [1, 2]  # entry filled, stop placed: in order, once each
+
+        def seqs() -> list[int]:  # (a transition's record follows its swap when its commit's coroutine resumes)
+            assert rig.records is not None and rig.records.flush(timeout=10)
+            return [r["seq"] for r in rig.records.read("transition") if r["position_id"] == pid]
+
+        await rig.until(lambda: seqs() == [1, 2], what="entry filled, stop placed: in order, once each")
         lines = (small_disk.path / "records").glob("*.jsonl")
         assert all(line.endswith("}") for path in lines for line in path.read_text().splitlines())  # no torn line
         await books_caught_up(rig, pid)

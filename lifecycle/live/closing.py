@@ -51,7 +51,16 @@ class Closing:
         closed at market, whatever else is in flight (essential: also while stopping)."""
         reason = CloseReason.STOP_CROSSED if result is StopResult.CROSSED else CloseReason.UNPROTECTED
         what = "stop-crossed" if result is StopResult.CROSSED else "unprotected"
-        self.ctx.spawn(self.close_now(position_id, reason), f"{what} close of {position_id}", essential=True)
+        self.ctx.spawn(self._safety_close(position_id, reason), f"{what} close of {position_id}", essential=True)
+
+    async def _safety_close(self, position_id: str, reason: CloseReason) -> None:
+        """`close_now`; a position that ended before this close started (the stop being resized filled meanwhile)
+        has nothing to close: said at INFO, not an ERROR (review of d98b17f)."""
+        try:
+            await self.close_now(position_id, reason)
+        except UnknownPosition:
+            logger.info("{} {}: ended before its {} close started: nothing to close", self.ctx.account, position_id,
+                        reason.value)
 
     async def close(self, position_id: str, reason: CloseReason = CloseReason.OPERATOR) -> bool:
         """Close a position at market with a reduce-only order; False if it had already moved on.
