@@ -3,7 +3,7 @@ and reductions mean for a position.
 
 A bot close sends a reduce-only market order with an idempotent client id; a rejected close returns the
 position to its previous state and is retried. A flat (quantity 0 on the stream) ends the position with
-the cause of the trades that flattened it (`StreamView.trades_of`, then the algo order that fired, then
+the cause of the trades that flattened it (`TradeBook.trades_of`, then the algo order that fired, then
 REST). A reduction resizes the stop. `after_stop` is where a stop that could not be placed becomes a close
 (wired into `Stops` by the engine). Two callbacks into the opening side are wired by the engine too
 (`protect_initial`, `find_entry`), so this module imports nothing of it.
@@ -238,7 +238,7 @@ class Closing:
     async def on_flat(self, position_id: str, snap: PositionSnapshot) -> None:
         """The stream shows the position flat: end it with the cause of the trades that flattened it (waited for up
         to `cause_wait_s`), else of our conditional order that fired, else of the fill REST lists. The trades are
-        taken under the position's lock (`StreamView.take`), after any reduction that took some of them; when
+        taken under the position's lock (`TradeBook.take`), after any reduction that took some of them; when
         another event took them meanwhile, the wait goes on until the deadline."""
         position = self.ctx.engine.positions.get(position_id)
         if position is None:
@@ -278,9 +278,7 @@ class Closing:
         """The flat, made under the position's lock: with the trades that flattened it (after any reduction that
         took some of them; their updates may also have come while REST was asked), else with `fallback`."""
         live = self.ctx.engine.positions[position_id]
-        attempt.taken = self.view.trades.take(live, snap, lenient=not attempt.arrived)
-        if not attempt.taken and attempt.arrived and self.ctx.monotonic() < attempt.deadline:
-            attempt.again = True  # another event took trades this one counted on: wait for the rest
+        if not attempt.take(self.view.trades, live, snap, self.ctx.monotonic()):
             return None
         found = fallback
         if attempt.taken:
@@ -322,7 +320,7 @@ class Closing:
 
     async def take_reduced(self, position_id: str, snap: PositionSnapshot) -> None:
         """The stream (or REST) shows the position smaller: book the reduction with the trades that made it
-        (waited for up to `cause_wait_s`, taken under the position's lock: `StreamView.take`), and resize the
+        (waited for up to `cause_wait_s`, taken under the position's lock: `TradeBook.take`), and resize the
         stop."""
         position = self.ctx.engine.positions.get(position_id)
         if position is None:
@@ -376,9 +374,7 @@ class Closing:
             # A newer update's reduction got the lock first and took in more than this one says (this update's
             # fill came later): this one is history, not a refusal to count and log.
             return None
-        attempt.taken = self.view.trades.take(live, snap, lenient=not attempt.arrived)
-        if not attempt.taken and attempt.arrived and self.ctx.monotonic() < attempt.deadline:
-            attempt.again = True  # another event took trades this one counted on: wait for the rest
+        if not attempt.take(self.view.trades, live, snap, self.ctx.monotonic()):
             return None
         attempt.before, attempt.seq = live.quantity, live.seq  # (reductions side by side: each from the one before)
         realized, fee = trade_figures(attempt.taken)

@@ -43,9 +43,9 @@ def trade_figures(trades: Sequence[SeenFill]) -> tuple[Decimal | None, Decimal |
     """The realized profit and commission of these trades together (None: none known; commissions paid in two
     currencies add up to nothing meaningful: None)."""
     realized = [t.trade.realized_pnl for t in trades if t.trade.realized_pnl is not None]
-    fees = [t.trade for t in trades if t.trade.fee is not None]
-    fee = sum((t.fee for t in fees if t.fee is not None), Decimal(0)) if fees else None
-    if len({t.fee_currency for t in fees}) > 1:
+    paid = [t.trade for t in trades if t.trade.fee is not None]
+    fee = sum((t.fee or Decimal(0) for t in paid), Decimal(0)) if paid else None
+    if len({t.fee_currency for t in paid}) > 1:
         fee = None
     return (sum(realized, Decimal(0)) if realized else None), fee
 
@@ -222,6 +222,16 @@ class Taking:
     seq: int = -1  # a reduction: the position's journal sequence when the event was made
     cause: CloseCause | None = None  # a flat: what it was booked with
     source: str = "none"
+
+    def take(self, book: TradeBook, live: Position, snap: PositionSnapshot, now: float) -> bool:
+        """Take the update's trades (under the position's lock); False when none are there although they had all
+        arrived and the deadline is not reached: another event took trades this one counted on (`again`: wait for
+        the rest). After the deadline, the lenient rule; with none, the event goes without trades."""
+        self.taken = book.take(live, snap, lenient=not self.arrived)
+        if not self.taken and self.arrived and now < self.deadline:
+            self.again = True
+            return False
+        return True
 
     def orders(self) -> set[str]:
         return {t.order.exchange_order_id for t in self.taken if t.order.exchange_order_id}
