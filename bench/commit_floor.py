@@ -1,14 +1,15 @@
 """The floor under a single close's durable write, on this machine, with nothing of ours around it: the disk's
 own `fdatasync` of a 4 KiB write, and SQLite's COMMIT of a transaction that changes 8 pages (what a terminal
 transition writes: the position, the journal, the closure and their indexes) in WAL mode with
-synchronous=FULL, as the service runs it. Each alone, then next to a process that keeps one core busy (the event
-loop parsing frames while the writer thread commits).
+synchronous=FULL, as the service runs it. Each back to back, then spaced as a single close's commits are in
+bench.closure_latency (one every ~10 ms: an idle disk and CPU answer slower than a busy one), then next to a
+process that keeps one core busy (the event loop parsing frames while the writer thread commits).
 
 Why it exists: the single-close target of issue 13 (detection p99 <= 2.5x the simulator's round trip p99)
 leaves the engine's whole part, after the flat reaches it, 1.5x that round trip (0.85-0.95 ms at p99 here,
 bench.closure_latency prints it); this prints what the durable commit alone costs at p99.
 
-Run: python -m bench.commit_floor [--commits 2000]
+Run: python -m bench.commit_floor [--commits 2000] [--pace-ms 10]
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _busy_core(busy: bool) -> Iterator[None]:
         spinner.join()
 
 
-def fdatasync_times(directory: Path, n: int) -> list[float]:
+def fdatasync_times(directory: Path, n: int, pace_s: float) -> list[float]:
     fd = os.open(directory / "raw", os.O_RDWR | os.O_CREAT)
     try:
         os.write(fd, bytes(1 << 20))
@@ -58,6 +59,7 @@ def fdatasync_times(directory: Path, n: int) -> list[float]:
         block = os.urandom(4096)
         times = []
         for i in range(n):
+            time.sleep(pace_s)
             os.pwrite(fd, block, (i % 256) * 4096)
             started = time.perf_counter()
             os.fdatasync(fd)
@@ -67,7 +69,7 @@ def fdatasync_times(directory: Path, n: int) -> list[float]:
         os.close(fd)
 
 
-def commit_times(directory: Path, n: int) -> list[float]:
+def commit_times(directory: Path, n: int, pace_s: float) -> list[float]:
     conn = sqlite3.connect(directory / "floor.sqlite", isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -78,6 +80,7 @@ def commit_times(directory: Path, n: int) -> list[float]:
         conn.execute("COMMIT")
         times = []
         for _ in range(n):
+            time.sleep(pace_s)
             conn.execute("BEGIN")
             for row in random.sample(range(2000), PAGES):  # a 3,000-byte row fills a page: 8 pages changed
                 conn.execute("UPDATE t SET b = ? WHERE id = ?", (os.urandom(3000), row))
@@ -92,18 +95,21 @@ def commit_times(directory: Path, n: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commits", type=int, default=2000)
+    parser.add_argument("--pace-ms", type=float, default=10.0, help="the spacing of the paced runs")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="commit-floor-"))
-    measures: list[tuple[str, Callable[[Path, int], list[float]]]] = [
+    measures: list[tuple[str, Callable[[Path, int, float], list[float]]]] = [
         ("fdatasync of a 4 KiB write", fdatasync_times), (f"SQLite COMMIT of {PAGES} pages, WAL, synchronous=FULL",
                                                           commit_times)]
     print(f"{args.commits} each, in {directory}")
-    for busy in (False, True):
+    pace_s = args.pace_ms / 1000
+    for busy, paced in ((False, False), (False, True), (True, True)):
+        how = ", ".join(([f"one every {args.pace_ms:g} ms"] if paced else ["back to back"])
+                        + (["one core busy"] if busy else []))
         with _busy_core(busy):
             for name, measure in measures:
-                ms = [t * 1000 for t in measure(directory, args.commits)]
-                print(f"  {name}{', one core busy' if busy else ''}: p50 {pct(ms, 50):.3f} ms  "
-                      f"p99 {pct(ms, 99):.3f} ms  max {max(ms):.3f} ms")
+                ms = [t * 1000 for t in measure(directory, args.commits, pace_s if paced else 0.0)]
+                print(f"  {name}, {how}: p50 {pct(ms, 50):.3f} ms  p99 {pct(ms, 99):.3f} ms  max {max(ms):.3f} ms")
 
 
 if __name__ == "__main__":
