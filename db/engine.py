@@ -79,16 +79,20 @@ def _libpq_ssl(parsed: sa.URL) -> tuple[sa.URL, dict[str, Any]]:
     return parsed.set(query=query), connect_args
 
 
-def safe_url(url: str) -> str:
-    """The URL with its password hidden, for messages."""
-    return _redact(url)
-
-
 def _redact(url: str) -> str:
+    """The URL with its password hidden: the user part's, and a query parameter's that carries a secret
+    (`?password=...`: SQLAlchemy hands it to the driver as the password)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
         return "<unparseable>"
+    hidden = {key: "***" for key in parsed.query if _secret_key(key)}
+    shown = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+    return shown.replace("%2A%2A%2A", "***")
+
+
+def _secret_key(key: str) -> bool:
+    return any(word in key.lower() for word in ("pass", "secret", "token", "key"))
 
 
 # PostgreSQL: a connection attempt gives up after this long (asyncpg's default is 60 s: a stop with the
@@ -122,9 +126,8 @@ def open_error(url: str, error: BaseException) -> str:
         error = error.orig.__cause__ or error.orig
     detail = str(error).splitlines()[0] if str(error) else ""
     detail = detail.replace(url, shown)
-    password = _password(url)
-    if password:
-        detail = detail.replace(password, "***")
+    for secret in _secrets(url):
+        detail = detail.replace(secret, "***")
     line = f"cannot open {shown}: {type(error).__name__}{': ' + detail if detail else ''}"
     if type(error).__name__ == "UndefinedTableError" or detail.startswith("no such table"):
         line += " (no schema yet: run `lifecycle migrate --db URL`)"
@@ -139,11 +142,17 @@ def open_error(url: str, error: BaseException) -> str:
     return line
 
 
-def _password(url: str) -> str | None:
+def _secrets(url: str) -> list[str]:
+    """The URL's password and the values of its query parameters that carry a secret."""
     try:
-        return make_url(url).password
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
-        return None
+        return []
+    found = [parsed.password] if parsed.password else []
+    for key, value in parsed.query.items():
+        if _secret_key(key):
+            found += [v for v in ([value] if isinstance(value, str) else value) if v]
+    return [str(secret) for secret in found]
 
 
 def _sqlite_directory(url: str) -> Path | None:

@@ -285,6 +285,47 @@ port = {port}
     assert "CLOSING_BY_BOT --flat--> CLOSED" in (tmp_path / "logs" / "lifecycle.log").read_text()
 
 
+async def test_the_control_api_refuses_values_of_the_wrong_kind(sim: SimServer, tmp_path: Path, db_url: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the review of the seventh session: the text "false" for `trailing` opened a real position with a
+    trailing stop (any non-empty text was true); 100,000 nested brackets answered 500 with a traceback; a NUL
+    in a position id asked PostgreSQL, which answered 500. Each is a 400 or 404 now, and nothing is opened."""
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "{db_url}"
+[records]
+dir = "{tmp_path / 'records'}"
+[api]
+port = 0
+''' + account_block(), sim.ccxt_urls())
+    service = await Service(service_config(load(config))).start()
+    try:
+        assert service.api is not None
+        base, good = f"http://127.0.0.1:{service.api.port}", {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as session:
+            flags: list[Any] = ["false", "true", 0, 1, [], {}]
+            for flag in flags:
+                async with session.post(base + "/positions", headers=good, json={
+                        "symbol": "BTCUSDT", "side": "long", "quantity": "0.01", "trailing": flag}) as r:
+                    answer = await r.json()
+                    assert r.status == 400 and "trailing must be true or false" in answer["error"], (flag, answer)
+            async with session.post(base + "/positions", headers={**good, "Content-Type": "application/json"},
+                                    data="[" * 100_000) as r:
+                assert r.status == 400 and "nested too deeply" in (await r.json())["error"]
+            for odd in ("a%00b", "x" * 65, "%E2%82%AC"):
+                async with session.get(base + f"/positions/{odd}/journal", headers=good) as r:
+                    assert r.status == 404 and "no journal" in (await r.json())["error"], odd
+            async with session.post(base + "/positions", headers=good, json={
+                    "symbol": "BTCUSDT", "side": "long", "quantity": "0.01", "trailing": False}) as r:
+                assert r.status == 201 and (await r.json())["trailing"] is None
+        assert len(service.accounts["sim"].engine.positions) == 1  # only the last open: the refused opened nothing
+    finally:
+        await service.stop()
+
+
 async def test_the_control_api_refuses_a_missing_or_wrong_token_and_binds_loopback(sim: SimServer, tmp_path: Path,
                                                                                    monkeypatch: pytest.MonkeyPatch
                                                                                    ) -> None:

@@ -237,6 +237,26 @@ def test_an_unreachable_postgresql_is_one_line_with_the_password_hidden(command:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_a_password_in_the_urls_query_is_hidden_too(command: str) -> None:
+    """SQLAlchemy hands `?password=` to asyncpg as the password; the message showed it (review, seventh
+    session)."""
+    result = lifecycle(*COMMANDS[command], "--db", "postgresql://postgres@127.0.0.1:1/x?password=S3CRETPW")
+    line = one_error_line(result)
+    assert line.startswith("error: cannot open postgresql://postgres@127.0.0.1:1/x?password=***: "), line
+    assert "S3CRETPW" not in result.stderr + result.stdout
+
+
+def test_the_service_hides_a_password_in_the_urls_query(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", 'database_url = "postgresql://postgres@127.0.0.1:1/x?password=S3CRETPW"\n'
+                          + account_block())
+    result = lifecycle("run", "--config", str(config),
+                       env={"LIFECYCLE_API_TOKEN": TOKEN, "SIM_KEY": "k", "SIM_SECRET": "s"})
+    line = one_error_line(result)
+    assert line.startswith("error: database_url: cannot open postgresql://postgres@127.0.0.1:1/x?password=***: "), line
+    assert "S3CRETPW" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_sqlite_file_in_a_missing_directory_is_one_line(tmp_path: Path, command: str) -> None:
     missing = tmp_path / "no" / "such" / "directory"
     line = one_error_line(lifecycle(*COMMANDS[command], "--db", sqlite_in(missing)))

@@ -274,9 +274,12 @@ class ControlApi:
 
     async def _journal(self, request: web.Request) -> web.Response:
         assert self.service.repo is not None
-        entries = await self.service.repo.journal(request.match_info["id"])
+        position_id = request.match_info["id"]
+        # Not a position id (ours are short, printable ASCII): no journal, without asking the database (a NUL
+        # is a PostgreSQL error, not a miss).
+        entries = await self.service.repo.journal(position_id) if _plausible_id(position_id) else []
         if not entries:
-            return _error(404, f"no journal for position {request.match_info['id']}")
+            return _error(404, f"no journal for position {position_id[:64]}")
         return web.json_response([{
             "seq": e.seq, "at": e.at.isoformat(), "event": e.event, "source": e.source.value if e.source else None,
             "dest": e.dest.value, "cause": e.cause, "payload": e.payload,
@@ -293,13 +296,14 @@ class ControlApi:
 
         symbol, side = str(body["symbol"]), _side(body["side"])
         activation, callback = dec("trailing_activation"), dec("trailing_callback_pct")
-        if body.get("trailing") and activation is None:  # the configured defaults, from the mark
+        trailing = _flag("trailing", body.get("trailing"))
+        if trailing and activation is None:  # the configured defaults, from the mark
             mark = runtime.live.marks.get(symbol)
             if mark is None:
                 raise ValueError(f"no mark price for {symbol} yet; give trailing_activation")
             step = self.service.config.trailing_activation_pct / 100
             activation = mark * (1 + step if side is Side.LONG else 1 - step)
-        if (body.get("trailing") or activation is not None) and callback is None:
+        if (trailing or activation is not None) and callback is None:
             callback = self.service.config.trailing_callback_pct
         if body.get("quantity") is None:
             raise ValueError("quantity is required")
@@ -477,6 +481,10 @@ def _position_json(p: Position, mark: Decimal | None) -> dict[str, Any]:
     return position_json(p, mark)
 
 
+def _plausible_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and value.isascii() and value.isprintable()
+
+
 def _side(value: Any) -> Side:
     """long/short, or buy/sell as a trader may say it."""
     side = Side.from_word(str(value))
@@ -496,11 +504,21 @@ def _decimal(name: str, value: Any) -> Decimal:
     return number
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A JSON true or false (absent or null: false); anything else is refused: the text "false" is not false,
+    and an open with a trailing stop nobody asked for is a real order."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {json.dumps(value, default=str)[:40]}")
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         data = await request.json()
     except json.JSONDecodeError as e:
         raise ValueError(f"the body is not JSON: {e.msg}") from None
+    except RecursionError:  # thousands of nested brackets: the parser gives up
+        raise ValueError("the body is not JSON this service reads: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
     return data

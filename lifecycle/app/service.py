@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from db.engine import DatabaseConfigError, SqliteLock, safe_url
+from db.engine import DatabaseConfigError, SqliteLock, open_error
 from db.leases import LeaseStore
 from db.repository import FencedStore, Repository
 from exchange import errors as xerr
@@ -502,7 +502,4 @@ async def _open_database(url: str, **engine_kwargs: Any) -> Repository:
     except DatabaseConfigError as e:
         raise StartError(f"database_url: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreachable, refused login, unwritable file: say which, not the password
-        shown = safe_url(url)
-        detail = str(e).replace(url, shown).splitlines()[0] if str(e) else ""
-        raise StartError(f"database_url: cannot open {shown}: {type(e).__name__}{': ' + detail if detail else ''}") \
-            from None
+        raise StartError(f"database_url: {open_error(url, e)}") from None
