@@ -30,6 +30,7 @@ from loguru import logger
 from lifecycle.record_kinds import Record
 
 REQUIRED = ("event", "account", "position_id", "symbol", "at")
+STALLED_AFTER_S = 5.0  # a write that has not returned for this long makes `failing` say so
 _DATED = re.compile(r"^(?P<kind>.+)-(?P<day>\d{4}-\d{2}-\d{2})\.jsonl$")
 
 
@@ -49,7 +50,8 @@ class JsonlRecords:
         self.retry_max_s = retry_max_s
         self.instance = instance
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with each record emitted
-        self.failing: str | None = None  # why the last write failed, while lines wait
+        self._failed: str | None = None  # why the last write failed, while lines wait
+        self._writing: tuple[float, str] | None = None  # (monotonic start, kind) of the write in progress
         self.written = 0
         self.dropped = 0
         self._pending: deque[tuple[int, date, str, str]] = deque()  # (sequence, day, kind, line)
@@ -109,6 +111,18 @@ class JsonlRecords:
                 logger.error("records: a listener failed on a {} record: {}: {}", record["event"], type(e).__name__, e)
 
     @property
+    def failing(self) -> str | None:
+        """Why records are not being written, while that lasts: the last write failed (its lines wait and are
+        retried), or a write has not returned for STALLED_AFTER_S (a disk or mount that hangs: no error ever
+        comes; review, seventh session: /health said ok with the lines stuck). None while all is well."""
+        if self._failed is not None:
+            return self._failed
+        writing = self._writing
+        if writing is not None and (stuck := time.monotonic() - writing[0]) >= STALLED_AFTER_S:
+            return f"{writing[1]}: a write has not returned for {stuck:.0f} s"
+        return None
+
+    @property
     def pending(self) -> int:
         with self._cv:
             return len(self._pending)
@@ -147,27 +161,30 @@ class JsonlRecords:
             day, kind = batch[0][1], batch[0][2]
             taken = _prefix(batch, day, kind)
             group = [line for _, _, _, line in taken]
+            self._writing = (time.monotonic(), kind)
             try:
                 self._append(day, kind, group)
             except OSError as e:
+                self._writing = None
                 with self._cv:
-                    if self.failing is None:
+                    if self._failed is None:
                         logger.error("records: cannot write {} ({}); lines wait in memory and are retried",
                                      kind, e.strerror or type(e).__name__)
-                    self.failing = f"{kind}: {e.strerror or type(e).__name__}"
+                    self._failed = f"{kind}: {e.strerror or type(e).__name__}"
                     self._cv.notify_all()
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
                 continue
+            self._writing = None
             delay = 0.05
             with self._cv:
                 last = taken[-1][0]
                 while self._pending and self._pending[0][0] <= last:  # by sequence: emit() may have dropped some
                     self._pending.popleft()
                 self.written += len(group)
-                if self.failing is not None:
+                if self._failed is not None:
                     logger.warning("records: writing again; every waiting line is written")
-                    self.failing = None
+                    self._failed = None
                 self._cv.notify_all()
 
     def _append(self, day: date, kind: str, lines: list[str]) -> None:

@@ -2,11 +2,14 @@
 deleted after the retention period."""
 from __future__ import annotations
 
+import os
+import time
 from datetime import date
 from pathlib import Path
 
 import pytest
 
+import lifecycle.records as records_module
 from lifecycle.records import REQUIRED, JsonlRecords
 
 
@@ -59,3 +62,31 @@ def test_a_closure_already_recorded_before_a_crash_is_not_written_twice(tmp_path
     second.emit({"event": "closure", "position_id": "p2", "account": "a", "symbol": "BTCUSDT", "state": "CLOSED"})
     second.close(5)
     assert sorted(r["position_id"] for r in second.read("closure")) == ["p1", "p2"]
+
+
+def test_a_write_that_never_returns_is_reported_as_failing_until_it_does(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A records disk that hangs raises no error: the write just does not return. `failing` (and so /health and
+    lifecycle_records_failing) said nothing while the lines waited (review, seventh session). A FIFO without a
+    reader stands for the disk: opening it to write blocks until a reader comes."""
+    monkeypatch.setattr(records_module, "STALLED_AFTER_S", 0.2, raising=False)
+    day = date(2026, 12, 5)
+    records = JsonlRecords(tmp_path, today=lambda: day)
+    fifo = tmp_path / f"transition-{day.isoformat()}.jsonl"
+    os.mkfifo(fifo)
+    records.emit({"event": "transition", "position_id": "p1"})
+    deadline = time.monotonic() + 5
+    while records.failing is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert records.failing is not None and records.failing.startswith("transition: a write has not returned for")
+    assert records.pending == 1
+    # The disk answers again: the blocked open returns (a pipe cannot be appended to: that attempt fails and is
+    # retried), and the file is a file again.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fifo.unlink()
+        assert records.flush(5.0)
+    finally:
+        os.close(reader)
+    assert records.failing is None and records.pending == 0
+    assert '"position_id": "p1"' in fifo.read_text()

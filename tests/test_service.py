@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,16 @@ import aiohttp
 import pytest
 from typer.testing import CliRunner
 
+import lifecycle.app.service as service_module
 from exchange.sim.server import SimServer
 from lifecycle.app.cli import app
 from lifecycle.app.service import Service
 from lifecycle.app.settings import ConfigError, load, service_config
 from lifecycle.domain import Side
+from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from tests.storage_faults import SmallDisk, small_disk  # noqa: F401 - fixture
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-4b1d"
@@ -283,6 +288,45 @@ port = {port}
     assert "SIGTERM received: stopping" in log and "OPEN --close_requested--> CLOSING_BY_BOT" in log
     assert (tmp_path / "logs" / "lifecycle.log").exists()
     assert "CLOSING_BY_BOT --flat--> CLOSED" in (tmp_path / "logs" / "lifecycle.log").read_text()
+
+
+async def test_a_records_directory_that_hangs_keeps_no_account_from_starting(sim: SimServer, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the review of the seventh session: the start read the closure records (to write again those a
+    crash lost) before the account's live engine started, with no bound. A records file that never answers (a
+    FIFO without a writer stands for a disk that hangs) kept the account starting: a stop fill on the venue went
+    unseen, and a SIGTERMed service never exited (the read's thread held the interpreter). Records are books:
+    the start waits RECORDS_CHECK_BOUND_S for them, then goes on; closures are detected; the stop ends."""
+    monkeypatch.setattr(service_module, "RECORDS_CHECK_BOUND_S", 0.5, raising=False)
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
+    records = tmp_path / "records"
+    records.mkdir()
+    hanging = records / f"closure-{(datetime.now(UTC).date() - timedelta(days=1)).isoformat()}.jsonl"
+    os.mkfifo(hanging)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "sqlite:///{tmp_path / 'hang.sqlite'}"
+[records]
+dir = "{records}"
+[api]
+port = 0
+''' + account_block(), sim.ccxt_urls())
+    service = Service(service_config(load(config)))
+    try:
+        await asyncio.wait_for(service.start(), 20)
+        live = service.accounts["sim"].live
+        assert live is not None
+        position = await live.open(OpenCommand("BTCUSDT", Side.LONG, D("0.01"), stop_loss_pct=D(2)))
+        sim.venue.force_close(account, "BTCUSDT", "liquidation")
+        await until(lambda: position.id not in live.engine.positions, 10.0, "the liquidation detected")
+        await asyncio.wait_for(service.stop(), 30)
+    finally:
+        with contextlib.suppress(OSError):  # let the read go (no reader waiting: ENXIO, nothing to let go)
+            os.close(os.open(hanging, os.O_WRONLY | os.O_NONBLOCK))
+        if not service._stopped.is_set():
+            await service.stop()
 
 
 async def test_the_control_api_refuses_values_of_the_wrong_kind(sim: SimServer, tmp_path: Path, db_url: str,

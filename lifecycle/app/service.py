@@ -26,6 +26,7 @@ import gc
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -61,6 +62,10 @@ T = TypeVar("T")
 # allocates a few hundred objects each; with the default, collections that walk every live position ran
 # several times per burst and took a quarter of the engine's time (issue 13, bench/transitions.py).
 GC_YOUNG_THRESHOLD = 50_000
+# How long an account's start waits for the check of closure records lost in a crash (it reads the records
+# files): records are books, a records disk that hangs must not keep the account from protecting and
+# detecting. Past this the start goes on and the check finishes in the background when the disk answers.
+RECORDS_CHECK_BOUND_S = 5.0
 
 
 def tune_gc() -> None:
@@ -157,6 +162,7 @@ class Service:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._extra: asyncio.Task[Any] | None = None  # run(after_start=...)'s task
+        self._records_checks: set[asyncio.Task[int]] = set()  # closure records' checks past their bound
         self._sqlite_lock = sqlite_lock  # one service per SQLite file
         self.keeper: LeaseKeeper | None = None  # PostgreSQL: the leases of the accounts this process acts on
         self.collector = QuietCollector()  # young collections while the loop is idle (lifecycle/app/garbage.py)
@@ -280,7 +286,7 @@ class Service:
         runtime = self.accounts[account.name] = AccountRuntime(account, exchange, engine)
         loaded = await engine.rehydrate([account.name])
         logger.info("{}: {} live position(s) loaded from the database", account.name, loaded)
-        await self._recover_closure_records(account.name)
+        await self._check_closure_records(account.name)
         runtime.live = await LiveEngine(engine, exchange, account=account.name, symbols=list(account.symbols),
                                         config=self.config.live).start()
         live, ready_s = runtime.live, self.config.ready_timeout_s
@@ -295,6 +301,21 @@ class Service:
         # Orders of ours left by a crash between a terminal commit and its cancellations (or placed and
         # never recorded) go now, not one orphan interval later.
         await runtime.scheduler.run_now("orphans")
+
+    async def _check_closure_records(self, account: str) -> None:
+        """`_recover_closure_records`, waited for up to RECORDS_CHECK_BOUND_S; then the start goes on without it
+        (a records disk that hangs; review, seventh session: the account never started and a stop fill on the
+        venue went unseen). A close the live engine detects before the check has read the records may then
+        write a closure record a second time; a duplicate record is the price of not waiting for books."""
+        check = asyncio.ensure_future(self._recover_closure_records(account))
+        try:
+            await asyncio.wait_for(asyncio.shield(check), RECORDS_CHECK_BOUND_S)
+        except TimeoutError:
+            logger.error("{}: the check of closure records lost in a crash did not finish within {} s (the "
+                         "records directory does not answer?); the account starts without it, the check goes on",
+                         account, RECORDS_CHECK_BOUND_S)
+            self._records_checks.add(check)
+            check.add_done_callback(self._records_checks.discard)
 
     async def _recover_closure_records(self, account: str, window: timedelta = timedelta(days=1)) -> int:
         """A crash (SIGKILL, power) between a terminal commit and the writing of its closure record loses the
@@ -311,7 +332,7 @@ class Service:
         records = self.records
         try:  # books, not protection: whatever fails here is said and the start goes on
             written = {r.get("position_id")
-                       for r in await asyncio.to_thread(records.read_since, "closure", since.date())}
+                       for r in await in_daemon_thread(records.read_since, "closure", since.date())}
             records.remember_closures(written)  # a close whose record landed and whose commit did not: once
             ended = await self.repo.closed_since([account], since)
             if not ended:
@@ -363,6 +384,8 @@ class Service:
             return
         self._stopping = True
         self.collector.stop()
+        for check in list(self._records_checks):
+            check.cancel()  # books: a check still waiting for the records disk is not waited for
         logger.info("stopping: scheduled jobs first, then in-flight work; stops stay on the exchange")
         try:
             if self.api is not None:  # no new commands from outside; the API never holds up the rest of the stop
@@ -503,3 +526,30 @@ async def _open_database(url: str, **engine_kwargs: Any) -> Repository:
         raise StartError(f"database_url: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreachable, refused login, unwritable file: say which, not the password
         raise StartError(f"database_url: {open_error(url, e)}") from None
+
+
+async def in_daemon_thread(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` in a daemon thread of its own. For file reads that only keep books: one that never returns
+    (a disk or network mount that hangs) leaves that thread behind, where `asyncio.to_thread`'s executor
+    thread would hold up the interpreter's exit (`asyncio.run` joins it: a SIGTERMed service never ended)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if answer.done():
+            return  # the caller gave up
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = call(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to answer
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"books-{getattr(call, '__name__', 'read')}", daemon=True).start()
+    return await answer
