@@ -73,6 +73,9 @@ class CloseReason(StrEnum):
     STOP_CROSSED = "stop_crossed"  # the wanted stop was already crossed by the mark: close at market
     UNPROTECTED = "unprotected"  # the initial stop could not be placed
     SHUTDOWN = "shutdown"  # an entry still resting when the service stopped gracefully is cancelled
+    # Our close order for the position was found filled, its request's record lost (the books dropped it at a
+    # stop while the database failed): the request is written again when the close is found (reconciliation).
+    FOUND_FILLED = "found_filled"
 
 
 class OrderPurpose(StrEnum):

@@ -31,11 +31,11 @@ from exchange.port import Fill, PositionSnapshot
 from lifecycle.account import Account, AccountCommands, AccountView
 from lifecycle.causes import classify_close
 from lifecycle.config_fields import check_limits, setting
-from lifecycle.domain import CloseCause, Position, Side
+from lifecycle.domain import CloseCause, CloseReason, Position, Side
 from lifecycle.errors import DuplicateLivePosition
-from lifecycle.events import Flat, Vanished
+from lifecycle.events import CloseRequested, Flat, Vanished
 from lifecycle.guards.predicates import ABSENCE_CONFIRMATIONS_REQUIRED, is_outside_grace_window
-from lifecycle.machines.states import FLATTENABLE, PositionState
+from lifecycle.machines.states import FLATTENABLE, PROTECTED, PositionState
 from lifecycle.record_kinds import UntrackedPosition
 
 UntrackedPolicy = Literal["alert", "adopt"]  # alert: record and report, touch nothing (the default)
@@ -309,7 +309,17 @@ class Reconciler:
         trailing = position.trailing is not None and position.trailing.active
         cause = classify_close(client_id, position_id=position.id, trailing_was_active=trailing)
         if cause is CloseCause.BOT and not closing:
-            cause = CloseCause.UNKNOWN  # our close order, though no close is in flight: do not claim it
+            # Our own close order for this very position flattened it (its client id says so): the bot closed
+            # it, though the database does not know the close was asked for. The books lost that record (queued
+            # while the database failed, dropped at a stop; review, seventh session: it ended CLOSED_EXTERNAL,
+            # `unknown`). The request is written first, so the journal says what happened: CLOSING_BY_BOT, then
+            # CLOSED with cause bot.
+            logger.warning("{} {} {}: closed by our own close order {} whose request the database does not "
+                           "have; the request is written again", position.account, position.symbol, position.id,
+                           client_id)
+            if await commands.fire_if(position.id, CloseRequested(reason=CloseReason.FOUND_FILLED),
+                                      only_in=PROTECTED) is None:
+                return False  # moved on meanwhile: the next pass looks again
         logger.info("{} {} {}: closed while the stream did not say so; closing fill {} ({})", position.account,
                     position.symbol, position.id, fill.order_id, cause)
         outcome = await commands.fire_if(position.id, Flat(

@@ -99,6 +99,29 @@ async def test_a_close_that_landed_before_the_crash_ends_closed_not_external(rig
     assert next(o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")).client_id == close_id
 
 
+async def test_a_close_whose_request_the_database_lost_ends_closed_by_the_bot(rig: Rig) -> None:
+    """Review, seventh session: a bot close made while the database failed, then a graceful stop: the books
+    dropped the queued CLOSING_BY_BOT write, the close order filled, and after the restart the database said OPEN.
+    The close was found by reconciliation with our own close order's client id, and ended CLOSED_EXTERNAL,
+    `unknown` (our close order, "not in flight"). It is the bot's close: the request is written again, then the
+    flat, CLOSED with cause bot."""
+    p = await rig.open(btc_long())
+    assert rig.engine is not None
+    close_id = make_client_id(p.id, OrderPurpose.CLOSE, rig.engine.positions[p.id].seq + 1)  # as the close's
+
+    def close_filled_request_lost() -> None:  # the database never had the close's request
+        rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.010"),
+                                price=None, client_id=close_id, reduce_only=True)
+
+    counts = await down_then_up(rig, close_filled_request_lost)
+    assert counts["missing"] == 1
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause, stored.close_reason) == (S.CLOSED, CloseCause.BOT,
+                                                                       CloseReason.FOUND_FILLED)
+    assert rig.repo is not None
+    assert [e.dest for e in await rig.repo.journal(p.id)][-2:] == [S.CLOSING_BY_BOT, S.CLOSED]
+
+
 async def test_an_unreachable_exchange_is_retried_not_bypassed(rig: Rig) -> None:
     p = await rig.open(btc_long())
     await rig.stop()
