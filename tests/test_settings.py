@@ -87,3 +87,34 @@ def test_a_cluster_section_needs_postgresql_and_timings_that_hold_a_lease(tmp_pa
     settings = load(config(tmp_path, extra=pg + '[cluster]\ninstance = "east-1"\nmax_accounts = 50\n'),
                     check_secrets=False)
     assert settings.cluster is not None and settings.cluster.config().instance == "east-1"
+
+
+@pytest.mark.parametrize("key", ["log_dir", "records.dir"])
+def test_a_directory_setting_naming_a_file_is_one_line_before_anything_is_created(tmp_path: Path, key: str) -> None:
+    """Review, seventh session: the start failed half-way (a traceback, exit 1, the database created)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    path = config(tmp_path, extra=f'log_dir = "{taken}"\n' if key == "log_dir" else "")
+    if key == "records.dir":
+        path.write_text(path.read_text() + f'[records]\ndir = "{taken}"\n')
+    with pytest.raises(ConfigError, match=rf"^{key}: .*{taken} exists and is not a directory"):
+        load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.toml"]
+
+
+def test_one_venue_account_configured_twice_is_refused_without_its_key(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review, seventh session: two [[accounts]] with one key each took the other's positions for untracked ones
+    (with `adopt`, both placed a stop on one position)."""
+    monkeypatch.setenv("MAIN_KEY", "KEY-SHARED-123")
+    monkeypatch.setenv("OTHER_KEY", "KEY-SHARED-123")
+    monkeypatch.setenv("OTHER_SECRET", "s2")
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '[[accounts]]\nname = "n"\nsymbols = ["ETHUSDT"]\napi_key_env = "OTHER_KEY"\n'
+                    'secret_env = "OTHER_SECRET"\n')
+    with pytest.raises(ConfigError, match=r"^accounts\.1 \(n\): the same API key on the same exchange as accounts\.0 "
+                                          r"\(m\)") as refused:
+        load(path)
+    assert "KEY-SHARED" not in str(refused.value)
+    monkeypatch.setenv("OTHER_KEY", "KEY-OTHER-456")
+    assert [a.name for a in load(path).accounts] == ["m", "n"]

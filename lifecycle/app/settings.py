@@ -163,9 +163,20 @@ class ClusterSettings(_Strict):
                              start_concurrency=self.start_concurrency)
 
 
+def _a_directory(path: Path) -> Path:
+    """A directory the service creates if needed: refused when something that is not a directory is there (it
+    failed half-way through the start with a traceback, the database already created; review, seventh
+    session)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    return path
+
+
 class RecordsSettings(_Strict):
     dir: Path = Path("records")
     retention_days: int = Field(default=30, ge=1, le=3650)
+
+    _directory = field_validator("dir")(_a_directory)
 
 
 class Settings(BaseSettings):
@@ -192,6 +203,8 @@ class Settings(BaseSettings):
             raise ValueError("cluster: several processes share accounts only on PostgreSQL (database_url is not "
                              "postgresql://...); SQLite is one process per database file")
         return self
+
+    _log_directory = field_validator("log_dir")(_a_directory)
 
     @field_validator("accounts")
     @classmethod
@@ -287,8 +300,18 @@ def load(path: Path | None, *, check_secrets: bool = True) -> Settings:
     named = {name.upper() for a in settings.accounts for name in (a.api_key_env, a.secret_env) if name}
     _refuse_unknown_environment(Settings, named | {settings.api.token_env.upper()})
     if check_secrets:
-        for account in settings.accounts:
-            settings.exchange_settings(account)  # keys readable now rather than half-way through the start
+        venue_accounts: dict[tuple[Any, ...], int] = {}
+        for index, account in enumerate(settings.accounts):
+            exchange = settings.exchange_settings(account)  # keys readable now rather than half-way through the start
+            # One venue account configured twice: each would take the other's positions for untracked ones (and,
+            # with `adopt`, both placed a stop on one position; review, seventh session).
+            venue = (account.exchange, account.sandbox, tuple(sorted(account.urls.items())), exchange.api_key.reveal())
+            if venue in venue_accounts:
+                first = venue_accounts[venue]
+                raise ConfigError(f"accounts.{index} ({account.name}): the same API key on the same exchange as "
+                                  f"accounts.{first} ({settings.accounts[first].name}); configure each venue account "
+                                  "once")
+            venue_accounts[venue] = index
         if settings.api.enabled:
             settings.api_token()
     return settings
