@@ -539,6 +539,30 @@ async def test_a_safety_close_of_a_position_that_ended_meanwhile_is_no_error(rig
     assert not [m for level, m in rig.log if "close of" in m and "failed" in m], rig.log
 
 
+@pytest.mark.parametrize("added", ["0.020", "0.005"])
+async def test_our_stop_filling_all_we_hold_while_another_client_added_ends_it_and_sells_nothing_more(
+        rig: Rig, added: str) -> None:
+    """Review, seventh session: another client of the account added to our long (one-way: the venue holds one net
+    position), then our stop filled all we held. The venue still held the other client's part, so no flat came:
+    the stop's fill was booked by nothing, the audit found the position without its stop, the stop crossed, and the
+    bot sold at market what was the other client's, then stayed CLOSING_BY_BOT with /health ok. Our own closing
+    order that filled all we hold ends the position with its cause; the rest is not ours to sell."""
+    p = await rig.open(btc_long())
+    rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="BUY", type_="MARKET", quantity=D(added), price=None,
+                            client_id="someone-else-1", reduce_only=False)
+    assert rig.live is not None
+    live = rig.live
+    held = D("0.010") + D(added)
+    await rig.until(lambda: (shown := live.view.live.get("BTCUSDT")) is not None and shown.amount == held,
+                    what="the stream shows the other client's addition")
+    rig.set_mark("BTCUSDT", 59300)  # our stop (0.010 at 59400) fills
+    stored = await rig.ended(p.id)
+    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
+    await live.idle()
+    assert rig.sim.venue.position(rig.account, "BTCUSDT").amount == D(added)  # the other client's, untouched
+    assert not [o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")]  # no close sent
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

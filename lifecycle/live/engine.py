@@ -287,6 +287,8 @@ class LiveEngine:
             # Our conditional order fired (TRIGGERED carries the order it placed; FINISHED is filled): if the
             # position is seen flat before that order's fill update, this is its cause.
             self.ctx.runtime(position.id).fired = client_id or ""
+        if order.trade is not None and ours.purpose is not OrderPurpose.ENTRY:
+            self._closed_by_our_order(position, order)
         if ours.purpose is OrderPurpose.ENTRY:
             self.opening.handle_entry_update(position.id, order)
             return
@@ -306,6 +308,22 @@ class LiveEngine:
                 again = (self._unless_flat(position, known.client_id) if order.status is OrderStatus.EXPIRED
                          else self.stops.reprotect(position.id, known.client_id))
                 self.ctx.spawn(again, f"re-protection of {position.id}")
+
+    def _closed_by_our_order(self, position: Position, order: OrderSnapshot) -> None:
+        """A fill of our own stop, take-profit or close that took all we hold ends the position, also while the
+        venue still holds some of the symbol: on a one-way account the venue holds one net position, and what
+        another client added to ours is not ours (review, seventh session: no flat came, the stop's fill was booked
+        by nothing, the audit found the position without its stop and the bot sold the other client's part at
+        market). Taken as a flat of ours at once; when the venue's flat comes too (the usual case, in either
+        order), whichever is second finds the position ended."""
+        if position.state not in FLATTENABLE or position.quantity <= 0 or order.filled < position.quantity:
+            return
+        shown = self.view.live.get(order.symbol)
+        if shown is None or shown.amount == 0:
+            return  # the venue's flat is here: it ends the position
+        at = max(shown.at, order.at)
+        self.ctx.spawn(self.closing.on_flat(position.id, PositionSnapshot(order.symbol, Decimal(0), Decimal(0), at)),
+                       f"flat of {position.id} (our order took all we hold)")
 
     async def _unless_flat(self, position: Position, lost_client_id: str) -> None:
         """A stop the venue expired: it does so with the flat, which the position stream may deliver after
