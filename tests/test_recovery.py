@@ -44,27 +44,6 @@ async def test_a_stop_that_filled_while_down_ends_the_position_with_its_cause(ri
     assert rig.our_open_orders() == []
 
 
-async def test_a_stop_that_filled_while_down_keeps_its_cause_when_another_client_traded_after(rig: Rig) -> None:
-    """Review, seventh session: while the service was down our stop filled, then another client of the account
-    sold more of the symbol (a short of its own). REST's newest closing-side fill was taken as the cause:
-    `manual`, with the other client's fee and no profit. The fill that flattened our position is the stop's."""
-    p = await rig.open(btc_long())
-
-    async def stop_then_another_sale() -> None:
-        rig.set_mark("BTCUSDT", 59300)  # our stop fills
-        assert rig.sim.venue.position(rig.account, "BTCUSDT").amount == 0
-        rig.sim.venue.new_order(rig.account, symbol="BTCUSDT", side="SELL", type_="MARKET", quantity=D("0.030"),
-                                price=None, client_id="someone-else-2", reduce_only=False)
-
-    counts = await down_then_up(rig, stop_then_another_sale)
-    assert counts["missing"] == 1
-    stored = await rig.ended(p.id)
-    assert (stored.state, stored.close_cause) == (S.CLOSED_EXTERNAL, CloseCause.STOP_LOSS)
-    assert rig.repo is not None
-    closure = await rig.repo.closure(p.id)
-    assert closure is not None and D(closure["pnl"]) == D(-7)  # 0.010 x (59300 - 60000): the stop's fill at the mark
-
-
 async def test_a_missing_stop_is_placed_again_and_duplicates_reduced_to_one(rig: Rig) -> None:
     p = await rig.open(btc_long())
     assert rig.exchange is not None

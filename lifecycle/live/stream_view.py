@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 
@@ -141,8 +140,7 @@ class StreamView:
                      fill.price, fill.order_id, fill.realized_pnl, fill.fee)
 
     async def rest_closing_fill(self, position: Position) -> tuple[Fill, str | None] | None:
-        """The fill that flattened the position, from REST: of the fills on the closing side since it was opened,
-        the run that took what it holds to nothing (`_flattening_fill`), with its order's client id
+        """The newest fill on the closing side since the position was opened, with its order's client id
         (from the stream's memory, else the order by id), from REST; None when there is none. A fill this
         process took in as a reduction of the position is not its closing fill (chaos seed 300809: another
         client's partial close, then the rest vanished; the partial close was claimed as the flattening).
@@ -170,7 +168,10 @@ class StreamView:
             logger.info("{} {} {}: closing-side fills since it opened add up to {} of its {}: none flattened it",
                         self.ctx.account, position.symbol, position.id, filled, position.quantity)
             return None
-        fill = _flattening_fill(candidates, position.quantity)
+        fill = candidates[0]  # the newest; the venue lists oldest first, so of fills within one millisecond
+        for later in candidates[1:]:  # the last listed (chaos seed 301378: a partial close and a liquidation)
+            if later.at >= fill.at:
+                fill = later
         known = self.client_id_of(fill.order_id)
         if known is not None:
             return fill, known
@@ -314,34 +315,3 @@ async def _woken(signal: asyncio.Event, timeout_s: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
             await signal.wait()
-
-
-def _flattening_fill(fills: list[Fill], size: Decimal) -> Fill:
-    """Of closing-side fills listed by REST (oldest first; they add up to `size` or more), the one that took a
-    position of `size` to nothing, with the profit and fee of the run it ends: as the stream's trades are
-    matched (`TradeBook.trades_of`), the newest fills that add up to exactly `size`, else the oldest that do,
-    else the oldest that reach it. The newest fill alone was taken before: another client's order after our stop
-    filled (while the service was down, or the stream was) became the cause, with its figures (review, seventh
-    session: `manual` instead of `stop_loss`)."""
-    ordered = sorted(fills, key=lambda f: f.at)  # stable: fills of one millisecond stay in the venue's order
-    run = _run_of(ordered[::-1], size) or _run_of(ordered, size) or _run_of(ordered, size, reaching=True) or ordered
-    place = {id(fill): index for index, fill in enumerate(ordered)}
-    run.sort(key=lambda f: place[id(f)])  # in the venue's order: of one millisecond, the last listed flattened it
-    total = Decimal(0)
-    for fill in run:
-        total += fill.quantity
-        if total >= size:
-            break
-    return replace(fill, realized_pnl=sum((f.realized_pnl for f in run), Decimal(0)),
-                   fee=sum((f.fee for f in run), Decimal(0)))
-
-
-def _run_of(fills: list[Fill], size: Decimal, *, reaching: bool = False) -> list[Fill] | None:
-    total = Decimal(0)
-    for count, fill in enumerate(fills, 1):
-        total += fill.quantity
-        if total == size or (reaching and total > size):
-            return list(fills[:count])
-        if total > size:
-            return None
-    return None
