@@ -81,7 +81,7 @@ def _libpq_ssl(parsed: sa.URL) -> tuple[sa.URL, dict[str, Any]]:
 
 def _redact(url: str) -> str:
     """The URL with its password hidden: the user part's, and a query parameter's that carries a secret
-    (`?password=...`: SQLAlchemy hands it to the driver as the password)."""
+    (`?password=...`: SQLAlchemy hands it to the driver as the password; `?dsn=...`, a whole URL)."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -92,7 +92,7 @@ def _redact(url: str) -> str:
 
 
 def _secret_key(key: str) -> bool:
-    return any(word in key.lower() for word in ("pass", "secret", "token", "key"))
+    return any(word in key.lower() for word in ("pass", "secret", "token", "key", "dsn"))  # a dsn holds a URL
 
 
 # PostgreSQL: a connection attempt gives up after this long (asyncpg's default is 60 s: a stop with the

@@ -563,6 +563,41 @@ async def test_our_stop_filling_all_we_hold_while_another_client_added_ends_it_a
     assert not [o for o in rig.account.orders.values() if o.client_id.startswith(f"lc-{p.id}-c")]  # no close sent
 
 
+async def test_our_close_filled_in_parts_does_not_end_a_position_we_still_hold(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 8cfa9a7: our close (0.010) fills 0.006, then 0.002, and its rest expires (a market order in a
+    thin book): 0.002 of ours is still on the venue. The first trade is booked as a reduction (0.004 held); the
+    second trade's update says the order filled 0.008, at least what we hold: that was taken for "our order took
+    all we hold", the position ended and its stop was cancelled, 0.002 left unprotected. It must stay with its
+    stop."""
+    venue = rig.sim.venue
+    original = venue._fill
+    held: list[tuple[Any, Any, D]] = []
+
+    def fill_in_parts(account: Any, order: Any, price: D, quantity: D | None = None) -> None:
+        if quantity is None and "-c" in order.client_id and not held:
+            held.append((account, order, price))
+            original(account, order, price, D("0.006"))
+            return
+        original(account, order, price, quantity)
+
+    monkeypatch.setattr(venue, "_fill", fill_in_parts)
+    p = await rig.open(btc_long())
+    assert rig.live is not None and rig.engine is not None
+    engine, live = rig.engine, rig.live
+    assert await live.close(p.id)
+    await rig.until(lambda: engine.positions[p.id].quantity == D("0.004"), what="the first part booked")
+    account, order, price = held[0]
+    original(account, order, price, D("0.002"))  # the second part; then the rest of the market order expires
+    order.status = "EXPIRED"
+    venue._emit_order(account, order, "EXPIRED", D(0), D(0))
+    await rig.until(lambda: engine.positions[p.id].quantity == D("0.002"), what="the second part booked")
+    await live.idle()
+    assert venue.position(rig.account, "BTCUSDT").amount == D("0.002")
+    assert engine.positions[p.id].state is S.CLOSING_BY_BOT
+    assert len(rig.stop_algos("BTCUSDT")) == 1  # still protected (reduce-only: it takes no more than is left)
+
+
 # --- the seeds ------------------------------------------------------------------------------------------
 
 

@@ -89,17 +89,25 @@ def test_a_cluster_section_needs_postgresql_and_timings_that_hold_a_lease(tmp_pa
     assert settings.cluster is not None and settings.cluster.config().instance == "east-1"
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file", "a dangling link"])
 @pytest.mark.parametrize("key", ["log_dir", "records.dir"])
-def test_a_directory_setting_naming_a_file_is_one_line_before_anything_is_created(tmp_path: Path, key: str) -> None:
+def test_a_directory_setting_naming_a_file_is_one_line_before_anything_is_created(tmp_path: Path, key: str,
+                                                                                   where: str) -> None:
     """Review, seventh session: the start failed half-way (a traceback, exit 1, the database created)."""
-    taken = tmp_path / "a-file"
-    taken.write_text("not a directory")
+    (tmp_path / "a-file").write_text("not a directory")
+    if where == "a dangling link":
+        (tmp_path / "a-link").symlink_to(tmp_path / "nowhere")
+    taken = {"a file": tmp_path / "a-file", "under a file": tmp_path / "a-file" / "logs",
+             "a dangling link": tmp_path / "a-link"}[where]
     path = config(tmp_path, extra=f'log_dir = "{taken}"\n' if key == "log_dir" else "")
     if key == "records.dir":
         path.write_text(path.read_text() + f'[records]\ndir = "{taken}"\n')
-    with pytest.raises(ConfigError, match=rf"^{key}: .*{taken} exists and is not a directory"):
+    why = {"a file": "exists and is not a directory", "under a file": "cannot be made: .* is not a directory",
+           "a dangling link": "is a symbolic link to nothing"}[where]
+    with pytest.raises(ConfigError, match=rf"^{key}: .*{taken} {why}"):
         load(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a-file", "c.toml"]
+                                                                + (["a-link"] if where == "a dangling link" else []))
 
 
 def test_one_venue_account_configured_twice_is_refused_without_its_key(tmp_path: Path,

@@ -236,13 +236,15 @@ def test_an_unreachable_postgresql_is_one_line_with_the_password_hidden(command:
     assert "hunter2" not in result.stderr
 
 
+@pytest.mark.parametrize("query", ["password=S3CRETPW",
+                                   "dsn=postgresql%3A%2F%2Fpostgres%3AS3CRETPW%40127.0.0.1%3A1%2Fx"])
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_password_in_the_urls_query_is_hidden_too(command: str) -> None:
-    """SQLAlchemy hands `?password=` to asyncpg as the password; the message showed it (review, seventh
-    session)."""
-    result = lifecycle(*COMMANDS[command], "--db", "postgresql://postgres@127.0.0.1:1/x?password=S3CRETPW")
+def test_a_password_in_the_urls_query_is_hidden_too(command: str, query: str) -> None:
+    """SQLAlchemy hands `?password=` to asyncpg as the password, and `?dsn=` as a whole URL; the message showed
+    them (reviews, seventh session)."""
+    result = lifecycle(*COMMANDS[command], "--db", f"postgresql://postgres@127.0.0.1:1/x?{query}")
     line = one_error_line(result)
-    assert line.startswith("error: cannot open postgresql://postgres@127.0.0.1:1/x?password=***: "), line
+    assert line.startswith(f"error: cannot open postgresql://postgres@127.0.0.1:1/x?{query.split('=')[0]}=***: "), line
     assert "S3CRETPW" not in result.stderr + result.stdout
 
 

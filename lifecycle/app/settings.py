@@ -167,8 +167,15 @@ def _a_directory(path: Path) -> Path:
     """A directory the service creates if needed: refused when something that is not a directory is there (it
     failed half-way through the start with a traceback, the database already created; review, seventh
     session)."""
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{path} is a symbolic link to nothing")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
+    for parent in path.parents:  # the first that exists must be a directory to make the rest in
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"{path} cannot be made: {parent} is not a directory")
+            break
     return path
 
 

@@ -318,6 +318,10 @@ class LiveEngine:
         order), whichever is second finds the position ended."""
         if position.state not in FLATTENABLE or position.quantity <= 0 or order.filled < position.quantity:
             return
+        if self.view.trades.unused_of(order.symbol, order.exchange_order_id) < position.quantity:
+            # Not all we hold: the order's trades a reduction booked already lowered what we hold (a close
+            # filled in parts: the rest of ours is still on the venue; review of 8cfa9a7).
+            return
         shown = self.view.live.get(order.symbol)
         if shown is None or shown.amount == 0:
             return  # the venue's flat is here: it ends the position

@@ -76,6 +76,13 @@ class TradeBook:
             if seen.order.exchange_order_id == exchange_order_id:
                 seen.client_id = client_id
 
+    def unused_of(self, symbol: str, exchange_order_id: str | None) -> Decimal:
+        """How much of this order's trades seen on the symbol no event has booked yet."""
+        if not exchange_order_id:
+            return Decimal(0)
+        return sum((seen.trade.quantity for seen in self.fills.get(symbol, ())
+                    if not seen.used and seen.order.exchange_order_id == exchange_order_id), Decimal(0))
+
     def client_id_of(self, exchange_order_id: str) -> str | None:
         for fills in self.fills.values():
             for seen in fills:
