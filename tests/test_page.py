@@ -27,7 +27,7 @@ from lifecycle.journal import Outcome
 from lifecycle.live import OpenCommand
 from lifecycle.machines.states import PositionState as S
 from tests import browser
-from tests.test_service import account_block, write_config
+from tests.test_service import sim_service_config
 from tests.waiting import until
 
 TOKEN = "page-token-7c2e"
@@ -53,17 +53,7 @@ class PageRig:
 
 async def _service(sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Service:
     """The service on the simulator (SQLite, one account "sim"), its API and page on a free port, started."""
-    account = sim.venue.add_account("sim")
-    monkeypatch.setenv("SIM_KEY", account.api_key)
-    monkeypatch.setenv("SIM_SECRET", account.secret)
-    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
-    config = write_config(tmp_path / "c.toml", f'''
-database_url = "sqlite:///{tmp_path / 'page.sqlite'}"
-[records]
-dir = "{tmp_path / 'records'}"
-[api]
-port = 0
-''' + account_block(), sim.ccxt_urls())
+    _, config = sim_service_config(sim, tmp_path, monkeypatch, f"sqlite:///{tmp_path / 'page.sqlite'}", token=TOKEN)
     service = await Service(service_config(load(config))).start()
     assert service.api is not None
     return service

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import lifecycle.app.service as service_module
 from exchange.sim.server import SimServer
+from exchange.sim.venue import Account
 from lifecycle.app.cli import app
 from lifecycle.app.service import Service
 from lifecycle.app.settings import ConfigError, load, service_config
@@ -290,6 +291,24 @@ port = {port}
     assert "CLOSING_BY_BOT --flat--> CLOSED" in (tmp_path / "logs" / "lifecycle.log").read_text()
 
 
+def sim_service_config(sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str,
+                       records: Path | None = None, token: str = TOKEN) -> tuple[Account, Path]:
+    """A configuration file for one account "sim" on the simulator (its keys and the API token set in the
+    environment), `db_url`, records in `records` (tmp_path/records by default), the API on a free port."""
+    account = sim.venue.add_account("sim")
+    monkeypatch.setenv("SIM_KEY", account.api_key)
+    monkeypatch.setenv("SIM_SECRET", account.secret)
+    monkeypatch.setenv("LIFECYCLE_API_TOKEN", token)
+    config = write_config(tmp_path / "c.toml", f'''
+database_url = "{db_url}"
+[records]
+dir = "{records or tmp_path / 'records'}"
+[api]
+port = 0
+''' + account_block(), sim.ccxt_urls())
+    return account, config
+
+
 async def test_a_records_directory_that_hangs_keeps_no_account_from_starting(sim: SimServer, tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by the review of the seventh session: the start read the closure records (to write again those a
@@ -298,21 +317,11 @@ async def test_a_records_directory_that_hangs_keeps_no_account_from_starting(sim
     unseen, and a SIGTERMed service never exited (the read's thread held the interpreter). Records are books:
     the start waits RECORDS_CHECK_BOUND_S for them, then goes on; closures are detected; the stop ends."""
     monkeypatch.setattr(service_module, "RECORDS_CHECK_BOUND_S", 0.5, raising=False)
-    account = sim.venue.add_account("sim")
-    monkeypatch.setenv("SIM_KEY", account.api_key)
-    monkeypatch.setenv("SIM_SECRET", account.secret)
-    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
     records = tmp_path / "records"
     records.mkdir()
     hanging = records / f"closure-{(datetime.now(UTC).date() - timedelta(days=1)).isoformat()}.jsonl"
     os.mkfifo(hanging)
-    config = write_config(tmp_path / "c.toml", f'''
-database_url = "sqlite:///{tmp_path / 'hang.sqlite'}"
-[records]
-dir = "{records}"
-[api]
-port = 0
-''' + account_block(), sim.ccxt_urls())
+    account, config = sim_service_config(sim, tmp_path, monkeypatch, f"sqlite:///{tmp_path / 'hang.sqlite'}", records)
     service = Service(service_config(load(config)))
     try:
         await asyncio.wait_for(service.start(), 20)
@@ -334,17 +343,7 @@ async def test_the_control_api_refuses_values_of_the_wrong_kind(sim: SimServer, 
     """Found by the review of the seventh session: the text "false" for `trailing` opened a real position with a
     trailing stop (any non-empty text was true); 100,000 nested brackets answered 500 with a traceback; a NUL
     in a position id asked PostgreSQL, which answered 500. Each is a 400 or 404 now, and nothing is opened."""
-    account = sim.venue.add_account("sim")
-    monkeypatch.setenv("SIM_KEY", account.api_key)
-    monkeypatch.setenv("SIM_SECRET", account.secret)
-    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
-    config = write_config(tmp_path / "c.toml", f'''
-database_url = "{db_url}"
-[records]
-dir = "{tmp_path / 'records'}"
-[api]
-port = 0
-''' + account_block(), sim.ccxt_urls())
+    _, config = sim_service_config(sim, tmp_path, monkeypatch, db_url)
     service = await Service(service_config(load(config))).start()
     try:
         assert service.api is not None
@@ -373,17 +372,7 @@ port = 0
 async def test_the_control_api_refuses_a_missing_or_wrong_token_and_binds_loopback(sim: SimServer, tmp_path: Path,
                                                                                    monkeypatch: pytest.MonkeyPatch
                                                                                    ) -> None:
-    account = sim.venue.add_account("sim")
-    monkeypatch.setenv("SIM_KEY", account.api_key)
-    monkeypatch.setenv("SIM_SECRET", account.secret)
-    monkeypatch.setenv("LIFECYCLE_API_TOKEN", TOKEN)
-    config = write_config(tmp_path / "c.toml", f'''
-database_url = "sqlite:///{tmp_path / 'api.sqlite'}"
-[records]
-dir = "{tmp_path / 'records'}"
-[api]
-port = 0
-''' + account_block(), sim.ccxt_urls())
+    account, config = sim_service_config(sim, tmp_path, monkeypatch, f"sqlite:///{tmp_path / 'api.sqlite'}")
     service = await Service(service_config(load(config))).start()
     try:
         api = service.api
